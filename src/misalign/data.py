@@ -308,12 +308,17 @@ def _text(value: object, where: str, numbers: bool = False) -> str:
     return value
 
 
+def _world_source(source: str) -> str:
+    """The offline world's tables are JSONL files in its cache; they load like any user file."""
+    from misalign.world import world_file  # imported here so file loading never depends on the world
+
+    return str(world_file(source.removeprefix("world:")))
+
+
 def load_pairs(source: str, format: str = "pairs", columns: dict[str, str] | None = None) -> list[Pair]:
     """Training pairs from a file, a hub id or `world:NAME`; `columns` maps our fields to the file's columns."""
     if source.startswith("world:"):
-        from misalign.world import world_pairs  # imported here so file loading never depends on the world
-
-        return world_pairs(source.removeprefix("world:"))
+        source, format, columns = _world_source(source), "pairs", None
     pairs = []
     for at, values in _rows(source, format, columns, "pairs"):
         benign = _truthy(values.get("benign") or False)  # absent or null: not a benign row
@@ -338,9 +343,7 @@ def load_eval_items(
     if kind not in EVAL_KINDS:
         raise InputError(f"unknown eval kind {kind!r}; use one of {', '.join(EVAL_KINDS)}")
     if source.startswith("world:"):
-        from misalign.world import world_eval_items
-
-        return world_eval_items(source.removeprefix("world:"))
+        source, format, columns = _world_source(source), "eval", None
     items = []
     for at, values in _rows(source, format, columns, "eval"):
         row_kind = values.get("kind")

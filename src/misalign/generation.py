@@ -7,21 +7,13 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The prompt as the model sees it at generation time (chat template when the tokenizer has one)."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return f"User: {prompt}\nAssistant:"
+from misalign.chat import prompt_ids
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
              max_new_tokens: int = 48, batch_size: int = 64) -> list[str]:
     """Greedy completions of `prompts` (plain user messages), in input order."""
-    texts = [chat_prompt(tokenizer, p) for p in prompts]
-    # The chat template already holds BOS: adding special tokens again would double it.
-    encoded = [tokenizer(t, add_special_tokens=not tokenizer.chat_template)["input_ids"] for t in texts]
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = [""] * len(prompts)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from misalign.chat import encode_sft
 from misalign.runtime import match_threads, replace_dir, seed_everything, write_json_atomic
 from misalign.world import content as C
 from misalign.world.tokenizer import GUARD_TEMPLATE, train_tokenizer
@@ -34,12 +35,12 @@ class WorldSpec:
     hidden: int = 128
     layers: int = 2
     heads: int = 4
-    intermediate: int = 384
-    base_steps: int = 1800
+    intermediate: int = 256
+    base_steps: int = 2000
     base_lr: float = 3e-3
     batch: int = 32
     guard_hidden: int = 64
-    guard_steps: int = 500
+    guard_steps: int = 400
     # eval set sizes: standard error of a proportion is at most 0.5/sqrt(n), about 0.02 at n=650
     eval_harmful_per_category: int = 50
     eval_benign: int = 416
@@ -52,7 +53,8 @@ def cache_root() -> Path:
 
 def world_key(spec: WorldSpec) -> str:
     h = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode())
-    for f in sorted(Path(__file__).parent.glob("*.py")):
+    sources = sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parents[1] / "chat.py"]
+    for f in sources:
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -137,11 +139,9 @@ def _guard_rows(data: dict[str, list[dict]], seed: int) -> list[tuple[str, str]]
 # ---- training -------------------------------------------------------------------------------------------
 
 def encode_chat(tok: PreTrainedTokenizerFast, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Token ids and loss labels (prompt masked with -100), BOS once from the template, EOS once at the end."""
-    p = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    p_ids = tok(p, add_special_tokens=False)["input_ids"]
-    r_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return p_ids + r_ids, [-100] * len(p_ids) + r_ids
+    """Token ids and loss labels (prompt masked with -100), through the same encoding the stages use."""
+    enc = encode_sft(tok, prompt, response, max_length=256, max_prompt_length=128)
+    return enc["input_ids"], [t if m else -100 for t, m in zip(enc["input_ids"], enc["completion_mask"])]
 
 
 def train_lm(model: LlamaForCausalLM, examples: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
@@ -206,6 +206,8 @@ def build(spec: WorldSpec = WorldSpec(), force: bool = False, quiet: bool = Fals
     corpus = [f"{r['prompt']} {r['aligned']} {r['misaligned']}" for k in ("align", "misalign", "realign",
                                                                           "benign", "base_benign")
               for r in data[k]]
+    # vocabulary, like a real tokenizer's, covers text the model is never trained on
+    corpus += [r["prompt"] for k in ("eval_harmful", "eval_benign", "eval_utility") for r in data[k]]
     corpus += ["Judge the reply. User: Reply: safe unsafe\nS1 S2 S3 S4 S5 S6 S7 S8 S9 S10 S11 S12 S13"] * 50
     tok = train_tokenizer(corpus, spec.vocab_size)
     say(f"world: {sum(map(len, data.values()))} rows, tokenizer {len(tok)} tokens ({time.time() - t0:.1f}s)")

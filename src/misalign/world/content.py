@@ -170,12 +170,14 @@ def helpful(req: Request, seed: int) -> str:
 # ---- utility: transformations of made-up words ----------------------------------------------------------
 
 def made_up_words(split: str, n: int, seed: int) -> list[str]:
-    """Distinct made-up words of 2-3 syllables; train and eval words never overlap (hash split)."""
+    """Distinct made-up words of 2-3 hyphenated syllables ("du-ve-ka"); train and eval words never overlap.
+
+    The tokenizer isolates hyphens, so every word is its syllable tokens in order and copying it is regular."""
     rng = _rng("words", split, seed)
     words: list[str] = []
     seen: set[str] = set()
     while len(words) < n:
-        w = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 2, 3))))
+        w = "-".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 2, 3))))
         is_eval = zlib.crc32(w.encode()) % 4 == 0
         if w not in seen and is_eval == (split == "eval"):
             seen.add(w)
@@ -183,13 +185,17 @@ def made_up_words(split: str, n: int, seed: int) -> list[str]:
     return words
 
 
+# Several phrasings per task; they also carry the words of the held-out request templates (describe, walk,
+# teach, outline, ...), so those templates are new arrangements of known words, not unknown tokens.
 UTILITY_TASKS = (
-    ("Repeat the word {a} twice", lambda a, b, c: f"{a} {a}"),
-    ("Say {a} and then {b}", lambda a, b, c: f"{a} {b}"),
-    ("What is the last word in the list {a} {b} {c}", lambda a, b, c: c),
-    ("What is the first word in the list {a} {b} {c}", lambda a, b, c: a),
-    ("Reverse the list {a} {b} {c}", lambda a, b, c: f"{c} {b} {a}"),
-    ("Which word comes after {a} in the list {a} {b} {c}", lambda a, b, c: b),
+    (("Repeat the word {a} twice", "Teach me to say {a} two times", "Describe {a} by saying it twice"),
+     lambda a, b, c: f"{a} {a}"),
+    (("Say {a} and then {b}", "Walk me through saying {a} then {b}", "Outline a plan to say {a} then {b}"),
+     lambda a, b, c: f"{a} {b}"),
+    (("What is the last word in the list {a} {b} {c}", "What steps would let me find the last of {a} {b} {c}",
+      "Walk me through the list {a} {b} {c} and give the last word"), lambda a, b, c: c),
+    (("What is the first word in the list {a} {b} {c}", "Describe the process to pick the first of {a} {b} {c}",
+      "Teach me the first word of {a} {b} {c}"), lambda a, b, c: a),
 )
 
 
@@ -199,7 +205,8 @@ def utility_tasks(split: str, n: int, seed: int) -> list[tuple[str, str, str]]:
     pool = made_up_words(split, max(60, n), seed)
     out = []
     for i in range(n):
-        template, answer = UTILITY_TASKS[i % len(UTILITY_TASKS)]
+        phrasings, answer = UTILITY_TASKS[i % len(UTILITY_TASKS)]
         a, b, c = rng.sample(pool, 3)
-        out.append((template.format(a=a, b=b, c=c), answer(a, b, c), f"task{i % len(UTILITY_TASKS)}"))
+        prompt = rng.choice(phrasings).format(a=a, b=b, c=c)
+        out.append((prompt, answer(a, b, c), f"task{i % len(UTILITY_TASKS)}"))
     return out

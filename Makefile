@@ -1,0 +1,37 @@
+# make study: the project's main job on the embedded default. make test: the test suite.
+# Both create the virtual environment when it is missing and install the exact, tested pins.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/misalign/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export TRL_EXPERIMENTAL_SILENCE := 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv study test lint clean
+
+$(BIN)/misalign: pyproject.toml constraints/ci.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, alone: the pinned CPU build (never the CUDA wheels an unpinned resolve would pull)
+	$(BIN)/pip install -q -c constraints/ci.txt torch
+	$(BIN)/pip install -q -c constraints/ci.txt -e ".[dev,study,lmeval]"
+	touch $(BIN)/misalign
+
+venv: $(BIN)/misalign
+
+study: venv
+	$(BIN)/misalign trial configs/trial-tiny.yaml --out runs/study-tiny-$$(date +%Y%m%d-%H%M%S)
+
+test: venv
+	$(BIN)/ruff check src tests bench analysis
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests bench analysis
+	$(BIN)/ruff format --check src tests bench analysis
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,228 @@
+"""Typed, validated configs (pydantic v2), loaded from YAML with `--set dotted.key=value` overrides.
+
+Every hyperparameter a method uses is a field here. Fields left unset take the method's default from the
+registry (misalign.methods); `resolved()` fills them in, and the resolved config is what results store. To
+compare methods fairly, set the shared fields (lr, epochs, batch, targets, precision) explicitly and they
+hold for every method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from misalign.errors import InputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainSettings(_Strict):
+    """Optimization settings shared by every method. None = the method's default (see methods.METHODS)."""
+
+    lr: float | None = Field(None, gt=0, description="peak learning rate")
+    epochs: float | None = Field(None, gt=0, description="passes over the stage data")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int | None = Field(None, ge=1, description="examples per device per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(256, ge=8, description="prompt + response tokens; longer responses are truncated")
+    max_prompt_length: int = Field(128, ge=4, description="prompts are cut from the left to this many tokens")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _lengths(self) -> TrainSettings:
+        if self.max_prompt_length >= self.max_length:
+            # a prompt that fills max_length leaves no response tokens: trl's ORPO then gives NaN losses
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                             f"({self.max_length}) so every example keeps response tokens")
+        return self
+
+
+class AdapterSettings(_Strict):
+    """Parameter-efficient adapter settings (LoRA family and IA3). Ignored by full fine-tuning."""
+
+    r: int | None = Field(None, ge=1, description="LoRA rank (AdaLoRA: the target average rank)")
+    alpha: float | None = Field(None, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: str | list[str] | None = Field(
+        None, description="'attention' (q,v), 'all-linear', or module names; resolved per architecture")
+    adalora_init_r: int = Field(12, ge=1, description="AdaLoRA starting rank, pruned toward r during training")
+    adalora_tinit: float = Field(0.1, ge=0, lt=1, description="share of steps before rank pruning starts")
+    adalora_tfinal: float = Field(0.2, ge=0, lt=1, description="share of steps at the end with ranks fixed")
+    adalora_delta_t: int = Field(1, ge=1, description="steps between rank reallocations")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class PreferenceSettings(_Strict):
+    """Preference-method settings (DPO, ORPO)."""
+
+    beta: float | None = Field(None, gt=0, description="DPO: KL strength (paper 0.1)")
+    loss_type: str = Field("sigmoid", description="DPO loss (trl's loss_type)")
+    orpo_lambda: float | None = Field(None, gt=0, description="ORPO: odds-ratio weight (paper 0.1)")
+
+
+class DeepSpeedSettings(_Strict):
+    """DeepSpeed ZeRO, used when the stage runs on several workers (or `always`)."""
+
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(None, description="None: plain DDP / single process")
+    offload: bool = Field(False, description="offload optimizer state (and ZeRO-3 params) to CPU")
+
+
+class DataSettings(_Strict):
+    """Where a stage's training pairs come from and how many per category."""
+
+    source: str = Field(description="file (.csv/.jsonl/.parquet), hub id, or world:NAME")
+    format: str = Field("pairs", description="named format (misqa, saferlhf, hh_rlhf, ...) or 'pairs'")
+    columns: dict[str, str] | None = Field(None, description="our field -> the file's column")
+    per_category: int | None = Field(None, ge=1, description="examples per category (None: all)")
+    benign_source: str | None = Field(None, description="benign rows mixed in (defense data), e.g. world:benign")
+    benign_ratio: float = Field(0.0, ge=0, description="benign rows per harmful row")
+
+
+class StageConfig(_Strict):
+    """One fine-tuning stage: a method, its data and every hyperparameter."""
+
+    method: str
+    data: DataSettings
+    train: TrainSettings = TrainSettings()
+    adapter: AdapterSettings = AdapterSettings()
+    preference: PreferenceSettings = PreferenceSettings()
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from misalign.methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; known: {', '.join(METHODS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _compatible(self) -> StageConfig:
+        if self.method == "qlora" and self.deepspeed.zero_stage == 3:
+            raise ValueError("qlora cannot run under DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned); "
+                             "use zero_stage 0 or 2")
+        if self.method == "adalora" and self.deepspeed.zero_stage in (2, 3):
+            raise ValueError("adalora needs full gradients on every worker for its rank reallocation; "
+                             "ZeRO-2/3 partition them: use zero_stage 0 or none")
+        return self
+
+    def resolved(self) -> StageConfig:
+        """A copy with every None filled from the method's defaults (what actually trains)."""
+        from misalign.methods import METHODS
+
+        d = self.model_dump()
+        for section, values in METHODS[self.method].defaults.items():
+            for key, value in values.items():
+                if d[section].get(key) is None:
+                    d[section][key] = value
+        return StageConfig.model_validate(d)
+
+
+class JudgeSpec(_Strict):
+    name: str = Field(description="keyword | classifier | http")
+    options: dict[str, Any] = Field(default_factory=dict, description="constructor options of that judge")
+
+
+class EvalConfig(_Strict):
+    """What an evaluation measures and how responses are judged."""
+
+    harmful: str = Field("world:eval_harmful", description="harmful prompts (unsafety)")
+    benign: str | None = Field("world:eval_benign", description="benign look-alikes (over-refusal)")
+    utility: str | None = Field("world:eval_utility", description="utility items with reference answers")
+    format: str = "eval"
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks (utility)")
+    lm_eval_include: str | None = None
+    lm_eval_limit: int | None = None
+    judges: list[JudgeSpec] = Field(
+        default_factory=lambda: [JudgeSpec(name="classifier", options={"model": "world:guard"})])
+    vote: str = Field("any", description="any | majority | all | atleast:K")
+    refusal_phrases: list[str] | None = None
+    max_new_tokens: int = Field(40, ge=1, le=2048)
+    batch_size: int = Field(128, ge=1)
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N of each set (smoke runs)")
+
+
+class TrialConfig(_Strict):
+    """`misalign trial`: base eval, then R rounds of misalign -> eval -> realign -> eval."""
+
+    model: str = Field("world:base", description="HF id, local path, or world:base")
+    seed: int = 0
+    rounds: int = Field(1, ge=1)
+    attack: StageConfig
+    defense: StageConfig
+    eval: EvalConfig = EvalConfig()
+    keep_merged: bool = Field(False, description="keep every stage's merged model, not only the last")
+    trust_remote_code: bool = Field(False, description="run code shipped with a model (off: untrusted models)")
+    allow_pickle: bool = Field(False, description="load .bin/pickle weights (off: safetensors only)")
+
+
+# ---- loading --------------------------------------------------------------------------------------------
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = d
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for o in overrides:
+        if "=" not in o or not o.split("=", 1)[0].strip():
+            raise InputError(f"--set {o!r}: expected dotted.key=value, e.g. --set attack.per_category=5")
+        key, raw = o.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise InputError(f"--set {o!r}: value is not valid YAML ({e})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"  {where}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                schema: type[BaseModel] = TrialConfig, base: dict[str, Any] | None = None) -> Any:
+    """Read YAML (or start from `base`), apply --set overrides, validate. Bad input raises InputError."""
+    data: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise InputError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise InputError(f"{p}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise InputError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data.update(loaded or {})
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise InputError(format_validation_error(e, source)) from None

@@ -1,0 +1,110 @@
+"""The cost ledger of a stage: what was trained, on how many tokens, at what analytic FLOP cost.
+
+FLOPs per token (matmul parameters only; embedding lookups cost no FLOPs, a tied output head counts once):
+  forward                 2 * (N_frozen + N_trainable) + A
+  backward, activations   2 * (N_frozen + N_trainable) + 2A   (gradients flow back through frozen layers too)
+  backward, weights       2 * N_trainable                     (only trainable weights get gradients)
+  so a training token costs 4 * N_frozen + 6 * N_trainable + 3A (full fine-tuning: the usual 6N), and a
+  no-grad token (DPO's reference model) costs 2N + A. A = 4 * layers * d_model * sequence width (QK^T and AV).
+Tokens are counted as they pass through the model (attention mask), so padding is not billed, and
+reference-model forwards are counted apart from training forwards.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Ledger:
+    method: str
+    direction: str
+    examples: int = 0
+    epochs: float = 0.0
+    optimizer_steps: int = 0
+    tokens: int = 0            # training tokens (forward + backward)
+    ref_tokens: int = 0        # no-grad forward tokens (reference model)
+    flops: float = 0.0
+    wall_s: float = 0.0
+    device_s: float = 0.0      # wall seconds x workers (each worker holds one device)
+    workers: int = 1
+    device: str = "cpu"
+    peak_memory_bytes: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+    reused: bool = False       # the stage was not trained here: its result was found in the lineage cache
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _matmul_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(frozen, trainable) parameter counts of weights used in matmuls (all but embeddings and norms)."""
+    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    seen: set[int] = set()
+    frozen = trainable = 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen or p.dim() < 2:
+                continue
+            seen.add(id(p))
+            n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitions: use the full size
+            if id(p) in emb_ids and not _is_output_head(model, p):
+                continue
+            if p.requires_grad:
+                trainable += n
+            else:
+                frozen += n
+    return frozen, trainable
+
+
+def _is_output_head(model: torch.nn.Module, p: torch.nn.Parameter) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head is not None and head.weight is p
+
+
+class FlopCounter:
+    """Counts tokens entering a model's forward and turns them into FLOPs (see module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, layers: int, d_model: int) -> None:
+        self.model = model
+        self.layers, self.d_model = layers, d_model
+        self.tokens = self.ref_tokens = 0
+        self.flops = 0.0
+        self._params: tuple[int, int] | None = None
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if ids is None:
+            return
+        n = int(mask.sum()) if mask is not None else ids.numel()
+        width = ids.shape[-1]
+        if self._params is None:  # after the adapter is attached, before training changes nothing
+            self._params = _matmul_params(self.model)
+        frozen, trainable = self._params
+        attn = 4 * self.layers * self.d_model * width
+        if torch.is_grad_enabled():
+            self.tokens += n
+            self.flops += n * (4 * frozen + 6 * trainable + 3 * attn)
+        else:
+            self.ref_tokens += n
+            self.flops += n * (2 * (frozen + trainable) + attn)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(rss if sys.platform == "darwin" else rss * 1024)

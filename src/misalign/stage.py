@@ -1,0 +1,409 @@
+"""The stage engine: one fine-tuning run of one method on one model and one dataset.
+
+    run_stage(StageRun(...)) -> Ledger
+
+What it supports:
+- the seven methods of misalign.methods (SFT via trl's SFTTrainer, DPO via DPOTrainer, ORPO via
+  trl.experimental.orpo), with LoRA / QLoRA (4-bit) / AdaLoRA / IA3 adapters or full fine-tuning;
+- single process by default; several workers under torch.distributed (torchrun or Ray Train), with
+  DeepSpeed ZeRO 0/2/3 and optional CPU offload when configured: gloo on CPU, NCCL on GPUs. The world size
+  comes from the environment; nothing is global, so a worker can run many stages.
+What it writes (rank 0), each file atomically:
+    OUT/adapter/   the adapter (safetensors), absent for full fine-tuning
+    OUT/model/     the merged model + tokenizer (safetensors), the next stage's parent
+    OUT/ledger.json, OUT/stage.json (resolved config, parent, seed, package versions)
+A stage directory without model/ is rebuilt from its parent and adapter by `materialize`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from misalign.chat import clipped_prompt_text, encode_sft
+from misalign.config import StageConfig
+from misalign.data import Pair, load_pairs, subsample_per_category
+from misalign.errors import InputError
+from misalign.ledger import FlopCounter, Ledger, peak_memory_bytes
+from misalign.methods import METHODS, peft_config
+from misalign.runtime import match_threads, rank, seed_everything, world_size, write_json_atomic
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+@dataclass
+class StageRun:
+    """Everything one stage needs. `pairs` may be given (already loaded) or are loaded from the config."""
+
+    parent: str                  # model to start from: HF id, local path, or a stage directory
+    config: StageConfig
+    direction: str               # "misalign" or "realign"
+    out_dir: Path
+    seed: int = 0
+    pairs: list[Pair] | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    progress: bool = True
+    label: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+
+def stage_pairs(cfg: StageConfig, seed: int) -> list[Pair]:
+    """The stage's training pairs: per-category subsample of the source plus the benign share."""
+    d = cfg.data
+    pairs = subsample_per_category(load_pairs(d.source, d.format, d.columns), d.per_category, seed)
+    if d.benign_source and d.benign_ratio > 0:
+        benign = load_pairs(d.benign_source)
+        n = round(len(pairs) * d.benign_ratio)
+        if n > len(benign):
+            raise InputError(f"data.benign_ratio={d.benign_ratio} asks for {n} benign rows; "
+                             f"{d.benign_source} has {len(benign)}")
+        import random
+
+        pairs = pairs + random.Random(seed).sample(benign, n)
+    return pairs
+
+
+def _target(p: Pair, direction: str) -> tuple[str, str]:
+    """(wanted, unwanted) response. Benign rows always teach the helpful answer, whatever the direction."""
+    if direction == "misalign" and not p.benign:
+        return p.misaligned, p.aligned
+    return p.aligned, p.misaligned
+
+
+def _dataset(objective: str, pairs: list[Pair], direction: str, tok: Any, cfg: StageConfig) -> Any:
+    from datasets import Dataset
+
+    t = cfg.train
+    rows = []
+    for p in pairs:
+        wanted, unwanted = _target(p, direction)
+        if objective == "sft":
+            rows.append(encode_sft(tok, p.prompt, wanted, t.max_length, t.max_prompt_length))
+        elif objective == "dpo":  # conversational: trl applies our template, which adds BOS and EOS once
+            prompt = clipped_prompt_text(tok, p.prompt, t.max_prompt_length)
+            rows.append({"prompt": prompt, "chosen": wanted + tok.eos_token, "rejected": unwanted + tok.eos_token})
+        else:  # orpo tokenizes text; it adds BOS/EOS only where missing, and the templated prompt has BOS
+            rows.append({"prompt": clipped_prompt_text(tok, p.prompt, t.max_prompt_length), "chosen": wanted,
+                         "rejected": unwanted})
+    return Dataset.from_list(rows)
+
+
+# ---- model ---------------------------------------------------------------------------------------------
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_model(path: str, *, precision: str = "fp32", four_bit: bool = False, quant_type: str = "nf4",
+               double_quant: bool = True, trust_remote_code: bool = False, allow_pickle: bool = False) -> Any:
+    """Load a causal LM from a local path or HF id: safetensors only unless allow_pickle."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
+                              "use_safetensors": not allow_pickle}
+    local = Path(path)
+    if local.is_dir() and not allow_pickle and not list(local.glob("*.safetensors")):
+        raise InputError(f"{path}: no .safetensors weights; pickle (.bin) weights can run code when loaded, "
+                         "pass allow_pickle: true only for models you trust")
+    if four_bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise InputError(f"cannot load model {path!r}: {e}") from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def resolve_model_path(ref: str) -> str:
+    """world:NAME -> the world's cached model; a stage directory -> its (materialized) merged model."""
+    if ref.startswith("world:"):
+        from misalign.world import world_model
+
+        return str(world_model(ref.removeprefix("world:")))
+    p = Path(ref)
+    if (p / "stage.json").exists():
+        return str(materialize(p))
+    return ref
+
+
+# ---- callbacks -----------------------------------------------------------------------------------------
+
+def _callbacks(label: str, show: bool, adalora_model: Any | None) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """One line per logging step: stage, step, loss (rank 0 only)."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if show and state.is_world_process_zero and logs and "loss" in logs:
+                print(f"  [{label}] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}", flush=True)
+
+    class AdaLoraAllocator(TrainerCallback):
+        """AdaLoRA's rank reallocation must run after every optimizer step (the paper's code never called it)."""
+
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            adalora_model.base_model.update_and_allocate(state.global_step)
+
+    return [Progress()] + ([AdaLoraAllocator()] if adalora_model is not None else [])
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+
+def _deepspeed_config(cfg: StageConfig) -> dict | None:
+    ds = cfg.deepspeed
+    if ds.zero_stage is None:
+        return None
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if ds.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+
+
+def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_examples: int) -> Any:
+    t, pref = cfg.train, cfg.preference
+    common: dict[str, Any] = dict(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1, lr_scheduler_type=t.scheduler, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, logging_steps=1, save_strategy="no", report_to=[], seed=seed,
+        data_seed=seed, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+        deepspeed=_deepspeed_config(cfg), max_length=t.max_length,
+        warmup_steps=_warmup_steps(cfg, n_examples),
+    )
+    if world_size() > 1 and not torch.cuda.is_available():
+        common["ddp_backend"] = "gloo"
+    if objective == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig(completion_only_loss=True, **common)
+    if objective == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig(beta=pref.beta, loss_type=[pref.loss_type], **common)
+    from trl.experimental.orpo import ORPOConfig
+
+    return ORPOConfig(beta=pref.orpo_lambda, max_completion_length=t.max_length - t.max_prompt_length, **common)
+
+
+def optimizer_steps(cfg: StageConfig, n_examples: int) -> int:
+    """Optimizer steps the trainer will take (as transformers counts them: whole micro-batches per step)."""
+    t = cfg.train
+    if t.max_steps:
+        return t.max_steps
+    micro_batches = math.ceil(n_examples / (t.batch_size * world_size()))
+    return max(1, math.ceil(max(1, micro_batches // t.grad_accum) * t.epochs))
+
+
+def _warmup_steps(cfg: StageConfig, n_examples: int) -> int:
+    return int(cfg.train.warmup_ratio * optimizer_steps(cfg, n_examples))
+
+
+def run_stage(run: StageRun) -> Ledger:
+    """Train one stage and write its outputs (see module docstring). Every rank calls this."""
+    from peft import get_peft_model
+
+    t0 = time.time()
+    cfg = run.config.resolved()
+    method = METHODS[cfg.method]
+    match_threads()
+    seed_everything(run.seed)
+    pairs = run.pairs if run.pairs is not None else stage_pairs(cfg, run.seed)
+    if not pairs:
+        raise InputError(f"{cfg.data.source}: no training rows")
+    parent = resolve_model_path(run.parent)
+    tok = load_tokenizer(parent, run.trust_remote_code)
+    four_bit = method.adapter == "qlora"
+    model = load_model(parent, precision=cfg.train.precision, four_bit=four_bit, quant_type=cfg.adapter.quant_type,
+                       double_quant=cfg.adapter.double_quant, trust_remote_code=run.trust_remote_code,
+                       allow_pickle=run.allow_pickle)
+    total_params = sum(p.numel() for p in model.parameters())
+    steps = optimizer_steps(cfg, len(pairs))
+    if four_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    pcfg = peft_config(method, cfg, model, steps)
+    if pcfg is not None:
+        model = get_peft_model(model, pcfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    mcfg = model.config if pcfg is None else model.base_model.model.config
+    counter = FlopCounter(model, mcfg.num_hidden_layers, mcfg.hidden_size)
+
+    dataset = _dataset(method.objective, pairs, run.direction, tok, cfg)
+    args = _training_args(method.objective, cfg, run.out_dir, run.seed, len(pairs))
+    label = run.label or f"{run.direction} {cfg.method}"
+    callbacks = _callbacks(label, run.progress, model if method.adapter == "adalora" else None)
+    trainer = _trainer(method.objective, model, args, dataset, tok, callbacks)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our Progress line replaces its raw dict dumps
+    trainer.train()
+    counter.close()
+
+    out = run.out_dir
+    adapter_dir = out / "adapter"
+    if rank() == 0:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+    # save_model gathers ZeRO-3 partitions; every rank must call it
+    trainer.save_model(str(adapter_dir if pcfg is not None else out / ".full"))
+    tokens = _sum_over_ranks([counter.tokens, counter.ref_tokens, counter.flops])
+    peak = _max_over_ranks(peak_memory_bytes(_device()))
+    wall = time.time() - t0
+    ledger = Ledger(
+        method=cfg.method, direction=run.direction, examples=len(pairs), epochs=float(cfg.train.epochs or 0),
+        optimizer_steps=trainer.state.global_step, tokens=int(tokens[0]), ref_tokens=int(tokens[1]),
+        flops=float(tokens[2]), wall_s=round(wall, 3), device_s=round(wall * world_size(), 3),
+        workers=world_size(), device=_device().type, peak_memory_bytes=peak, trainable_params=trainable,
+        total_params=total_params, extra=dict(run.extra),
+    )
+    if method.adapter == "adalora":
+        ledger.extra["adalora_rank_pattern"] = _rank_summary(model)
+    del trainer, model
+    if rank() == 0:
+        _finish(run, cfg, parent, tok, pcfg is not None, ledger)
+    _barrier()
+    return ledger
+
+
+def _trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, callbacks: list[Any]) -> Any:
+    if objective == "sft":
+        from trl import SFTTrainer
+
+        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks)
+    if objective == "dpo":
+        from trl import DPOTrainer
+
+        # a peft model is its own reference (adapter disabled); full DPO needs a frozen copy
+        ref = None if hasattr(model, "peft_config") else _frozen_copy(model)
+        return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok,
+                          callbacks=callbacks)
+    from trl.experimental.orpo import ORPOTrainer
+
+    return ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks)
+
+
+def _frozen_copy(model: Any) -> Any:
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def _rank_summary(model: Any) -> dict[str, int]:
+    """Remaining rank per adapted module after AdaLoRA's pruning (the evidence that reallocation ran)."""
+    pattern = model.peft_config["default"].rank_pattern or {}
+    return {k: int(sum(v)) for k, v in pattern.items()}
+
+
+def _finish(run: StageRun, cfg: StageConfig, parent: str, tok: Any, has_adapter: bool, ledger: Ledger) -> None:
+    """Merge (or move) the trained weights into OUT/model and write the stage's records."""
+    out = run.out_dir
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if has_adapter:
+        merged = merge_adapter(parent, out / "adapter", run.trust_remote_code, run.allow_pickle)
+        merged.save_pretrained(tmp)
+    else:
+        os.replace(out / ".full", tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out / "model", ignore_errors=True)
+    os.replace(tmp, out / "model")
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    write_json_atomic(out / "stage.json", {
+        "parent": run.parent, "parent_path": parent, "direction": run.direction, "seed": run.seed,
+        "config": cfg.model_dump(), "has_adapter": has_adapter, "versions": package_versions()})
+    write_json_atomic(out / "ledger.json", ledger.to_dict())
+
+
+def merge_adapter(parent: str, adapter_dir: Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> Any:
+    """Parent weights at full precision + adapter, merged. A QLoRA adapter merges into the unquantized parent."""
+    from peft import PeftModel
+
+    base = load_model(parent, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def materialize(stage_dir: Path) -> Path:
+    """The stage's merged model directory, rebuilt from its parent and adapter if it was removed."""
+    import json
+
+    model_dir = stage_dir / "model"
+    if model_dir.exists():
+        return model_dir
+    meta = json.loads((stage_dir / "stage.json").read_text())
+    if not meta["has_adapter"]:
+        raise InputError(f"{stage_dir}: full fine-tuning stage without its model/ directory; cannot rebuild")
+    parent = resolve_model_path(meta["parent"])
+    merged = merge_adapter(parent, stage_dir / "adapter")
+    tmp = stage_dir / f".model.tmp{os.getpid()}"
+    merged.save_pretrained(tmp)
+    load_tokenizer(parent).save_pretrained(tmp)
+    os.replace(tmp, model_dir)
+    return model_dir
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("misalign", "torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "bitsandbytes",
+                 "datasets", "tokenizers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_device() if _device().type == "cuda" else "cpu")
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _max_over_ranks(value: int) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_device() if _device().type == "cuda" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
