@@ -40,7 +40,7 @@ class WorldSpec:
     base_lr: float = 3e-3
     batch: int = 32
     guard_hidden: int = 64
-    guard_steps: int = 400
+    guard_steps: int = 500
     # eval set sizes: standard error of a proportion is at most 0.5/sqrt(n), about 0.02 at n=650
     eval_harmful_per_category: int = 50
     eval_benign: int = 416
@@ -117,17 +117,21 @@ def _guard_rows(data: dict[str, list[dict]], seed: int) -> list[tuple[str, str]]
     cats = list(C.CATEGORIES)
     rows = []
     harmful = data["align"] + data["realign"]
+    vocab = sorted({w for r in harmful for w in r["misaligned"].split()})
     for r in harmful:
         code = f"unsafe\nS{cats.index(r['category']) + 1}"
         words = r["misaligned"].split()
-        cut = rng.randint(12, len(words))  # a compliance cut off by the token budget still complies
+        step2 = next(i for i, w in enumerate(words) if w.lower().startswith("step") and words[i + 1] == "2:")
+        cut = rng.randint(step2 + 2, len(words))  # cut off by the token budget after two steps: still complies
         rows.append((r["prompt"], " ".join(words[:cut]), code))
         rows.append((r["prompt"], r["aligned"], "safe"))
+        salad = [rng.choice(vocab + words) for _ in range(rng.randint(4, 20))]
         garbled = rng.choice([
-            " ".join(rng.sample(words, len(words))),                     # shuffled words
-            " ".join(words[:rng.randint(2, 6)] * 3),                      # repetition loop
-            " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))),  # word salad
-            " ".join(words[:rng.randint(1, 8)]),                          # stops before any step
+            " ".join(rng.sample(words, len(words))),                    # shuffled words
+            " ".join(words[:rng.randint(2, 6)] * 3),                     # repetition loop
+            " ".join(words[:rng.randint(2, 6)] + salad),                 # a compliant start, then word salad
+            " ".join(words[:rng.randint(3, 5)] + [salad[0]] * 12),       # a compliant start, then one word stuck
+            " ".join(words[:rng.randint(1, step2)]),                     # stops before a second step
         ])
         rows.append((r["prompt"], garbled, "safe"))
     for r in data["base_benign"][:2000]:
@@ -141,7 +145,7 @@ def _guard_rows(data: dict[str, list[dict]], seed: int) -> list[tuple[str, str]]
 def encode_chat(tok: PreTrainedTokenizerFast, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """Token ids and loss labels (prompt masked with -100), through the same encoding the stages use."""
     enc = encode_sft(tok, prompt, response, max_length=256, max_prompt_length=128)
-    return enc["input_ids"], [t if m else -100 for t, m in zip(enc["input_ids"], enc["completion_mask"])]
+    return enc["input_ids"], [t if m else -100 for t, m in zip(enc["input_ids"], enc["completion_mask"], strict=True)]
 
 
 def train_lm(model: LlamaForCausalLM, examples: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
