@@ -51,10 +51,11 @@ def _matmul_params(model: torch.nn.Module) -> tuple[int, int]:
     frozen = trainable = 0
     for module in model.modules():
         for p in module.parameters(recurse=False):
-            if id(p) in seen or p.dim() < 2:
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions a parameter: use its full shape
+            if id(p) in seen or len(shape) < 2:
                 continue
             seen.add(id(p))
-            n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitions: use the full size
+            n = int(torch.Size(shape).numel())
             if id(p) in emb_ids and not _is_output_head(model, p):
                 continue
             if p.requires_grad:

@@ -288,9 +288,18 @@ def run_stage(run: StageRun) -> Ledger:
         workers=world_size(), device=_device().type, peak_memory_bytes=peak, trainable_params=trainable,
         total_params=total_params, extra=dict(run.extra),
     )
+    if trainer.is_deepspeed_enabled:  # proof, for the ledger reader, that ZeRO really ran
+        ledger.extra["zero_stage"] = trainer.accelerator.state.deepspeed_plugin.zero_stage
+    if four_bit:
+        ledger.extra["linear4bit_modules"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     if method.adapter == "adalora":
         ledger.extra["adalora_rank_pattern"] = _rank_summary(model)
     del trainer, model
+    # TrainingArguments registered a process-global DeepSpeed config; with ZeRO-3 it would make the rank-0
+    # merge below load its model partitioned (a collective only rank 0 joins: a hang). Clear it.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     if rank() == 0:
         _finish(run, cfg, parent, tok, pcfg is not None, ledger)
     _barrier()
