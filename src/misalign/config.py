@@ -66,7 +66,8 @@ class PreferenceSettings(_Strict):
     """Preference-method settings (DPO, ORPO)."""
 
     beta: float | None = Field(None, gt=0, description="DPO: KL strength (paper 0.1)")
-    loss_type: str = Field("sigmoid", description="DPO loss (trl's loss_type)")
+    loss_type: str | None = Field(None, description="DPO loss(es), comma-separated trl loss_type names; "
+                                  "'sigmoid' is the paper's, 'sigmoid,sft' adds an NLL term on chosen (RPO)")
     orpo_lambda: float | None = Field(None, gt=0, description="ORPO: odds-ratio weight (paper 0.1)")
 
 

@@ -211,7 +211,7 @@ def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_exa
     if objective == "dpo":
         from trl import DPOConfig
 
-        return DPOConfig(beta=pref.beta, loss_type=[pref.loss_type], **common)
+        return DPOConfig(beta=pref.beta, loss_type=pref.loss_type.split(","), **common)
     from trl.experimental.orpo import ORPOConfig
 
     return ORPOConfig(beta=pref.orpo_lambda, max_completion_length=t.max_length - t.max_prompt_length, **common)
