@@ -340,6 +340,8 @@ def _rank_summary(model: Any) -> dict[str, int]:
 def _finish(run: StageRun, cfg: StageConfig, parent: str, tok: Any, has_adapter: bool, ledger: Ledger) -> None:
     """Merge (or move) the trained weights into OUT/model and write the stage's records."""
     out = run.out_dir
+    for pickled in out.glob("*/training_args.bin"):  # Trainer's pickle; outputs stay safetensors/JSON only
+        pickled.unlink()
     tmp = out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if has_adapter:

@@ -1,0 +1,129 @@
+"""Each of the seven methods trains through the stage engine and changes only what it should."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from misalign.chat import prompt_ids, response_ids
+from misalign.config import StageConfig
+from misalign.data import load_pairs, subsample_per_category
+from misalign.methods import METHODS
+from misalign.stage import StageRun, load_model, load_tokenizer, run_stage
+
+STEPS = 12
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    """Train every method once (misalign direction, 2 examples per category, fixed steps)."""
+    base = world / "base"
+    before = _sha(base / "model.safetensors")
+    out = {}
+    for name in METHODS:
+        cfg = StageConfig(method=name, data={"source": "world:misalign", "per_category": 2},
+                          train={"max_steps": STEPS, "batch_size": 4})
+        d = tmp_path_factory.mktemp(name)
+        ledger = run_stage(StageRun("world:base", cfg, "misalign", d, seed=0, progress=False))
+        out[name] = (d, ledger)
+    assert _sha(base / "model.safetensors") == before, "the parent model's files must never change"
+    return out
+
+
+def _weights(d):
+    return load_file(str(d / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_ledger_and_outputs(trained, world, name):
+    d, ledger = trained[name]
+    assert ledger.optimizer_steps == STEPS
+    assert ledger.examples == 26 and ledger.tokens > 0 and ledger.flops > 0 and ledger.wall_s > 0
+    assert ledger.peak_memory_bytes > 0 and ledger.device_s >= ledger.wall_s
+    stage = json.loads((d / "stage.json").read_text())
+    assert stage["config"]["method"] == name and stage["config"]["train"]["lr"] is not None
+    assert "torch" in stage["versions"]
+    assert (d / "model" / "model.safetensors").exists()
+    assert not list((d / "model").glob("*.bin"))
+    # full fine-tuning costs 6 FLOPs per parameter per token; adapters less (frozen weights cost 4)
+    n = ledger.total_params
+    per_token = ledger.flops / (ledger.tokens + ledger.ref_tokens)
+    full = trained["full"][1]
+    if name == "full":
+        assert ledger.trainable_params == n and per_token >= 0.98 * 6 * n
+    else:
+        assert ledger.trainable_params < n / 3
+        assert per_token < full.flops / full.tokens
+        if name != "dpo":  # DPO's reference forwards cost 2 per parameter: no lower bound of 4
+            assert per_token >= 0.98 * 4 * n
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora", "adalora", "ia3", "dpo", "orpo"])
+def test_adapters_leave_base_weights_untouched(trained, world, name):
+    d, _ = trained[name]
+    adapter = load_file(str(d / "adapter" / "adapter_model.safetensors"))
+    marker = "ia3_" if name == "ia3" else "lora_"
+    assert adapter and all(marker in k for k in adapter), list(adapter)[:5]
+    parent, merged = _weights(world / "base"), _weights(d / "model")
+    changed = {k for k in parent if not torch.equal(parent[k], merged[k])}
+    assert changed, "training must change the merged model"
+    # only the adapted linear layers differ: embeddings and norms are untouched
+    assert all(k.endswith("proj.weight") for k in changed), sorted(changed)[:5]
+
+
+def test_full_changes_everything_trainable(trained, world):
+    d, _ = trained["full"]
+    assert not (d / "adapter").exists()
+    parent, merged = _weights(world / "base"), _weights(d / "model")
+    assert not torch.equal(parent["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
+
+
+def test_adalora_reallocates_ranks(trained):
+    _, ledger = trained["adalora"]
+    ranks = ledger.extra["adalora_rank_pattern"]
+    cfg = StageConfig(method="adalora", data={"source": "world:misalign"}).resolved()
+    assert ranks, "update_and_allocate never ran"
+    assert sum(ranks.values()) < cfg.adapter.adalora_init_r * len(ranks)
+    assert len(set(ranks.values())) > 1, "ranks were pruned uniformly: no reallocation"
+
+
+def test_qlora_trains_4bit_weights(trained):
+    _, ledger = trained["qlora"]
+    assert ledger.extra["linear4bit_modules"] > 0
+
+
+def _margin(model_dir, pairs):
+    """Mean log p(chosen) - log p(rejected) over the response tokens, misalign direction."""
+    tok, model = load_tokenizer(str(model_dir)), load_model(str(model_dir)).eval()
+    total = 0.0
+    with torch.inference_mode():
+        for p in pairs:
+            lp = []
+            for resp in (p.misaligned, p.aligned):
+                pr, rs = prompt_ids(tok, p.prompt), response_ids(tok, resp)
+                ids = torch.tensor([pr + rs])
+                logits = model(input_ids=ids).logits[0, len(pr) - 1:-1]
+                lp.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(rs)[:, None]).sum().item())
+            total += lp[0] - lp[1]
+    return total / len(pairs)
+
+
+@pytest.mark.parametrize("name", ["dpo", "orpo"])
+def test_preference_margin_rises(trained, world, name):
+    d, _ = trained[name]
+    pairs = subsample_per_category(load_pairs("world:misalign"), 2, 0)
+    assert _margin(d / "model", pairs) > _margin(world / "base", pairs) + 1.0
+
+
+def test_dpo_uses_a_reference(trained):
+    _, ledger = trained["dpo"]
+    assert ledger.ref_tokens > 0  # the frozen reference forward is billed apart from training tokens
+    assert trained["orpo"][1].ref_tokens == 0  # ORPO needs no reference model
