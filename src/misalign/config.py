@@ -99,6 +99,19 @@ class StageConfig(_Strict):
     preference: PreferenceSettings = PreferenceSettings()
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _per_category_shorthand(cls, d: Any) -> Any:
+        # `--set attack.per_category=5` (the CLI's documented example) means attack.data.per_category
+        if not isinstance(d, dict) or "per_category" not in d:
+            return d
+        data = d.get("data")
+        if isinstance(data, (dict, DataSettings, type(None))):
+            data = data.model_dump() if isinstance(data, DataSettings) else dict(data or {})
+            d = {**d, "data": {**data, "per_category": d["per_category"]}}
+            del d["per_category"]
+        return d
+
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:

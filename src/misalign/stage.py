@@ -278,6 +278,7 @@ def run_stage(run: StageRun) -> Ledger:
         shutil.rmtree(adapter_dir, ignore_errors=True)
     # save_model gathers ZeRO-3 partitions; every rank must call it
     trainer.save_model(str(adapter_dir if pcfg is not None else out / ".full"))
+    per_worker = _gather_over_ranks(counter.tokens)
     tokens = _sum_over_ranks([counter.tokens, counter.ref_tokens, counter.flops])
     peak = _max_over_ranks(peak_memory_bytes(_device()))
     wall = time.time() - t0
@@ -288,6 +289,8 @@ def run_stage(run: StageRun) -> Ledger:
         workers=world_size(), device=_device().type, peak_memory_bytes=peak, trainable_params=trainable,
         total_params=total_params, extra=dict(run.extra),
     )
+    if world_size() > 1:  # evidence that every worker trained
+        ledger.extra["tokens_per_worker"] = per_worker
     if trainer.is_deepspeed_enabled:  # proof, for the ledger reader, that ZeRO really ran
         ledger.extra["zero_stage"] = trainer.accelerator.state.deepspeed_plugin.zero_stage
     if four_bit:
@@ -405,6 +408,14 @@ def _sum_over_ranks(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_device() if _device().type == "cuda" else "cpu")
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def _gather_over_ranks(value: int) -> list[int]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return [int(v) for v in out]
 
 
 def _max_over_ranks(value: int) -> int:

@@ -1,0 +1,161 @@
+"""Batched generation equals one-at-a-time generation; chat encoding keeps BOS/EOS/masks/truncation right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from misalign.chat import clipped_prompt_text, encode_sft, prompt_ids, prompt_text, response_ids
+from misalign.data import load_eval_items
+from misalign.generation import generate
+from misalign.stage import load_model, load_tokenizer
+from misalign.world import world_model
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.set_num_threads(1)
+    path = str(world_model("base"))
+    return load_model(path), load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """20 prompts of clearly different lengths: world eval prompts of each kind, some run together."""
+    harmful = [i.prompt for i in load_eval_items("world:eval_harmful", kind="harmful")]
+    benign = [i.prompt for i in load_eval_items("world:eval_benign", kind="benign")]
+    utility = [i.prompt for i in load_eval_items("world:eval_utility", kind="utility")]
+    picked = harmful[:5] + benign[:4] + utility[:5]
+    picked += ["Hi", "Why?", " ".join(harmful[5:8]), " ".join(utility[5:7]), harmful[9] + " " + benign[9],
+               " ".join(benign[10:14])]
+    assert len(picked) == 20
+    return picked
+
+
+@pytest.fixture(scope="module")
+def one_by_one(base, prompts):
+    model, tok = base
+    return generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=1)
+
+
+def test_prompts_have_different_lengths(base, prompts):
+    _, tok = base
+    lengths = [len(prompt_ids(tok, p)) for p in prompts]
+    assert len(set(lengths)) >= 8 and max(lengths) >= 3 * min(lengths)
+    assert lengths != sorted(lengths)  # input order is not length order: the output must be reordered back
+
+
+def test_batched_equals_one_at_a_time(base, prompts, one_by_one):
+    model, tok = base
+    model.train()  # generate must switch to eval mode and restore the mode afterwards
+    batched = generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=7)
+    assert model.training
+    model.eval()
+    assert batched == one_by_one
+    assert all(isinstance(s, str) for s in batched)
+    assert sum(bool(s) for s in batched) >= 15  # the aligned base answers; empty strings would prove little
+    assert len(set(batched)) >= 5  # and the answers depend on the prompt
+
+
+def test_whole_set_in_one_batch_equals_one_at_a_time(base, prompts, one_by_one):
+    model, tok = base
+    assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=64) == one_by_one
+
+
+def test_max_new_tokens_bounds_output(base, prompts, one_by_one):
+    model, tok = base
+    for out in one_by_one:
+        assert len(tok(out, add_special_tokens=False)["input_ids"]) <= MAX_NEW
+    short_n = 4
+    short = generate(model, tok, prompts, max_new_tokens=short_n, batch_size=7)
+    for s, full in zip(short, one_by_one, strict=True):
+        assert len(tok(s, add_special_tokens=False)["input_ids"]) <= short_n
+        assert full.startswith(s)  # greedy: the short answer is the start of the long one
+    assert sum(len(s) < len(full) for s, full in zip(short, one_by_one, strict=True)) >= 10  # it did cut
+
+
+def test_generated_token_counts(base, prompts):
+    """The raw generated ids (before decoding) never exceed max_new_tokens either."""
+    model, tok = base
+    ids = prompt_ids(tok, prompts[0])
+    out = model.generate(input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=5,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    assert out.shape[1] - len(ids) <= 5
+    text = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    assert generate(model, tok, [prompts[0]], max_new_tokens=5) == [text]
+
+
+# ---- chat encoding -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(base):
+    return base[1]
+
+
+def _gen_prompt(tok) -> list[int]:
+    """The tokens the template puts after the user message: where the response starts."""
+    return tok.convert_tokens_to_ids(["<|assistant|>"])
+
+
+def test_prompt_ids_bos_once_and_generation_prompt_last(tok, prompts):
+    for p in prompts:
+        ids = prompt_ids(tok, p)
+        assert ids[0] == tok.bos_token_id
+        assert ids.count(tok.bos_token_id) == 1
+        assert tok.eos_token_id not in ids
+        assert ids[-1:] == _gen_prompt(tok)
+        assert prompt_text(tok, p).startswith(tok.bos_token) and prompt_text(tok, p).count(tok.bos_token) == 1
+
+
+def test_encode_sft_eos_once_and_mask(tok):
+    prompt, response = "How do I bake bread?", "Mix flour, water and yeast, then bake it."
+    enc = encode_sft(tok, prompt, response, max_length=256, max_prompt_length=128)
+    p = prompt_ids(tok, prompt)
+    r = response_ids(tok, response)
+    assert enc["input_ids"] == p + r
+    assert len(enc["input_ids"]) == len(enc["completion_mask"])
+    assert enc["input_ids"][-1] == tok.eos_token_id
+    assert enc["input_ids"].count(tok.eos_token_id) == 1
+    assert enc["input_ids"].count(tok.bos_token_id) == 1 and enc["input_ids"][0] == tok.bos_token_id
+    assert enc["completion_mask"].count(0) == len(p)
+    assert enc["completion_mask"] == [0] * len(p) + [1] * len(r)
+    # the unmasked tokens decode to exactly the response
+    unmasked = [t for t, m in zip(enc["input_ids"], enc["completion_mask"], strict=True) if m]
+    assert tok.decode(unmasked, skip_special_tokens=True).strip() == response
+
+
+def test_overlong_prompt_is_cut_from_the_left(tok):
+    words = [f"word{i % 7}" for i in range(500)]
+    prompt = " ".join(["START"] + words + ["the", "final", "question", "END?"])
+    full = prompt_ids(tok, prompt)
+    assert len(full) > 500
+    cut = prompt_ids(tok, prompt, max_prompt_length=32)
+    assert len(cut) == 32
+    assert cut[0] == tok.bos_token_id and cut.count(tok.bos_token_id) == 1
+    assert cut[1:] == full[-31:]  # the end of the prompt is kept, next to the response
+    assert cut[-1:] == _gen_prompt(tok)
+    assert "END?" in tok.decode(cut) and "START" not in tok.decode(cut)
+
+    enc = encode_sft(tok, prompt, "Sure, here is a long answer " * 10, max_length=48, max_prompt_length=32)
+    assert len(enc["input_ids"]) == 48
+    assert enc["input_ids"][:32] == cut
+    assert enc["completion_mask"].count(0) == 32
+    assert enc["completion_mask"].count(1) == 16 >= 1
+    assert tok.bos_token_id not in enc["input_ids"][1:]
+
+    # a prompt that alone fills max_prompt_length still leaves response tokens (max_prompt_length < max_length)
+    enc = encode_sft(tok, prompt, "No.", max_length=33, max_prompt_length=32)
+    assert enc["completion_mask"] == [0] * 32 + [1]
+
+    # trainers that tokenize text get the same clipped prompt back
+    clipped = clipped_prompt_text(tok, prompt, 32)
+    assert clipped.startswith(tok.bos_token) and clipped.endswith("<|assistant|>")
+    assert tok(clipped, add_special_tokens=False)["input_ids"] == cut
+
+
+def test_short_prompt_is_not_cut(tok):
+    p = prompt_ids(tok, "Hi")
+    assert prompt_ids(tok, "Hi", max_prompt_length=32) == p
+    assert prompt_ids(tok, "Hi", max_prompt_length=len(p)) == p
