@@ -8,6 +8,7 @@ hold for every method.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,13 +30,13 @@ class TrainSettings(_Strict):
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
     batch_size: int | None = Field(None, ge=1, description="examples per device per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warmup")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate schedule")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     max_length: int = Field(256, ge=8, description="prompt + response tokens; longer responses are truncated")
     max_prompt_length: int = Field(128, ge=4, description="prompts are cut from the left to this many tokens")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision")
 
     @model_validator(mode="after")
     def _lengths(self) -> TrainSettings:
@@ -50,16 +51,16 @@ class AdapterSettings(_Strict):
     """Parameter-efficient adapter settings (LoRA family and IA3). Ignored by full fine-tuning."""
 
     r: int | None = Field(None, ge=1, description="LoRA rank (AdaLoRA: the target average rank)")
-    alpha: float | None = Field(None, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
     targets: str | list[str] | None = Field(
         None, description="'attention' (q,v), 'all-linear', or module names; resolved per architecture")
     adalora_init_r: int = Field(12, ge=1, description="AdaLoRA starting rank, pruned toward r during training")
     adalora_tinit: float = Field(0.1, ge=0, lt=1, description="share of steps before rank pruning starts")
     adalora_tfinal: float = Field(0.2, ge=0, lt=1, description="share of steps at the end with ranks fixed")
     adalora_delta_t: int = Field(1, ge=1, description="steps between rank reallocations")
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit type")
+    double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too")
 
 
 class PreferenceSettings(_Strict):
@@ -92,12 +93,12 @@ class DataSettings(_Strict):
 class StageConfig(_Strict):
     """One fine-tuning stage: a method, its data and every hyperparameter."""
 
-    method: str
-    data: DataSettings
-    train: TrainSettings = TrainSettings()
-    adapter: AdapterSettings = AdapterSettings()
-    preference: PreferenceSettings = PreferenceSettings()
-    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    method: str = Field(description="lora | qlora | adalora | ia3 | full | dpo | orpo (`misalign methods`)")
+    data: DataSettings = Field(description="training data")
+    train: TrainSettings = Field(TrainSettings(), description="optimization (shared by all methods)")
+    adapter: AdapterSettings = Field(AdapterSettings(), description="adapter shape")
+    preference: PreferenceSettings = Field(PreferenceSettings(), description="DPO/ORPO settings")
+    deepspeed: DeepSpeedSettings = Field(DeepSpeedSettings(), description="ZeRO settings")
 
     @model_validator(mode="before")
     @classmethod
@@ -154,14 +155,14 @@ class EvalConfig(_Strict):
     harmful: str = Field("world:eval_harmful", description="harmful prompts (unsafety)")
     benign: str | None = Field("world:eval_benign", description="benign look-alikes (over-refusal)")
     utility: str | None = Field("world:eval_utility", description="utility items with reference answers")
-    format: str = "eval"
+    format: str = Field("eval", description="named format of the eval files (eval, jailbreak_test_set)")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks (utility)")
-    lm_eval_include: str | None = None
-    lm_eval_limit: int | None = None
+    lm_eval_include: str | None = Field(None, description="directory of local lm-eval task YAMLs")
+    lm_eval_limit: int | None = Field(None, description="items per lm-eval task (None: all)")
     judges: list[JudgeSpec] = Field(
         default_factory=lambda: [JudgeSpec(name="classifier", options={"model": "world:guard"})])
     vote: str = Field("any", description="any | majority | all | atleast:K")
-    refusal_phrases: list[str] | None = None
+    refusal_phrases: list[str] | None = Field(None, description="phrases marking a refusal (None: defaults)")
     max_new_tokens: int = Field(40, ge=1, le=2048)
     batch_size: int = Field(128, ge=1)
     limit: int | None = Field(None, ge=1, description="evaluate only the first N of each set (smoke runs)")
@@ -171,11 +172,11 @@ class TrialConfig(_Strict):
     """`misalign trial`: base eval, then R rounds of misalign -> eval -> realign -> eval."""
 
     model: str = Field("world:base", description="HF id, local path, or world:base")
-    seed: int = 0
-    rounds: int = Field(1, ge=1)
-    attack: StageConfig
-    defense: StageConfig
-    eval: EvalConfig = EvalConfig()
+    seed: int = Field(0, description="seeds data subsampling, initialization order and training (driver and workers)")
+    rounds: int = Field(1, ge=1, description="misalign -> realign rounds, each from the previous merged model")
+    attack: StageConfig = Field(description="the misalignment stage (trains on the misaligned responses)")
+    defense: StageConfig = Field(description="the realignment stage (trains on the aligned responses)")
+    eval: EvalConfig = Field(EvalConfig(), description="evaluation after every stage and of the base")
     keep_merged: bool = Field(False, description="keep every stage's merged model, not only the last")
     trust_remote_code: bool = Field(False, description="run code shipped with a model (off: untrusted models)")
     allow_pickle: bool = Field(False, description="load .bin/pickle weights (off: safetensors only)")
@@ -240,3 +241,27 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
         return schema.model_validate(data)
     except ValidationError as e:
         raise InputError(format_validation_error(e, source)) from None
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/config.md), generated from the field declarations so it cannot drift."""
+    lines = ["# Config reference", "", "Generated by `python -m misalign.config` from the field declarations in "
+             "`src/misalign/config.py`. Unset (`null`) hyperparameters take the method's default "
+             "(`misalign methods`; `src/misalign/methods.py`).", ""]
+    for model in (TrialConfig, StageConfig, DataSettings, TrainSettings, AdapterSettings, PreferenceSettings,
+                  DeepSpeedSettings, EvalConfig, JudgeSpec):
+        lines += [f"## {model.__name__}", "", (model.__doc__ or "").strip(), "",
+                  "| field | type | default | meaning |", "|---|---|---|---|"]
+        for name, f in model.model_fields.items():
+            ann = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", str(f.annotation))
+            ann = re.sub(r"\b(?:typing|__main__|misalign\.config)\.", "", ann)
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            if isinstance(f.default, BaseModel):
+                default = f"{type(f.default).__name__}()"
+            lines.append(f"| `{name}` | `{ann}` | `{default}` | {f.description or ''} |".replace("\n", " "))
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
