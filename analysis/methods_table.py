@@ -20,6 +20,7 @@ import pandas as pd
 
 from misalign.config import EvalConfig, StageConfig
 from misalign.evaluation import build_judge, evaluate, load_eval_sets
+from misalign.ledger import Ledger
 from misalign.methods import METHODS
 from misalign.runtime import match_threads, write_parquet_atomic
 from misalign.stage import StageRun, load_model, load_tokenizer, run_stage
@@ -87,7 +88,7 @@ def main() -> None:
     items, judge = load_eval_sets(ecfg), build_judge(ecfg)
     rows: list[dict] = []
 
-    def record(role: str, method: str | None, per_category: int, seed: int, model_dir: str, ledger=None) -> None:
+    def record(role: str, method: str | None, per_category: int, seed: int, model_dir: str, ledger: Ledger | None = None) -> None:
         ev = evaluate(load_model(model_dir), load_tokenizer(model_dir), ecfg, items, judge)
         m = ev.metrics
         rows.append({"role": role, "method": method, "per_category": per_category, "seed": seed,

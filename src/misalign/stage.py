@@ -17,8 +17,10 @@ A stage directory without model/ is rebuilt from its parent and adapter by `mate
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -67,8 +69,6 @@ def stage_pairs(cfg: StageConfig, seed: int) -> list[Pair]:
         if n > len(benign):
             raise InputError(f"data.benign_ratio={d.benign_ratio} asks for {n} benign rows; "
                              f"{d.benign_source} has {len(benign)}")
-        import random
-
         pairs = pairs + random.Random(seed).sample(benign, n)
     return pairs
 
@@ -89,7 +89,7 @@ def _dataset(objective: str, pairs: list[Pair], direction: str, tok: Any, cfg: S
         wanted, unwanted = _target(p, direction)
         if objective == "sft":
             rows.append(encode_sft(tok, p.prompt, wanted, t.max_length, t.max_prompt_length))
-        elif objective == "dpo":  # conversational: trl applies our template, which adds BOS and EOS once
+        elif objective == "dpo":  # templated text: BOS from the template, EOS appended here once
             prompt = clipped_prompt_text(tok, p.prompt, t.max_prompt_length)
             rows.append({"prompt": prompt, "chosen": wanted + tok.eos_token, "rejected": unwanted + tok.eos_token})
         else:  # orpo tokenizes text; it adds BOS/EOS only where missing, and the templated prompt has BOS
@@ -395,10 +395,8 @@ def package_versions() -> dict[str, str]:
     out = {}
     for name in ("misalign", "torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "bitsandbytes",
                  "datasets", "tokenizers"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
-        except PackageNotFoundError:
-            pass
     return out
 
 
