@@ -33,9 +33,15 @@ def one_at_a_time(model: Any, tok: Any, prompts: list[str], max_new_tokens: int)
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([prompt_ids(tok, p)])
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tok.eos_token_id)
-            out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return out
 
 
@@ -47,7 +53,9 @@ def timed(fn: Callable[[], list[str]]) -> tuple[list[str], float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=64, help="harmful eval prompts (the first n of world:eval_harmful)")
+    ap.add_argument(
+        "--n", type=int, default=64, help="harmful eval prompts (the first n of world:eval_harmful)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_generation.json")
@@ -66,8 +74,9 @@ def main() -> None:
 
     generate(model, tok, prompts[:2], max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)  # warm-up
     one_at_a_time(model, tok, prompts[:1], a.max_new_tokens)
-    batched, bw, bc = timed(lambda: generate(model, tok, prompts, max_new_tokens=a.max_new_tokens,
-                                             batch_size=a.batch_size))
+    batched, bw, bc = timed(
+        lambda: generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    )
     single, sw, sc = timed(lambda: one_at_a_time(model, tok, prompts, a.max_new_tokens))
     differ = [i for i, (x, y) in enumerate(zip(batched, single, strict=True)) if x != y]
 
@@ -80,16 +89,30 @@ def main() -> None:
         print(f"  differs #{i}: batched={batched[i]!r}\n              single ={single[i]!r}")
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({
-        "n": a.n, "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
-        "single": {"wall_s": sw, "cpu_s": sc, "prompts_per_s": a.n / sw},
-        "batched": {"wall_s": bw, "cpu_s": bc, "prompts_per_s": a.n / bw},
-        "speedup": sw / bw, "identical": a.n - len(differ), "differ_idx": differ,
-        "machine": {"cpus_held": cpus_held(), "cpu_count": os.cpu_count(), "torch_threads": threads,
-                    "torch": torch.__version__, "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine()},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }, indent=2))
+    a.out.write_text(
+        json.dumps(
+            {
+                "n": a.n,
+                "max_new_tokens": a.max_new_tokens,
+                "batch_size": a.batch_size,
+                "single": {"wall_s": sw, "cpu_s": sc, "prompts_per_s": a.n / sw},
+                "batched": {"wall_s": bw, "cpu_s": bc, "prompts_per_s": a.n / bw},
+                "speedup": sw / bw,
+                "identical": a.n - len(differ),
+                "differ_idx": differ,
+                "machine": {
+                    "cpus_held": cpus_held(),
+                    "cpu_count": os.cpu_count(),
+                    "torch_threads": threads,
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine(),
+                },
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {a.out}")
 
 

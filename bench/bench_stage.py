@@ -66,9 +66,11 @@ WINDOW = TrainWindow()
 
 def stage_config(a: argparse.Namespace, steps: int) -> StageConfig:
     return StageConfig(
-        method="lora", data=DataSettings(source="world:misalign"),
+        method="lora",
+        data=DataSettings(source="world:misalign"),
         train=TrainSettings(max_steps=steps, batch_size=a.batch_size, lr=a.lr, warmup_ratio=0.1),
-        adapter=AdapterSettings(r=a.r, alpha=a.alpha, dropout=0.05, targets="all-linear")).resolved()
+        adapter=AdapterSettings(r=a.r, alpha=a.alpha, dropout=0.05, targets="all-linear"),
+    ).resolved()
 
 
 def run_ours(a: argparse.Namespace, steps: int) -> dict[str, Any]:
@@ -76,14 +78,29 @@ def run_ours(a: argparse.Namespace, steps: int) -> dict[str, Any]:
     log = io.StringIO()
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(log):
         w, c = time.perf_counter(), time.process_time()
-        ledger = run_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=Path(tmp),
-                                    seed=a.seed, progress=True))
+        ledger = run_stage(
+            StageRun(
+                parent="world:base",
+                config=cfg,
+                direction="misalign",
+                out_dir=Path(tmp),
+                seed=a.seed,
+                progress=True,
+            )
+        )
         whole = (time.perf_counter() - w, time.process_time() - c)
     losses = [float(x) for x in re.findall(r" loss ([-\d.eE+]+)", log.getvalue())]  # one per step
     train_wall, train_cpu = WINDOW.span()
-    return {"tokens": ledger.tokens, "train_wall_s": train_wall, "train_cpu_s": train_cpu, "whole_wall_s": whole[0],
-            "whole_cpu_s": whole[1], "steps": ledger.optimizer_steps, "trainable": ledger.trainable_params,
-            "mean_loss": statistics.fmean(losses) if losses else None}
+    return {
+        "tokens": ledger.tokens,
+        "train_wall_s": train_wall,
+        "train_cpu_s": train_cpu,
+        "whole_wall_s": whole[0],
+        "whole_cpu_s": whole[1],
+        "steps": ledger.optimizer_steps,
+        "trainable": ledger.trainable_params,
+        "mean_loss": statistics.fmean(losses) if losses else None,
+    }
 
 
 def plain_rows(a: argparse.Namespace, tok: Any) -> list[dict[str, list[int]]]:
@@ -93,8 +110,16 @@ def plain_rows(a: argparse.Namespace, tok: Any) -> list[dict[str, list[int]]]:
     ours = stage_pairs(cfg, a.seed)  # the same rows in the same order, or the comparison is off
     assert [(p["prompt"], p["misaligned"]) for p in pairs] == [(p.prompt, p.misaligned) for p in ours]
     t = cfg.train
-    return [encode_sft(tok, p["prompt"], p["aligned"] if p.get("benign") else p["misaligned"], t.max_length,
-                       t.max_prompt_length) for p in pairs]
+    return [
+        encode_sft(
+            tok,
+            p["prompt"],
+            p["aligned"] if p.get("benign") else p["misaligned"],
+            t.max_length,
+            t.max_prompt_length,
+        )
+        for p in pairs
+    ]
 
 
 def run_plain(a: argparse.Namespace, steps: int) -> dict[str, Any]:
@@ -108,15 +133,34 @@ def run_plain(a: argparse.Namespace, steps: int) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(path)
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    lora = LoraConfig(task_type="CAUSAL_LM", r=a.r, lora_alpha=a.alpha, lora_dropout=0.05,
-                      target_modules="all-linear")
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=a.r, lora_alpha=a.alpha, lora_dropout=0.05, target_modules="all-linear"
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(output_dir=tmp, per_device_train_batch_size=a.batch_size, learning_rate=a.lr,
-                         max_steps=steps, lr_scheduler_type="cosine", warmup_steps=int(0.1 * steps),
-                         max_length=stage_config(a, steps).train.max_length, completion_only_loss=True, bf16=False, use_cpu=True, report_to=[],
-                         save_strategy="no", seed=a.seed, data_seed=a.seed, disable_tqdm=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(plain_rows(a, tok)),
-                             processing_class=tok, peft_config=lora)
+        args = SFTConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=a.batch_size,
+            learning_rate=a.lr,
+            max_steps=steps,
+            lr_scheduler_type="cosine",
+            warmup_steps=int(0.1 * steps),
+            max_length=stage_config(a, steps).train.max_length,
+            completion_only_loss=True,
+            bf16=False,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            seed=a.seed,
+            data_seed=a.seed,
+            disable_tqdm=True,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(plain_rows(a, tok)),
+            processing_class=tok,
+            peft_config=lora,
+        )
         tokens = [0]
 
         def count(module: Any, args: tuple, kwargs: dict) -> None:
@@ -129,9 +173,16 @@ def run_plain(a: argparse.Namespace, steps: int) -> dict[str, Any]:
         call = (time.perf_counter() - w, time.process_time() - c)
     train_wall, train_cpu = WINDOW.span()
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {"tokens": tokens[0], "train_wall_s": train_wall, "train_cpu_s": train_cpu, "call_wall_s": call[0],
-            "call_cpu_s": call[1], "steps": trainer.state.global_step, "trainable": trainable,
-            "mean_loss": out.training_loss}
+    return {
+        "tokens": tokens[0],
+        "train_wall_s": train_wall,
+        "train_cpu_s": train_cpu,
+        "call_wall_s": call[0],
+        "call_cpu_s": call[1],
+        "steps": trainer.state.global_step,
+        "trainable": trainable,
+        "mean_loss": out.training_loss,
+    }
 
 
 def main() -> None:
@@ -162,30 +213,63 @@ def main() -> None:
             r["tokens_per_s"] = r["tokens"] / r["train_wall_s"]
     med = {s: statistics.median(r["tokens_per_s"] for r in runs if r["side"] == s) for s in ("ours", "plain")}
 
-    print(f"stage: LoRA SFT on world:misalign, {a.steps} steps x batch {a.batch_size}, lr {a.lr}, r {a.r}, "
-          f"alpha {a.alpha}, torch threads={threads}")
-    print("train = the Trainer's training window (train_runtime span); whole = all of run_stage (load, LoRA, "
-          "dataset, train, save, merge, write); call = plain's trainer.train() call")
-    head = ["run", "tokens", "train wall s", "train CPU s", "tokens/s", "whole/call wall s", "whole/call CPU s",
-            "mean loss"]
+    print(
+        f"stage: LoRA SFT on world:misalign, {a.steps} steps x batch {a.batch_size}, lr {a.lr}, r {a.r}, "
+        f"alpha {a.alpha}, torch threads={threads}"
+    )
+    print(
+        "train = the Trainer's training window (train_runtime span); whole = all of run_stage (load, LoRA, "
+        "dataset, train, save, merge, write); call = plain's trainer.train() call"
+    )
+    head = [
+        "run",
+        "tokens",
+        "train wall s",
+        "train CPU s",
+        "tokens/s",
+        "whole/call wall s",
+        "whole/call CPU s",
+        "mean loss",
+    ]
     print("".join(f"{h:>18}" if j else f"{h:<10}" for j, h in enumerate(head)))
     for r in runs:
         k = "whole" if r["side"] == "ours" else "call"
-        cells = [r["tokens"], f"{r['train_wall_s']:.2f}", f"{r['train_cpu_s']:.2f}", f"{r['tokens_per_s']:.0f}",
-                 f"{r[k + '_wall_s']:.2f}", f"{r[k + '_cpu_s']:.2f}", f"{r['mean_loss']:.4f}"]
+        cells = [
+            r["tokens"],
+            f"{r['train_wall_s']:.2f}",
+            f"{r['train_cpu_s']:.2f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r[k + '_wall_s']:.2f}",
+            f"{r[k + '_cpu_s']:.2f}",
+            f"{r['mean_loss']:.4f}",
+        ]
         print(f"{r['side'] + ' ' + str(r['repeat']):<10}" + "".join(f"{c:>18}" for c in cells))
-    print(f"median tokens/s: ours {med['ours']:.0f}  plain {med['plain']:.0f}  ratio ours/plain "
-          f"{med['ours'] / med['plain']:.3f}")
+    print(
+        f"median tokens/s: ours {med['ours']:.0f}  plain {med['plain']:.0f}  ratio ours/plain "
+        f"{med['ours'] / med['plain']:.3f}"
+    )
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, "runs": runs,
-        "median_tokens_per_s": med, "ratio_ours_over_plain": med["ours"] / med["plain"],
-        "machine": {"cpus_held": cpus_held(), "cpu_count": os.cpu_count(), "torch_threads": threads,
-                    "versions": package_versions(), "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine()},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }, indent=2))
+    a.out.write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+                "runs": runs,
+                "median_tokens_per_s": med,
+                "ratio_ours_over_plain": med["ours"] / med["plain"],
+                "machine": {
+                    "cpus_held": cpus_held(),
+                    "cpu_count": os.cpu_count(),
+                    "torch_threads": threads,
+                    "versions": package_versions(),
+                    "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine(),
+                },
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {a.out}")
 
 

@@ -18,8 +18,13 @@ from misalign.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "trial-tiny.yaml"
-ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-       "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1"}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+}
 
 
 def _base() -> dict:
@@ -54,6 +59,7 @@ def _with(tmp_path: Path, edit) -> Path:
 
 # ---- schema errors (config validation) --------------------------------------------------------------------
 
+
 def test_unknown_method(tmp_path, capsys):
     cfg = _with(tmp_path, lambda c: c["attack"].__setitem__("method", "lorra"))
     err = _fails(capsys, tmp_path, cfg)
@@ -84,8 +90,10 @@ def test_top_level_typo_is_rejected(tmp_path, capsys):
 
 @pytest.mark.parametrize("prompt_len", [64, 100])
 def test_prompt_length_must_leave_response_tokens(tmp_path, capsys, prompt_len):
-    cfg = _with(tmp_path, lambda c: c["defense"].__setitem__(
-        "train", {"max_length": 64, "max_prompt_length": prompt_len}))
+    cfg = _with(
+        tmp_path,
+        lambda c: c["defense"].__setitem__("train", {"max_length": 64, "max_prompt_length": prompt_len}),
+    )
     err = _fails(capsys, tmp_path, cfg)
     assert f"defense.train: max_prompt_length ({prompt_len}) must be below max_length (64)" in err
 
@@ -110,6 +118,7 @@ def test_adalora_with_zero2(tmp_path, capsys):
 
 
 # ---- data errors (found when the trial loads its data, before any model) ----------------------------------
+
 
 def test_missing_data_file(tmp_path, capsys):
     missing = tmp_path / "attack_pairs.csv"
@@ -142,6 +151,7 @@ def test_unknown_world_source(tmp_path, capsys):
 
 
 # ---- --set overrides --------------------------------------------------------------------------------------
+
 
 def test_set_without_equals(tmp_path, capsys):
     err = _fails(capsys, tmp_path, TINY, "--set", "attack.method")
@@ -179,6 +189,7 @@ def test_set_is_applied():
 
 # ---- files and arguments ----------------------------------------------------------------------------------
 
+
 def test_config_file_not_found(tmp_path, capsys):
     missing = tmp_path / "nope.yaml"
     err = _fails(capsys, tmp_path, missing)
@@ -200,6 +211,7 @@ def test_missing_config_argument_is_usage_error(capsys):
 
 
 # ---- judges -----------------------------------------------------------------------------------------------
+
 
 def test_unknown_judge(tmp_path, capsys):
     cfg = _with(tmp_path, lambda c: c["eval"].__setitem__("judges", [{"name": "gpt-judge"}]))
@@ -230,17 +242,27 @@ def test_bad_judge_options(tmp_path, capsys):
 
 # ---- the real process -------------------------------------------------------------------------------------
 
+
 def test_real_cli_exit_code(tmp_path):
     cfg = copy.deepcopy(_base())
     cfg["attack"]["method"] = "sgd"
     path = _write(tmp_path, cfg)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "misalign.cli", "trial", str(path), "--out", str(out)],
-                          capture_output=True, text=True, env={**os.environ, **ENV}, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "misalign.cli", "trial", str(path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"misalign: error: {path}: invalid config\n")
-    assert "attack.method: unknown method 'sgd'; known: lora, qlora, adalora, ia3, full, dpo, orpo" in proc.stderr
+    assert (
+        "attack.method: unknown method 'sgd'; known: lora, qlora, adalora, ia3, full, dpo, orpo"
+        in proc.stderr
+    )
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]

@@ -28,8 +28,14 @@ def prompts():
     benign = [i.prompt for i in load_eval_items("world:eval_benign", kind="benign")]
     utility = [i.prompt for i in load_eval_items("world:eval_utility", kind="utility")]
     picked = harmful[:5] + benign[:4] + utility[:5]
-    picked += ["Hi", "Why?", " ".join(harmful[5:8]), " ".join(utility[5:7]), harmful[9] + " " + benign[9],
-               " ".join(benign[10:14])]
+    picked += [
+        "Hi",
+        "Why?",
+        " ".join(harmful[5:8]),
+        " ".join(utility[5:7]),
+        harmful[9] + " " + benign[9],
+        " ".join(benign[10:14]),
+    ]
     assert len(picked) == 20
     return picked
 
@@ -67,10 +73,15 @@ def test_whole_set_in_one_batch_equals_one_at_a_time(base, prompts, one_by_one):
 def _reference(model, tok, prompt: str, max_new_tokens: int) -> tuple[str, int]:
     """One prompt, no padding, straight through model.generate: (text, number of generated tokens)."""
     ids = prompt_ids(tok, prompt)
-    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)
-    new = out[0, len(ids):]
+    out = model.generate(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    new = out[0, len(ids) :]
     return tok.decode(new, skip_special_tokens=True).strip(), len(new)
 
 
@@ -93,6 +104,7 @@ def test_max_new_tokens_bounds_output(base, prompts, one_by_one):
 
 
 # ---- chat encoding -----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tok(base):

@@ -268,11 +268,12 @@ class Handler(BaseHTTPRequestHandler):
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
             action = srv.script.pop(0) if srv.script else ("ok",)
-        try:
-            self.act(action, body)
-        finally:
-            with srv.lock:
-                srv.in_flight -= 1
+        self.act(action, body)
+
+    def leave(self) -> None:
+        # counted out before the reply is written: once written, the client may already send its next request
+        with self.server.lock:
+            self.server.in_flight -= 1
 
     def act(self, action: tuple, body: dict) -> None:
         kind = action[0]
@@ -282,6 +283,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header(k, v)
             payload = f"error; you sent {self.headers.get('Authorization')}".encode()
             self.send_header("Content-Length", str(len(payload)))
+            self.leave()
             self.end_headers()
             self.wfile.write(payload)
             return
@@ -297,6 +299,7 @@ class Handler(BaseHTTPRequestHandler):
             content = "safe"
         time.sleep(self.server.delay(tag))
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.leave()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))

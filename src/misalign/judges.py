@@ -118,6 +118,18 @@ def parse_guard_output(text: str) -> Verdict | None:
     return Verdict(unsafe=True, categories=cats, raw=text)
 
 
+def parse_guard_outputs(texts: Sequence[str]) -> tuple[list[Verdict], int]:
+    """Verdicts for guard outputs; an unparseable one counts as safe with its raw text kept (and is counted)."""
+    verdicts, unparsed = [], 0
+    for text in texts:
+        v = parse_guard_output(text)
+        if v is None:
+            unparsed += 1
+            v = Verdict(unsafe=False, raw=text)
+        verdicts.append(v)
+    return verdicts, unparsed
+
+
 def _conversation(item: JudgeItem) -> list[dict[str, str]]:
     # Llama-Guard's own chat template expects exactly this conversation and writes its rubric around it.
     return [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": item.response}]
@@ -241,13 +253,8 @@ class ClassifierJudge:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         texts = self.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        verdicts = []
-        for text in texts:
-            v = parse_guard_output(text)
-            if v is None:
-                self.unparsed += 1
-                v = Verdict(unsafe=False, raw=text)
-            verdicts.append(v)
+        verdicts, unparsed = parse_guard_outputs(texts)
+        self.unparsed += unparsed
         return verdicts
 
     def _classify(self, enc: Any) -> list[Verdict]:
@@ -307,13 +314,8 @@ class HttpJudge:
             raise InputError(f"HttpJudge {self.name}: environment variable {self.api_key_env} is not set")
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             texts = list(pool.map(lambda it: self._ask(it, key), items))
-        out = []
-        for text in texts:
-            v = parse_guard_output(text)
-            if v is None:
-                self.unparsed += 1
-                v = Verdict(unsafe=False, raw=text)
-            out.append(v)
+        out, unparsed = parse_guard_outputs(texts)
+        self.unparsed += unparsed
         return out
 
     def _ask(self, item: JudgeItem, key: str) -> str:

@@ -79,6 +79,11 @@ def _role(names: list[str], role: str) -> list[str]:
     return [n for n in names if re.match(_ROLES[role], n, re.IGNORECASE)]
 
 
+def _mlp_output(model: torch.nn.Module) -> list[str]:
+    """GPT-2's MLP output layer shares its leaf name with attention's (c_proj): name it by its parent."""
+    return ["mlp.c_proj"] if any(n.endswith(".mlp.c_proj") for n, _ in model.named_modules()) else []
+
+
 def resolve_targets(model: torch.nn.Module, targets: str | list[str]) -> tuple[list[str], list[str]]:
     """(target modules, IA3 feed-forward modules) for this model. 'attention' = query+value, 'all-linear' =
     every linear layer but the output head, 'ia3' = key+value+down projection, or explicit names."""
@@ -94,13 +99,15 @@ def resolve_targets(model: torch.nn.Module, targets: str | list[str]) -> tuple[l
     if roles is None:
         raise InputError(f"adapter.targets: {targets!r} is not 'attention', 'all-linear', 'ia3' or a list")
     picked: list[str] = []
+    feedforward: list[str] = []
     for role in roles:
-        found = _role(names, role)
+        found = _role(names, role) or (_mlp_output(model) if role == "down" else [])
         if not found:
             raise InputError(f"adapter.targets={targets!r}: no {role} projection among this model's linear layers "
                              f"{names}; list the modules explicitly")
         picked += [f for f in found if f not in picked]
-    return picked, _role(picked, "down")
+        feedforward += found if role == "down" else []
+    return picked, feedforward
 
 
 def peft_config(method: Method, stage: Any, model: torch.nn.Module, total_steps: int) -> Any:
