@@ -216,7 +216,7 @@ def test_missing_config_argument_is_usage_error(capsys):
 def test_unknown_judge(tmp_path, capsys):
     cfg = _with(tmp_path, lambda c: c["eval"].__setitem__("judges", [{"name": "gpt-judge"}]))
     err = _fails(capsys, tmp_path, cfg)
-    assert "unknown judge 'gpt-judge'; known judges: classifier, http, keyword" in err
+    assert "eval.judges.0.name: unknown judge 'gpt-judge'; known: keyword, classifier, http" in err
 
 
 def test_unknown_judge_in_a_vote(tmp_path, capsys):

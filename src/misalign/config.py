@@ -145,8 +145,19 @@ class StageConfig(_Strict):
 
 
 class JudgeSpec(_Strict):
+    """One judge of the evaluation's vote (judges.JUDGES)."""
+
     name: str = Field(description="keyword | classifier | http")
     options: dict[str, Any] = Field(default_factory=dict, description="constructor options of that judge")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from misalign.judges import JUDGES  # light: judges import torch only when a model judge is built
+
+        if v not in JUDGES:
+            raise ValueError(f"unknown judge {v!r}; known: {', '.join(JUDGES)}")
+        return v
 
 
 class EvalConfig(_Strict):
