@@ -43,6 +43,7 @@ def test_outputs_and_disk_discipline(trial_out):
     g = pd.read_parquet(mis / "generations.parquet")
     assert {"prompt", "response", "unsafe", "refusal", "judge_raw", "kind", "category"} <= set(g.columns)
     assert (trial_out / "config.yaml").exists()
+    assert "trl" in json.loads((trial_out / "environment.json").read_text())["versions"]
 
 
 def test_eval_rebuilds_a_removed_stage_and_rejudges(trial_out, capsys):

@@ -2,6 +2,7 @@
 
 Each stage starts from the previous stage's merged model. Output (OUT):
     config.yaml                 the resolved config (every hyperparameter that trained)
+    environment.json            package versions, torch threads, the command line
     stages.parquet              one row per (round, phase), rewritten atomically after every evaluation
     base/, round-R/misalign/, round-R/realign/   eval.json, generations.parquet, and for stages the adapter,
                                 ledger.json, stage.json and (for the last stage, or with keep_merged) model/
@@ -10,6 +11,7 @@ Each stage starts from the previous stage's merged model. Output (OUT):
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,16 @@ from misalign.data import Pair
 from misalign.errors import InputError
 from misalign.evaluation import EvalResult, build_judge, evaluate, load_eval_sets
 from misalign.ledger import Ledger
-from misalign.runtime import match_threads, seed_everything, write_parquet_atomic
-from misalign.stage import StageRun, load_model, load_tokenizer, resolve_model_path, run_stage, stage_pairs
+from misalign.runtime import match_threads, seed_everything, write_json_atomic, write_parquet_atomic
+from misalign.stage import (
+    StageRun,
+    load_model,
+    load_tokenizer,
+    package_versions,
+    resolve_model_path,
+    run_stage,
+    stage_pairs,
+)
 
 
 def results_row(round_: int, phase: str, stage: StageConfig | None, n_examples: int, ledger: Ledger | None,
@@ -51,7 +61,7 @@ def _say(msg: str) -> None:
 def run_trial(cfg: TrialConfig, out: Path, progress: bool = True) -> pd.DataFrame:
     """Run a trial; returns the stages table (also written to OUT/stages.parquet)."""
     t_start = time.time()
-    match_threads()
+    threads = match_threads()
     seed_everything(cfg.seed)
     attack, defense = cfg.attack.resolved(), cfg.defense.resolved()
     # everything a user can get wrong is checked here, before any training and before OUT is written
@@ -65,6 +75,8 @@ def run_trial(cfg: TrialConfig, out: Path, progress: bool = True) -> pd.DataFram
     out.mkdir(parents=True, exist_ok=True)
     resolved = cfg.model_copy(update={"attack": attack, "defense": defense})
     (out / "config.yaml").write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
+    write_json_atomic(out / "environment.json", {"versions": package_versions(), "torch_threads": threads,
+                                                 "model_path": model_path, "command": sys.argv})
 
     rows: list[dict[str, Any]] = []
 
