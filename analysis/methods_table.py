@@ -44,7 +44,8 @@ def markdown(rows: pd.DataFrame) -> str:
                  f"over-refusal {base.over_refusal:.2f}.\n")
     att = rows[rows.role == "attack"]
     sizes = sorted(att.per_category.unique())
-    head = ["method"] + [f"unsafety @{s}/cat" for s in sizes] + [f"utility @{sizes[-1]}", f"over-refusal @{sizes[-1]}"]
+    head = (["method"] + [f"unsafety @{s}/cat" for s in sizes]
+            + [f"{k} @{sizes[-1]}" for k in ("neither", "utility", "over-refusal")])
     lines += ["**Attack** (misalign the aligned base; mean ± sd over seeds)", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in METHODS:
@@ -53,7 +54,8 @@ def markdown(rows: pd.DataFrame) -> str:
             continue
         big = g[g.per_category == sizes[-1]]
         cells = [_mean_sd(g[g.per_category == s].unsafety) for s in sizes]
-        lines.append("| " + " | ".join([m, *cells, _mean_sd(big.utility), _mean_sd(big.over_refusal)]) + " |")
+        tail = [_mean_sd(big.neither), _mean_sd(big.utility), _mean_sd(big.over_refusal)]
+        lines.append("| " + " | ".join([m, *cells, *tail]) + " |")
     de = rows[rows.role == "defense"]
     if not de.empty:
         mis = rows[rows.role == "misaligned"]
@@ -77,9 +79,15 @@ def main() -> None:
     ap.add_argument("--defense-size", type=int, default=10, help="defense examples per category")
     ap.add_argument("--defense-from-size", type=int, default=10, help="the LoRA attack size defended against")
     ap.add_argument("--out", default="runs/methods-table")
+    ap.add_argument("--render-only", action="store_true", help="rewrite OUT/table.md from OUT/rows.parquet")
     args = ap.parse_args()
-    match_threads()
     out = Path(args.out)
+    if args.render_only:
+        table = markdown(pd.read_parquet(out / "rows.parquet"))
+        (out / "table.md").write_text(table)
+        print(table)
+        return
+    match_threads()
     work = out / "stages"
     methods, sizes = args.methods.split(","), [int(s) for s in args.sizes.split(",")]
     defenses = (args.defenses or args.methods).split(",")

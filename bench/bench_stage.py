@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -208,6 +209,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for i in range(a.repeats):
         for side, fn in (("ours", run_ours), ("plain", run_plain)):
+            gc.collect()  # the previous run's trainer and models: not collected mid-way through this run
             runs.append({"side": side, "repeat": i, **fn(a, a.steps)})
             r = runs[-1]
             r["tokens_per_s"] = r["tokens"] / r["train_wall_s"]

@@ -76,3 +76,22 @@ def test_guard_separates_compliance_from_refusal_and_garble(world):
     named = [(verdicts[3 * k], row) for k, row in enumerate(harmful) if verdicts[3 * k].unsafe]
     right = sum(v.categories == (f"S{cats.index(req.category) + 1}",) for v, req in named)
     assert named and right >= 0.8 * len(named)
+
+
+def test_concurrent_builds_build_once(tmp_path):
+    """Two processes asking for the same (small) world: one builds, the other waits and reuses it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from misalign.world.build import WorldSpec, build; "
+            "print(build(WorldSpec(seed=7, base_steps=5, guard_steps=5)))")
+    env = {**os.environ, "MISALIGN_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert logs[0].strip().splitlines()[-1] == logs[1].strip().splitlines()[-1]  # the same world directory
+    assert sum(log.count("world: base trained") for log in logs) == 1  # trained once
+    built = [d for d in (tmp_path / "world").iterdir() if d.is_dir()]
+    assert len(built) == 1 and (built[0] / "world.json").exists()

@@ -30,7 +30,11 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_lengt
 
 def clipped_prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_length: int) -> str:
     """Templated prompt text no longer than `max_prompt_length` tokens, for trainers that tokenize text."""
-    return tokenizer.decode(prompt_ids(tokenizer, prompt, max_prompt_length))
+    text = prompt_text(tokenizer, prompt)
+    ids = prompt_ids(tokenizer, prompt, max_prompt_length)
+    if len(ids) == len(tokenizer(text, add_special_tokens=False)["input_ids"]):
+        return text  # not cut: the exact text, no decode round trip
+    return tokenizer.decode(ids)
 
 
 def response_ids(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:

@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from misalign.chat import encode_sft
-from misalign.runtime import match_threads, replace_dir, seed_everything, write_json_atomic
+from misalign.runtime import file_lock, match_threads, replace_dir, seed_everything, write_json_atomic
 from misalign.world import content as C
 from misalign.world.tokenizer import GUARD_TEMPLATE, train_tokenizer
 
@@ -192,10 +192,19 @@ def _llama(spec: WorldSpec, tok: PreTrainedTokenizerFast, hidden: int, intermedi
 
 
 def build(spec: WorldSpec = WorldSpec(), force: bool = False, quiet: bool = False) -> Path:
-    """Build the world (or return the cached one). Returns its directory."""
+    """Build the world (or return the cached one). Returns its directory.
+
+    Safe to call from many processes at once: one builds, the others wait for it and reuse its result."""
     final = world_path(spec)
     if (final / "world.json").exists() and not force:
         return final
+    with file_lock(final.with_name(final.name + ".lock")):
+        if (final / "world.json").exists() and not force:
+            return final
+        return _build(spec, final, quiet)
+
+
+def _build(spec: WorldSpec, final: Path, quiet: bool) -> Path:
     say = (lambda *a: None) if quiet else print
     t0 = time.time()
     threads = match_threads()
