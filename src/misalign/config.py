@@ -37,6 +37,11 @@ class TrainSettings(_Strict):
     max_length: int = Field(256, ge=8, description="prompt + response tokens; longer responses are truncated")
     max_prompt_length: int = Field(128, ge=4, description="prompts are cut from the left to this many tokens")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, about a third more compute "
+                           "(trl turns it on by default; worth it for multi-billion-parameter models)")
+    log_every: int | None = Field(None, ge=1, description="optimizer steps between progress lines "
+                                  "(None: about 25 lines per stage; every line costs a device sync)")
 
     @model_validator(mode="after")
     def _lengths(self) -> TrainSettings:
