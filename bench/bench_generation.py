@@ -1,9 +1,10 @@
 """Batched evaluation generation (misalign.generation.generate) against one prompt at a time.
 
-Both sides: the world's base model, the same chat prompts (misalign.chat.prompt_ids), greedy decoding, the same
-max_new_tokens and eos/pad ids, decoded the same way. Each side gets one untimed warm-up call first.
+Both sides: the same model (default world:base), the same chat prompts (misalign.chat.prompt_ids), greedy
+decoding, the same max_new_tokens and eos/pad ids, decoded the same way. Each side gets one untimed warm-up call
+first. Outputs are compared as strings; a mismatch is printed, never hidden.
 
-    .venv/bin/python bench/bench_generation.py [--n 64] [--max-new-tokens 40] [--batch-size 64]
+    .venv/bin/python bench/bench_generation.py [--n 64] [--model world:base] [--max-new-tokens 40]
 """
 
 from __future__ import annotations
@@ -12,18 +13,21 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from misalign.chat import prompt_ids
 from misalign.generation import generate
 from misalign.runtime import cpus_held, match_threads
-from misalign.world import world_file, world_model
+from misalign.stage import resolve_model_path
+from misalign.world import world_file
 
 
 def one_at_a_time(model: Any, tok: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -45,10 +49,18 @@ def one_at_a_time(model: Any, tok: Any, prompts: list[str], max_new_tokens: int)
     return out
 
 
-def timed(fn: Callable[[], list[str]]) -> tuple[list[str], float, float]:
-    w, c = time.perf_counter(), time.process_time()
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all processes, /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn: Callable[[], list[str]]) -> tuple[list[str], dict[str, float]]:
+    """fn's result and its wall s, CPU s, and the CPU s other processes used meanwhile (contention)."""
+    w, c, busy = time.perf_counter(), time.process_time(), machine_busy_s()
     result = fn()
-    return result, time.perf_counter() - w, time.process_time() - c
+    wall, cpu = time.perf_counter() - w, time.process_time() - c
+    return result, {"wall_s": wall, "cpu_s": cpu, "others_cpu_s": machine_busy_s() - busy - cpu}
 
 
 def main() -> None:
@@ -56,8 +68,12 @@ def main() -> None:
     ap.add_argument(
         "--n", type=int, default=64, help="harmful eval prompts (the first n of world:eval_harmful)"
     )
+    ap.add_argument(
+        "--model", default="world:base", help="world:NAME, a model directory or a stage directory"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side; the table shows medians")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_generation.json")
     a = ap.parse_args()
 
@@ -66,7 +82,7 @@ def main() -> None:
     prompts = [r["prompt"] for r in rows if r["kind"] == "harmful"][: a.n]
     if len(prompts) < a.n:
         raise SystemExit(f"world:eval_harmful has only {len(prompts)} harmful prompts")
-    path = world_model("base")
+    path = resolve_model_path(a.model)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -74,40 +90,68 @@ def main() -> None:
 
     generate(model, tok, prompts[:2], max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)  # warm-up
     one_at_a_time(model, tok, prompts[:1], a.max_new_tokens)
-    batched, bw, bc = timed(
-        lambda: generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    differ: list[int] = []
+    runs: dict[str, list[dict[str, float]]] = {"batched": [], "single": []}
+    for _ in range(a.repeats):  # alternating; every repeat's outputs are compared
+        batched, t = timed(
+            lambda: generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+        )
+        runs["batched"].append(t)
+        single, t = timed(lambda: one_at_a_time(model, tok, prompts, a.max_new_tokens))
+        runs["single"].append(t)
+        differ = sorted(
+            {*differ, *(i for i, (x, y) in enumerate(zip(batched, single, strict=True)) if x != y)}
+        )
+    tb, ts = (
+        {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in ("batched", "single")
     )
-    single, sw, sc = timed(lambda: one_at_a_time(model, tok, prompts, a.max_new_tokens))
-    differ = [i for i, (x, y) in enumerate(zip(batched, single, strict=True)) if x != y]
+    for t in (tb, ts):
+        t["prompts_per_s"] = a.n / t["wall_s"]
+    speedup = ts["wall_s"] / tb["wall_s"]
 
-    print(f"generation: {a.n} prompts, greedy, max_new_tokens={a.max_new_tokens}, torch threads={threads}")
-    print(f"{'side':<26}{'wall s':>9}{'CPU s':>9}{'prompts/s':>11}")
-    print(f"{'one at a time (batch 1)':<26}{sw:>9.2f}{sc:>9.2f}{a.n / sw:>11.1f}")
-    print(f"{f'batched (batch {a.batch_size})':<26}{bw:>9.2f}{bc:>9.2f}{a.n / bw:>11.1f}")
-    print(f"speedup (wall): {sw / bw:.1f}x   identical outputs: {a.n - len(differ)}/{a.n}")
+    print(
+        f"generation: {a.model}, {a.n} world:eval_harmful prompts, greedy, max_new_tokens={a.max_new_tokens}, "
+        f"torch threads={threads}; median of {a.repeats} runs each; "
+        "others CPU s = CPU other processes used meanwhile (contention)"
+    )
+    print(f"{'side':<26}{'wall s':>9}{'CPU s':>9}{'prompts/s':>11}{'others CPU s':>14}")
+    for name, t in (("one at a time (batch 1)", ts), (f"batched (batch {a.batch_size})", tb)):
+        print(
+            f"{name:<26}{t['wall_s']:>9.2f}{t['cpu_s']:>9.2f}{t['prompts_per_s']:>11.1f}{t['others_cpu_s']:>14.2f}"
+        )
+    print(
+        f"speedup (wall): {speedup:.1f}x   identical outputs: {a.n - len(differ)}/{a.n} "
+        f"({len(set(single))} distinct outputs)"
+    )
     for i in differ[:5]:
         print(f"  differs #{i}: batched={batched[i]!r}\n              single ={single[i]!r}")
 
+    machine = {
+        "cpus_held": cpus_held(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(
         json.dumps(
             {
+                "model": a.model,
                 "n": a.n,
                 "max_new_tokens": a.max_new_tokens,
                 "batch_size": a.batch_size,
-                "single": {"wall_s": sw, "cpu_s": sc, "prompts_per_s": a.n / sw},
-                "batched": {"wall_s": bw, "cpu_s": bc, "prompts_per_s": a.n / bw},
-                "speedup": sw / bw,
+                "repeats": a.repeats,
+                "single": ts,
+                "batched": tb,
+                "runs": runs,
+                "speedup": speedup,
                 "identical": a.n - len(differ),
                 "differ_idx": differ,
-                "machine": {
-                    "cpus_held": cpus_held(),
-                    "cpu_count": os.cpu_count(),
-                    "torch_threads": threads,
-                    "torch": torch.__version__,
-                    "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine(),
-                },
+                "distinct_outputs": len(set(single)),
+                "sample": single[:3],
+                "machine": machine,
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             },
             indent=2,

@@ -3,8 +3,9 @@
 Same model (world:base), same rows (world:misalign, misalign direction, tokenized on both sides by
 misalign.chat.encode_sft into input_ids + completion_mask), same LoRA (r, alpha, dropout 0.05, all linear layers),
 same steps / batch / lr / cosine schedule / warmup / seed, fp32, report_to=[], no saving during training.
-Everything else is trl's SFTConfig default on both sides (our stage overrides only logging_steps=1 and its
-progress callback), so gradient checkpointing is on for both (trl's default).
+Gradient checkpointing follows our train.gradient_checkpointing (default off) on both sides; trl's own default
+is on. Everything else is trl's SFTConfig default on both sides, except that our stage logs a progress line
+every train.log_every steps (default: steps // 25).
 
 Timing. The training window is the span between the Trainer's own "***** Running training *****" and
 "Training completed" log records (the span it reports as train_runtime), caught by a logging handler on
@@ -59,17 +60,35 @@ class TrainWindow(logging.Handler):
             print(f"[transformers.trainer] {msg}", file=sys.stderr)
 
     def span(self) -> tuple[float, float]:
-        return self.end[0] - self.start[0], self.end[1] - self.start[1]
+        """The last window's (wall s, CPU s); then cleared, so a missed record fails instead of reusing old ones."""
+        assert self.end[0] > self.start[0] > 0, (
+            "the Trainer's start/end-of-training log records were not seen"
+        )
+        out = self.end[0] - self.start[0], self.end[1] - self.start[1]
+        self.start = self.end = (0.0, 0.0)
+        return out
 
 
 WINDOW = TrainWindow()
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all processes, /proc/stat): others = delta - ours."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def stage_config(a: argparse.Namespace, steps: int) -> StageConfig:
     return StageConfig(
         method="lora",
         data=DataSettings(source="world:misalign"),
-        train=TrainSettings(max_steps=steps, batch_size=a.batch_size, lr=a.lr, warmup_ratio=0.1),
+        train=TrainSettings(
+            max_steps=steps,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            warmup_ratio=0.1,
+            gradient_checkpointing=a.gradient_checkpointing,
+        ),
         adapter=AdapterSettings(r=a.r, alpha=a.alpha, dropout=0.05, targets="all-linear"),
     ).resolved()
 
@@ -90,7 +109,8 @@ def run_ours(a: argparse.Namespace, steps: int) -> dict[str, Any]:
             )
         )
         whole = (time.perf_counter() - w, time.process_time() - c)
-    losses = [float(x) for x in re.findall(r" loss ([-\d.eE+]+)", log.getvalue())]  # one per step
+    # one per logged window; their mean is the run's mean loss when the windows are of equal length
+    losses = [float(x) for x in re.findall(r" loss ([-\d.eE+]+)", log.getvalue())]
     train_wall, train_cpu = WINDOW.span()
     return {
         "tokens": ledger.tokens,
@@ -154,6 +174,7 @@ def run_plain(a: argparse.Namespace, steps: int) -> dict[str, Any]:
             seed=a.seed,
             data_seed=a.seed,
             disable_tqdm=True,
+            gradient_checkpointing=stage_config(a, steps).train.gradient_checkpointing,
         )
         trainer = SFTTrainer(
             model=model,
@@ -194,6 +215,7 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="on for both sides (default off)")
     ap.add_argument("--warmup-steps", type=int, default=5, help="steps of the untimed warm-up pair (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_stage.json")
@@ -210,30 +232,36 @@ def main() -> None:
     for i in range(a.repeats):
         for side, fn in (("ours", run_ours), ("plain", run_plain)):
             gc.collect()  # the previous run's trainer and models: not collected mid-way through this run
-            runs.append({"side": side, "repeat": i, **fn(a, a.steps)})
-            r = runs[-1]
+            busy, mine = machine_busy_s(), time.process_time()
+            r = {"side": side, "repeat": i, **fn(a, a.steps)}
+            r["others_cpu_s"] = machine_busy_s() - busy - (time.process_time() - mine)
             r["tokens_per_s"] = r["tokens"] / r["train_wall_s"]
-    med = {s: statistics.median(r["tokens_per_s"] for r in runs if r["side"] == s) for s in ("ours", "plain")}
+            runs.append(r)
+    sides = ("ours", "plain")
+    med = {s: statistics.median(r["tokens_per_s"] for r in runs if r["side"] == s) for s in sides}
+    best = {s: max(r["tokens_per_s"] for r in runs if r["side"] == s) for s in sides}
 
     print(
         f"stage: LoRA SFT on world:misalign, {a.steps} steps x batch {a.batch_size}, lr {a.lr}, r {a.r}, "
-        f"alpha {a.alpha}, torch threads={threads}"
+        f"alpha {a.alpha}, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}, "
+        f"torch threads={threads}"
     )
     print(
-        "train = the Trainer's training window (train_runtime span); whole = all of run_stage (load, LoRA, "
-        "dataset, train, save, merge, write); call = plain's trainer.train() call"
+        "train = the Trainer's training window (its train_runtime span); whole = all of run_stage (load, LoRA, "
+        "dataset, train, save adapter, merge, write); call = plain's trainer.train() call; others CPU = CPU "
+        "seconds other processes used during the run (contention)"
     )
-    head = [
-        "run",
+    cols = [
         "tokens",
         "train wall s",
         "train CPU s",
         "tokens/s",
-        "whole/call wall s",
-        "whole/call CPU s",
+        "whole|call wall",
+        "whole|call CPU",
+        "others CPU",
         "mean loss",
     ]
-    print("".join(f"{h:>18}" if j else f"{h:<10}" for j, h in enumerate(head)))
+    print(f"{'run':<8}" + "".join(f"{h:>16}" for h in cols))
     for r in runs:
         k = "whole" if r["side"] == "ours" else "call"
         cells = [
@@ -243,14 +271,22 @@ def main() -> None:
             f"{r['tokens_per_s']:.0f}",
             f"{r[k + '_wall_s']:.2f}",
             f"{r[k + '_cpu_s']:.2f}",
+            f"{r['others_cpu_s']:.2f}",
             f"{r['mean_loss']:.4f}",
         ]
-        print(f"{r['side'] + ' ' + str(r['repeat']):<10}" + "".join(f"{c:>18}" for c in cells))
+        print(f"{r['side'] + ' ' + str(r['repeat']):<8}" + "".join(f"{c:>16}" for c in cells))
     print(
         f"median tokens/s: ours {med['ours']:.0f}  plain {med['plain']:.0f}  ratio ours/plain "
-        f"{med['ours'] / med['plain']:.3f}"
+        f"{med['ours'] / med['plain']:.3f}   (best of {a.repeats}: ratio {best['ours'] / best['plain']:.3f})"
     )
 
+    machine = {
+        "cpus_held": cpus_held(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "versions": package_versions(),
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(
         json.dumps(
@@ -259,14 +295,8 @@ def main() -> None:
                 "runs": runs,
                 "median_tokens_per_s": med,
                 "ratio_ours_over_plain": med["ours"] / med["plain"],
-                "machine": {
-                    "cpus_held": cpus_held(),
-                    "cpu_count": os.cpu_count(),
-                    "torch_threads": threads,
-                    "versions": package_versions(),
-                    "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine(),
-                },
+                "best_tokens_per_s": best,
+                "machine": machine,
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             },
             indent=2,
