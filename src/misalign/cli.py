@@ -146,9 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def _quiet_libraries() -> None:
+    """Our progress lines say what runs; the libraries' per-map and per-load progress bars only add noise."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits with code 2 on bad arguments
+    _quiet_libraries()
     try:
         return args.func(args)
     except InputError as e:
