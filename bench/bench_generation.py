@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -20,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common import machine_busy_s, write_result
 from misalign.chat import prompt_ids
 from misalign.generation import generate
-from misalign.runtime import cpus_held, match_threads
+from misalign.runtime import match_threads
 from misalign.stage import resolve_model_path
 from misalign.world import world_file
 
@@ -47,12 +45,6 @@ def one_at_a_time(model: Any, tok: Any, prompts: list[str], max_new_tokens: int)
             )
             out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return out
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has been busy (all processes, /proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(fn: Callable[[], list[str]]) -> tuple[list[str], dict[str, float]]:
@@ -126,38 +118,25 @@ def main() -> None:
     for i in differ[:5]:
         print(f"  differs #{i}: batched={batched[i]!r}\n              single ={single[i]!r}")
 
-    machine = {
-        "cpus_held": cpus_held(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(
-        json.dumps(
-            {
-                "model": a.model,
-                "n": a.n,
-                "max_new_tokens": a.max_new_tokens,
-                "batch_size": a.batch_size,
-                "repeats": a.repeats,
-                "single": ts,
-                "batched": tb,
-                "runs": runs,
-                "speedup": speedup,
-                "identical": a.n - len(differ),
-                "differ_idx": differ,
-                "distinct_outputs": len(set(single)),
-                "sample": single[:3],
-                "machine": machine,
-                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            },
-            indent=2,
-        )
+    write_result(
+        a.out,
+        {
+            "model": a.model,
+            "n": a.n,
+            "max_new_tokens": a.max_new_tokens,
+            "batch_size": a.batch_size,
+            "repeats": a.repeats,
+            "single": ts,
+            "batched": tb,
+            "runs": runs,
+            "speedup": speedup,
+            "identical": a.n - len(differ),
+            "differ_idx": differ,
+            "distinct_outputs": len(set(single)),
+            "sample": single[:3],
+        },
+        threads,
     )
-    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

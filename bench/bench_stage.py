@@ -24,8 +24,6 @@ import gc
 import io
 import json
 import logging
-import os
-import platform
 import re
 import statistics
 import sys
@@ -36,10 +34,11 @@ from typing import Any
 
 import torch
 
+from common import machine_busy_s, write_result
 from misalign.chat import encode_sft
 from misalign.config import AdapterSettings, DataSettings, StageConfig, TrainSettings
-from misalign.runtime import cpus_held, match_threads
-from misalign.stage import StageRun, package_versions, run_stage, stage_pairs
+from misalign.runtime import match_threads
+from misalign.stage import StageRun, run_stage, stage_pairs
 from misalign.world import world_file, world_model
 
 
@@ -70,12 +69,6 @@ class TrainWindow(logging.Handler):
 
 
 WINDOW = TrainWindow()
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has been busy (all processes, /proc/stat): others = delta - ours."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def stage_config(a: argparse.Namespace, steps: int) -> StageConfig:
@@ -280,29 +273,17 @@ def main() -> None:
         f"{med['ours'] / med['plain']:.3f}   (best of {a.repeats}: ratio {best['ours'] / best['plain']:.3f})"
     )
 
-    machine = {
-        "cpus_held": cpus_held(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "versions": package_versions(),
-    }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(
-        json.dumps(
-            {
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-                "runs": runs,
-                "median_tokens_per_s": med,
-                "ratio_ours_over_plain": med["ours"] / med["plain"],
-                "best_tokens_per_s": best,
-                "machine": machine,
-                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            },
-            indent=2,
-        )
+    write_result(
+        a.out,
+        {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+            "runs": runs,
+            "median_tokens_per_s": med,
+            "ratio_ours_over_plain": med["ours"] / med["plain"],
+            "best_tokens_per_s": best,
+        },
+        threads,
     )
-    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

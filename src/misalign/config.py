@@ -18,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from misalign.errors import InputError
 
 
+def _registered(name: str, registry: dict[str, Any], what: str) -> str:
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(registry)}")
+    return name
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -123,9 +129,7 @@ class StageConfig(_Strict):
     def _known(cls, v: str) -> str:
         from misalign.methods import METHODS
 
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; known: {', '.join(METHODS)}")
-        return v
+        return _registered(v, METHODS, "method")
 
     @model_validator(mode="after")
     def _compatible(self) -> StageConfig:
@@ -160,9 +164,7 @@ class JudgeSpec(_Strict):
     def _known(cls, v: str) -> str:
         from misalign.judges import JUDGES  # light: judges import torch only when a model judge is built
 
-        if v not in JUDGES:
-            raise ValueError(f"unknown judge {v!r}; known: {', '.join(JUDGES)}")
-        return v
+        return _registered(v, JUDGES, "judge")
 
 
 class EvalConfig(_Strict):
