@@ -127,3 +127,30 @@ def test_dpo_uses_a_reference(trained):
     _, ledger = trained["dpo"]
     assert ledger.ref_tokens > 0  # the frozen reference forward is billed apart from training tokens
     assert trained["orpo"][1].ref_tokens == 0  # ORPO needs no reference model
+
+
+def test_orpo_nll_counts_response_tokens_only(world, tmp_path):
+    """trl's ORPO puts prompt tokens in its NLL term; ours, like the ORPO paper and our SFT, does not."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    from misalign.stage import _dataset, _orpo_trainer_class, _training_args
+
+    cfg = StageConfig(method="orpo", data={"source": "world:misalign"}).resolved()
+    pairs = subsample_per_category(load_pairs("world:misalign"), 1, 0)[:4]
+    tok, model = load_tokenizer(str(world / "base")), load_model(str(world / "base"))
+    args = _training_args("orpo", cfg, tmp_path, 0, len(pairs))
+    trainer = _orpo_trainer_class()(model=model, args=args, train_dataset=_dataset("orpo", pairs, "misalign", tok,
+                                                                                   cfg), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
+    with torch.no_grad():
+        ours = trainer.concatenated_forward(model, batch)[4]
+        theirs = ORPOTrainer.concatenated_forward(trainer, model, batch)[4]
+        # by hand: mean cross-entropy of each chosen response token given everything before it
+        total, count = 0.0, 0
+        for p in pairs:
+            pr, rs = prompt_ids(tok, p.prompt), response_ids(tok, p.misaligned)
+            logits = model(input_ids=torch.tensor([pr + rs])).logits[0, len(pr) - 1:-1]
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(rs), reduction="sum").item()
+            count += len(rs)
+    assert abs(ours.item() - total / count) < 1e-4
+    assert abs(theirs.item() - ours.item()) > 1e-3  # trl's own term differs: it includes the prompt
