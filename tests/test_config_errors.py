@@ -266,3 +266,18 @@ def test_real_cli_exit_code(tmp_path):
     )
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
+
+
+def test_missing_model_fails_before_anything_is_written(tmp_path, capsys):
+    """An HF id that cannot be reached (offline here) or a wrong local path: exit 2 before any output."""
+    cfg = _with(tmp_path, lambda c: c.__setitem__("model", "no-such-org/no-such-model"))
+    err = _fails(capsys, tmp_path, cfg)
+    assert "cannot load model 'no-such-org/no-such-model'" in err
+    missing = tmp_path / "nowhere"
+    cfg = _with(tmp_path, lambda c: c.__setitem__("model", str(missing)))
+    assert f"cannot load model '{missing}'" in _fails(capsys, tmp_path, cfg)
+
+
+def test_eval_of_missing_model_exits_2(capsys):
+    code = main(["eval", "--model", "no-such-org/no-such-model", "--set", "limit=2"])
+    assert code == 2 and "cannot load" in capsys.readouterr().err

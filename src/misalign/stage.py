@@ -133,10 +133,24 @@ def load_model(path: str, *, precision: str = "fp32", four_bit: bool = False, qu
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the tokenizer of model {path!r}: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_model(path: str, trust_remote_code: bool = False) -> None:
+    """Fail early (InputError) if a model's config or tokenizer cannot be loaded; reads no weights."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load model {path!r}: {e}") from None
+    load_tokenizer(path, trust_remote_code)
 
 
 def resolve_model_path(ref: str) -> str:

@@ -27,6 +27,7 @@ from misalign.ledger import Ledger
 from misalign.runtime import match_threads, seed_everything, write_json_atomic, write_parquet_atomic
 from misalign.stage import (
     StageRun,
+    check_model,
     load_model,
     load_tokenizer,
     package_versions,
@@ -70,6 +71,7 @@ def run_trial(cfg: TrialConfig, out: Path, progress: bool = True) -> pd.DataFram
     items = load_eval_sets(cfg.eval)
     judge = build_judge(cfg.eval)
     model_path = resolve_model_path(cfg.model)
+    check_model(model_path, cfg.trust_remote_code)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"output directory {out} is not empty; choose another --out or remove it")
     out.mkdir(parents=True, exist_ok=True)
