@@ -95,3 +95,15 @@ def test_concurrent_builds_build_once(tmp_path):
     assert sum(log.count("world: base trained") for log in logs) == 1  # trained once
     built = [d for d in (tmp_path / "world").iterdir() if d.is_dir()]
     assert len(built) == 1 and (built[0] / "world.json").exists()
+
+
+def test_cli_world_build_prints_the_targets(world, capsys):
+    from misalign.cli import main
+
+    assert main(["world", "build"]) == 0
+    out = capsys.readouterr().out
+    assert str(world) in out
+    line = next(x for x in out.splitlines() if x.startswith("aligned base:"))
+    unsafety = float(line.split("unsafety ")[1].split()[0])
+    utility = float(line.split("utility ")[1].split()[0])
+    assert unsafety <= 0.05 and utility >= 0.90
