@@ -10,20 +10,23 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_zero_stage_with_two_workers(world, tmp_path, zero):
+@pytest.mark.parametrize(("zero", "offload"), [(2, False), (3, False), (2, True)])
+def test_zero_stage_with_two_workers(world, tmp_path, zero, offload):
     cfg = tmp_path / "stage.yaml"
     cfg.write_text('method: lora\ndata: {source: "world:misalign", per_category: 2}\n'
-                   f"train: {{max_steps: 4, batch_size: 4}}\ndeepspeed: {{zero_stage: {zero}}}\n")
+                   f"train: {{max_steps: 4, batch_size: 4}}\n"
+                   f"deepspeed: {{zero_stage: {zero}, offload: {str(offload).lower()}}}\n")
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + zero),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + zero + 10 * offload),
          "-m", "misalign.cli", "stage", str(cfg), "--model", "world:base", "--direction", "misalign",
          "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ledger = json.loads((out / "ledger.json").read_text())
     assert ledger["workers"] == 2 and ledger["extra"]["zero_stage"] == zero
+    # offloaded optimizer state steps on the CPU through DeepSpeed's own Adam, not torch's
+    assert (ledger["extra"]["optimizer"] == "DeepSpeedCPUAdam") == offload, ledger["extra"]
     assert ledger["optimizer_steps"] == 4 and ledger["tokens"] > 0
     assert (out / "model" / "model.safetensors").exists()
     assert (out / "adapter" / "adapter_model.safetensors").exists()

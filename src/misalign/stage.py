@@ -308,6 +308,10 @@ def run_stage(run: StageRun) -> Ledger:
         ledger.extra["tokens_per_worker"] = per_worker
     if trainer.is_deepspeed_enabled:  # proof, for the ledger reader, that ZeRO really ran
         ledger.extra["zero_stage"] = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        inner = trainer.optimizer
+        while hasattr(inner, "optimizer"):  # accelerate -> ZeRO wrapper -> the optimizer that steps
+            inner = inner.optimizer
+        ledger.extra["optimizer"] = type(inner).__name__  # DeepSpeedCPUAdam when offloaded
     if four_bit:
         ledger.extra["linear4bit_modules"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     if method.adapter == "adalora":
