@@ -293,9 +293,11 @@ def run_stage(run: StageRun) -> Ledger:
         shutil.rmtree(adapter_dir, ignore_errors=True)
     # save_model gathers ZeRO-3 partitions; every rank must call it
     trainer.save_model(str(adapter_dir if pcfg is not None else out / ".full"))
-    per_worker = _gather_over_ranks(counter.tokens)
-    tokens = _sum_over_ranks([counter.tokens, counter.ref_tokens, counter.flops])
-    peak = _max_over_ranks(peak_memory_bytes(_device()))
+    # one collective: every rank's (tokens, ref tokens, flops, peak memory); sums, max and the per-worker list
+    ranks = _gather_over_ranks((counter.tokens, counter.ref_tokens, counter.flops, peak_memory_bytes(_device())))
+    per_worker = [int(r[0]) for r in ranks]
+    tokens = [sum(r[i] for r in ranks) for i in range(3)]
+    peak = max(int(r[3]) for r in ranks)
     wall = time.time() - t0
     ledger = Ledger(
         method=cfg.method, direction=run.direction, examples=len(pairs), epochs=float(cfg.train.epochs or 0),
@@ -442,30 +444,19 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _sum_over_ranks(values: list[float]) -> list[float]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=_device() if _device().type == "cuda" else "cpu")
-    torch.distributed.all_reduce(t)
-    return t.tolist()
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _gather_over_ranks(value: int) -> list[int]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+def _gather_over_ranks(value: Any) -> list[Any]:
+    """`value` from every rank, in rank order (just [value] in a single process)."""
+    if not _distributed():
         return [value]
     out: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, value)
-    return [int(v) for v in out]
-
-
-def _max_over_ranks(value: int) -> int:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_device() if _device().type == "cuda" else "cpu")
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
+    return out
 
 
 def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         torch.distributed.barrier()
