@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from misalign.config import EvalConfig, StageConfig
-from misalign.evaluation import build_judge, evaluate, load_eval_sets
+from misalign.evaluation import configured_judge, evaluate, load_eval_sets
 from misalign.ledger import Ledger
 from misalign.methods import METHODS
 from misalign.runtime import match_threads, write_parquet_atomic
@@ -93,7 +93,7 @@ def main() -> None:
     defenses = (args.defenses or args.methods).split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     ecfg = EvalConfig()
-    items, judge = load_eval_sets(ecfg), build_judge(ecfg)
+    items, judge = load_eval_sets(ecfg), configured_judge(ecfg)
     rows: list[dict] = []
 
     def record(role: str, method: str | None, per_category: int, seed: int, model_dir: str, ledger: Ledger | None = None) -> None:

@@ -47,7 +47,7 @@ def _eval(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from misalign.config import EvalConfig, JudgeSpec, load_config
-    from misalign.evaluation import build_judge, evaluate_path, score
+    from misalign.evaluation import configured_judge, evaluate_path, score
     from misalign.judges import DEFAULT_REFUSAL_PHRASES
 
     base = {}
@@ -62,7 +62,7 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set, schema=EvalConfig, base=base)
     if args.generations:  # re-judge saved generations; nothing is regenerated
         frame = pd.read_parquet(args.generations)
-        result = score(frame, build_judge(cfg), cfg.refusal_phrases or DEFAULT_REFUSAL_PHRASES)
+        result = score(frame, configured_judge(cfg), cfg.refusal_phrases or DEFAULT_REFUSAL_PHRASES)
     else:
         if not args.model:
             raise InputError("--model is required (or --generations to re-judge saved generations)")

@@ -42,7 +42,7 @@ def load_eval_sets(cfg: EvalConfig) -> list[EvalItem]:
     return items
 
 
-def build_judge(cfg: EvalConfig) -> Judge:
+def configured_judge(cfg: EvalConfig) -> Judge:
     """The configured judge(s) under the vote rule; world:NAME model options resolve to the world's models."""
     from misalign.stage import resolve_model_path
 
@@ -106,7 +106,7 @@ def evaluate(model: Any, tokenizer: Any, cfg: EvalConfig, items: list[EvalItem] 
     frame = pd.DataFrame({"kind": [i.kind for i in items], "category": [i.category for i in items],
                           "prompt": [i.prompt for i in items], "response": responses,
                           "reference": [i.reference for i in items]})
-    result = score(frame, judge or build_judge(cfg), cfg.refusal_phrases or DEFAULT_REFUSAL_PHRASES)
+    result = score(frame, judge or configured_judge(cfg), cfg.refusal_phrases or DEFAULT_REFUSAL_PHRASES)
     if cfg.lm_eval_tasks:
         from misalign.lm_eval_utility import lm_eval_accuracy
 
@@ -125,7 +125,7 @@ def evaluate_path(model_ref: str, cfg: EvalConfig, *, trust_remote_code: bool = 
 
     match_threads()
     items = load_eval_sets(cfg)
-    judge = build_judge(cfg)
+    judge = configured_judge(cfg)
     path = resolve_model_path(model_ref)
     model = load_model(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     return evaluate(model, load_tokenizer(path, trust_remote_code), cfg, items, judge)

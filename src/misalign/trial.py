@@ -22,7 +22,7 @@ import yaml
 from misalign.config import StageConfig, TrialConfig
 from misalign.data import Pair
 from misalign.errors import InputError
-from misalign.evaluation import EvalResult, build_judge, evaluate, load_eval_sets
+from misalign.evaluation import EvalResult, configured_judge, evaluate, load_eval_sets
 from misalign.ledger import Ledger
 from misalign.runtime import match_threads, seed_everything, write_json_atomic, write_parquet_atomic
 from misalign.stage import (
@@ -69,7 +69,7 @@ def run_trial(cfg: TrialConfig, out: Path, progress: bool = True) -> pd.DataFram
     attack_pairs: list[Pair] = stage_pairs(attack, cfg.seed)
     defense_pairs: list[Pair] = stage_pairs(defense, cfg.seed)
     items = load_eval_sets(cfg.eval)
-    judge = build_judge(cfg.eval)
+    judge = configured_judge(cfg.eval)
     model_path = resolve_model_path(cfg.model)
     check_model(model_path, cfg.trust_remote_code)
     if out.exists() and any(out.iterdir()):
