@@ -200,6 +200,122 @@ class TrialConfig(_Strict):
     allow_pickle: bool = Field(False, description="load .bin/pickle weights (off: safetensors only)")
 
 
+class StudySide(_Strict):
+    """One side of the study grid (attack or defense): the axes it sweeps and the settings every cell shares.
+
+    A cell's stage is `data`/`train`/`adapter`/`preference`/`deepspeed` with one method, one per_category,
+    one value of every `grid` axis, and that method's `per_method` overrides applied.
+    """
+
+    methods: list[str] = Field(min_length=1, description="methods swept (`misalign methods`)")
+    per_category: list[int | None] = Field([None], min_length=1,
+                                           description="examples per category swept (None: all rows)")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="more axes: a dotted stage field -> its values, e.g. train.lr: [1e-4, 3e-4]")
+    per_method: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="method -> {dotted stage field: value}, e.g. dpo: {train.lr: 3e-5}")
+    data: DataSettings = Field(description="training data (per_category is the axis above)")
+    train: TrainSettings = Field(TrainSettings(), description="optimization shared by every cell")
+    adapter: AdapterSettings = Field(AdapterSettings(), description="adapter shape shared by every cell")
+    preference: PreferenceSettings = Field(PreferenceSettings(), description="DPO/ORPO settings")
+    deepspeed: DeepSpeedSettings = Field(DeepSpeedSettings(), description="ZeRO settings")
+
+    @model_validator(mode="after")
+    def _axes(self) -> StudySide:
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid[{key!r}] has no values")
+            if key.split(".")[0] not in ("data", "train", "adapter", "preference", "deepspeed"):
+                raise ValueError(f"grid[{key!r}]: axes are dotted stage fields such as train.lr or adapter.r")
+        for method in self.per_method:
+            if method not in self.methods:
+                raise ValueError(f"per_method[{method!r}]: not one of methods {self.methods}")
+        self.stages()  # every cell must be a valid stage: checked here, before any compute
+        return self
+
+    def axis_values(self) -> list[dict[str, Any]]:
+        """Every point of this side's grid, as {axis: value} (method, per_category, then the grid axes)."""
+        import itertools
+
+        keys = ["method", "per_category", *self.grid]
+        lists = [self.methods, self.per_category, *self.grid.values()]
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*lists)]
+
+    def stage(self, point: dict[str, Any]) -> StageConfig:
+        d = self.model_dump(exclude={"methods", "per_category", "grid", "per_method"})
+        d["method"] = point["method"]
+        d["data"]["per_category"] = point["per_category"]
+        for key, value in [*((k, v) for k, v in point.items() if "." in k),
+                           *self.per_method.get(point["method"], {}).items()]:
+            _set_dotted(d, key, value)
+        try:
+            return StageConfig.model_validate(d)
+        except ValidationError as e:
+            where = ", ".join(f"{k}={v!r}" for k, v in point.items())
+            raise ValueError(f"the cell ({where}) is not a valid stage: " + "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+                for err in e.errors())) from None
+
+    def stages(self) -> dict[tuple, StageConfig]:
+        return {tuple(p.values()): self.stage(p) for p in self.axis_values()}
+
+
+class ResourceSettings(_Strict):
+    """What one trial holds. One worker trains in the Tune trial's own process; several launch one Ray Train
+    TorchTrainer per trial (gloo on CPUs, NCCL on GPUs) that runs all of the trial's stages."""
+
+    workers: int = Field(1, ge=1, description="training workers per trial (DeepSpeed/DDP ranks)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker holds (torch threads match it)")
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs each worker holds (0: CPU training)")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how a trial's workers are placed on nodes (Ray placement group strategy)")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="trials at once (None: as many as the cluster's CPUs/GPUs hold now)")
+
+
+class PlanSettings(_Strict):
+    """`misalign study plan`: how analytic FLOPs become device-hours and money."""
+
+    device: str = Field("NVIDIA H100 SXM (bf16 dense)", description="the device the estimate is for")
+    peak_flops: float = Field(989e12, gt=0, description="the device's peak FLOP/s at the training precision")
+    mfu: float = Field(0.35, gt=0, le=1, description="model FLOPs utilization assumed (share of peak reached)")
+    price_per_device_hour: float | None = Field(None, ge=0, description="currency per device-hour (money line)")
+    tokens_per_example: int = Field(
+        300, ge=1, description="assumed prompt+response tokens of a training example when its data is unreadable")
+    categories: int = Field(13, ge=1, description="assumed categories when a stage's data file is unreadable")
+    model_configs: dict[str, str] = Field(
+        default_factory=dict, description="model -> a local config.json, for models whose hub config is unreachable")
+
+
+class StudyConfig(_Strict):
+    """`misalign study`: the grid models x seeds x attack cells x defense cells, R rounds each, on Ray Tune.
+
+    A cell is one trial (base eval, then R rounds of misalign -> eval -> realign -> eval). Stages are shared
+    between cells by lineage, so a misalignment that several defense cells start from trains once.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="study name (its directory)")
+    models: list[str] = Field(min_length=1, description="HF ids, local paths or world:base")
+    seeds: list[int] = Field([0], min_length=1, description="seeds swept (data subsample, init, training)")
+    rounds: int = Field(1, ge=1, description="misalign -> realign rounds per cell")
+    attack: StudySide = Field(description="the misalignment side of the grid")
+    defense: StudySide = Field(description="the realignment side of the grid")
+    eval: EvalConfig = Field(EvalConfig(), description="evaluation after every stage and of each base model")
+    resources: ResourceSettings = Field(ResourceSettings(), description="per-trial resources")
+    max_failures: int = Field(2, ge=0, description="retries of a failed trial (and of a failed worker group)")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="optimizer steps between in-stage checkpoints (a retried stage resumes from the "
+                                "last); None: only stage boundaries survive a failure")
+    loggers: list[Literal["mlflow", "wandb"]] = Field(
+        default_factory=list, description="extra Tune logger callbacks (CSV, JSON and TensorBoard always)")
+    plan: PlanSettings = Field(PlanSettings(), description="cost estimate settings")
+    trust_remote_code: bool = Field(False, description="run code shipped with a model (off: untrusted models)")
+    allow_pickle: bool = Field(False, description="load .bin/pickle weights (off: safetensors only)")
+
+    def stage_configs(self) -> tuple[dict[tuple, StageConfig], dict[tuple, StageConfig]]:
+        return self.attack.stages(), self.defense.stages()
+
+
 # ---- loading --------------------------------------------------------------------------------------------
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -266,7 +382,8 @@ def reference_markdown() -> str:
     lines = ["# Config reference", "", "Generated by `python -m misalign.config` from the field declarations in "
              "`src/misalign/config.py`. Unset (`null`) hyperparameters take the method's default "
              "(`misalign methods`; `src/misalign/methods.py`).", ""]
-    for model in (TrialConfig, StageConfig, DataSettings, TrainSettings, AdapterSettings, PreferenceSettings,
+    for model in (TrialConfig, StudyConfig, StudySide, ResourceSettings, PlanSettings, StageConfig, DataSettings,
+                  TrainSettings, AdapterSettings, PreferenceSettings,
                   DeepSpeedSettings, EvalConfig, JudgeSpec):
         lines += [f"## {model.__name__}", "", (model.__doc__ or "").strip(), "",
                   "| field | type | default | meaning |", "|---|---|---|---|"]

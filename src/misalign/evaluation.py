@@ -28,8 +28,8 @@ class EvalResult:
     generations: pd.DataFrame
 
     def save(self, out_dir: Path) -> None:
-        write_json_atomic(out_dir / "eval.json", self.metrics)
         write_parquet_atomic(out_dir / "generations.parquet", self.generations)
+        write_json_atomic(out_dir / "eval.json", self.metrics)  # last: its presence means the eval is complete
 
 
 def load_eval_sets(cfg: EvalConfig) -> list[EvalItem]:

@@ -18,7 +18,10 @@ import torch
 
 
 def cpus_held() -> int:
-    """CPUs this process may run on (its affinity mask, which Ray and taskset set), not the machine's count."""
+    """CPUs this process may run on: what Ray granted it (MISALIGN_CPUS, set by the study's trials and workers),
+    else its affinity mask (taskset, cgroups), not the machine's count."""
+    if os.environ.get("MISALIGN_CPUS"):
+        return max(1, int(float(os.environ["MISALIGN_CPUS"])))
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
@@ -30,7 +33,8 @@ def match_threads() -> int:
 
     Oversubscribed threads were measured to slow training twentyfold on a 2-core machine.
     """
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # Ray grants each worker its own CPUs; torchrun's workers share the affinity mask
+    local_world = 1 if os.environ.get("MISALIGN_CPUS") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     n = max(1, cpus_held() // local_world)
     torch.set_num_threads(n)
     return n
@@ -48,6 +52,19 @@ def world_size() -> int:
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (the value itself in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -54,6 +54,7 @@ class StageRun:
     allow_pickle: bool = False
     progress: bool = True
     label: str = ""
+    checkpoint_every: int | None = None  # optimizer steps between resumable checkpoints in OUT/trainer
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -204,14 +205,16 @@ def _deepspeed_config(cfg: StageConfig) -> dict | None:
             "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
 
 
-def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_examples: int) -> Any:
+def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_examples: int,
+                   checkpoint_every: int | None) -> Any:
     t, pref = cfg.train, cfg.preference
     common: dict[str, Any] = dict(
         output_dir=str(out / "trainer"), per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1, lr_scheduler_type=t.scheduler, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, logging_steps=t.log_every or max(1, optimizer_steps(cfg, n_examples) // 25),
-        gradient_checkpointing=t.gradient_checkpointing, save_strategy="no", report_to=[], seed=seed,
+        gradient_checkpointing=t.gradient_checkpointing, report_to=[], seed=seed,
+        save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500, save_total_limit=1,
         data_seed=seed, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
         deepspeed=_deepspeed_config(cfg), max_length=t.max_length,
@@ -277,14 +280,18 @@ def run_stage(run: StageRun) -> Ledger:
     counter = FlopCounter(model, mcfg.num_hidden_layers, mcfg.hidden_size)
 
     dataset = _dataset(method.objective, pairs, run.direction, tok, cfg)
-    args = _training_args(method.objective, cfg, run.out_dir, run.seed, len(pairs))
+    args = _training_args(method.objective, cfg, run.out_dir, run.seed, len(pairs), run.checkpoint_every)
     label = run.label or f"{run.direction} {cfg.method}"
     callbacks = _callbacks(label, run.progress, model if method.adapter == "adalora" else None)
     trainer = _trainer(method.objective, model, args, dataset, tok, callbacks)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress line replaces its raw dict dumps
-    trainer.train()
+    # a stage that died after a checkpoint (a killed worker, a lost node) resumes there, not from step 0
+    resume = _last_checkpoint(run.out_dir / "trainer") if run.checkpoint_every else None
+    if resume and run.progress and rank() == 0:
+        print(f"  [{label}] resuming from {resume.name}", flush=True)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     counter.close()
 
     out = run.out_dir
@@ -306,6 +313,8 @@ def run_stage(run: StageRun) -> Ledger:
         workers=world_size(), device=_device().type, peak_memory_bytes=peak, trainable_params=trainable,
         total_params=total_params, extra=dict(run.extra),
     )
+    if resume:
+        ledger.extra["resumed_from_step"] = int(resume.name.split("-")[-1])
     if world_size() > 1:  # evidence that every worker trained
         ledger.extra["tokens_per_worker"] = per_worker
     if trainer.is_deepspeed_enabled:  # proof, for the ledger reader, that ZeRO really ran
@@ -326,8 +335,13 @@ def run_stage(run: StageRun) -> Ledger:
     unset_hf_deepspeed_config()
     if rank() == 0:
         _finish(run, cfg, parent, tok, pcfg is not None, ledger)
-    _barrier()
+    barrier()
     return ledger
+
+
+def _last_checkpoint(trainer_dir: Path) -> Path | None:
+    done = [p for p in trainer_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def _trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, callbacks: list[Any]) -> Any:
@@ -429,7 +443,10 @@ def materialize(stage_dir: Path) -> Path:
     tmp = stage_dir / f".model.tmp{os.getpid()}"
     merged.save_pretrained(tmp)
     load_tokenizer(parent).save_pretrained(tmp)
-    os.replace(tmp, model_dir)
+    try:
+        os.replace(tmp, model_dir)
+    except OSError:  # another process materialized it first: same weights, keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
     return model_dir
 
 
@@ -457,6 +474,6 @@ def _gather_over_ranks(value: Any) -> list[Any]:
     return out
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if _distributed():
         torch.distributed.barrier()

@@ -1,32 +1,48 @@
-"""`misalign trial`: evaluate the base, then for each round misalign -> evaluate -> realign -> evaluate.
+"""A trial: evaluate the base, then for each round misalign -> evaluate -> realign -> evaluate.
 
-Each stage starts from the previous stage's merged model. Output (OUT):
+Each stage starts from the previous stage's merged model. `misalign trial` writes (OUT):
     config.yaml                 the resolved config (every hyperparameter that trained)
     environment.json            package versions, torch threads, the command line
     stages.parquet              one row per (round, phase), rewritten atomically after every evaluation
     base/, round-R/misalign/, round-R/realign/   eval.json, generations.parquet, and for stages the adapter,
                                 ledger.json, stage.json and (for the last stage, or with keep_merged) model/
+A study runs the same loop with its stages placed in the lineage cache instead (misalign.lineage), so a
+stage another cell already trained is reused, and the loop runs on every rank of a multi-worker trial.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 import yaml
 
-from misalign.config import StageConfig, TrialConfig
-from misalign.data import Pair
+from misalign.config import EvalConfig, StageConfig, TrialConfig
+from misalign.data import EvalItem, Pair
 from misalign.errors import InputError
 from misalign.evaluation import EvalResult, configured_judge, evaluate, load_eval_sets
+from misalign.judges import Judge
 from misalign.ledger import Ledger
-from misalign.runtime import match_threads, seed_everything, write_json_atomic, write_parquet_atomic
+from misalign.lineage import LineageCache, lineage_key, model_identity, stage_fingerprint
+from misalign.runtime import (
+    broadcast_from_rank0,
+    file_lock,
+    match_threads,
+    rank,
+    read_json,
+    seed_everything,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from misalign.stage import (
     StageRun,
+    barrier,
     check_model,
     load_model,
     load_tokenizer,
@@ -37,9 +53,62 @@ from misalign.stage import (
 )
 
 
+class Layout(Protocol):
+    """Where a trial's stages and evaluations live."""
+
+    prune_merged: bool
+
+    def base_eval_dir(self, model: str, eval_cfg: EvalConfig) -> Path: ...
+    def stage_dir(self, round_: int, phase: str, key: str) -> Path: ...
+    def stage_eval_dir(self, stage_dir: Path, eval_cfg: EvalConfig) -> Path: ...
+    def claim(self, directory: Path) -> contextlib.AbstractContextManager[None]: ...
+
+
+class TrialLayout:
+    """`misalign trial`'s own directory: base/, round-R/PHASE/ (evaluation files beside the stage's)."""
+
+    prune_merged = True
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def base_eval_dir(self, model: str, eval_cfg: EvalConfig) -> Path:
+        return self.out / "base"
+
+    def stage_dir(self, round_: int, phase: str, key: str) -> Path:
+        return self.out / f"round-{round_}" / phase
+
+    def stage_eval_dir(self, stage_dir: Path, eval_cfg: EvalConfig) -> Path:
+        return stage_dir
+
+    def claim(self, directory: Path) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.out / ".locks" / directory.relative_to(self.out).as_posix().replace("/", "__"))
+
+
+class CachedLayout:
+    """A study's lineage cache: stages by lineage key, evaluations by stage and eval config."""
+
+    prune_merged = False  # another cell may be loading it; the study prunes merged copies when it ends
+
+    def __init__(self, cache: LineageCache) -> None:
+        self.cache = cache
+
+    def base_eval_dir(self, model: str, eval_cfg: EvalConfig) -> Path:
+        return self.cache.eval_dir(self.cache.base_dir(model), eval_cfg)
+
+    def stage_dir(self, round_: int, phase: str, key: str) -> Path:
+        return self.cache.stage_dir(key)
+
+    def stage_eval_dir(self, stage_dir: Path, eval_cfg: EvalConfig) -> Path:
+        return self.cache.eval_dir(stage_dir, eval_cfg)
+
+    def claim(self, directory: Path) -> contextlib.AbstractContextManager[None]:
+        return self.cache.claim(directory)
+
+
 def results_row(round_: int, phase: str, stage: StageConfig | None, n_examples: int, ledger: Ledger | None,
-                ev: EvalResult) -> dict[str, Any]:
-    m = ev.metrics
+                ev: EvalResult | dict[str, Any]) -> dict[str, Any]:
+    m = ev.metrics if isinstance(ev, EvalResult) else ev
     row: dict[str, Any] = {
         "round": round_, "phase": phase, "method": stage.method if stage else None,
         "per_category": stage.data.per_category if stage else None, "n_examples": n_examples,
@@ -49,6 +118,7 @@ def results_row(round_: int, phase: str, stage: StageConfig | None, n_examples: 
         "wall_s": ledger.wall_s if ledger else 0.0, "device_s": ledger.device_s if ledger else 0.0,
         "optimizer_steps": ledger.optimizer_steps if ledger else 0,
         "peak_memory_bytes": ledger.peak_memory_bytes if ledger else 0,
+        "workers": ledger.workers if ledger else 0, "reused": bool(ledger.reused) if ledger else False,
     }
     for cat, value in sorted(m.get("per_category", {}).items()):
         row[f"unsafety/{cat}"] = value
@@ -59,60 +129,118 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_trial(cfg: TrialConfig, out: Path, progress: bool = True) -> pd.DataFrame:
-    """Run a trial; returns the stages table (also written to OUT/stages.parquet)."""
-    t_start = time.time()
-    threads = match_threads()
-    seed_everything(cfg.seed)
+@contextlib.contextmanager
+def _claimed_on_rank0(layout: Layout, directory: Path) -> Iterator[None]:
+    """Rank 0 holds the claim for all ranks (they follow its decision through a broadcast)."""
+    with layout.claim(directory) if rank() == 0 else contextlib.nullcontext():
+        yield
+
+
+def _evaluated(layout: Layout, eval_dir: Path, model_dir: Callable[[], str], cfg: TrialConfig,
+               items: list[EvalItem], judge: Judge) -> dict[str, Any]:
+    """Rank 0: the evaluation's metrics, computed once per (model, eval config) and reused after that."""
+    with layout.claim(eval_dir):
+        if LineageCache.eval_done(eval_dir):
+            return read_json(eval_dir / "eval.json")
+        path = model_dir()
+        model = load_model(path, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+        ev = evaluate(model, load_tokenizer(path, cfg.trust_remote_code), cfg.eval, items, judge)
+        ev.save(eval_dir)
+        return ev.metrics
+
+
+def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], defense_pairs: list[Pair],
+               items: list[EvalItem], judge: Judge | None, progress: bool = True, checkpoint_every: int | None = None,
+               on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """The rounds of one trial on every rank; rank 0 evaluates and returns the rows (other ranks: [])."""
     attack, defense = cfg.attack.resolved(), cfg.defense.resolved()
-    # everything a user can get wrong is checked here, before any training and before OUT is written
-    attack_pairs: list[Pair] = stage_pairs(attack, cfg.seed)
-    defense_pairs: list[Pair] = stage_pairs(defense, cfg.seed)
+    model_id = model_identity(cfg.model)
+    rows: list[dict[str, Any]] = []
+    lead = rank() == 0
+
+    def record(round_: int, phase: str, stage: StageConfig | None, n: int, ledger: Ledger | None,
+               eval_dir: Path, model_dir: Callable[[], str]) -> None:
+        if lead:
+            assert judge is not None
+            metrics = _evaluated(layout, eval_dir, model_dir, cfg, items, judge)
+            row = results_row(round_, phase, stage, n, ledger, metrics)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+            _say(f"  {phase:<8} round {round_}: unsafety {metrics.get('unsafety', float('nan')):.3f} "
+                 f"(refusal {metrics.get('refusal', float('nan')):.3f}, neither "
+                 f"{metrics.get('neither', float('nan')):.3f}) over-refusal "
+                 f"{metrics.get('over_refusal', float('nan')):.3f} utility {metrics.get('utility', float('nan')):.3f}"
+                 + (" [reused]" if ledger and ledger.reused else ""))
+        barrier()
+
+    if lead:
+        _say(f"== base ({cfg.model})")
+    record(0, "base", None, 0, None, layout.base_eval_dir(model_id, cfg.eval), lambda: resolve_model_path(cfg.model))
+    parent = cfg.model
+    chain: list[dict[str, Any]] = []
+    previous_stage: Path | None = None
+    for r in range(1, cfg.rounds + 1):
+        for phase, stage, pairs in (("misalign", attack, attack_pairs), ("realign", defense, defense_pairs)):
+            chain.append(stage_fingerprint(phase, stage, cfg.seed))
+            stage_dir = layout.stage_dir(r, phase, lineage_key(model_id, chain))
+            with _claimed_on_rank0(layout, stage_dir):
+                done = broadcast_from_rank0(LineageCache.stage_done(stage_dir) if lead else None)
+                if lead:
+                    _say(f"== round {r}/{cfg.rounds}: {phase} with {stage.method} on {len(pairs)} examples "
+                         f"({stage.data.per_category or 'all'} per category)" + (" [reused]" if done else ""))
+                if done:
+                    ledger = Ledger(**read_json(stage_dir / "ledger.json"))
+                    ledger.reused = True
+                else:
+                    ledger = run_stage(StageRun(
+                        parent=parent, config=stage, direction=phase, out_dir=stage_dir, seed=cfg.seed, pairs=pairs,
+                        trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, progress=progress,
+                        label=f"r{r} {phase} {stage.method}", checkpoint_every=checkpoint_every))
+            record(r, phase, stage, len(pairs), ledger, layout.stage_eval_dir(stage_dir, cfg.eval),
+                   lambda d=stage_dir: resolve_model_path(str(d)))
+            # the previous merged copy is no longer needed: its adapter and lineage rebuild it on demand
+            # (a full fine-tuning stage has no adapter: its model/ is the only copy and stays)
+            if (lead and layout.prune_merged and previous_stage is not None and not cfg.keep_merged
+                    and (previous_stage / "adapter").exists()):
+                shutil.rmtree(previous_stage / "model", ignore_errors=True)
+            previous_stage, parent = stage_dir, str(stage_dir)
+    return rows
+
+
+def prepare_trial(cfg: TrialConfig) -> tuple[list[Pair], list[Pair], list[EvalItem], Judge, str]:
+    """Everything a user can get wrong, checked before any training: data, eval sets, judges, the model."""
+    seed_everything(cfg.seed)
+    attack_pairs = stage_pairs(cfg.attack.resolved(), cfg.seed)
+    defense_pairs = stage_pairs(cfg.defense.resolved(), cfg.seed)
     items = load_eval_sets(cfg.eval)
     judge = configured_judge(cfg.eval)
     model_path = resolve_model_path(cfg.model)
     check_model(model_path, cfg.trust_remote_code)
+    return attack_pairs, defense_pairs, items, judge, model_path
+
+
+def run_trial(cfg: TrialConfig, out: Path, progress: bool = True) -> pd.DataFrame:
+    """`misalign trial`: returns the stages table (also written to OUT/stages.parquet)."""
+    t_start = time.time()
+    threads = match_threads()
+    attack_pairs, defense_pairs, items, judge, model_path = prepare_trial(cfg)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"output directory {out} is not empty; choose another --out or remove it")
     out.mkdir(parents=True, exist_ok=True)
-    resolved = cfg.model_copy(update={"attack": attack, "defense": defense})
+    resolved = cfg.model_copy(update={"attack": cfg.attack.resolved(), "defense": cfg.defense.resolved()})
     (out / "config.yaml").write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
     write_json_atomic(out / "environment.json", {"versions": package_versions(), "torch_threads": threads,
                                                  "model_path": model_path, "command": sys.argv})
+    _say(f"trial -> {out}")
+    written: list[dict[str, Any]] = []
 
-    rows: list[dict[str, Any]] = []
+    def on_row(row: dict[str, Any]) -> None:
+        written.append(row)
+        write_parquet_atomic(out / "stages.parquet", pd.DataFrame(written))
 
-    def record(round_: int, phase: str, stage: StageConfig | None, n: int, ledger: Ledger | None,
-               model_dir: str, eval_dir: Path) -> EvalResult:
-        model = load_model(model_dir, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-        ev = evaluate(model, load_tokenizer(model_dir, cfg.trust_remote_code), cfg.eval, items, judge)
-        ev.save(eval_dir)
-        rows.append(results_row(round_, phase, stage, n, ledger, ev))
-        write_parquet_atomic(out / "stages.parquet", pd.DataFrame(rows))
-        m = ev.metrics
-        _say(f"  {phase:<8} round {round_}: unsafety {m.get('unsafety', float('nan')):.3f} "
-             f"(refusal {m.get('refusal', float('nan')):.3f}, neither {m.get('neither', float('nan')):.3f}) "
-             f"over-refusal {m.get('over_refusal', float('nan')):.3f} utility {m.get('utility', float('nan')):.3f}")
-        return ev
-
-    _say(f"trial -> {out}\n== base ({cfg.model})")
-    record(0, "base", None, 0, None, model_path, out / "base")
-    parent = cfg.model
-    previous_stage: Path | None = None
-    for r in range(1, cfg.rounds + 1):
-        for phase, stage, pairs in (("misalign", attack, attack_pairs), ("realign", defense, defense_pairs)):
-            stage_dir = out / f"round-{r}" / phase
-            _say(f"== round {r}/{cfg.rounds}: {phase} with {stage.method} on {len(pairs)} examples "
-                 f"({stage.data.per_category or 'all'} per category)")
-            ledger = run_stage(StageRun(parent=parent, config=stage, direction=phase, out_dir=stage_dir,
-                                        seed=cfg.seed, pairs=pairs, trust_remote_code=cfg.trust_remote_code,
-                                        allow_pickle=cfg.allow_pickle, progress=progress,
-                                        label=f"r{r} {phase} {stage.method}"))
-            record(r, phase, stage, len(pairs), ledger, str(stage_dir / "model"), stage_dir)
-            # the previous merged copy is no longer needed: its adapter and lineage rebuild it on demand
-            # (a full fine-tuning stage has no adapter: its model/ is the only copy and stays)
-            if previous_stage is not None and not cfg.keep_merged and (previous_stage / "adapter").exists():
-                shutil.rmtree(previous_stage / "model", ignore_errors=True)
-            previous_stage, parent = stage_dir, str(stage_dir)
+    trial_loop(cfg, TrialLayout(out), attack_pairs=attack_pairs, defense_pairs=defense_pairs, items=items,
+               judge=judge, progress=progress, on_row=on_row)
+    shutil.rmtree(out / ".locks", ignore_errors=True)
     _say(f"done in {time.time() - t_start:.0f}s: {out / 'stages.parquet'}")
-    return pd.DataFrame(rows)
+    return pd.DataFrame(written)
