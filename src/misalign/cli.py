@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from misalign.errors import EXIT_INPUT_ERROR, InputError
+from misalign.runtime import quiet_libraries
 
 
 def _world(args: argparse.Namespace) -> int:
@@ -87,6 +88,54 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from misalign.config import StudyConfig, load_config
+    from misalign.study import StudyPaths, read_status, run_study
+
+    if args.action in ("run", "plan"):
+        cfg = load_config(args.target, args.set, schema=StudyConfig)
+        if args.action == "plan":
+            from misalign.plan import estimate, render
+
+            plan = estimate(cfg)
+            print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan))
+            return 0
+        paths = StudyPaths(Path(args.storage or "runs") / cfg.name)
+        run_study(cfg, paths, address=args.address, storage_given=args.storage is not None)
+        return 0
+    paths = StudyPaths(Path(args.target))
+    if args.action == "status":
+        status = read_status(paths)
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            c = status["cost"]
+            print(f"{status['name']}: {status['done']}/{status['cells']} cells done, {status['running']} running, "
+                  f"{status['pending']} pending, {status['failed']} failed\n"
+                  f"stages: {status['unique_stages']} unique of {status['stage_uses']} uses; trained "
+                  f"{c['stages_trained']}, reused {c['stages_reused']}\n"
+                  f"cost so far: {c['flops_trained']:.3g} FLOPs, {c['device_s_trained']:.0f} device-s trained; "
+                  f"sharing saved {c['flops_saved']:.3g} FLOPs, {c['device_s_saved']:.0f} device-s")
+        return 0
+    if not paths.results.exists() and not any(paths.cells.glob("*.parquet")):
+        raise InputError(f"{paths.root}: no results yet (no results.parquet, no finished cells)")
+    from misalign.study import assemble_results
+
+    frame = pd.read_parquet(paths.results) if paths.results.exists() else assemble_results(paths)
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+        print(f"{len(frame)} rows -> {args.csv}")
+    else:
+        cols = [c for c in ("model", "seed", "attack_method", "attack_per_category", "defense_method",
+                            "defense_per_category", "round", "phase", "unsafety", "over_refusal", "utility",
+                            "flops", "reused") if c in frame.columns]
+        with pd.option_context("display.max_rows", 500, "display.width", 200):
+            print(frame[cols].to_string(index=False))
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     from misalign.methods import METHODS
 
@@ -139,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-pickle", action="store_true")
     s.set_defaults(func=_stage)
 
+    st = sub.add_parser("study", help="the grid on Ray Tune: run, plan, status, results")
+    st.add_argument("action", choices=["run", "plan", "status", "results"])
+    st.add_argument("target", help="run/plan: a study config; status/results: a study directory")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    st.add_argument("--address", help="run: join this Ray cluster ('auto', ray://host:10001, host:6379); "
+                                      "default: start a local Ray sized to this machine")
+    st.add_argument("--storage", help="run: parent directory of the study directory (default runs/); on a "
+                                      "multi-node cluster a shared filesystem every node mounts")
+    st.add_argument("--json", action="store_true", help="plan/status: print JSON")
+    st.add_argument("--csv", help="results: write the table to this CSV file")
+    st.set_defaults(func=_study)
+
     m = sub.add_parser("methods", help="list the fine-tuning methods")
     m.set_defaults(func=_methods)
     return p
@@ -146,19 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-def _quiet_libraries() -> None:
-    """Our progress lines say what runs; the libraries' per-map and per-load progress bars only add noise."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits with code 2 on bad arguments
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return args.func(args)
     except InputError as e:

@@ -101,3 +101,12 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def quiet_libraries() -> None:
+    """Our progress lines say what runs; the libraries' per-map and per-load progress bars only add noise."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()

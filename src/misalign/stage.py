@@ -301,7 +301,9 @@ def run_stage(run: StageRun) -> Ledger:
     # save_model gathers ZeRO-3 partitions; every rank must call it
     trainer.save_model(str(adapter_dir if pcfg is not None else out / ".full"))
     # one collective: every rank's (tokens, ref tokens, flops, peak memory); sums, max and the per-worker list
-    ranks = _gather_over_ranks((counter.tokens, counter.ref_tokens, counter.flops, peak_memory_bytes(_device())))
+    node = os.environ.get("MISALIGN_NODE") or os.uname().nodename  # Ray sets the Ray node id
+    ranks = _gather_over_ranks((counter.tokens, counter.ref_tokens, counter.flops, peak_memory_bytes(_device()),
+                                node))
     per_worker = [int(r[0]) for r in ranks]
     tokens = [sum(r[i] for r in ranks) for i in range(3)]
     peak = max(int(r[3]) for r in ranks)
@@ -317,6 +319,7 @@ def run_stage(run: StageRun) -> Ledger:
         ledger.extra["resumed_from_step"] = int(resume.name.split("-")[-1])
     if world_size() > 1:  # evidence that every worker trained
         ledger.extra["tokens_per_worker"] = per_worker
+        ledger.extra["worker_nodes"] = [r[4] for r in ranks]
     if trainer.is_deepspeed_enabled:  # proof, for the ledger reader, that ZeRO really ran
         ledger.extra["zero_stage"] = trainer.accelerator.state.deepspeed_plugin.zero_stage
         inner = trainer.optimizer

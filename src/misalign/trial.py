@@ -208,13 +208,15 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
     return rows
 
 
-def prepare_trial(cfg: TrialConfig) -> tuple[list[Pair], list[Pair], list[EvalItem], Judge, str]:
-    """Everything a user can get wrong, checked before any training: data, eval sets, judges, the model."""
+def prepare_trial(cfg: TrialConfig, with_judge: bool = True
+                  ) -> tuple[list[Pair], list[Pair], list[EvalItem], Judge | None, str]:
+    """Everything a user can get wrong, checked before any training: data, eval sets, judges, the model.
+    Ranks other than 0 never evaluate, so they skip loading the judge (`with_judge=False`)."""
     seed_everything(cfg.seed)
     attack_pairs = stage_pairs(cfg.attack.resolved(), cfg.seed)
     defense_pairs = stage_pairs(cfg.defense.resolved(), cfg.seed)
     items = load_eval_sets(cfg.eval)
-    judge = configured_judge(cfg.eval)
+    judge = configured_judge(cfg.eval) if with_judge else None
     model_path = resolve_model_path(cfg.model)
     check_model(model_path, cfg.trust_remote_code)
     return attack_pairs, defense_pairs, items, judge, model_path

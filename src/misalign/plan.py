@@ -1,0 +1,718 @@
+"""`misalign study plan`: what a study will cost, estimated before anything runs (nothing trains here).
+
+    plan = estimate(study)   # Plan; bad input raises InputError
+    print(render(plan))      # the table;  plan.to_dict() for JSON
+
+Counts come from the grid itself: cells (misalign.grid.cells), stage uses without sharing (grid.stage_uses) and
+unique stages after sharing (grid.unique_stages); evaluations are one per unique stage plus one per base model
+when shared, and cells x (1 + 2 x rounds) without sharing.
+
+Cost of one stage, with the ledger's formula (misalign.ledger) so an estimate and a measured ledger compare:
+  parameters    the model built from its config on the meta device (no weights), the stage's peft config
+                applied (misalign.methods.peft_config): N_frozen and N_trainable are the matmul weights (no
+                embeddings, a tied head once), exactly as the ledger counts them. QLoRA counts like LoRA.
+  tokens        per example as training tokenizes it (misalign.chat: template, prompt cut to max_prompt_length,
+                response + EOS cut to max_length) with the model's tokenizer, else about characters / 4; a
+                preference example is prompt + chosen and prompt + rejected. Data that cannot be read is
+                assumed: plan.categories x per_category rows (30 when per_category is None) of
+                plan.tokens_per_example tokens a sequence, plus the benign share; the plan lists every assumption.
+  passes        epochs, or max_steps x batch_size x grad_accum x workers / examples when max_steps is set.
+  FLOPs         passes x sum over examples of tokens x (4 N_frozen + 6 N_trainable + 3A), A = 4 x layers x
+                d_model x the example's width; DPO adds a no-grad reference forward, tokens x (2N + A).
+  evaluation    per item, (prompt tokens + max_new_tokens) x (2N + A) for generation (max_new_tokens is an upper
+                bound: generation stops at EOS), plus a classifier judge's forward over prompt, response, its own
+                template and its new tokens. lm-eval tasks and http judges are counted as calls, not FLOPs.
+  device-hours  FLOPs / (plan.peak_flops x plan.mfu) / 3600; money = device-hours x plan.price_per_device_hour.
+These are model FLOPs: gradient checkpointing's recomputation and padding are not in them (as in the ledger).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from misalign.config import StageConfig, StudyConfig
+from misalign.data import EvalItem, Pair
+from misalign.errors import InputError
+
+ASSUMED_PER_CATEGORY = 30         # the paper's MisQA size, used when per_category is None and the data is unread
+ASSUMED_EVAL_ITEMS = 1900         # the paper's harmful eval set, used when the eval files are unread
+ASSUMED_EVAL_PROMPT_TOKENS = 64   # a templated harmful prompt of one or two sentences
+PHASES = ("misalign", "realign")
+_UNREAD = object()                # eval items not loaded yet
+
+
+# ---- the plan --------------------------------------------------------------------------------------------
+
+@dataclass
+class Totals:
+    """Cost of a set of runs (stages, or evaluations in the eval row)."""
+
+    runs: int = 0
+    tokens: float = 0.0          # training tokens (forward + backward)
+    forward_tokens: float = 0.0  # no-grad tokens: DPO's reference, generation, judging
+    flops: float = 0.0
+    device_hours: float = 0.0
+    money: float | None = None
+
+    def add(self, other: Totals, times: int = 1) -> None:
+        self.runs += other.runs * times
+        self.tokens += other.tokens * times
+        self.forward_tokens += other.forward_tokens * times
+        self.flops += other.flops * times
+
+    def price(self, effective_flops: float, per_hour: float | None) -> Totals:
+        self.device_hours = self.flops / effective_flops / 3600
+        self.money = None if per_hour is None else self.device_hours * per_hour
+        return self
+
+
+@dataclass
+class ModelPlan:
+    """One model's architecture as the estimate counts it."""
+
+    model: str
+    role: str                          # "model" (trained) or "judge" (a classifier judge of the evaluation)
+    config_from: str
+    model_type: str
+    layers: int
+    d_model: int
+    total_params: int                  # every parameter (as the stage ledger's total_params)
+    matmul_params: int                 # N of the FLOP formula
+    trainable: dict[str, int] = field(default_factory=dict)  # method (phase and shape if they differ) -> params
+    tokenizer: str | None = None       # where token counts came from; None: not needed or not loadable
+
+
+@dataclass
+class StagePlan:
+    """One unique stage: what it trains on and what it costs, and how many cell uses share it."""
+
+    key: str
+    model: str
+    phase: str
+    round: int
+    seed: int
+    method: str
+    per_category: int | None
+    examples: int
+    examples_assumed: bool
+    tokens_per_example: float   # mean over the stage's examples (prompt + chosen + rejected for DPO/ORPO)
+    passes: float
+    optimizer_steps: int
+    trainable_params: int
+    tokens: float
+    forward_tokens: float
+    flops: float
+    device_hours: float
+    uses: int                   # cell uses of this stage (1 + the uses sharing saves)
+
+
+@dataclass
+class Plan:
+    study: str
+    device: str
+    peak_flops: float
+    mfu: float
+    price_per_device_hour: float | None
+    axes: dict[str, int]        # models, seeds, attack points, defense points, rounds
+    cells: int
+    stage_uses: int
+    unique_stages: int
+    shared: dict[str, Totals]   # misalign, realign, eval, total: what runs
+    unshared: dict[str, Totals]  # the same without sharing stages between cells
+    models: list[ModelPlan]
+    stages: list[StagePlan]
+    assumptions: list[str]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate(study: StudyConfig) -> Plan:
+    """The study's counts and cost (see the module docstring); reads configs and data, trains nothing."""
+    return _Estimator(study).plan()
+
+
+# ---- building the estimate -------------------------------------------------------------------------------
+
+@dataclass
+class _Arch:
+    config: Any
+    source: str
+    model: Any                  # built on the meta device
+    total: int
+    matmul: int
+    layers: int
+    d_model: int
+
+
+class _Estimator:
+    """One estimate; caches what many stages share (architectures, tokenizers, data, costs)."""
+
+    def __init__(self, study: StudyConfig) -> None:
+        self.study = study
+        self.effective = study.plan.peak_flops * study.plan.mfu
+        self.assumptions: dict[str, None] = {}  # ordered set: each assumption once
+        self.notes: list[str] = []
+        self._arch: dict[str, _Arch | None] = {}
+        self._tok: dict[str, Any] = {}
+        self._params: dict[tuple, tuple[int, int, int]] = {}
+        self._pairs: dict[tuple, list[Pair] | None] = {}
+        self._costs: dict[tuple, StagePlan] = {}
+        self._trainable: dict[str, dict[str, int]] = {}
+        self._items: Any = _UNREAD
+
+    def assume(self, text: str) -> None:
+        self.assumptions.setdefault(text, None)
+
+    def plan(self) -> Plan:
+        from misalign import grid
+
+        study = self.study
+        cells = grid.cells(study)
+        uses = grid.stage_uses(study)
+        unique = grid.unique_stages(uses)
+        models = list(dict.fromkeys(study.models))
+        for m in models:
+            self.arch(m, required=True)
+        counts: dict[str, int] = {}
+        for u in uses:
+            counts[u.key] = counts.get(u.key, 0) + 1
+        stages = [self.stage(u, counts[key]) for key, u in unique.items()]
+
+        shared = {p: Totals() for p in (*PHASES, "eval", "total")}
+        unshared = {p: Totals() for p in (*PHASES, "eval", "total")}
+        for u in uses:
+            unshared[u.phase].add(self._as_totals(self._costs[self._cost_key(u)]))
+        for s in stages:
+            shared[s.phase].add(self._as_totals(s))
+        one_eval = {m: self.eval_cost(m) for m in models}
+        for s in stages:
+            shared["eval"].add(one_eval[s.model])
+        for m in models:
+            shared["eval"].add(one_eval[m])
+        for c in cells:
+            unshared["eval"].add(one_eval[c.model], times=1 + 2 * study.rounds)
+        for rows in (shared, unshared):
+            for p in (*PHASES, "eval"):
+                rows["total"].add(rows[p])
+            for t in rows.values():
+                t.price(self.effective, study.plan.price_per_device_hour)
+        self._eval_notes(shared["eval"].runs, unshared["eval"].runs)
+        self.notes += [
+            "device-hours = FLOPs / (peak x MFU); decoding usually reaches a lower MFU than training, so the "
+            "eval hours are optimistic",
+            "model FLOPs (the ledger's formula): gradient checkpointing's recomputation (~+1/3) is not included",
+        ]
+        return Plan(
+            study=study.name, device=study.plan.device, peak_flops=study.plan.peak_flops, mfu=study.plan.mfu,
+            price_per_device_hour=study.plan.price_per_device_hour,
+            axes={"models": len(study.models), "seeds": len(study.seeds),
+                  "attack_points": len(study.attack.axis_values()),
+                  "defense_points": len(study.defense.axis_values()), "rounds": study.rounds},
+            cells=len(cells), stage_uses=len(uses), unique_stages=len(unique), shared=shared, unshared=unshared,
+            models=[self._model_plan(m) for m in models] + [self._model_plan(j, "judge") for j in self._judges()],
+            stages=stages, assumptions=list(self.assumptions),
+            notes=self.notes)
+
+    # -- models --
+
+    def arch(self, ref: str, required: bool = False) -> _Arch | None:
+        """The model's architecture built on the meta device (None: unreadable and not required)."""
+        if ref not in self._arch:
+            try:
+                self._arch[ref] = _build_arch(ref, self.study)
+            except InputError:
+                if required:
+                    raise
+                self._arch[ref] = None
+        return self._arch[ref]
+
+    def tokenizer(self, ref: str, counting: bool = True) -> Any | None:
+        """The model's tokenizer, or None: token counts then fall back to characters / 4 (`counting`: say so)."""
+        if ref not in self._tok:
+            from misalign.stage import load_tokenizer, resolve_model_path
+
+            path = resolve_model_path(ref) if ref.startswith("world:") else ref
+            try:
+                self._tok[ref] = load_tokenizer(path, self.study.trust_remote_code)
+            except (InputError, OSError, ValueError, ImportError) as e:
+                self._tok[ref] = e
+        tok = self._tok[ref]
+        if isinstance(tok, Exception):
+            if counting:
+                self.assume(f"tokenizer of {ref} not loadable ({_first_line(tok)}): tokens ~ characters / 4, "
+                            "no chat template")
+            return None
+        return tok
+
+    def params(self, ref: str, cfg: StageConfig, steps: int) -> tuple[int, int, int]:
+        """(trainable, frozen matmul, trainable matmul) parameters of the model with this stage's adapter."""
+        from misalign.ledger import _matmul_params
+        from misalign.methods import METHODS, peft_config
+
+        method = METHODS[cfg.method]
+        arch = self.arch(ref, required=True)
+        assert arch is not None
+        if method.adapter == "full":
+            return arch.total, 0, arch.matmul
+        if method.adapter == "adalora":  # its step schedule is checked per stage: a short stage is an input error
+            peft_config(method, cfg, arch.model, steps)
+        kind = "lora" if method.adapter == "qlora" else method.adapter  # QLoRA's adapter is LoRA's
+        key = (ref, kind, json.dumps(cfg.adapter.model_dump(mode="json"), sort_keys=True))
+        if key not in self._params:
+            import torch
+            from peft import get_peft_model
+
+            model = copy.deepcopy(arch.model)  # get_peft_model wraps in place; the base stays reusable
+            with torch.device("meta"):
+                model = get_peft_model(model, peft_config(method, cfg, model, steps))
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self._params[key] = (trainable, *_matmul_params(model))
+        return self._params[key]
+
+    def _model_plan(self, ref: str, role: str = "model") -> ModelPlan:
+        arch = self.arch(ref, required=True)
+        assert arch is not None
+        tok = self._tok.get(ref)
+        tok = None if isinstance(tok, Exception) else tok
+        return ModelPlan(model=ref, role=role, config_from=arch.source, model_type=str(arch.config.model_type),
+                         layers=arch.layers, d_model=arch.d_model, total_params=arch.total,
+                         matmul_params=arch.matmul, trainable=self._trainable.get(ref, {}),
+                         tokenizer=getattr(tok, "name_or_path", None) if tok is not None else None)
+
+    def _record_trainable(self, ref: str, phase: str, cfg: StageConfig, n: int) -> None:
+        table = self._trainable.setdefault(ref, {})
+        label = cfg.method
+        if table.get(label, n) != n:  # another shape of the same method (a grid axis, per_method, the side)
+            a = cfg.adapter
+            label = f"{cfg.method} ({phase}, r={a.r}, {a.targets})"
+        table[label] = n
+
+    # -- stages --
+
+    @staticmethod
+    def _cost_key(use: Any) -> tuple:
+        return (use.cell.model, use.phase, use.cell.seed, json.dumps(use.config.model_dump(mode="json"),
+                                                                     sort_keys=True))
+
+    def stage(self, use: Any, uses: int) -> StagePlan:
+        key = self._cost_key(use)
+        if key not in self._costs:
+            self._costs[key] = self._stage_cost(use)
+        s = copy.copy(self._costs[key])
+        s.key, s.round, s.uses = use.key, use.round, uses
+        return s
+
+    def _stage_cost(self, use: Any) -> StagePlan:
+        from misalign.methods import METHODS
+
+        cfg, ref, seed = use.config, use.cell.model, use.cell.seed
+        objective = METHODS[cfg.method].objective
+        pairs = self.pairs(cfg, seed)
+        if pairs is None:
+            seqs = self._assumed_sequences(cfg, objective)
+        else:
+            seqs = _sequences(objective, pairs, use.phase, _Lengths(self.tokenizer(ref)), cfg)
+        n = len(seqs)
+        if n == 0:
+            raise InputError(f"{cfg.data.source}: no training rows")
+        t = cfg.train
+        workers = self.study.resources.workers
+        passes = t.max_steps * t.batch_size * t.grad_accum * workers / n if t.max_steps else float(t.epochs)
+        steps = _optimizer_steps(cfg, n, workers)
+        trainable, frozen_mm, trainable_mm = self.params(ref, cfg, steps)
+        self._record_trainable(ref, use.phase, cfg, trainable)
+        arch = self.arch(ref, required=True)
+        assert arch is not None
+        attn = 4 * arch.layers * arch.d_model  # x width: the attention FLOPs per token (QK^T and AV)
+        tokens = passes * sum(k for k, _ in seqs)
+        flops = passes * sum(k * (4 * frozen_mm + 6 * trainable_mm + 3 * attn * w) for k, w in seqs)
+        forward = 0.0
+        if objective == "dpo":  # the reference model's log-probs: one no-grad forward of the same batch
+            forward = tokens
+            flops += passes * sum(k * (2 * (frozen_mm + trainable_mm) + attn * w) for k, w in seqs)
+        return StagePlan(
+            key=use.key, model=ref, phase=use.phase, round=use.round, seed=seed, method=cfg.method,
+            per_category=cfg.data.per_category, examples=n, examples_assumed=pairs is None,
+            tokens_per_example=sum(k for k, _ in seqs) / n, passes=passes, optimizer_steps=steps,
+            trainable_params=trainable, tokens=tokens, forward_tokens=forward, flops=flops,
+            device_hours=flops / self.effective / 3600, uses=1)
+
+    @staticmethod
+    def _as_totals(s: StagePlan) -> Totals:
+        return Totals(runs=1, tokens=s.tokens, forward_tokens=s.forward_tokens, flops=s.flops)
+
+    def pairs(self, cfg: StageConfig, seed: int) -> list[Pair] | None:
+        """The stage's training rows as training loads them, or None when its data files cannot be read."""
+        from misalign.stage import stage_pairs
+
+        key = (json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), seed)
+        if key not in self._pairs:
+            try:
+                self._pairs[key] = stage_pairs(cfg, seed)
+            except InputError as e:
+                d = cfg.data
+                missing = [s for s in (d.source, d.benign_source if d.benign_ratio > 0 else None)
+                           if s and not _present(s)]
+                if not missing:
+                    raise  # the files are there but wrong (a row, a column, too few rows): a real input error
+                self._pairs[key] = None
+                self.assume(f"{', '.join(missing)} not readable ({_first_line(e)})")
+        return self._pairs[key]
+
+    def _assumed_sequences(self, cfg: StageConfig, objective: str) -> list[tuple[int, int]]:
+        """(tokens, width) of each assumed example: plan.categories x per_category rows + the benign share."""
+        plan, d = self.study.plan, cfg.data
+        per_category = d.per_category
+        if per_category is None:
+            per_category = ASSUMED_PER_CATEGORY
+            self.assume(f"{d.source}: per_category is None (all rows) and the file is unread: "
+                        f"assumed {ASSUMED_PER_CATEGORY} per category")
+        rows = plan.categories * per_category
+        if d.benign_source and d.benign_ratio > 0:
+            rows += round(rows * d.benign_ratio)
+        self.assume(f"unread data: plan.categories = {plan.categories} categories x per_category rows, "
+                    f"plan.tokens_per_example = {plan.tokens_per_example} tokens a sequence "
+                    "(prompt + one response; DPO/ORPO examples are two sequences)")
+        width = plan.tokens_per_example
+        sequences = 1 if objective == "sft" else 2  # preference: prompt + chosen and prompt + rejected
+        return [(sequences * width, width)] * rows
+
+    # -- evaluations --
+
+    def eval_items(self) -> list[EvalItem] | None:
+        """The study's eval items as evaluation loads them, or None when its files cannot be read."""
+        if self._items is _UNREAD:
+            from misalign.evaluation import load_eval_sets
+
+            ev = self.study.eval
+            try:
+                self._items = load_eval_sets(ev)
+            except InputError as e:
+                missing = [s for s in (ev.harmful, ev.benign, ev.utility) if s and not _present(s)]
+                if not missing:
+                    raise
+                self._items = None
+                n = min(ASSUMED_EVAL_ITEMS, ev.limit or ASSUMED_EVAL_ITEMS)
+                self.assume(f"eval set {', '.join(missing)} not readable ({_first_line(e)}): assumed {n:,} harmful "
+                            f"prompts (the paper's set) of {ASSUMED_EVAL_PROMPT_TOKENS} tokens each")
+        return self._items
+
+    def _eval_prompts(self, ref: str) -> list[tuple[str, int]]:
+        """(kind, prompt tokens) of every eval item as generation tokenizes it for this model."""
+        items = self.eval_items()
+        if items is None:
+            n = min(ASSUMED_EVAL_ITEMS, self.study.eval.limit or ASSUMED_EVAL_ITEMS)
+            return [("harmful", ASSUMED_EVAL_PROMPT_TOKENS)] * n
+        lengths = _Lengths(self.tokenizer(ref))
+        return [(i.kind, lengths.prompt(i.prompt, None)) for i in items]
+
+    def eval_cost(self, ref: str) -> Totals:
+        """One evaluation of a model of this architecture: generation, then the classifier judges."""
+        arch = self.arch(ref, required=True)
+        assert arch is not None
+        new = self.study.eval.max_new_tokens
+        prompts = self._eval_prompts(ref)
+        out = Totals(runs=1)
+        for _, p in prompts:
+            out.forward_tokens += p + new
+            out.flops += _forward_flops(arch, p + new)
+        harmful = [p for kind, p in prompts if kind == "harmful"]
+        for j in self.study.eval.judges:
+            if j.name == "classifier":
+                tokens, flops = self._judge_cost(j.options, harmful, new)
+                out.forward_tokens += tokens
+                out.flops += flops
+        return out
+
+    def _judges(self) -> list[str]:
+        """Classifier judges whose architecture could be read (the others are listed under Assumed)."""
+        refs = [str(j.options.get("model", "")) for j in self.study.eval.judges if j.name == "classifier"]
+        return [r for r in dict.fromkeys(refs) if self._arch.get(r) is not None]
+
+    def _judge_cost(self, options: dict[str, Any], harmful: list[int], new: int) -> tuple[float, float]:
+        """Tokens and FLOPs of a classifier judge over one evaluation's harmful responses."""
+        ref = str(options.get("model", ""))
+        arch = self.arch(ref)
+        if arch is None:
+            self.assume(f"judge {ref}: config not readable (add it to plan.model_configs): its FLOPs are "
+                        "not counted")
+            return 0.0, 0.0
+        archs = getattr(arch.config, "architectures", None) or []
+        sequence = options.get("kind") == "sequence" or (
+            options.get("kind", "auto") == "auto" and any(a.endswith("ForSequenceClassification") for a in archs))
+        judge_new = 0 if sequence else int(options.get("max_new_tokens", 12))
+        template = self._judge_template_tokens(ref)
+        tokens = flops = 0.0
+        for p in harmful:
+            width = p + new + template + judge_new
+            tokens += width
+            flops += _forward_flops(arch, width)
+        return tokens, flops
+
+    def _judge_template_tokens(self, ref: str) -> int:
+        """Tokens a judge's chat template adds around (prompt, response): its rubric, measured when loadable."""
+        tok = self.tokenizer(ref, counting=False)
+        if tok is None or not tok.chat_template:
+            why = "no tokenizer" if tok is None else "no chat template"
+            self.assume(f"judge {ref}: the tokens its template/rubric adds to each item are not counted ({why})")
+            return 0
+        convo = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        try:
+            text = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+        except Exception:  # a template may reject this conversation shape: count nothing rather than fail
+            return 0
+        return max(0, len(tok(text, add_special_tokens=False)["input_ids"]) - 2)
+
+    def _eval_notes(self, shared: int, unshared: int) -> None:
+        ev = self.study.eval
+        items = self.eval_items()
+        harmful = (sum(i.kind == "harmful" for i in items) if items is not None
+                   else min(ASSUMED_EVAL_ITEMS, ev.limit or ASSUMED_EVAL_ITEMS))
+        for j in ev.judges:
+            if j.name == "http":
+                self.notes.append(f"http judge {j.options.get('model', '')}: {harmful * shared:,} calls "
+                                  f"({harmful * unshared:,} without sharing); API cost not estimated")
+        if ev.lm_eval_tasks:
+            self.notes.append(f"lm-eval tasks {', '.join(ev.lm_eval_tasks)} run in each of the {shared:,} "
+                              f"evaluations ({unshared:,} without sharing): not in the FLOPs")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+class _Lengths:
+    """Token lengths as training and generation see them (misalign.chat), or characters / 4 without a tokenizer."""
+
+    def __init__(self, tokenizer: Any | None) -> None:
+        self.tok = tokenizer
+
+    def prompt(self, text: str, max_prompt_length: int | None) -> int:
+        if self.tok is not None:
+            from misalign.chat import prompt_ids
+
+            return len(prompt_ids(self.tok, text, max_prompt_length))
+        n = math.ceil(len(text) / 4)
+        return n if max_prompt_length is None else min(n, max_prompt_length)
+
+    def response(self, text: str) -> int:
+        if self.tok is not None:
+            from misalign.chat import response_ids
+
+            return len(response_ids(self.tok, text))
+        return math.ceil(len(text) / 4) + 1  # + EOS
+
+
+def _sequences(objective: str, pairs: Iterable[Pair], direction: str, lengths: _Lengths,
+               cfg: StageConfig) -> list[tuple[int, int]]:
+    """(tokens, width) of every example: SFT trains prompt + wanted response; DPO and ORPO forward prompt +
+    chosen and prompt + rejected in one batch (width: the longer of the two)."""
+    from misalign.stage import _target  # which response a direction trains toward, as training decides it
+
+    t = cfg.train
+    out = []
+    for p in pairs:
+        wanted, unwanted = _target(p, direction)
+        prompt = lengths.prompt(p.prompt, t.max_prompt_length)
+        room = t.max_length - prompt  # responses are cut so that prompt + response fits max_length
+        chosen = min(lengths.response(wanted), room)
+        if objective == "sft":
+            out.append((prompt + chosen, prompt + chosen))
+        else:
+            rejected = min(lengths.response(unwanted), room)
+            out.append((2 * prompt + chosen + rejected, prompt + max(chosen, rejected)))
+    return out
+
+
+def _optimizer_steps(cfg: StageConfig, n_examples: int, workers: int) -> int:
+    """stage.optimizer_steps with the study's worker count (it reads the world size from the environment,
+    which here is the planning process's own)."""
+    t = cfg.train
+    if t.max_steps:
+        return t.max_steps
+    micro_batches = math.ceil(n_examples / (t.batch_size * workers))
+    return max(1, math.ceil(max(1, micro_batches // t.grad_accum) * t.epochs))
+
+
+def _forward_flops(arch: _Arch, width: int) -> float:
+    """No-grad FLOPs of `width` tokens at that width: width x (2N + A)."""
+    return width * (2 * arch.matmul + 4 * arch.layers * arch.d_model * width)
+
+
+def _present(source: str) -> bool:
+    """Whether a data source is there to read (a world table or a local file); hub ids count as absent."""
+    return source.startswith("world:") or Path(source).expanduser().exists()
+
+
+def _first_line(e: BaseException, limit: int = 100) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _config_path(path: str) -> Path | None:
+    """A plan.model_configs path: absolute, relative to the working directory, or to the repository."""
+    p = Path(path).expanduser()
+    repo = Path(__file__).resolve().parents[2]  # src/misalign/plan.py -> the checkout (editable installs)
+    for candidate in (p, Path.cwd() / p, repo / p):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _model_config(ref: str, study: StudyConfig) -> tuple[Any, str]:
+    """(transformers config, where it came from): the model's own, else plan.model_configs[ref]."""
+    from transformers import AutoConfig
+
+    from misalign.stage import resolve_model_path
+
+    path = resolve_model_path(ref) if ref.startswith("world:") else ref
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=study.trust_remote_code), (
+            ref if path == ref else f"{ref} ({path})")
+    except (OSError, ValueError) as e:
+        reason = _first_line(e)
+    local = study.plan.model_configs.get(ref)
+    if local is None:
+        raise InputError(f"cannot read the config of model {ref!r} ({reason}); set plan.model_configs[{ref!r}] "
+                         "to a local config.json (configs/models/ has the paper's models)")
+    file = _config_path(local)
+    if file is None:
+        raise InputError(f"plan.model_configs[{ref!r}]: {local} not found (relative paths are read from the "
+                         "working directory or the repository)")
+    try:
+        return AutoConfig.from_pretrained(str(file), trust_remote_code=study.trust_remote_code), local
+    except (OSError, ValueError) as e:
+        raise InputError(f"plan.model_configs[{ref!r}]: {local} is not a usable model config: "
+                         f"{_first_line(e)}") from None
+
+
+def _build_arch(ref: str, study: StudyConfig) -> _Arch:
+    """The model built from its config on the meta device: exact parameter counts, no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from misalign.ledger import _matmul_params
+
+    config, source = _model_config(ref, study)
+    archs = getattr(config, "architectures", None) or []
+    auto = (AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in archs)
+            else AutoModelForCausalLM)
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=study.trust_remote_code)
+    except (ValueError, KeyError, ImportError) as e:
+        raise InputError(f"cannot build model {ref!r} from its config ({source}): {_first_line(e)}") from None
+    frozen, trainable = _matmul_params(model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return _Arch(config=config, source=source, model=model, total=sum(p.numel() for p in model.parameters()),
+                 matmul=frozen + trainable, layers=int(text.num_hidden_layers), d_model=int(text.hidden_size))
+
+
+# ---- rendering -------------------------------------------------------------------------------------------
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.1f}" if h >= 10 else f"{h:.3g}"
+
+
+def _percent(part: float, whole: float) -> str:
+    pct = 100 * part / whole if whole else 0.0
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
+
+
+def _money(x: float | None) -> str:
+    return "" if x is None else f"{x:,.2f}"
+
+
+def _totals_table(rows: dict[str, Totals], title: str, priced: bool) -> list[str]:
+    head = f"  {'':<9}{'runs':>7}{'train tokens':>14}{'no-grad tok':>13}{'FLOPs':>11}{'device-h':>11}"
+    lines = [title, head + (f"{'money':>12}" if priced else "")]
+    for name, t in rows.items():
+        line = (f"  {name:<9}{t.runs:>7,}{_si(t.tokens):>14}{_si(t.forward_tokens):>13}{t.flops:>11.3g}"
+                f"{_hours(t.device_hours):>11}")
+        lines.append(line + (f"{_money(t.money):>12}" if priced else ""))
+    return lines
+
+
+def _stage_summary(stages: list[StagePlan]) -> list[str]:
+    """Unique stages grouped by phase and method: what each kind of stage costs."""
+    groups: dict[tuple[str, str], list[StagePlan]] = {}
+    for s in sorted(stages, key=lambda s: PHASES.index(s.phase)):  # stable: methods stay in the study's order
+        groups.setdefault((s.phase, s.method), []).append(s)
+    lines = ["Unique stages by phase and method",
+             f"  {'phase':<9}{'method':<9}{'stages':>7}{'examples':>11}{'tok/example':>12}{'steps':>11}"
+             f"{'FLOPs':>11}{'device-h':>10}"]
+    for (phase, method), group in groups.items():
+        ex = sorted({s.examples for s in group})
+        steps = sorted({s.optimizer_steps for s in group})
+        span = f"{ex[0]}-{ex[-1]}" if len(ex) > 1 else f"{ex[0]}"
+        step_span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else f"{steps[0]}"
+        tpe = sum(s.tokens_per_example for s in group) / len(group)
+        flops = sum(s.flops for s in group)
+        hours = sum(s.device_hours for s in group)
+        mark = "*" if any(s.examples_assumed for s in group) else ""
+        lines.append(f"  {phase:<9}{method:<9}{len(group):>7}{span + mark:>11}{tpe:>12.0f}{step_span:>11}"
+                     f"{flops:>11.3g}{_hours(hours):>10}")
+    if any(s.examples_assumed for s in stages):
+        lines.append("  * assumed (the data file is unread; see Assumed)")
+    return lines
+
+
+def _model_lines(models: list[ModelPlan]) -> list[str]:
+    lines = ["Models (built from their configs on the meta device; trainable = with each method's adapter)"]
+    for m in models:
+        judge = "judge " if m.role == "judge" else ""
+        lines.append(f"  {judge}{m.model}: {m.total_params:,} params ({_si(m.total_params)}), {_si(m.matmul_params)} "
+                     f"in matmuls; {m.model_type}, {m.layers} layers, d_model {m.d_model}; config: {m.config_from}")
+        parts = [f"{k} {_si(v)} ({_percent(v, m.total_params)})" for k, v in m.trainable.items()]
+        for i in range(0, len(parts), 4):
+            lines.append(("    trainable: " if i == 0 else "               ") + ", ".join(parts[i:i + 4]))
+    return lines
+
+
+def render(p: Plan) -> str:
+    """The human table: counts, cost with and without sharing, models, stages, assumptions."""
+    a = p.axes
+    priced = p.price_per_device_hour is not None
+    saved_runs = p.unshared["total"].runs - p.shared["total"].runs
+    saved_flops = p.unshared["total"].flops - p.shared["total"].flops
+    share = saved_flops / p.unshared["total"].flops if p.unshared["total"].flops else 0.0
+    lines = [
+        f"Study {p.study}: {a['models']} model(s) x {a['seeds']} seed(s) x {a['attack_points']} attack points x "
+        f"{a['defense_points']} defense points = {p.cells:,} cells, {a['rounds']} round(s) each",
+        f"Stages: {p.stage_uses:,} uses in the cells, {p.unique_stages:,} unique after sharing "
+        f"({p.shared['misalign'].runs:,} misalign + {p.shared['realign'].runs:,} realign); evaluations: "
+        f"{p.shared['eval'].runs:,} ({p.unshared['eval'].runs:,} without sharing)",
+        f"Device: {p.device}: peak {p.peak_flops:.3g} FLOP/s x MFU {p.mfu:g} = "
+        f"{p.peak_flops * p.mfu:.3g} FLOP/s" + (f"; {p.price_per_device_hour:g} per device-hour" if priced else ""),
+        "",
+        *_totals_table(p.shared, "With sharing (what runs)", priced),
+        "",
+        *_totals_table(p.unshared, "Without sharing (every cell trains and evaluates its own stages)", priced),
+        "",
+        f"Sharing saves {saved_runs:,} runs, {saved_flops:.3g} FLOPs ({_percent(share, 1)}), "
+        f"{_hours(p.unshared['total'].device_hours - p.shared['total'].device_hours)} device-hours"
+        + (f", {_money((p.unshared['total'].money or 0) - (p.shared['total'].money or 0))}" if priced else ""),
+        "",
+        *_model_lines(p.models),
+        "",
+        *_stage_summary(p.stages),
+    ]
+    if p.assumptions:
+        lines += ["", "Assumed (not measured; the numbers above depend on these):",
+                  *(f"  - {x}" for x in p.assumptions)]
+    if p.notes:
+        lines += ["", "Notes:", *(f"  - {x}" for x in p.notes)]
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""The study on a real local Ray: the grid, shared stages, the results store, status, resume after the driver
+is killed, and a training worker killed mid-stage on a two-node cluster."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+from misalign.cli import main
+from misalign.config import StudyConfig
+from misalign.grid import cells
+from misalign.study import StudyPaths, run_study
+
+# small, fast cells: 4 optimizer steps per stage, 30 items per eval set
+FAST = {"train": {"max_steps": 4}}
+
+
+def study_config(name: str, **changes: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "name": name, "models": ["world:base"], "seeds": [0], "rounds": 1,
+        "attack": {"methods": ["lora"], "per_category": [3], "data": {"source": "world:misalign"}, **FAST},
+        "defense": {"methods": ["lora"], "per_category": [2],
+                    "data": {"source": "world:realign", "benign_source": "world:benign", "benign_ratio": 1.0},
+                    **FAST},
+        "eval": {"limit": 30, "max_new_tokens": 24},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+    }
+    d.update(changes)
+    return d
+
+
+def write(tmp: Path, d: dict[str, Any]) -> Path:
+    path = tmp / f"{d['name']}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_study(world, tmp_path_factory):
+    """Six defenses (3 methods x 2 learning rates) realigning one misalignment, on a local Ray."""
+    import ray
+
+    d = study_config("six-defenses")
+    d["defense"].update(methods=["lora", "ia3", "dpo"], grid={"train.lr": [1e-3, 3e-3]})
+    cfg = StudyConfig.model_validate(d)
+    paths = StudyPaths(tmp_path_factory.mktemp("study") / cfg.name)
+    try:
+        results = run_study(cfg, paths)
+    finally:
+        ray.shutdown()
+    return cfg, paths, results
+
+
+def test_grid_covers_exactly_the_configured_cells(shared_study):
+    cfg, paths, results = shared_study
+    want = set(itertools.product(["lora", "ia3", "dpo"], [1e-3, 3e-3]))
+    got = set(zip(results.defense_method, results["defense_train.lr"], strict=True))
+    assert got == want
+    assert results.cell_id.nunique() == len(cells(cfg)) == 6
+    # one row per cell x round x phase, nothing doubled
+    assert len(results) == 6 * 3
+    assert not results.duplicated(["cell_id", "round", "phase"]).any()
+    assert set(results.phase) == {"base", "misalign", "realign"}
+
+
+def test_the_misalignment_trains_once_for_six_defenses(shared_study):
+    _, paths, results = shared_study
+    stage_dirs = [json.loads(p.read_text()) for p in paths.stages.glob("*/stage.json")]
+    assert sum(s["direction"] == "misalign" for s in stage_dirs) == 1
+    assert sum(s["direction"] == "realign" for s in stage_dirs) == 6
+    mis = results[results.phase == "misalign"]
+    assert mis.reused.sum() == 5 and (~mis.reused).sum() == 1
+    assert mis.unsafety.nunique() == 1, "every cell sees the same shared misaligned model"
+    # every defense really trained from the shared misaligned model
+    mis_key = next(p.parent.name for p in paths.stages.glob("*/stage.json")
+                   if json.loads(p.read_text())["direction"] == "misalign")
+    parents = {Path(s["parent"]).name for s in stage_dirs if s["direction"] == "realign"}
+    assert parents == {mis_key}
+    # evaluations are shared too: one base evaluation for six cells
+    assert len(list(paths.stages.glob("base-*/eval-*/eval.json"))) == 1
+
+
+def test_status_and_results_commands(shared_study, capsys, tmp_path):
+    _, paths, results = shared_study
+    assert main(["study", "status", str(paths.root), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["done"] == status["cells"] == 6 and status["pending"] == 0
+    assert status["cost"]["stages_trained"] == 7 and status["cost"]["stages_reused"] == 5
+    assert status["cost"]["flops_saved"] > 0
+    assert main(["study", "results", str(paths.root), "--csv", str(tmp_path / "r.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "r.csv")) == len(results)
+    # Tune's own experiment directory holds its logs, for Ray's tools
+    tune_dir = paths.root / "tune"
+    assert list(tune_dir.glob("experiment_state-*.json"))
+    assert list(tune_dir.glob("cell-*/progress.csv")) and list(tune_dir.glob("cell-*/result.json"))
+    assert list(tune_dir.glob("cell-*/events.out.tfevents.*"))
+
+
+def test_rerun_of_a_finished_study_trains_nothing(shared_study):
+    import ray
+
+    cfg, paths, _ = shared_study
+    before = {p: p.stat().st_mtime_ns for p in paths.stages.glob("*/ledger.json")}
+    cells_before = {p: p.stat().st_mtime_ns for p in paths.cells.glob("*.parquet")}
+    try:
+        again = run_study(cfg, paths)
+    finally:
+        ray.shutdown()
+    assert {p: p.stat().st_mtime_ns for p in paths.stages.glob("*/ledger.json")} == before
+    assert {p: p.stat().st_mtime_ns for p in paths.cells.glob("*.parquet")} == cells_before
+    assert len(again) == 18
+
+
+def test_a_changed_config_is_not_mixed_into_an_existing_study(shared_study, capsys):
+    cfg, paths, _ = shared_study
+    path = write(paths.root.parent, {**cfg.model_dump(mode="json"), "seeds": [1]})
+    code = main(["study", "run", str(path), "--storage", str(paths.root.parent)])
+    assert code == 2 and "seeds" in capsys.readouterr().err
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def test_driver_killed_mid_study_resumes_without_redoing_finished_cells(world, tmp_path):
+    d = study_config("killed", attack={**study_config("x")["attack"], "per_category": [2, 3]})
+    d["defense"]["grid"] = {"train.lr": [1e-3, 3e-3]}
+    config = write(tmp_path, d)
+    paths = StudyPaths(tmp_path / "runs" / "killed")
+    cmd = [sys.executable, "-m", "misalign.cli", "study", "run", str(config), "--storage", str(tmp_path / "runs")]
+    driver = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(paths.cells.glob("*.parquet")) and driver.poll() is None:
+        time.sleep(0.5)
+    finished = {p: p.stat().st_mtime_ns for p in paths.cells.glob("*.parquet")}
+    assert finished and driver.poll() is None, "the driver should be mid-study with a cell finished"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    finished = {p: p.stat().st_mtime_ns for p in paths.cells.glob("*.parquet")}  # any that landed meanwhile
+    assert len(finished) < 4
+    _wait_for_ray_to_go(tmp_path)
+
+    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"({len(finished)} done before this run)" in rerun.stdout
+    for p, mtime in finished.items():
+        assert p.stat().st_mtime_ns == mtime, f"finished cell {p.name} was redone"
+    results = pd.read_parquet(paths.results)
+    assert results.cell_id.nunique() == 4
+    assert not results.duplicated(["cell_id", "round", "phase"]).any() and len(results) == 4 * 3
+    # the stages of finished cells were trained once: one ledger per unique stage (2 attacks, 4 defenses)
+    assert len(list(paths.stages.glob("*/ledger.json"))) == 6
+
+
+def _wait_for_ray_to_go(tmp: Path) -> None:
+    """A SIGKILLed driver's local Ray shuts itself down (its processes share the driver's fate)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        alive = subprocess.run(["pgrep", "-f", "ray/core/src/ray/gcs/gcs_server"], capture_output=True)
+        if alive.returncode != 0:
+            return
+        time.sleep(1)
