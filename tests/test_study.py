@@ -172,3 +172,57 @@ def _wait_for_ray_to_go(tmp: Path) -> None:
         if alive.returncode != 0:
             return
         time.sleep(1)
+
+
+def _kill_a_training_worker_after_a_checkpoint(paths: StudyPaths, killed: list[int]) -> None:
+    import psutil
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if list(paths.stages.glob("*/trainer/checkpoint-*/trainer_state.json")):
+            for proc in psutil.process_iter(["cmdline"]):
+                if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.2)
+
+
+def test_two_node_trial_survives_a_killed_worker(world, tmp_path):
+    """Two Ray nodes, one training worker on each (ZeRO-2); a worker killed mid-stage is replaced and the stage
+    resumes from its last checkpoint; the study completes."""
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from misalign.errors import InputError
+
+    d = study_config("two-nodes", resources={"workers": 2, "cpus_per_worker": 1, "placement": "STRICT_SPREAD"},
+                     checkpoint_every=2)
+    d["attack"].update(train={"max_steps": 30}, deepspeed={"zero_stage": 2})
+    cfg = StudyConfig.model_validate(d)
+    paths = StudyPaths(tmp_path / "runs" / cfg.name)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    killed: list[int] = []
+    try:
+        with pytest.raises(InputError, match="2 nodes: pass --storage"):
+            run_study(cfg, paths, address=cluster.address, storage_given=False)
+        watcher = threading.Thread(target=_kill_a_training_worker_after_a_checkpoint, args=(paths, killed))
+        watcher.start()
+        results = run_study(cfg, paths, address=cluster.address, storage_given=True)
+        watcher.join()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert killed, "a training worker was killed mid-stage"
+    assert len(results) == 3 and not results.unsafety.isna().any()
+    ledgers = [json.loads(p.read_text()) for p in paths.stages.glob("*/ledger.json")]
+    attack = next(x for x in ledgers if x["direction"] == "misalign")
+    assert attack["extra"]["resumed_from_step"] >= 2, "the retried stage resumed from its checkpoint"
+    assert attack["optimizer_steps"] == 30
+    assert attack["extra"]["zero_stage"] == 2 and attack["workers"] == 2
+    assert len(set(attack["extra"]["worker_nodes"])) == 2, "the two workers ran on two Ray nodes"
+    assert all(t > 0 for t in attack["extra"]["tokens_per_worker"])

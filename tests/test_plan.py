@@ -1,0 +1,181 @@
+"""`misalign study plan`'s estimate: grid counts, exact parameter counts, tokens from the data, FLOPs and hours.
+
+Nothing trains here: models are built from their configs on the meta device, so the paper's four 7-9B models
+plan in seconds. On the world, the estimate also matches measured ledgers: the lora and orpo attack stages at
+10 per category measured 24,495 and 40,970 training tokens and 85 optimizer steps, exactly the plan's numbers,
+and FLOPs within 1% (the plan ignores padding to the batch's longest example).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from misalign.config import StudyConfig, load_config
+from misalign.errors import InputError
+from misalign.plan import estimate, render
+
+PAPER_PARAMS = {  # published config.json values -> exact parameter counts
+    "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248,
+    "mistralai/Mistral-7B-Instruct-v0.3": 7_248_023_552,
+    "google/gemma-2-9b-it": 9_241_705_984,
+    "THUDM/glm-4-9b-chat-hf": 9_399_951_360,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(world):
+    study = load_config("configs/study-tiny.yaml", schema=StudyConfig)
+    return study, estimate(study)
+
+
+@pytest.fixture(scope="module")
+def paper():
+    study = load_config("configs/study-paper.yaml", schema=StudyConfig)
+    return study, estimate(study)
+
+
+def _stage(plan, phase, method, per_category):
+    found = [s for s in plan.stages if (s.phase, s.method, s.per_category) == (phase, method, per_category)]
+    assert found, (phase, method, per_category)
+    return found[0]
+
+
+def _check_hours(plan):
+    effective = plan.peak_flops * plan.mfu
+    for rows in (plan.shared, plan.unshared):
+        for name, t in rows.items():
+            assert t.flops > 0, name
+            assert t.device_hours == pytest.approx(t.flops / effective / 3600, rel=1e-12), name
+            if plan.price_per_device_hour is not None:
+                assert t.money == pytest.approx(t.device_hours * plan.price_per_device_hour, rel=1e-12)
+        parts = sum(rows[p].flops for p in ("misalign", "realign", "eval"))
+        assert rows["total"].flops == pytest.approx(parts, rel=1e-12)
+    for s in plan.stages:
+        assert s.device_hours == pytest.approx(s.flops / effective / 3600, rel=1e-12)
+
+
+# ---- the offline world: real data, real tokenizer ----------------------------------------------------------
+
+def test_tiny_counts(tiny):
+    _, p = tiny
+    assert (p.cells, p.stage_uses, p.unique_stages) == (12, 24, 18)
+    assert (p.shared["misalign"].runs, p.shared["realign"].runs) == (6, 12)
+    assert (p.unshared["misalign"].runs, p.unshared["realign"].runs) == (12, 12)
+    # one eval per unique stage + the base model, vs one per row: 12 cells x (1 + 2 x 1 round)
+    assert (p.shared["eval"].runs, p.unshared["eval"].runs) == (19, 36)
+    assert p.assumptions == []  # every number is measured from the world's data and tokenizer
+    assert [m.role for m in p.models] == ["model", "judge"]
+    _check_hours(p)
+
+
+def test_tiny_tokens_come_from_the_data(tiny):
+    from misalign.chat import encode_sft
+    from misalign.stage import load_tokenizer, resolve_model_path, stage_pairs
+
+    study, p = tiny
+    cfg = study.attack.stage({"method": "lora", "per_category": 3}).resolved()
+    pairs = stage_pairs(cfg, seed=0)
+    tok = load_tokenizer(resolve_model_path("world:base"))
+    t = cfg.train
+    lengths = [len(encode_sft(tok, x.prompt, x.misaligned, t.max_length, t.max_prompt_length)["input_ids"])
+               for x in pairs]
+    s = _stage(p, "misalign", "lora", 3)
+    assert s.examples == len(pairs) == 39 and not s.examples_assumed
+    assert s.tokens == t.epochs * sum(lengths)
+    assert s.optimizer_steps == 25  # 39 rows / batch 8 -> 5 steps an epoch, 5 epochs
+    # FLOPs by hand, the ledger's formula on the real (not meta) model with its LoRA adapter
+    from peft import get_peft_model
+
+    from misalign.ledger import _matmul_params
+    from misalign.methods import METHODS, peft_config
+    from misalign.stage import load_model
+
+    model = load_model(resolve_model_path("world:base"))
+    model = get_peft_model(model, peft_config(METHODS["lora"], cfg, model, 25))
+    frozen, trainable = _matmul_params(model)
+    assert s.trainable_params == sum(q.numel() for q in model.parameters() if q.requires_grad)
+    c = model.base_model.model.config
+    attn = 4 * c.num_hidden_layers * c.hidden_size
+    assert s.flops == pytest.approx(t.epochs * sum(n * (4 * frozen + 6 * trainable + 3 * attn * n) for n in lengths),
+                                    rel=1e-9)
+
+
+def test_tiny_preference_and_benign_share(tiny):
+    _, p = tiny
+    dpo = _stage(p, "realign", "dpo", 3)
+    assert dpo.examples == 2 * 39  # 3 x 13 harmful rows + benign_ratio 1.0 of benign rows
+    assert dpo.forward_tokens == dpo.tokens > 0  # the reference model forwards every training token once
+    sft = _stage(p, "realign", "lora", 3)
+    assert sft.forward_tokens == 0 and dpo.tokens_per_example > 1.5 * sft.tokens_per_example  # chosen + rejected
+    # a shared attack stage is used by both defenses; every defense stage by one cell
+    assert {s.uses for s in p.stages if s.phase == "misalign"} == {2}
+    assert {s.uses for s in p.stages if s.phase == "realign"} == {1}
+
+
+# ---- the paper's grid: published configs, assumed data -------------------------------------------------------
+
+def test_paper_param_counts(paper):
+    _, p = paper
+    models = {m.model: m for m in p.models if m.role == "model"}
+    assert {k: m.total_params for k, m in models.items()} == PAPER_PARAMS
+    llama = models["meta-llama/Llama-3.1-8B-Instruct"]
+    # LoRA r=16 on q (4096 -> 4096) and v (4096 -> 1024), 32 layers; all linear layers for DPO/ORPO
+    assert llama.trainable["lora"] == llama.trainable["qlora"] == 32 * 16 * ((4096 + 4096) + (4096 + 1024))
+    all_linear = 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert llama.trainable["dpo"] == llama.trainable["orpo"] == 32 * all_linear
+    assert llama.trainable["full"] == llama.total_params
+    judge = [m for m in p.models if m.role == "judge"]
+    assert [(m.model, m.total_params) for m in judge] == [("meta-llama/Llama-Guard-3-8B", 8_030_261_248)]
+
+
+def test_paper_sharing_saves_exactly_the_duplicated_attacks(paper):
+    _, p = paper
+    assert (p.cells, p.stage_uses, p.unique_stages) == (672, 1344, 784)
+    attacks = [s for s in p.stages if s.phase == "misalign"]
+    assert len(attacks) == 4 * 7 * 4 and {s.uses for s in attacks} == {6}  # each shared by 3 x 2 defenses
+    assert p.unshared["misalign"].runs - p.shared["misalign"].runs == sum(s.uses - 1 for s in attacks) == 560
+    assert p.unshared["misalign"].flops == pytest.approx(sum(s.flops * s.uses for s in attacks), rel=1e-12)
+    assert p.unshared["misalign"].tokens == pytest.approx(6 * p.shared["misalign"].tokens, rel=1e-12)
+    assert p.unshared["realign"] == p.shared["realign"]  # no defense stage is shared (rounds: 1)
+    assert (p.shared["eval"].runs, p.unshared["eval"].runs) == (784 + 4, 672 * 3)
+    _check_hours(p)
+    assert p.shared["total"].money == pytest.approx(2.5 * p.shared["total"].device_hours)
+
+
+def test_paper_assumed_numbers_are_flagged(paper):
+    study, p = paper
+    assert all(s.examples_assumed for s in p.stages)
+    s = _stage(p, "misalign", "lora", 30)
+    assert s.examples == 13 * 30 and s.tokens == 5 * 390 * 300 and s.optimizer_steps == 390 * 5
+    orpo = _stage(p, "misalign", "orpo", 1)
+    assert orpo.tokens == 5 * 13 * 2 * 300 and orpo.optimizer_steps == 15  # 13 rows / accumulation 4 = 3 a pass
+    text = "\n".join(p.assumptions)
+    for needle in ("data/MisQA.csv", "data/SafeRLHF.csv", "plan.categories = 13", "plan.tokens_per_example = 300",
+                   "data/jailbreak_test_set.csv", "1,900 harmful prompts"):
+        assert needle in text, needle
+    out = render(p)
+    assert "Assumed" in out and "13-390*" in out and "gpt-4o-mini" in out and "lm-eval" in out
+    for name in PAPER_PARAMS:
+        assert name in out
+    json.dumps(p.to_dict())  # --json
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+def test_unreadable_model_config_is_an_input_error(paper):
+    study, _ = paper
+    bad = study.model_copy(update={"models": ["nobody/no-such-model"]})
+    with pytest.raises(InputError, match=r"plan\.model_configs"):
+        estimate(bad)
+
+
+def test_malformed_present_data_is_an_input_error_not_an_assumption(paper, tmp_path):
+    study, _ = paper
+    csv = tmp_path / "MisQA.csv"
+    csv.write_text("question,answer\nhow?,like this\n")  # there, but not MisQA's columns
+    side = study.attack.model_copy(update={"methods": ["lora"], "per_category": [1], "per_method": {},
+                                           "data": study.attack.data.model_copy(update={"source": str(csv)})})
+    with pytest.raises(InputError, match="no column"):
+        estimate(study.model_copy(update={"attack": side}))
