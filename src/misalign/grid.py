@@ -51,9 +51,10 @@ class Cell:
 
 
 def cells(study: StudyConfig) -> list[Cell]:
-    """Every cell of the grid, in a stable order (models, seeds, attack points, defense points)."""
-    return [Cell(model=m, seed=s, attack=a, defense=d) for m in study.models for s in study.seeds
-            for a in study.attack.axis_values() for d in study.defense.axis_values()]
+    """Every cell of the grid, in a stable order: defense points outermost, so the trials that start together
+    have different attacks (cells sharing an attack in parallel would wait on one another's stage)."""
+    return [Cell(model=m, seed=s, attack=a, defense=d) for d in study.defense.axis_values()
+            for m in study.models for s in study.seeds for a in study.attack.axis_values()]
 
 
 @dataclass

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,6 +162,7 @@ class _Estimator:
         self.assumptions: dict[str, None] = {}  # ordered set: each assumption once
         self.notes: list[str] = []
         self._arch: dict[str, _Arch | None] = {}
+        self._arch_errors: dict[str, InputError] = {}
         self._tok: dict[str, Any] = {}
         self._params: dict[tuple, tuple[int, int, int]] = {}
         self._pairs: dict[tuple, list[Pair] | None] = {}
@@ -179,8 +181,8 @@ class _Estimator:
         uses = grid.stage_uses(study)
         unique = grid.unique_stages(uses)
         models = list(dict.fromkeys(study.models))
-        for m in models:
-            self.arch(m, required=True)
+        for m in models:  # an unreadable model config fails here, before any data is read
+            self.model_arch(m)
         counts: dict[str, int] = {}
         for u in uses:
             counts[u.key] = counts.get(u.key, 0) + 1
@@ -188,17 +190,11 @@ class _Estimator:
 
         shared = {p: Totals() for p in (*PHASES, "eval", "total")}
         unshared = {p: Totals() for p in (*PHASES, "eval", "total")}
-        for u in uses:
+        for u in uses:  # a shared stage costs the same in every cell that uses it
             unshared[u.phase].add(self._as_totals(self._costs[self._cost_key(u)]))
         for s in stages:
             shared[s.phase].add(self._as_totals(s))
-        one_eval = {m: self.eval_cost(m) for m in models}
-        for s in stages:
-            shared["eval"].add(one_eval[s.model])
-        for m in models:
-            shared["eval"].add(one_eval[m])
-        for c in cells:
-            unshared["eval"].add(one_eval[c.model], times=1 + 2 * study.rounds)
+        self._add_evals(shared["eval"], unshared["eval"], stages, models, cells)
         for rows in (shared, unshared):
             for p in (*PHASES, "eval"):
                 rows["total"].add(rows[p])
@@ -223,16 +219,22 @@ class _Estimator:
 
     # -- models --
 
-    def arch(self, ref: str, required: bool = False) -> _Arch | None:
-        """The model's architecture built on the meta device (None: unreadable and not required)."""
+    def arch(self, ref: str) -> _Arch | None:
+        """The model's architecture built on the meta device, or None when its config cannot be read."""
         if ref not in self._arch:
             try:
                 self._arch[ref] = _build_arch(ref, self.study)
-            except InputError:
-                if required:
-                    raise
+            except InputError as e:
                 self._arch[ref] = None
+                self._arch_errors[ref] = e
         return self._arch[ref]
+
+    def model_arch(self, ref: str) -> _Arch:
+        """A model the study trains: its architecture, or the InputError that says why it cannot be read."""
+        arch = self.arch(ref)
+        if arch is None:
+            raise self._arch_errors[ref]
+        return arch
 
     def tokenizer(self, ref: str, counting: bool = True) -> Any | None:
         """The model's tokenizer, or None: token counts then fall back to characters / 4 (`counting`: say so)."""
@@ -258,8 +260,7 @@ class _Estimator:
         from misalign.methods import METHODS, peft_config
 
         method = METHODS[cfg.method]
-        arch = self.arch(ref, required=True)
-        assert arch is not None
+        arch = self.model_arch(ref)
         if method.adapter == "full":
             return arch.total, 0, arch.matmul
         if method.adapter == "adalora":  # its step schedule is checked per stage: a short stage is an input error
@@ -271,15 +272,15 @@ class _Estimator:
             from peft import get_peft_model
 
             model = copy.deepcopy(arch.model)  # get_peft_model wraps in place; the base stays reusable
-            with torch.device("meta"):
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # peft calling transformers' deprecated names
                 model = get_peft_model(model, peft_config(method, cfg, model, steps))
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             self._params[key] = (trainable, *_matmul_params(model))
         return self._params[key]
 
     def _model_plan(self, ref: str, role: str = "model") -> ModelPlan:
-        arch = self.arch(ref, required=True)
-        assert arch is not None
+        arch = self.model_arch(ref)
         tok = self._tok.get(ref)
         tok = None if isinstance(tok, Exception) else tok
         return ModelPlan(model=ref, role=role, config_from=arch.source, model_type=str(arch.config.model_type),
@@ -329,8 +330,7 @@ class _Estimator:
         steps = _optimizer_steps(cfg, n, workers)
         trainable, frozen_mm, trainable_mm = self.params(ref, cfg, steps)
         self._record_trainable(ref, use.phase, cfg, trainable)
-        arch = self.arch(ref, required=True)
-        assert arch is not None
+        arch = self.model_arch(ref)
         attn = 4 * arch.layers * arch.d_model  # x width: the attention FLOPs per token (QK^T and AV)
         tokens = passes * sum(k for k, _ in seqs)
         flops = passes * sum(k * (4 * frozen_mm + 6 * trainable_mm + 3 * attn * w) for k, w in seqs)
@@ -414,10 +414,21 @@ class _Estimator:
         lengths = _Lengths(self.tokenizer(ref))
         return [(i.kind, lengths.prompt(i.prompt, None)) for i in items]
 
+    def _add_evals(self, shared: Totals, unshared: Totals, stages: list[StagePlan], models: list[str],
+                   cells: list[Any]) -> None:
+        """Shared: one evaluation per unique stage and per base model. Unshared: every cell evaluates its base
+        and each of its 2 x rounds stages itself."""
+        one = {m: self.eval_cost(m) for m in models}
+        for s in stages:
+            shared.add(one[s.model])
+        for m in models:
+            shared.add(one[m])
+        for c in cells:
+            unshared.add(one[c.model], times=1 + 2 * self.study.rounds)
+
     def eval_cost(self, ref: str) -> Totals:
         """One evaluation of a model of this architecture: generation, then the classifier judges."""
-        arch = self.arch(ref, required=True)
-        assert arch is not None
+        arch = self.model_arch(ref)
         new = self.study.eval.max_new_tokens
         prompts = self._eval_prompts(ref)
         out = Totals(runs=1)

@@ -23,6 +23,7 @@ The study directory (on storage every node sees):
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -85,7 +86,8 @@ def run_cell(study: StudyConfig, cell: Cell, paths: StudyPaths, report: Any = No
 
     quiet_libraries()
     trial = cell.trial_config(study)
-    attack_pairs, defense_pairs, items, judge, _ = prepare_trial(trial, with_judge=rank() == 0)
+    attack_pairs, defense_pairs, items, _, _ = prepare_trial(trial, with_judge=False)
+    judge = _judge(study.eval.model_dump_json()) if rank() == 0 else None
     columns = {"cell_id": cell.id, **cell.axes}
 
     def on_row(row: dict[str, Any]) -> None:
@@ -99,6 +101,15 @@ def run_cell(study: StudyConfig, cell: Cell, paths: StudyPaths, report: Any = No
     if rank() == 0:
         write_parquet_atomic(paths.cell_file(cell.id), pd.DataFrame(rows))
     return rows
+
+
+@functools.lru_cache(maxsize=2)
+def _judge(eval_json: str) -> Any:
+    """The judge, loaded once per process: Tune reuses a trial's actor for the next cell."""
+    from misalign.config import EvalConfig
+    from misalign.evaluation import configured_judge
+
+    return configured_judge(EvalConfig.model_validate_json(eval_json))
 
 
 def _hold_assigned_cpus(default: float) -> None:
@@ -208,7 +219,7 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 # ---- Ray -------------------------------------------------------------------------------------------------
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, dashboard: bool = True) -> None:
     """Join the cluster at `address`, or start a local Ray sized to this machine (the CPUs this process holds)."""
     import ray
 
@@ -222,8 +233,9 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        # the dashboard (bound to 127.0.0.1) also serves the state API Ray Train's controller polls
-        ray.init(num_cpus=cpus_held(), runtime_env={"env_vars": env})
+        # the dashboard (bound to 127.0.0.1) serves the state API Ray Train's controller polls; trials without
+        # Train workers do not need it, and it costs about 2 s of start-up
+        ray.init(num_cpus=cpus_held(), include_dashboard=dashboard, runtime_env={"env_vars": env})
 
 
 def check_storage(paths: StudyPaths, storage_given: bool) -> int:
@@ -396,7 +408,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     validate_study(cfg)
     grid = cells(cfg)
     resuming = open_study_dir(cfg, paths)
-    init_ray(address)
+    init_ray(address, dashboard=cfg.resources.workers > 1)
     import ray
 
     nodes = check_storage(paths, storage_given)

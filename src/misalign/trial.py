@@ -119,6 +119,7 @@ def results_row(round_: int, phase: str, stage: StageConfig | None, n_examples: 
         "optimizer_steps": ledger.optimizer_steps if ledger else 0,
         "peak_memory_bytes": ledger.peak_memory_bytes if ledger else 0,
         "workers": ledger.workers if ledger else 0, "reused": bool(ledger.reused) if ledger else False,
+        "eval_s": m.get("eval_s", 0.0),
     }
     for cat, value in sorted(m.get("per_category", {}).items()):
         row[f"unsafety/{cat}"] = value
@@ -137,16 +138,18 @@ def _claimed_on_rank0(layout: Layout, directory: Path) -> Iterator[None]:
 
 
 def _evaluated(layout: Layout, eval_dir: Path, model_dir: Callable[[], str], cfg: TrialConfig,
-               items: list[EvalItem], judge: Judge) -> dict[str, Any]:
-    """Rank 0: the evaluation's metrics, computed once per (model, eval config) and reused after that."""
+               items: list[EvalItem], judge: Judge) -> tuple[dict[str, Any], bool]:
+    """Rank 0: (the evaluation's metrics, whether they were reused): computed once per model and eval config."""
     with layout.claim(eval_dir):
         if LineageCache.eval_done(eval_dir):
-            return read_json(eval_dir / "eval.json")
+            return read_json(eval_dir / "eval.json"), True
+        t0 = time.time()
         path = model_dir()
         model = load_model(path, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         ev = evaluate(model, load_tokenizer(path, cfg.trust_remote_code), cfg.eval, items, judge)
+        ev.metrics["eval_s"] = round(time.time() - t0, 3)  # the evaluation's share of the study's wall time
         ev.save(eval_dir)
-        return ev.metrics
+        return ev.metrics, False
 
 
 def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], defense_pairs: list[Pair],
@@ -162,8 +165,9 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
                eval_dir: Path, model_dir: Callable[[], str]) -> None:
         if lead:
             assert judge is not None
-            metrics = _evaluated(layout, eval_dir, model_dir, cfg, items, judge)
+            metrics, eval_reused = _evaluated(layout, eval_dir, model_dir, cfg, items, judge)
             row = results_row(round_, phase, stage, n, ledger, metrics)
+            row["eval_reused"] = eval_reused
             rows.append(row)
             if on_row:
                 on_row(row)
