@@ -54,7 +54,7 @@ def study_run(config: str) -> dict[str, Any]:
             "evals_computed": len(evals), "wall_s": round(wall, 1), "cpu_s": round(ours_cpu, 1),
             "stage_s": round(stage_s, 1), "eval_s": round(eval_s, 1), "slots": slots,
             "overhead_ratio": round(ratio, 3), "others_cpu_s": round(machine_busy_s() - busy0 - ours_cpu, 1),
-            "status": {k: status[k] for k in ("done", "failed")}}
+            "status": {k: status[k] for k in ("done", "failed")}, "timing": status.get("timing", {})}
 
 
 def _slots(study_dir: Path, env: dict[str, Any]) -> int:
@@ -122,6 +122,7 @@ def main() -> None:
     print(f"{study['wall_s']:>8} {study['cpu_s']:>7} {study['stage_s']:>9} {study['eval_s']:>8} {study['slots']:>6} "
           f"{study['overhead_ratio']:>6} {study['others_cpu_s']:>13}")
     print("ratio = wall / ((stage s + eval s) / slots); target <= 1.3")
+    print("driver timeline (s from its start): " + ", ".join(f"{k} {v}" for k, v in study["timing"].items()))
     print(f"\n(b) 2-worker TorchTrainer fit with an empty loop, {fit['fits']} fits (ray.init {fit['ray_init_s']} s)")
     print(f"start-up s: {fit['startup_s']} (median {fit['startup_median_s']}), "
           f"teardown s: {fit['teardown_s']} (median {fit['teardown_median_s']})")

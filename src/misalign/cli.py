@@ -102,6 +102,9 @@ def _study(args: argparse.Namespace) -> int:
             plan = estimate(cfg)
             print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan))
             return 0
+        if args.storage and "://" in args.storage:
+            raise InputError(f"--storage {args.storage}: the study's stage cache needs a filesystem path; mount "
+                             "the bucket on every node (mountpoint-s3, gcsfuse) or use NFS/EFS, and pass that path")
         paths = StudyPaths(Path(args.storage or "runs") / cfg.name)
         run_study(cfg, paths, address=args.address, storage_given=args.storage is not None)
         return 0

@@ -24,6 +24,7 @@ The study directory (on storage every node sees):
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import time
@@ -41,8 +42,10 @@ from misalign.grid import Cell, cells, stage_uses, unique_stages
 from misalign.lineage import LineageCache
 from misalign.runtime import rank, read_json, write_json_atomic, write_parquet_atomic
 
-# read by Ray Train's controller when Ray starts: measured here, they cut a fit's teardown from 3-5 s to ~1 s
-_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# read by Ray Train's controller when Ray starts: measured here, they cut a fit's teardown from 3-5 s to ~1 s;
+# and trials stay in the working directory, so relative data paths in a config mean what they say
+_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+            "RAY_CHDIR_TO_TRIAL_DIR": "0"}
 # the environment every trial and worker needs, wherever Ray places it
 _PROPAGATED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR",
                    "TOKENIZERS_PARALLELISM", "TRL_EXPERIMENTAL_SILENCE", "MISALIGN_CACHE", "HF_HOME")
@@ -225,11 +228,14 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
 
     from misalign.runtime import cpus_held
 
-    for k, v in _RAY_TRAIN_ENV.items():
+    for k, v in _RAY_ENV.items():
         os.environ.setdefault(k, v)
-    env = {k: os.environ[k] for k in (*_PROPAGATED_ENV, *_RAY_TRAIN_ENV) if k in os.environ}
+    env = {k: os.environ[k] for k in (*_PROPAGATED_ENV, *_RAY_ENV) if k in os.environ}
     if ray.is_initialized():
         return
+    # inside a Ray job, ray.init refuses env vars the job's runtime env already sets: keep the job's
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
+    env = {k: v for k, v in env.items() if k not in job_env}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
@@ -349,6 +355,7 @@ def _study_progress_callback(paths: StudyPaths, total: int) -> Any:
         def __init__(self) -> None:
             self.status: dict[str, str] = {}
             self.t0 = time.time()
+            self.first_start: float | None = None
 
         def _write(self, trial: Any, state: str, say: bool) -> None:
             self.status[trial.trial_id] = state
@@ -357,7 +364,8 @@ def _study_progress_callback(paths: StudyPaths, total: int) -> Any:
             results = assemble_results(paths) if state == "done" else _read_results(paths)
             cost = cost_summary(results)
             write_json_atomic(paths.status, {"cells": total, **counts, "cost": cost, "updated": time.time(),
-                                             "started": self.t0, "trials": self.status})
+                                             "started": self.t0, "first_trial_start": self.first_start,
+                                             "trials": self.status})
             if say:
                 print(f"[study] {counts['done']}/{total} done, {counts['running']} running, "
                       f"{counts['pending']} pending, {counts['failed']} failed | stages trained "
@@ -365,6 +373,7 @@ def _study_progress_callback(paths: StudyPaths, total: int) -> Any:
                       f"FLOPs, {cost['device_s_trained']:.0f} device-s | {time.time() - self.t0:.0f}s", flush=True)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.first_start = self.first_start or time.time()
             self._write(trial, "running", False)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -405,10 +414,13 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     from ray import tune
 
     t0 = time.time()
+    timing: dict[str, float] = {}
     validate_study(cfg)
+    timing["validate_s"] = time.time() - t0
     grid = cells(cfg)
     resuming = open_study_dir(cfg, paths)
     init_ray(address, dashboard=cfg.resources.workers > 1)
+    timing["ray_ready_s"] = time.time() - t0
     import ray
 
     nodes = check_storage(paths, storage_given)
@@ -445,9 +457,17 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 callbacks=[_study_progress_callback(paths, len(grid)), *_logger_callbacks(cfg)], verbose=0),
         )
+    timing["tune_start_s"] = time.time() - t0
     tuner.fit()
+    timing["tune_end_s"] = time.time() - t0
     results = assemble_results(paths)
     _prune_merged(paths)
+    timing["total_s"] = time.time() - t0
+    if paths.status.exists():  # where the wall time went, for bench/bench_study.py and the curious
+        status = read_json(paths.status)
+        if status.get("first_trial_start"):
+            timing["first_trial_start_s"] = status["first_trial_start"] - t0
+        write_json_atomic(paths.status, {**status, "timing": {k: round(v, 2) for k, v in timing.items()}})
     missing = [c.id for c in grid if not paths.cell_file(c.id).exists()]
     cost = cost_summary(results)
     print(f"[study] done in {time.time() - t0:.0f}s: {len(grid) - len(missing)}/{len(grid)} cells, "

@@ -114,6 +114,7 @@ def results_row(round_: int, phase: str, stage: StageConfig | None, n_examples: 
         "per_category": stage.data.per_category if stage else None, "n_examples": n_examples,
         "unsafety": m.get("unsafety"), "unsafety_se": m.get("unsafety_se"), "refusal": m.get("refusal"),
         "neither": m.get("neither"), "over_refusal": m.get("over_refusal"), "utility": m.get("utility"),
+        "epochs": ledger.epochs if ledger else 0.0,
         "tokens": ledger.tokens if ledger else 0, "flops": ledger.flops if ledger else 0.0,
         "wall_s": ledger.wall_s if ledger else 0.0, "device_s": ledger.device_s if ledger else 0.0,
         "optimizer_steps": ledger.optimizer_steps if ledger else 0,
