@@ -22,8 +22,11 @@ $(BIN)/misalign: pyproject.toml constraints/ci.txt
 
 venv: $(BIN)/misalign
 
+# the default study on a local Ray; rerunning resumes it (finished cells are not redone)
 study: venv
-	$(BIN)/misalign trial configs/trial-tiny.yaml --out runs/study-tiny-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/misalign study run configs/study-tiny.yaml --storage runs
+	$(BIN)/misalign study results runs/study-tiny
+	$(BIN)/misalign study status runs/study-tiny
 
 test: venv
 	$(BIN)/ruff check src tests bench analysis

@@ -21,3 +21,13 @@ def test_shipped_trial_configs_validate(path):
     cfg = load_config(path)
     assert cfg.attack.resolved().train.lr is not None
     assert "Launch:" in path.read_text(), "each shipped config says how to launch it"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("study-*.yaml")), ids=lambda p: p.name)
+def test_shipped_study_configs_validate(path):
+    from misalign.config import StudyConfig
+    from misalign.grid import cells
+
+    cfg = load_config(path, schema=StudyConfig)
+    assert cells(cfg), "a study has cells"
+    assert "Launch:" in path.read_text(), "each shipped config says how to launch it"
