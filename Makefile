@@ -22,11 +22,13 @@ $(BIN)/misalign: pyproject.toml constraints/ci.txt
 
 venv: $(BIN)/misalign
 
-# the default study on a local Ray; rerunning resumes it (finished cells are not redone)
+# the default study on a local Ray, the cheapest-attack search (reusing the study's stages), then the report;
+# rerunning resumes each step (finished cells and trials are not redone)
 study: venv
 	$(BIN)/misalign study run configs/study-tiny.yaml --storage runs
-	$(BIN)/misalign study results runs/study-tiny
 	$(BIN)/misalign study status runs/study-tiny
+	$(BIN)/misalign search attack configs/search-attack-tiny.yaml --storage runs --stages runs/study-tiny/stages
+	$(BIN)/misalign report runs/study-tiny --search runs/search-attack-tiny --out runs/study-tiny/report
 
 test: venv
 	$(BIN)/ruff check src tests bench analysis

@@ -138,7 +138,7 @@ def test_orpo_nll_counts_response_tokens_only(world, tmp_path):
     cfg = StageConfig(method="orpo", data={"source": "world:misalign"}).resolved()
     pairs = subsample_per_category(load_pairs("world:misalign"), 1, 0)[:4]
     tok, model = load_tokenizer(str(world / "base")), load_model(str(world / "base"))
-    args = _training_args("orpo", cfg, tmp_path, 0, len(pairs))
+    args = _training_args("orpo", cfg, tmp_path, 0, len(pairs), None)
     trainer = _orpo_trainer_class()(model=model, args=args, train_dataset=_dataset("orpo", pairs, "misalign", tok,
                                                                                    cfg), processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])

@@ -47,7 +47,7 @@ def ray_head(tmp_path):
 
 def _wait_for_job_agent(env: dict[str, str], address: str) -> None:
     """The head's job agent comes up a few seconds after `ray start` returns; a trivial job tells when."""
-    deadline = time.time() + 90
+    deadline = time.time() + 240  # minutes on a loaded machine
     while True:
         probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"],
                                env=env, capture_output=True, text=True, timeout=60)

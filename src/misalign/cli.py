@@ -139,6 +139,33 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    from misalign.config import SearchConfig, load_config
+    from misalign.search import SearchPaths, run_search
+
+    cfg = load_config(args.config, args.set, schema=SearchConfig)
+    if cfg.kind != args.kind:
+        raise InputError(f"{args.config}: kind is {cfg.kind!r}, but this is `misalign search {args.kind}`")
+    paths = SearchPaths(Path(args.storage or "runs") / cfg.name, Path(args.stages) if args.stages else None)
+    answer = run_search(cfg, paths, address=args.address)
+    best = answer["best"]
+    print(json.dumps(answer, indent=2) if args.json else
+          f"{answer['trials']} trials ({answer['infeasible_trials']} infeasible), budget spent "
+          f"{answer['budget_spent']:.3g} {answer['budget_kind']}\n" +
+          (f"cheapest feasible {cfg.kind}: {best['params']} at {best['budget']:.3g} {answer['budget_kind']}: "
+           f"unsafety {best['unsafety']:.3f}, utility {best['utility']:.3f}" if best else
+           f"no feasible {cfg.kind} found (tau {cfg.tau}); see {paths.trials}"))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from misalign.report import write_report
+
+    out = args.out or args.study_dir / "report"
+    print(f"report: {write_report(args.study_dir, out, args.search or None)}")
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     from misalign.methods import METHODS
 
@@ -202,6 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="plan/status: print JSON")
     st.add_argument("--csv", help="results: write the table to this CSV file")
     st.set_defaults(func=_study)
+
+    se = sub.add_parser("search", help="Optuna budget search: the cheapest attack or defense")
+    se.add_argument("kind", choices=["attack", "defense"])
+    se.add_argument("config", help="search config (SearchConfig)")
+    se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    se.add_argument("--storage", help="parent directory of the search directory (default runs/)")
+    se.add_argument("--stages", help="a study's stages/ directory, to reuse the stages it trained")
+    se.add_argument("--address", help="join this Ray cluster (default: a local Ray)")
+    se.add_argument("--json", action="store_true", help="print the answer as JSON")
+    se.set_defaults(func=_search)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page (and report.md) for a study")
+    rp.add_argument("study_dir", type=Path, help="a study directory (misalign study run)")
+    rp.add_argument("--out", type=Path, help="output directory (default STUDY_DIR/report)")
+    rp.add_argument("--search", type=Path, action="append", default=[],
+                    help="a search directory whose answer to include (repeatable)")
+    rp.set_defaults(func=_report)
 
     m = sub.add_parser("methods", help="list the fine-tuning methods")
     m.set_defaults(func=_methods)

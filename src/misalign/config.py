@@ -316,6 +316,84 @@ class StudyConfig(_Strict):
         return self.attack.stages(), self.defense.stages()
 
 
+class SearchKnob(_Strict):
+    """One searched numeric knob (a dotted stage field): a range, on a log scale or in steps."""
+
+    low: float = Field(description="smallest value")
+    high: float = Field(description="largest value")
+    log: bool = Field(False, description="sample on a log scale (learning rates)")
+    step: float | None = Field(None, gt=0, description="grid step inside the range (None: continuous)")
+    integer: bool = Field(False, description="integer values (epochs, ranks)")
+
+    @model_validator(mode="after")
+    def _range(self) -> SearchKnob:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scale range needs low > 0")
+        if self.log and self.step:
+            raise ValueError("log and step cannot be combined (Optuna samples one or the other)")
+        return self
+
+
+class SearchConfig(_Strict):
+    """`misalign search attack|defense`: Optuna, through Ray Tune, over a stage's knobs, for the cheapest budget.
+
+    attack: minimize the budget of the misalignment subject to unsafety >= tau. defense: start from the one
+    misalignment `attack` names (reused through the lineage cache) and minimize the realignment's budget subject
+    to unsafety <= tau and a utility drop (base utility - realigned utility) <= eps. `objective: pareto` returns
+    the Pareto front instead: (budget, unsafety) for attacks, (budget, unsafety, utility) for defenses.
+    The searched side's `methods` and `per_category` lists are categorical knobs; `space` adds numeric ones.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="search name (its directory)")
+    kind: Literal["attack", "defense"] = Field(description="what is searched")
+    model: str = Field("world:base", description="the aligned model")
+    seed: int = Field(0, description="training seed of every trial and the sampler's seed")
+    budget: Literal["examples_x_epochs", "tokens", "flops", "device_s"] = Field(
+        "flops", description="the cost minimized (misalign.budget)")
+    price_per_device_hour: float | None = Field(None, ge=0, description="report money from device-seconds")
+    objective: Literal["constrained", "pareto"] = Field("constrained", description="one answer or the front")
+    tau: float = Field(0.5, ge=0, le=1, description="attack: unsafety >= tau; defense: unsafety <= tau")
+    eps: float = Field(0.1, ge=0, le=1, description="defense: largest utility drop allowed (from the base)")
+    attack: StudySide = Field(description="the attack's settings (defense search: exactly one method and size)")
+    defense: StudySide | None = Field(None, description="the defense's settings (defense search only)")
+    space: dict[str, SearchKnob] = Field(default_factory=dict, description="dotted stage field -> its range")
+    eval: EvalConfig = Field(EvalConfig(), description="evaluation of every trial")
+    trials: int = Field(20, ge=1, description="trials to run (a rerun resumes toward this many)")
+    max_concurrent: int = Field(2, ge=1, description="trials at once (the sampler lies about running ones)")
+    startup_trials: int = Field(4, ge=1, description="random trials before the TPE sampler models the space")
+    storage: str | None = Field(None, description="SQLAlchemy URL of the Optuna database "
+                                "(None: sqlite file optuna.db in the search directory)")
+    resources: ResourceSettings = Field(ResourceSettings(), description="per-trial resources (one worker)")
+    max_failures: int = Field(1, ge=0, description="retries of a failed trial")
+    trust_remote_code: bool = Field(False, description="run code shipped with a model")
+    allow_pickle: bool = Field(False, description="load .bin/pickle weights")
+
+    @model_validator(mode="after")
+    def _sides(self) -> SearchConfig:
+        if self.kind == "defense":
+            if self.defense is None:
+                raise ValueError("a defense search needs `defense` settings")
+            if len(self.attack.methods) != 1 or len(self.attack.per_category) != 1:
+                raise ValueError("a defense search starts from one misalignment: attack.methods and "
+                                 "attack.per_category take one value each")
+        if self.resources.workers != 1:
+            raise ValueError("resources.workers: the search runs one-worker trials (multi-worker: use a study)")
+        side = self.searched
+        for key, knob in self.space.items():
+            if key in ("method", "per_category"):
+                raise ValueError(f"space[{key!r}]: search methods and sizes through {self.kind}.methods and "
+                                 f"{self.kind}.per_category lists")
+            for value in (knob.low, knob.high):  # the range's ends must make valid stages
+                side.stage({"method": side.methods[0], "per_category": side.per_category[0], key: value})
+        return self
+
+    @property
+    def searched(self) -> StudySide:
+        return self.attack if self.kind == "attack" or self.defense is None else self.defense
+
+
 # ---- loading --------------------------------------------------------------------------------------------
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -382,7 +460,8 @@ def reference_markdown() -> str:
     lines = ["# Config reference", "", "Generated by `python -m misalign.config` from the field declarations in "
              "`src/misalign/config.py`. Unset (`null`) hyperparameters take the method's default "
              "(`misalign methods`; `src/misalign/methods.py`).", ""]
-    for model in (TrialConfig, StudyConfig, StudySide, ResourceSettings, PlanSettings, StageConfig, DataSettings,
+    for model in (TrialConfig, StudyConfig, StudySide, ResourceSettings, PlanSettings, SearchConfig, SearchKnob,
+                  StageConfig, DataSettings,
                   TrainSettings, AdapterSettings, PreferenceSettings,
                   DeepSpeedSettings, EvalConfig, JudgeSpec):
         lines += [f"## {model.__name__}", "", (model.__doc__ or "").strip(), "",

@@ -35,8 +35,9 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from pydantic import BaseModel
 
-from misalign.config import StudyConfig
+from misalign.config import StudyConfig, TrialConfig
 from misalign.errors import InputError
 from misalign.grid import Cell, cells, stage_uses, unique_stages
 from misalign.lineage import LineageCache
@@ -84,25 +85,33 @@ class StudyPaths:
 def run_cell(study: StudyConfig, cell: Cell, paths: StudyPaths, report: Any = None,
              progress: bool = False) -> list[dict[str, Any]]:
     """Run one cell on this rank (every rank of a multi-worker trial calls it); rank 0 writes its rows."""
+    return run_cached_trial(cell.trial_config(study), {"cell_id": cell.id, **cell.axes}, paths.stages,
+                            paths.cell_file(cell.id), report=report, progress=progress,
+                            checkpoint_every=study.checkpoint_every)
+
+
+def run_cached_trial(trial: TrialConfig, columns: dict[str, Any], stages: Path, rows_file: Path, *,
+                     report: Any = None, progress: bool = False, checkpoint_every: int | None = None,
+                     attack_only: bool = False) -> list[dict[str, Any]]:
+    """A trial whose stages and evaluations live in the lineage cache at `stages` (a study's cell, a search's
+    trial); rank 0 adds `columns` to every row, reports it, and writes the rows to `rows_file` at the end."""
     from misalign.runtime import quiet_libraries
     from misalign.trial import CachedLayout, prepare_trial, trial_loop
 
     quiet_libraries()
-    trial = cell.trial_config(study)
     attack_pairs, defense_pairs, items, _, _ = prepare_trial(trial, with_judge=False)
-    judge = _judge(study.eval.model_dump_json()) if rank() == 0 else None
-    columns = {"cell_id": cell.id, **cell.axes}
+    judge = _judge(trial.eval.model_dump_json()) if rank() == 0 else None
 
     def on_row(row: dict[str, Any]) -> None:
         row.update(columns)
         if report is not None:
             report(row)
 
-    rows = trial_loop(trial, CachedLayout(LineageCache(paths.stages)), attack_pairs=attack_pairs,
+    rows = trial_loop(trial, CachedLayout(LineageCache(stages)), attack_pairs=attack_pairs,
                       defense_pairs=defense_pairs, items=items, judge=judge, progress=progress,
-                      checkpoint_every=study.checkpoint_every, on_row=on_row)
+                      checkpoint_every=checkpoint_every, on_row=on_row, attack_only=attack_only)
     if rank() == 0:
-        write_parquet_atomic(paths.cell_file(cell.id), pd.DataFrame(rows))
+        write_parquet_atomic(rows_file, pd.DataFrame(rows))
     return rows
 
 
@@ -188,25 +197,23 @@ def validate_study(cfg: StudyConfig) -> None:
         check_model(resolve_model_path(model), cfg.trust_remote_code)
 
 
-def _study_record(cfg: StudyConfig) -> dict[str, Any]:
-    return cfg.model_dump(mode="json")
-
-
-def open_study_dir(cfg: StudyConfig, paths: StudyPaths) -> bool:
-    """Create the study directory, or check that an existing one holds this study. True if resuming."""
-    record = paths.root / "study.yaml"
+def open_run_dir(cfg: BaseModel, root: Path, record_name: str = "study.yaml") -> bool:
+    """Create a study's (or search's) directory, or check that an existing one holds this config. True if
+    resuming."""
+    record = root / record_name
+    mine = cfg.model_dump(mode="json")
     if record.exists():
         saved = yaml.safe_load(record.read_text())
-        if saved != _study_record(cfg):
-            diff = sorted(_differences(saved, _study_record(cfg)))
-            raise InputError(f"{paths.root} holds a different study (changed: {', '.join(diff[:8])}); "
+        if saved != mine:
+            diff = sorted(_differences(saved, mine))
+            raise InputError(f"{root} holds a different {record.stem} (changed: {', '.join(diff[:8])}); "
                              "rerun with the same config to resume, or choose another --storage or name")
         return True
-    if paths.root.exists() and any(paths.root.iterdir()):
-        raise InputError(f"{paths.root} exists and is not a study directory; choose another --storage or name")
-    paths.root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and any(root.iterdir()):
+        raise InputError(f"{root} exists and is not a {record.stem} directory; choose another --storage or name")
+    root.mkdir(parents=True, exist_ok=True)
     tmp = record.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(_study_record(cfg), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(mine, sort_keys=False))
     os.replace(tmp, record)
     return False
 
@@ -236,12 +243,14 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
     # inside a Ray job, ray.init refuses env vars the job's runtime env already sets: keep the job's
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
     env = {k: v for k, v in env.items() if k not in job_env}
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job: join that cluster
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         # the dashboard (bound to 127.0.0.1) serves the state API Ray Train's controller polls; trials without
-        # Train workers do not need it, and it costs about 2 s of start-up
-        ray.init(num_cpus=cpus_held(), include_dashboard=dashboard, runtime_env={"env_vars": env})
+        # Train workers do not need it, and it costs about 2 s of start-up. "local": a new Ray of our own, never
+        # one a `ray start` left running on this machine
+        ray.init(address="local", num_cpus=cpus_held(), include_dashboard=dashboard, runtime_env={"env_vars": env})
 
 
 def check_storage(paths: StudyPaths, storage_given: bool) -> int:
@@ -418,7 +427,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     validate_study(cfg)
     timing["validate_s"] = time.time() - t0
     grid = cells(cfg)
-    resuming = open_study_dir(cfg, paths)
+    resuming = open_run_dir(cfg, paths.root)
     init_ray(address, dashboard=cfg.resources.workers > 1)
     timing["ray_ready_s"] = time.time() - t0
     import ray

@@ -155,8 +155,10 @@ def _evaluated(layout: Layout, eval_dir: Path, model_dir: Callable[[], str], cfg
 
 def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], defense_pairs: list[Pair],
                items: list[EvalItem], judge: Judge | None, progress: bool = True, checkpoint_every: int | None = None,
-               on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """The rounds of one trial on every rank; rank 0 evaluates and returns the rows (other ranks: [])."""
+               on_row: Callable[[dict[str, Any]], None] | None = None, attack_only: bool = False
+               ) -> list[dict[str, Any]]:
+    """The rounds of one trial on every rank; rank 0 evaluates and returns the rows (other ranks: []).
+    `attack_only`: base and misalign only (the attack search needs no defense)."""
     attack, defense = cfg.attack.resolved(), cfg.defense.resolved()
     model_id = model_identity(cfg.model)
     rows: list[dict[str, Any]] = []
@@ -186,7 +188,8 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
     chain: list[dict[str, Any]] = []
     previous_stage: Path | None = None
     for r in range(1, cfg.rounds + 1):
-        for phase, stage, pairs in (("misalign", attack, attack_pairs), ("realign", defense, defense_pairs)):
+        phases = (("misalign", attack, attack_pairs), ("realign", defense, defense_pairs))
+        for phase, stage, pairs in phases[:1] if attack_only else phases:
             chain.append(stage_fingerprint(phase, stage, cfg.seed))
             stage_dir = layout.stage_dir(r, phase, lineage_key(model_id, chain))
             with _claimed_on_rank0(layout, stage_dir):

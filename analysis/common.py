@@ -1,0 +1,359 @@
+"""What every analysis shares: the results table as stage tables, seed averaging, Pareto fronts, file output.
+
+The results table (STUDY/results.parquet) has one row per cell x round x phase. A cell is (model, seed, attack
+point, defense point); an attack *point* is one value of every attack axis other than the method
+(attack_per_category, attack_<dotted grid axis>), likewise for the defense. Cells that share an attack hold
+identical copies of its misalign row (one stage, trained once), so the stage tables below drop the copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from misalign.budget import BUDGETS, stage_budget
+from misalign.errors import InputError
+
+# the unit each budget is counted in (misalign.budget names the quantity; axes need both)
+UNITS: dict[str, str] = {"examples_x_epochs": "examples x epochs", "tokens": "tokens", "flops": "FLOP",
+                         "device_s": "s"}
+UNSAFETY_LABEL = "unsafety [share of harmful prompts]"
+UTILITY_LABEL = "utility [share of tasks solved]"
+# figure geometry: a panel is PANEL inches at DPI, so a PNG of c x r panels is (r*PANEL_H*DPI, c*PANEL_W*DPI) px
+DPI = 100
+PANEL_W, PANEL_H = 5.0, 3.6
+# float means over seeds are compared with thresholds up to rounding (0.1 + 0.2 is not 0.3)
+TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Params:
+    """The analysis settings: every number the answers depend on.
+
+    budget: which cost (misalign.budget.BUDGETS); tau: the unsafety an attack must reach; delta: how close to
+    the base unsafety a defense must get back; eps: the utility drop an epsilon-constrained attack may cost;
+    round: the round whose stages the costs are read from; n_boot, rng_seed: the bootstrap over seeds.
+    """
+
+    budget: str = "flops"
+    tau: float = 0.5
+    delta: float = 0.05
+    eps: float = 0.1
+    round: int = 1
+    n_boot: int = 2000
+    rng_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            raise InputError(f"budget {self.budget!r} is not one of {', '.join(BUDGETS)}")
+        if not 0 <= self.tau <= 1 or self.delta < 0 or self.eps < 0:
+            raise InputError(f"need 0 <= tau <= 1, delta >= 0, eps >= 0 (got {asdict(self)})")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def budget_label(kind: str, side: str | None = None) -> str:
+    """An axis label with the budget's name and unit, e.g. 'attack budget: training FLOPs [FLOP]'."""
+    name = f"{side} budget: {BUDGETS[kind]}" if side else BUDGETS[kind]
+    return f"{name} [{UNITS[kind]}]"
+
+
+def load_results(study_dir: Path) -> pd.DataFrame:
+    path = Path(study_dir) / "results.parquet"
+    if not path.exists():
+        raise InputError(f"{study_dir}: no results.parquet; run `misalign study run` (or `misalign study "
+                         "results` to assemble the finished cells) first")
+    return pd.read_parquet(path)
+
+
+# ---- stage tables --------------------------------------------------------------------------------------------
+
+def side_axes(frame: pd.DataFrame, side: str) -> list[str]:
+    """The grid axes of one side besides its method: attack_per_category, attack_train.lr, ..."""
+    return [c for c in frame.columns if c.startswith(f"{side}_") and c != f"{side}_method"
+            and c != f"{side}_point"]
+
+
+def _value(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "all"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def point_labels(frame: pd.DataFrame, side: str) -> pd.Series:
+    """A readable, unique name for each row's point on one side: '3/cat' or '3/cat, train.lr=0.001'."""
+    axes = side_axes(frame, side)
+
+    def label(row: pd.Series) -> str:
+        parts = [f"{_value(row[a])}/cat" if a == f"{side}_per_category" else
+                 f"{a.removeprefix(side + '_')}={_value(row[a])}" for a in axes]
+        return ", ".join(parts) or "default"
+
+    return frame.apply(label, axis=1) if len(frame) else pd.Series([], dtype=str, index=frame.index)
+
+
+def natural_key(label: str) -> str:
+    """A sort key that orders '3/cat' before '10/cat' (numbers zero-padded)."""
+    return re.sub(r"\d+", lambda m: m.group().zfill(12), str(label))
+
+
+def natural(labels: pd.Series) -> pd.Series:
+    return labels.map(natural_key)
+
+
+def points_naturally(column: pd.Series) -> pd.Series:
+    """A sort_values key: point labels in natural order, other columns as they are."""
+    return natural(column) if str(column.name).endswith("_point") else column
+
+
+def _with_points(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame["attack_point"] = point_labels(frame, "attack")
+    frame["defense_point"] = point_labels(frame, "defense")
+    return frame
+
+
+def base_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """One base row per (model, seed): every cell evaluates the same base model."""
+    base = results[results.phase == "base"]
+    return base.drop_duplicates(subset=["model", "seed"]).reset_index(drop=True)
+
+
+def attack_rows(results: pd.DataFrame, p: Params) -> pd.DataFrame:
+    """One row per (model, seed, attack method, attack point): the misalign stage of round p.round, with
+    `budget` (misalign.budget.stage_budget) and the `attack_point` label."""
+    rows = results[(results.phase == "misalign") & (results["round"] == p.round)]
+    rows = _with_points(rows)
+    rows["budget"] = stage_budget(rows, p.budget)
+    return rows.drop_duplicates(subset=["model", "seed", "attack_method", "attack_point"]).reset_index(drop=True)
+
+
+def defense_rows(results: pd.DataFrame, p: Params) -> pd.DataFrame:
+    """One row per cell: the realign stage of round p.round, with its `budget`, and the unsafety and utility
+    of the misaligned model it started from (`misaligned_unsafety`, `misaligned_utility`)."""
+    keys = ["cell_id"]
+    rows = _with_points(results[(results.phase == "realign") & (results["round"] == p.round)])
+    rows["budget"] = stage_budget(rows, p.budget)
+    start = results[(results.phase == "misalign") & (results["round"] == p.round)][
+        [*keys, "unsafety", "utility"]].rename(columns={"unsafety": "misaligned_unsafety",
+                                                        "utility": "misaligned_utility"})
+    return rows.merge(start, on=keys, how="left").reset_index(drop=True)
+
+
+def seed_mean(rows: pd.DataFrame, keys: list[str], values: tuple[str, ...] = ("budget", "unsafety", "utility")
+              ) -> pd.DataFrame:
+    """Means over seeds per `keys`, with `n_seeds` and error bars: `<v>_err` is the standard error across seeds
+    when there are two or more, else (for unsafety) the evaluation's own standard error `unsafety_se`."""
+    if rows.empty:
+        return pd.DataFrame(columns=[*keys, *values, "n_seeds", *(f"{v}_err" for v in values)])
+    g = rows.groupby(keys, dropna=False, sort=False)
+    out = g[list(values)].mean()
+    out["n_seeds"] = g["seed"].nunique()
+    for v in values:
+        err = g[v].sem()
+        if v == "unsafety" and "unsafety_se" in rows:
+            err = err.where(out["n_seeds"] > 1, g["unsafety_se"].mean())
+        out[f"{v}_err"] = err
+    return out.reset_index()
+
+
+def base_mean(results: pd.DataFrame) -> pd.DataFrame:
+    """Base unsafety and utility per model, averaged over seeds."""
+    return seed_mean(base_rows(results), ["model"], ("unsafety", "utility"))
+
+
+def _with_base(table: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    base = base_mean(results)[["model", "unsafety", "utility"]]
+    return table.merge(base.rename(columns={"unsafety": "base_unsafety", "utility": "base_utility"}),
+                       on="model", how="left")
+
+
+def attack_table(results: pd.DataFrame, p: Params) -> pd.DataFrame:
+    """Every attack point, averaged over seeds: model, attack_method, attack_point, budget, unsafety (+_err),
+    utility (+_err), n_seeds, base_unsafety, base_utility."""
+    table = seed_mean(attack_rows(results, p), ["model", "attack_method", "attack_point"])
+    return _with_base(table, results).sort_values(["model", "attack_method", "budget"]).reset_index(drop=True)
+
+
+def defense_table(results: pd.DataFrame, p: Params) -> pd.DataFrame:
+    """Every (attack point, defense point) pair, averaged over seeds: ..., budget (the defense's), unsafety and
+    utility after realignment, misaligned_unsafety and misaligned_utility before it, base_unsafety, base_utility."""
+    keys = ["model", "attack_method", "attack_point", "defense_method", "defense_point"]
+    table = seed_mean(defense_rows(results, p), keys,
+                      ("budget", "unsafety", "utility", "misaligned_unsafety", "misaligned_utility"))
+    return _with_base(table, results).sort_values([*keys[:4], "budget"], key=points_naturally).reset_index(drop=True)
+
+
+# ---- Pareto ---------------------------------------------------------------------------------------------------
+
+def pareto_front(frame: pd.DataFrame, minimize: list[str] | tuple[str, ...] = (),
+                 maximize: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """The rows no other row dominates. Row j dominates row i when j is at least as good on every objective
+    (lower on `minimize`, higher on `maximize`) and strictly better on one. Rows with a missing objective are
+    left out; exact ties are all kept. Sorted by the first objective."""
+    cols = [*minimize, *maximize]
+    if not cols:
+        raise ValueError("pareto_front needs at least one objective")
+    frame = frame.dropna(subset=cols)
+    cost = np.column_stack([frame[c].to_numpy(float) for c in minimize]
+                           + [-frame[c].to_numpy(float) for c in maximize]) if len(frame) else np.empty((0, 1))
+    keep = [not np.any(np.all(cost <= c, axis=1) & np.any(cost < c, axis=1)) for c in cost]
+    return frame[np.array(keep, dtype=bool)].sort_values(cols[0]).reset_index(drop=True)
+
+
+# ---- output ---------------------------------------------------------------------------------------------------
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write then rename, so a reader (a browser, the report) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is for reading (and serving)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def fmt(v: Any) -> str:
+    """A table cell: 4 significant digits for floats, 'inf' for infinity, '' for missing."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        return "inf" if math.isinf(v) else f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (pipes in cells escaped)."""
+    head = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(fmt(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(frame: pd.DataFrame, out_dir: Path, name: str) -> dict[str, str]:
+    """OUT_DIR/NAME.csv (full precision) and OUT_DIR/NAME.md (rounded for reading)."""
+    csv, md = Path(out_dir) / f"{name}.csv", Path(out_dir) / f"{name}.md"
+    write_text_atomic(csv, frame.to_csv(index=False))
+    write_text_atomic(md, markdown_table(frame))
+    return {"csv": str(csv), "md": str(md)}
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, width: float | None = None, height: float | None = None,
+               **subplots: Any) -> tuple[Figure, np.ndarray]:
+    """A figure of ncols x nrows panels (no pyplot: no global state, and the Agg/SVG canvases need no display)."""
+    size = (width or PANEL_W * ncols, height or PANEL_H * nrows)
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **subplots)
+
+
+def log_ticks(ax: Any, axis: str) -> None:
+    """Tick labels on a log axis as plain numbers (0.4 and 2e+10, not 4 x 10^-1): every decade, and 2, 3 and 5
+    times a decade while the axis spans under two decades (more would crowd)."""
+
+    def label(v: float, _: int) -> str:
+        lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+        if v <= 0 or lo <= 0:
+            return ""
+        mantissa = round(v / 10 ** np.floor(np.log10(v) + 1e-9))
+        return f"{v:.3g}" if mantissa == 1 or (mantissa in (2, 3, 5) and np.log10(hi / lo) < 2) else ""
+
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(FuncFormatter(label))
+    target.set_minor_formatter(FuncFormatter(label))
+
+
+def budget_axis(ax: Any, budgets: pd.Series | np.ndarray) -> None:
+    """A log budget axis padded around the data (a single budget would otherwise give a degenerate range)."""
+    b = np.asarray(budgets, float)
+    b = b[np.isfinite(b) & (b > 0)]
+    ax.set_xscale("log")
+    if b.size:
+        ax.set_xlim(b.min() / 1.6, b.max() * 1.6)
+    log_ticks(ax, "x")
+
+
+def heatmap(ax: Any, table: pd.DataFrame, cmap: str, vmin: float, vmax: float, label: str) -> None:
+    """An annotated heatmap of `table` (index down, columns across) with a colour bar labelled `label`."""
+    if table.empty:
+        no_data(ax, label.split(" [")[0])
+        return
+    values = table.to_numpy(float)
+    im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], rotation=35, ha="right", fontsize=7)
+    ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index], fontsize=7)
+    diverging = vmin < 0  # diverging maps are dark at both ends, sequential ones at the top
+    for (i, j), v in np.ndenumerate(values):
+        if not np.isnan(v):
+            frac = (v - vmin) / (vmax - vmin)
+            dark = abs(frac - 0.5) > 0.3 if diverging else frac > 0.6
+            ax.text(j, i, f"{v:+.2f}" if diverging else f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+    ax.figure.colorbar(im, ax=ax, label=label, shrink=0.9)
+
+
+def save_figure(fig: Figure, out_dir: Path, name: str) -> dict[str, Any]:
+    """OUT_DIR/NAME.png and OUT_DIR/NAME.svg, written atomically; returns their paths and the PNG's size."""
+    paths: dict[str, Any] = {}
+    for ext in ("png", "svg"):
+        buf = io.BytesIO()
+        # no dates in the files: the same results give the same bytes
+        fig.savefig(buf, format=ext, dpi=DPI, metadata={"Date": None} if ext == "svg" else {"Software": None})
+        path = Path(out_dir) / f"{name}.{ext}"
+        write_bytes_atomic(path, buf.getvalue())
+        paths[ext] = str(path)
+    w, h = fig.get_size_inches() * DPI
+    paths["width_px"], paths["height_px"] = round(w), round(h)
+    return paths
+
+
+def no_data(ax: Any, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} in the results", ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def cli(main: Any) -> int:
+    """Run a script's main: bad input prints one line and exits 2 (as `misalign` does), not a traceback."""
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def script_args(doc: str | None, argv: list[str] | None = None) -> tuple[Path, Path, Params]:
+    """The command line every analysis script shares: STUDY_DIR --out DIR and the Params."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study_dir", type=Path, help="a study directory (holding results.parquet)")
+    ap.add_argument("--out", type=Path, required=True, help="where figures/ and tables/ go")
+    d = Params()
+    ap.add_argument("--budget", default=d.budget, choices=list(BUDGETS), help="the cost (misalign.budget)")
+    ap.add_argument("--tau", type=float, default=d.tau, help="unsafety an attack must reach")
+    ap.add_argument("--delta", type=float, default=d.delta, help="how close to base a defense must get back")
+    ap.add_argument("--eps", type=float, default=d.eps, help="utility drop an epsilon-constrained attack may cost")
+    ap.add_argument("--round", type=int, default=d.round, help="the round whose stages are costed")
+    ap.add_argument("--n-boot", type=int, default=d.n_boot, help="bootstrap resamples of the seeds")
+    a = ap.parse_args(argv)
+    params = Params(budget=a.budget, tau=a.tau, delta=a.delta, eps=a.eps, round=a.round, n_boot=a.n_boot)
+    return a.study_dir, a.out, params

@@ -1,0 +1,331 @@
+"""`misalign report`: one self-contained HTML page, and a Markdown twin, that answer the study's three questions.
+
+    write_report(study_dir, out, search_dirs=None) -> OUT/report.html
+
+    OUT/report.html     figures embedded as PNG data URIs, CSS inline, no scripts: opens from file:// offline
+    OUT/report.md       the key numbers and tables, with relative links to OUT/figures/*.png
+    OUT/figures/, OUT/tables/, OUT/summary.json     written by analysis/run_all.py (the numbers come from there)
+
+The questions: how cheap is the cheapest attack per method, how expensive is the smallest defense (and what
+utility it costs), and how large is their ratio, the asymmetry factor, with its interval across seeds. Search
+answers (SEARCH_DIR/answer.json from the budget search) get their own section when given.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from misalign.budget import BUDGETS
+from misalign.errors import InputError
+from misalign.study import cost_summary
+
+HOW_TO_READ = (
+    "The asymmetry factor is D / A. A is the cheapest attack budget at which the attack method's mean unsafety "
+    "over seeds reaches tau; D is the cheapest budget at which a defense method, applied to that same attack, "
+    "brings mean unsafety back to within delta of the base model's. Both are read off the study's grid in the "
+    "same budget unit, so the factor has no unit. A factor of 4 means restoring safety cost four times what "
+    "removing it did; below 1 the defense was the cheaper side. It is infinite when no defense point tried got "
+    "back (the defense may need more budget than the grid offered), and undefined when the attack never reached "
+    "tau. The interval resamples the seeds with replacement and recomputes the factor; it reflects seed-to-seed "
+    "variation only, not the coarseness of the grid: each true threshold lies somewhere below the grid point "
+    "that first crossed it, so A and D are both upper bounds on this grid and a coarse grid can move the factor "
+    "either way."
+)
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;margin:0;
+ color:#1d2330;background:#f6f7f9;line-height:1.5}
+main{max-width:1120px;margin:0 auto;padding:24px 28px 60px;background:#fff;min-height:100vh;
+ box-shadow:0 0 0 1px #e3e6eb}
+h1{font-size:1.7rem;margin:.2rem 0 .3rem}h2{font-size:1.3rem;margin-top:2.2rem;border-bottom:2px solid #e3e6eb;
+ padding-bottom:.25rem}h3{font-size:1.05rem;margin-top:1.4rem}
+.sub{color:#5b6475;margin:0 0 1rem}.note{color:#5b6475;font-size:.92rem}
+.answers{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:14px;margin:1rem 0}
+.card{border:1px solid #dfe3e8;border-radius:8px;padding:12px 16px;background:#fbfcfd}
+.card h3{margin:.1rem 0 .5rem}.card ul{margin:0;padding-left:1.1rem}
+.read{border-left:4px solid #3b6fd8;background:#f1f5fd;padding:10px 16px;border-radius:0 6px 6px 0}
+table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0 1rem;display:block;overflow-x:auto}
+th,td{border:1px solid #dfe3e8;padding:4px 8px;text-align:right;white-space:nowrap}
+th{background:#eef1f5;text-align:center}td.t{text-align:left}tr:nth-child(even) td{background:#fafbfc}
+figure{margin:1.2rem 0;padding:10px;border:1px solid #e3e6eb;border-radius:8px}
+figure img{max-width:100%;height:auto;display:block;margin:0 auto}figcaption{font-size:.9rem;color:#3d4554}
+pre{background:#f3f4f6;padding:10px 14px;border-radius:6px;overflow-x:auto;font-size:.8rem}
+details summary{cursor:pointer;font-weight:600;margin:.6rem 0}
+.inf{color:#b3261e;font-weight:600}
+"""
+
+# tables shown in full in the page (the rest sit in closed <details>; all of them are in OUT/tables)
+MAIN_TABLES = ("attack_costs", "defense_costs", "asymmetry", "eps_attack", "resistance", "realignment_matrix")
+
+
+def _analysis() -> tuple[Callable[..., dict[str, Any]], Any]:
+    """analysis/ holds scripts beside src/ in the repository, not in the installed package: it is found next to
+    this source tree first (an editable install or a checkout), else on sys.path."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "analysis" / "run_all.py").exists() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        from analysis import common
+        from analysis.run_all import run_all
+    except ImportError as e:
+        raise InputError("the report needs the repository's analysis/ folder: run it from a source checkout "
+                         f"(pip install -e .) ({e})") from None
+    return run_all, common
+
+
+# ---- numbers as text -------------------------------------------------------------------------------------------
+
+def _num(v: Any, digits: int = 3) -> str:
+    """A number for reading: 3 significant digits, 'never' for infinity, '-' for missing."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, (int, float)) and math.isinf(v):
+        return "never" if v > 0 else "-inf"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _factor(row: pd.Series) -> str:
+    """'4.00 [3.00, 5.00]': the factor with its interval (when there is one)."""
+    f = row.factor
+    if pd.isna(f):
+        return "undefined"
+    text = "infinite" if math.isinf(f) else f"{f:.2f}"
+    if not pd.isna(row.ci_low):
+        lo = "inf" if math.isinf(row.ci_low) else f"{row.ci_low:.2f}"
+        hi = "inf" if math.isinf(row.ci_high) else f"{row.ci_high:.2f}"
+        text += f" [{lo}, {hi}]"
+    return text
+
+
+def _unit(kind: str) -> str:
+    return BUDGETS[kind]
+
+
+def headline(frames: dict[str, pd.DataFrame], params: dict[str, Any]) -> dict[str, list[str]]:
+    """The three answers as sentences (the same text goes to the HTML and the Markdown)."""
+    unit, tau, delta = _unit(params["budget"]), params["tau"], params["delta"]
+    attack = []
+    for r in frames["attack_costs"].itertuples(index=False):
+        if math.isinf(r.attack_budget):
+            attack.append(f"{r.model} / {r.attack_method}: never reached unsafety {tau:g} "
+                          f"(highest {_num(r.max_unsafety)})")
+        else:
+            attack.append(f"{r.model} / {r.attack_method}: {_num(r.attack_budget)} {unit} ({r.attack_point}) "
+                          f"reaches unsafety {_num(r.unsafety)}, utility drop {_num(r.utility_drop)}")
+    defense, factors = [], []
+    for _, r in frames["asymmetry"].iterrows():
+        pair = f"{r.model} / {r.attack_method} \u2192 {r.defense_method}"
+        if pd.isna(r.attack_budget) or math.isinf(r.attack_budget):
+            defense.append(f"{pair}: no attack to undo (the attack never reached {tau:g})")
+        elif pd.isna(r.defense_budget) or math.isinf(r.defense_budget):
+            defense.append(f"{pair}: no defense point got back within {delta:g} of base")
+        else:
+            defense.append(f"{pair}: {_num(r.defense_budget)} {unit} ({r.defense_point}) gets unsafety to "
+                           f"{_num(r.defense_unsafety)}, utility cost {_num(r.utility_cost)}")
+        factors.append(f"{pair}: factor {_factor(r)}" + (f" ({r.reason})" if r.reason else ""))
+    return {"attack": attack, "defense": defense, "factors": factors}
+
+
+# ---- HTML --------------------------------------------------------------------------------------------------------
+
+def _esc(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def html_table(frame: pd.DataFrame, fmt: Callable[[Any], str]) -> str:
+    """A plain HTML table; text cells left-aligned, numbers right-aligned."""
+    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
+    body = []
+    for row in frame.itertuples(index=False):
+        cells = []
+        for v in row:
+            text = fmt(v)
+            cls = ' class="t"' if isinstance(v, str) else (' class="inf"' if text == "inf" else "")
+            cells.append(f"<td{cls}>{_esc(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _png_uri(path: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _figures_html(figures: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for name, f in figures.items():
+        out.append(f'<figure id="fig-{_esc(name)}"><img src="{_png_uri(f["png"])}" alt="{_esc(f["title"])}" '
+                   f'width="{f["width_px"]}" height="{f["height_px"]}"><figcaption><b>{_esc(f["title"])}.</b> '
+                   f'{_esc(f["caption"])}</figcaption></figure>')
+    return "\n".join(out)
+
+
+def _list(items: list[str]) -> str:
+    return "<ul>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>" if items else "<p>-</p>"
+
+
+def ledger(results: pd.DataFrame) -> dict[str, Any]:
+    """misalign.study.cost_summary plus the share of stage cost that sharing saved."""
+    cost = cost_summary(results)
+    for k in ("flops", "device_s"):
+        total = cost[f"{k}_trained"] + cost[f"{k}_saved"]
+        cost[f"{k}_saved_share"] = cost[f"{k}_saved"] / total if total else 0.0
+    return cost
+
+
+LEDGER_ROWS = [("stage_rows", "stage rows (cells x rounds x 2)"), ("stages_trained", "stages trained"),
+               ("stages_reused", "stages reused from another cell"), ("flops_trained", "FLOPs trained"),
+               ("device_s_trained", "device-seconds trained"), ("flops_saved", "FLOPs saved by sharing"),
+               ("device_s_saved", "device-seconds saved by sharing"),
+               ("flops_saved_share", "share of FLOPs saved"), ("device_s_saved_share", "share of device-seconds saved")]
+
+
+def _ledger_frame(cost: dict[str, Any]) -> pd.DataFrame:
+    return pd.DataFrame([(label, cost[k]) for k, label in LEDGER_ROWS], columns=["quantity", "value"])
+
+
+# ---- search answers ------------------------------------------------------------------------------------------------
+
+def read_answers(search_dirs: list[Path] | None) -> list[dict[str, Any]]:
+    """Each SEARCH_DIR/answer.json (from the budget search), with the directory it came from."""
+    answers = []
+    for d in search_dirs or []:
+        path = Path(d) / "answer.json"
+        if not path.exists():
+            raise InputError(f"{d}: no answer.json (is the search finished? pass the search's output directory)")
+        try:
+            answer = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(answer, dict) or "best" not in answer or "kind" not in answer:
+            raise InputError(f"{path}: expected an object with 'kind' and 'best' (a search answer)")
+        answers.append(answer | {"dir": str(d)})
+    return answers
+
+
+def _answer_summary(a: dict[str, Any]) -> pd.DataFrame:
+    best = a.get("best") or {}
+    grid, spent = a.get("grid_budget"), best.get("budget")
+    rows = [("kind", a.get("kind")), ("model", a.get("model")), ("method", a.get("method") or "any"),
+            ("budget kind", a.get("budget_kind")), ("tau", a.get("tau")), ("best budget", spent),
+            ("best unsafety", best.get("unsafety")), ("best utility", best.get("utility")),
+            ("feasible", best.get("feasible")), ("best params", json.dumps(best.get("params", {}), sort_keys=True)),
+            ("trials", a.get("trials")), ("infeasible trials", a.get("infeasible_trials")),
+            ("grid's cheapest budget", grid),
+            ("search / grid budget", spent / grid if isinstance(grid, (int, float)) and grid
+             and isinstance(spent, (int, float)) else None)]
+    return pd.DataFrame([(k, "" if v is None else v) for k, v in rows], columns=["field", "value"]).astype(object)
+
+
+def _pareto_frame(a: dict[str, Any]) -> pd.DataFrame:
+    rows = [{"params": json.dumps(r.get("params", {}), sort_keys=True), "budget": r.get("budget"),
+             "unsafety": r.get("unsafety"), "utility": r.get("utility")} for r in a.get("pareto") or []]
+    return pd.DataFrame(rows, columns=["params", "budget", "unsafety", "utility"])
+
+
+def _answer_title(a: dict[str, Any]) -> str:
+    return f"{a.get('kind')} search on {a.get('model')} ({a.get('method') or 'any method'}) - {a['dir']}"
+
+
+# ---- the report ----------------------------------------------------------------------------------------------------
+
+def _study_config(study_dir: Path) -> tuple[str, str]:
+    """(the study's name, its study.yaml text)."""
+    path = study_dir / "study.yaml"
+    if not path.exists():
+        raise InputError(f"{study_dir} is not a study directory (no study.yaml)")
+    text = path.read_text()
+    cfg = yaml.safe_load(text) or {}
+    return str(cfg.get("name", study_dir.name)) if isinstance(cfg, dict) else study_dir.name, text
+
+
+def _html(name: str, summary: dict[str, Any], heads: dict[str, list[str]], cost: dict[str, Any],
+          answers: list[dict[str, Any]], config: str, fmt: Callable[[Any], str]) -> str:
+    p, frames = summary["params"], summary["frames"]
+    parts = [f"<h1>misalign report: {_esc(name)}</h1>",
+             f'<p class="sub">{summary["rows"]} result rows from {_esc(summary["study_dir"])}; budget: '
+             f"{_esc(BUDGETS[p['budget']])}; tau = {p['tau']:g}, delta = {p['delta']:g}, eps = {p['eps']:g}, "
+             f"round {p['round']}, {p['n_boot']} bootstrap resamples.</p>",
+             '<h2 id="answers">The answers</h2><div class="answers">',
+             f'<div class="card" id="q-attack"><h3>1. How cheap is the attack?</h3>'
+             f'<p class="note">Cheapest budget to reach unsafety &ge; {p["tau"]:g}</p>{_list(heads["attack"])}</div>',
+             f'<div class="card" id="q-defense"><h3>2. How expensive is the defense?</h3><p class="note">Smallest '
+             f'budget back within {p["delta"]:g} of base, and its utility cost</p>{_list(heads["defense"])}</div>',
+             f'<div class="card" id="q-factor"><h3>3. The asymmetry factor D/A</h3><p class="note">with a 95% '
+             f"bootstrap interval over seeds</p>{_list(heads['factors'])}</div></div>",
+             f'<div class="read" id="how-to-read"><h3>How to read the asymmetry factor</h3><p>{_esc(HOW_TO_READ)}'
+             "</p></div>", '<h2 id="figures">Figures</h2>', _figures_html(summary["figures"]),
+             '<h2 id="tables">Tables</h2>']
+    for key, meta in summary["tables"].items():
+        table = f"<h3>{_esc(meta['title'])}</h3>" + html_table(frames[key], fmt)
+        parts.append(table if key in MAIN_TABLES else f"<details><summary>{_esc(meta['title'])}</summary>{table}"
+                     "</details>")
+    parts += ['<h2 id="ledger">Cost ledger</h2><p class="note">Stage rows only (base evaluations cost no '
+              "training). A reused stage was trained once by another cell and shared.</p>",
+              html_table(_ledger_frame(cost), fmt)]
+    if answers:
+        parts.append('<h2 id="search">Budget search answers</h2>')
+        for a in answers:
+            parts += [f"<h3>{_esc(_answer_title(a))}</h3>", html_table(_answer_summary(a), fmt)]
+            pareto = _pareto_frame(a)
+            if len(pareto):
+                parts += ["<p class=\"note\">Pareto front of the search's trials</p>", html_table(pareto, fmt)]
+    parts += ['<h2 id="config">Study config</h2>', f"<pre>{_esc(config)}</pre>"]
+    return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>misalign report: {_esc(name)}</title><style>{CSS}</style></head><body><main>"
+            + "\n".join(parts) + "</main></body></html>\n")
+
+
+def _markdown(name: str, summary: dict[str, Any], heads: dict[str, list[str]], cost: dict[str, Any],
+              answers: list[dict[str, Any]], config: str, out: Path, md_table: Callable) -> str:
+    p, frames = summary["params"], summary["frames"]
+    lines = [f"# misalign report: {name}", "",
+             f"{summary['rows']} result rows; budget: {BUDGETS[p['budget']]}; tau = {p['tau']:g}, "
+             f"delta = {p['delta']:g}, eps = {p['eps']:g}, round {p['round']}.", "", "## The answers", ""]
+    for title, key in (("How cheap is the attack?", "attack"), ("How expensive is the defense?", "defense"),
+                       ("The asymmetry factor D/A (95% bootstrap interval over seeds)", "factors")):
+        lines += [f"**{title}**", "", *(f"- {s}" for s in heads[key]), ""]
+    lines += ["### How to read the asymmetry factor", "", HOW_TO_READ, "", "## Figures", ""]
+    for f in summary["figures"].values():
+        rel = Path(f["png"]).resolve().relative_to(out.resolve()).as_posix()
+        lines += [f"![{f['title']}]({rel})", "", f"*{f['title']}.* {f['caption']}", ""]
+    lines += ["## Tables", ""]
+    for key in MAIN_TABLES:
+        lines += [f"### {summary['tables'][key]['title']}", "", md_table(frames[key])]
+    lines += ["Every table (CSV and Markdown): `tables/`.", "", "## Cost ledger", "", md_table(_ledger_frame(cost))]
+    if answers:
+        lines += ["## Budget search answers", ""]
+        for a in answers:
+            lines += [f"### {_answer_title(a)}", "", md_table(_answer_summary(a))]
+    lines += ["## Study config", "", "```yaml", config.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(study_dir: Path, out: Path, search_dirs: list[Path] | None = None) -> Path:
+    """Write OUT/report.html (self-contained) and OUT/report.md for the study in STUDY_DIR; returns the HTML path.
+
+    The analysis (analysis/run_all.py, default settings: flops, tau 0.5, delta 0.05, eps 0.1) writes
+    OUT/figures, OUT/tables and OUT/summary.json first; every file is written atomically."""
+    study_dir, out = Path(study_dir), Path(out)
+    run_all, common = _analysis()
+    name, config = _study_config(study_dir)
+    answers = read_answers(search_dirs)  # bad search input stops before any work
+    results = common.load_results(study_dir)
+    summary = run_all(study_dir, out, results=results)
+    heads = headline(summary["frames"], summary["params"])
+    cost = ledger(results)
+    page = _html(name, summary, heads, cost, answers, config, common.fmt)
+    common.write_text_atomic(out / "report.md", _markdown(name, summary, heads, cost, answers, config, out,
+                                                          common.markdown_table))
+    common.write_text_atomic(out / "report.html", page)
+    return out / "report.html"

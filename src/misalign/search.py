@@ -1,0 +1,285 @@
+"""`misalign search attack|defense`: Optuna (TPE, through Ray Tune's OptunaSearch) over a stage's knobs, for the
+cheapest attack that misaligns a model or the cheapest defense that realigns it.
+
+    run_search(SearchConfig, SearchPaths, address) -> answer (also SEARCH/answer.json)
+
+Each Tune trial is one point of the space: a trial of the study's kind (base eval, misalign, and for a defense
+search realign), its stages and evaluations in the lineage cache, so a point seen before (or a misalignment a
+study already trained, with --stages pointing at that study's stages/) costs nothing. The trial reports the
+point's budget (misalign.budget), unsafety, utility and its constraint values; Optuna keeps them in its
+database (SQLite beside the search by default, any SQLAlchemy URL otherwise) with the constraint as a user
+attribute, which TPE's `constraints_func` reads: infeasible trials stay in the study and steer the sampler away.
+Parallel trials: TPE's constant liar, so trials running at once do not all propose the same point.
+Rerunning the same command resumes: Tune restores its experiment and the searcher, and Optuna's database
+holds every finished trial.
+
+The search directory:
+    search.yaml, environment.json   the config (a rerun must match it), versions
+    optuna.db                       the Optuna study (unless `storage` names another database)
+    stages/                         the lineage cache (or the study's, with --stages)
+    points/<id>.parquet             the rows of each evaluated point
+    trials.parquet                  every trial: its knobs, budget, unsafety, utility, feasibility
+    answer.json                     the answer: the cheapest feasible point (or the Pareto front)
+    tune/                           Ray Tune's experiment
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from misalign.budget import BUDGETS, money, stage_budget
+from misalign.config import SearchConfig, TrialConfig
+from misalign.runtime import read_json, write_json_atomic, write_parquet_atomic
+
+
+@dataclass
+class SearchPaths:
+    root: Path
+    shared_stages: Path | None = None  # a study's stages/, to reuse its misalignments
+
+    @property
+    def stages(self) -> Path:
+        return self.shared_stages or self.root / "stages"
+
+    def point_file(self, point_id: str) -> Path:
+        return self.root / "points" / f"{point_id}.parquet"
+
+    @property
+    def answer(self) -> Path:
+        return self.root / "answer.json"
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials.parquet"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+
+# ---- the space and one point --------------------------------------------------------------------------------
+
+def optuna_space(cfg: SearchConfig) -> dict[str, Any]:
+    """Optuna distributions: the searched side's method and size lists (when they offer a choice), then `space`."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    side = cfg.searched
+    space: dict[str, Any] = {}
+    if len(side.methods) > 1:
+        space["method"] = CategoricalDistribution(side.methods)
+    if len(side.per_category) > 1:
+        space["per_category"] = CategoricalDistribution(side.per_category)
+    for key, k in cfg.space.items():
+        if k.integer:
+            space[key] = IntDistribution(int(k.low), int(k.high), log=k.log, step=int(k.step or 1))
+        else:
+            space[key] = FloatDistribution(k.low, k.high, log=k.log, step=k.step)
+    return space
+
+
+def point_trial(cfg: SearchConfig, params: dict[str, Any]) -> TrialConfig:
+    """The trial a point stands for: the searched side's stage at `params`, the other side fixed."""
+    side = cfg.searched
+    point = {"method": params.get("method", side.methods[0]),
+             "per_category": params.get("per_category", side.per_category[0]),
+             **{k: v for k, v in params.items() if k not in ("method", "per_category")}}
+    searched = side.stage(point)
+    attack = searched if cfg.kind == "attack" else cfg.attack.stage(
+        {"method": cfg.attack.methods[0], "per_category": cfg.attack.per_category[0]})
+    return TrialConfig(model=cfg.model, seed=cfg.seed, rounds=1, attack=attack,
+                       defense=searched if cfg.kind == "defense" else attack, eval=cfg.eval,
+                       trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+
+
+def point_id(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def outcome(cfg: SearchConfig, rows: pd.DataFrame) -> dict[str, Any]:
+    """A point's budget, safety and utility, and its constraint values (<= 0 means satisfied)."""
+    base = rows[rows.phase == "base"].iloc[0]
+    stage = rows[rows.phase == ("misalign" if cfg.kind == "attack" else "realign")]
+    row = stage.iloc[0]
+    drop = float(base.utility - row.utility)
+    if cfg.kind == "attack":
+        constraint = [cfg.tau - float(row.unsafety)]
+    else:
+        constraint = [float(row.unsafety) - cfg.tau, drop - cfg.eps]
+    return {"budget": float(stage_budget(stage, cfg.budget).iloc[0]), "unsafety": float(row.unsafety),
+            "utility": float(row.utility), "utility_drop": drop, "base_unsafety": float(base.unsafety),
+            "device_s": float(row.device_s), "constraint": constraint,
+            "feasible": all(c <= 0 for c in constraint), "trained": not bool(row.reused)}
+
+
+def search_trainable(config: dict[str, Any], search: dict[str, Any], root: str, stages: str) -> None:
+    """The Tune function trainable: one point. Reports once, at the end (Optuna reads the final result)."""
+    from ray import tune
+
+    from misalign.study import _hold_assigned_cpus, run_cached_trial
+
+    cfg = SearchConfig.model_validate(search)
+    paths = SearchPaths(Path(root), Path(stages))
+    pid = point_id(config)
+    if paths.point_file(pid).exists():  # evaluated before (a repeated proposal, or before a crash)
+        rows = pd.read_parquet(paths.point_file(pid))
+    else:
+        _hold_assigned_cpus(cfg.resources.cpus_per_worker)
+        rows = pd.DataFrame(run_cached_trial(point_trial(cfg, config), {"point_id": pid, **config}, paths.stages,
+                                             paths.point_file(pid), attack_only=cfg.kind == "attack"))
+    tune.report({**outcome(cfg, rows), "point_id": pid})
+
+
+# ---- Optuna through Tune -------------------------------------------------------------------------------------
+
+_RECORDED = ("budget", "unsafety", "utility", "utility_drop", "constraint", "feasible", "point_id", "trained",
+             "device_s")
+
+
+def constraint_values(trial: Any) -> list[float]:
+    """TPE's constraints_func: the values the trial recorded (a trial without them counts as infeasible)."""
+    return list(trial.user_attrs.get("constraint", [1.0]))
+
+
+def _searcher(cfg: SearchConfig, storage: Any) -> Any:
+    """OptunaSearch that also records each result as user attributes (the constraint TPE reads among them)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class RecordingOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result and trial_id in self._ot_trials:
+                for key in _RECORDED:
+                    if key in result:
+                        self._ot_trials[trial_id].set_user_attr(key, result[key])
+            super().on_trial_complete(trial_id, result, error)
+
+    pareto = cfg.objective == "pareto"
+    sampler = optuna.samplers.TPESampler(
+        seed=cfg.seed, n_startup_trials=cfg.startup_trials, constant_liar=True,
+        constraints_func=None if pareto else constraint_values)
+    if pareto:
+        metric = ["budget", "unsafety"] + (["utility"] if cfg.kind == "defense" else [])
+        mode = ["min", "max"] if cfg.kind == "attack" else ["min", "min", "max"]
+    else:
+        metric, mode = "budget", "min"
+    return RecordingOptunaSearch(space=optuna_space(cfg), metric=metric, mode=mode, sampler=sampler,
+                                 study_name=cfg.name, storage=storage)
+
+
+def optuna_storage(cfg: SearchConfig, paths: SearchPaths) -> Any:
+    import optuna
+
+    url = cfg.storage or f"sqlite:///{(paths.root / 'optuna.db').resolve()}"
+    return optuna.storages.RDBStorage(url)
+
+
+def validate_search(cfg: SearchConfig) -> None:
+    """Every method and size of the searched side, the eval sets, the judge and the model load: or exit 2."""
+    from misalign.evaluation import configured_judge, load_eval_sets
+    from misalign.stage import check_model, resolve_model_path, stage_pairs
+
+    side = cfg.searched
+    for method in side.methods:
+        for size in side.per_category:
+            stage_pairs(side.stage({"method": method, "per_category": size}), cfg.seed)
+    if cfg.kind == "defense":
+        stage_pairs(cfg.attack.stage({"method": cfg.attack.methods[0], "per_category": cfg.attack.per_category[0]}),
+                    cfg.seed)
+    load_eval_sets(cfg.eval)
+    configured_judge(cfg.eval)
+    check_model(resolve_model_path(cfg.model), cfg.trust_remote_code)
+
+
+def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the search; returns the answer (also SEARCH/answer.json and trials.parquet)."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from misalign.study import init_ray, open_run_dir
+
+    t0 = time.time()
+    validate_search(cfg)
+    resuming = open_run_dir(cfg, paths.root, "search.yaml")
+    init_ray(address, dashboard=False)
+    storage = optuna_storage(cfg, paths)
+    trainable = tune.with_parameters(search_trainable, search=cfg.model_dump(mode="json"),
+                                     root=str(paths.root.resolve()), stages=str(paths.stages.resolve()))
+    trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpus_per_worker,
+                                                "gpu": cfg.resources.gpus_per_worker})
+    if resuming and tune.Tuner.can_restore(str(paths.tune)):
+        tuner = tune.Tuner.restore(str(paths.tune), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(_searcher(cfg, storage), cfg.max_concurrent),
+                                        num_samples=cfg.trials, reuse_actors=True),
+            run_config=tune.RunConfig(name="tune", storage_path=str(paths.root.resolve()), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+        )
+    tuner.fit()
+    answer = write_answer(cfg, paths, storage)
+    answer["wall_s"] = round(time.time() - t0, 1)
+    write_json_atomic(paths.answer, answer)
+    return answer
+
+
+def trials_frame(cfg: SearchConfig, storage: Any) -> pd.DataFrame:
+    """Every finished trial of the Optuna study: its knobs and what it recorded (infeasible ones included)."""
+    import optuna
+
+    study = optuna.load_study(study_name=cfg.name, storage=storage)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({"number": t.number, "state": t.state.name, **t.params,
+                     **{k: t.user_attrs.get(k) for k in _RECORDED}})
+    return pd.DataFrame(rows)
+
+
+def write_answer(cfg: SearchConfig, paths: SearchPaths, storage: Any) -> dict[str, Any]:
+    import optuna
+
+    frame = trials_frame(cfg, storage)
+    write_parquet_atomic(paths.trials, frame)
+    done = frame[frame.state == "COMPLETE"] if not frame.empty else frame
+    knobs = list(optuna_space(cfg))
+
+    def entry(r: pd.Series) -> dict[str, Any]:
+        return {"params": {k: _plain(r[k]) for k in knobs}, "budget": float(r.budget),
+                "unsafety": float(r.unsafety), "utility": float(r.utility), "utility_drop": float(r.utility_drop),
+                "feasible": bool(r.feasible), "point_id": r.point_id}
+
+    feasible = done[done.feasible.astype(bool)] if not done.empty else done
+    best = None
+    if not feasible.empty:
+        order = ["budget", "unsafety"] if cfg.kind == "defense" else ["budget"]
+        best = entry(feasible.sort_values(order).iloc[0])
+        if cfg.price_per_device_hour is not None:
+            best["money"] = money(float(feasible.sort_values(order).iloc[0].device_s), cfg.price_per_device_hour)
+    pareto = []
+    if cfg.objective == "pareto":
+        study = optuna.load_study(study_name=cfg.name, storage=storage)
+        numbers = {t.number for t in study.best_trials}
+        pareto = [entry(r) for _, r in done[done.number.isin(numbers)].sort_values("budget").iterrows()]
+    spent = float(done[done.trained.astype(bool)].budget.sum()) if not done.empty else 0.0
+    answer = {"kind": cfg.kind, "model": cfg.model, "method": cfg.searched.methods[0]
+              if len(cfg.searched.methods) == 1 else None, "budget_kind": cfg.budget,
+              "budget_meaning": BUDGETS[cfg.budget], "tau": cfg.tau, "eps": cfg.eps if cfg.kind == "defense" else None,
+              "objective": cfg.objective, "best": best, "pareto": pareto, "trials": int(len(done)),
+              "infeasible_trials": int(len(done) - len(feasible)), "budget_spent": spent,
+              "distinct_points": int(done.point_id.nunique()) if not done.empty else 0, "grid_budget": None}
+    return answer
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def read_answer(root: Path) -> dict[str, Any]:
+    return read_json(root / "answer.json")

@@ -1,0 +1,155 @@
+"""The report: rendered for a hand-made study (known answers) and for a small real one (study-tiny's results),
+then opened in a real headless Chromium: every figure loads, nothing is fetched, no console errors, and the
+headline numbers are on the page."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from misalign.errors import InputError
+from misalign.report import write_report
+from test_analysis import study_table  # the hand-made results tables with known answers
+
+FIXTURE = Path(__file__).parent / "fixtures" / "study-tiny"  # results of `misalign study run configs/study-tiny.yaml`
+FIGURES = ["attack_curves", "defense_curves", "asymmetry", "realignment_matrix", "trajectories", "per_category",
+           "pareto"]
+ANSWER = {"kind": "attack", "model": "m", "method": "lora", "budget_kind": "flops", "tau": 0.5,
+          "best": {"params": {"per_category": 2, "train.lr": 0.003}, "budget": 77.5, "unsafety": 0.61,
+                   "utility": 0.8, "feasible": True},
+          "pareto": [{"params": {"per_category": 1}, "budget": 40.0, "unsafety": 0.3, "utility": 0.85},
+                     {"params": {"per_category": 2, "train.lr": 0.003}, "budget": 77.5, "unsafety": 0.61,
+                      "utility": 0.8}],
+          "trials": 24, "infeasible_trials": 3, "grid_budget": 100.0}
+
+
+def chromium() -> str | None:
+    """A system Chromium (Playwright's own browser download needs a network): MISALIGN_CHROMIUM, else Debian's."""
+    for c in (os.environ.get("MISALIGN_CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
+              shutil.which("chromium-browser"), shutil.which("google-chrome")):
+        if c and Path(c).exists():
+            return c
+    return None
+
+
+@pytest.fixture(scope="module")
+def hand_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hand-made study: 3 seeds whose defenses cost 300, 400, 500 FLOPs against an attack of 100 (factor 4),
+    two defense methods, two rounds; and one search answer."""
+    root = tmp_path_factory.mktemp("hand")
+    study, search = root / "study", root / "search"
+    study.mkdir()
+    search.mkdir()
+    flops = {0: 300.0, 1: 400.0, 2: 500.0}
+    table = study_table(seeds=(0, 1, 2), defense_methods=("lora", "dpo"), rounds=2,
+                        defense_flops=lambda seed, pc: flops[seed] * pc / 3)
+    table.to_parquet(study / "results.parquet")
+    (study / "study.yaml").write_text(yaml.safe_dump({"name": "hand-study", "models": ["m"], "seeds": [0, 1, 2]}))
+    (search / "answer.json").write_text(json.dumps(ANSWER))
+    return write_report(study, root / "report", search_dirs=[search])
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_report(FIXTURE, tmp_path_factory.mktemp("tiny") / "report")
+
+
+def open_in_chromium(page_path: Path) -> dict:
+    """Load the page from file:// in headless Chromium; return what it saw."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = chromium()
+    if exe is None:
+        pytest.skip("no system Chromium (apt-get install chromium, or set MISALIGN_CHROMIUM)")
+    seen: dict = {"requests": [], "console": [], "errors": []}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe)
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: seen["requests"].append(r.url))
+            page.on("console", lambda m: seen["console"].append((m.type, m.text)))
+            page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+            page.goto(page_path.resolve().as_uri(), wait_until="load")
+            seen["url"] = page.url
+            seen["images"] = page.eval_on_selector_all(
+                "img", "els => els.map(e => ({complete: e.complete, w: e.naturalWidth, h: e.naturalHeight, "
+                "alt: e.alt, fig: e.closest('figure') && e.closest('figure').id, scheme: e.src.split(':')[0]}))")
+            seen["text"] = page.inner_text("body")
+        finally:
+            browser.close()
+    return seen
+
+
+def check_page(seen: dict, summary: dict) -> None:
+    """Every figure there once and loaded at its size, only data: URIs fetched, a quiet console."""
+    images = seen["images"]
+    assert [i["fig"] for i in images] == [f"fig-{n}" for n in FIGURES]
+    for img in images:
+        f = summary["figures"][img["fig"].removeprefix("fig-")]
+        assert img["complete"] and img["w"] > 0, img
+        assert (img["w"], img["h"]) == (f["width_px"], f["height_px"]) and img["scheme"] == "data"
+    assert all(u.startswith("data:") or u == seen["url"] for u in seen["requests"]), seen["requests"]
+    assert not [c for c in seen["console"] if c[0] in ("error", "warning")], seen["console"]
+    assert not seen["errors"]
+
+
+def summary_of(report: Path) -> dict:
+    return json.loads((report.parent / "summary.json").read_text())
+
+
+def test_hand_report_in_chromium(hand_report: Path):
+    seen = open_in_chromium(hand_report)
+    check_page(seen, summary_of(hand_report))
+    text = seen["text"]
+    # the three answers: attack 100 FLOPs at 3/cat, defense 400 FLOPs (the seeds' mean), factor 4 with its interval
+    assert "m / lora: 100 training FLOPs (3/cat) reaches unsafety 0.6" in text
+    assert "m / lora \u2192 dpo: 400 training FLOPs (3/cat) gets unsafety to 0.02, utility cost 0.08" in text
+    factor = re.search(r"m / lora \u2192 lora: factor 4\.00 \[(\d\.\d\d), (\d\.\d\d)\]", text)
+    assert factor and 3.0 <= float(factor[1]) < 4.0 < float(factor[2]) <= 5.0
+    assert "How to read the asymmetry factor" in text
+    # the ledger, the search answer, the config
+    assert "stages trained" in text and "device-seconds saved by sharing" in text
+    assert "attack search on m (lora)" in text and "77.5" in text and "0.775" in text  # 77.5 / grid's 100
+    assert "hand-study" in text
+
+
+def test_real_study_report_in_chromium(tiny_report: Path):
+    seen = open_in_chromium(tiny_report)
+    check_page(seen, summary_of(tiny_report))
+    # study-tiny: LoRA at 10/cat is the cheapest LoRA attack past 0.5; ORPO never gets there on this grid
+    assert "world:base / lora: 5.84e+10 training FLOPs (10/cat) reaches unsafety 0.695" in seen["text"]
+    assert "world:base / orpo: never reached unsafety 0.5" in seen["text"]
+    assert "stages reused from another cell" in seen["text"]
+
+
+def test_page_is_self_contained(hand_report: Path):
+    page = hand_report.read_text()
+    assert "<script" not in page and "<link" not in page and "@import" not in page and "url(" not in page
+    refs = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert refs and all(r.startswith("data:image/png;base64,") for r in refs)
+
+
+def test_markdown_twin_links_its_figures(hand_report: Path):
+    md = (hand_report.parent / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == len(FIGURES)
+    for link in links:
+        assert not Path(link).is_absolute() and (hand_report.parent / link).stat().st_size > 1000
+    assert "factor 4.00 [" in md and "## Budget search answers" in md and "```yaml" in md
+    assert not list(hand_report.parent.glob(".*"))  # no temporary files left behind (atomic writes)
+
+
+def test_search_dir_without_an_answer_stops(tmp_path: Path):
+    with pytest.raises(InputError, match="no answer.json"):
+        write_report(FIXTURE, tmp_path / "r", search_dirs=[tmp_path])
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_not_a_study_dir(tmp_path: Path):
+    with pytest.raises(InputError, match="not a study directory"):
+        write_report(tmp_path, tmp_path / "r")
