@@ -52,6 +52,7 @@ def shared_study(world, tmp_path_factory):
     import ray
 
     d = study_config("six-defenses")
+    d["attack"]["deepspeed"] = {"zero_stage": 2}  # ZeRO in a one-worker trial's own process
     d["defense"].update(methods=["lora", "ia3", "dpo"], grid={"train.lr": [1e-3, 3e-3]})
     cfg = StudyConfig.model_validate(d)
     paths = StudyPaths(tmp_path_factory.mktemp("study") / cfg.name)
@@ -87,6 +88,8 @@ def test_the_misalignment_trains_once_for_six_defenses(shared_study):
                    if json.loads(p.read_text())["direction"] == "misalign")
     parents = {Path(s["parent"]).name for s in stage_dirs if s["direction"] == "realign"}
     assert parents == {mis_key}
+    mis_ledger = json.loads((paths.stages / mis_key / "ledger.json").read_text())
+    assert mis_ledger["extra"]["zero_stage"] == 2 and mis_ledger["workers"] == 1
     # evaluations are shared too: one base evaluation for six cells
     assert len(list(paths.stages.glob("base-*/eval-*/eval.json"))) == 1
 

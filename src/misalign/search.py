@@ -153,12 +153,20 @@ def _searcher(cfg: SearchConfig, storage: Any) -> Any:
     from ray.tune.search.optuna import OptunaSearch
 
     class RecordingOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            """A trial reports once, at its end, and nothing is pruned: no intermediate values to record."""
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if result and trial_id in self._ot_trials:
-                for key in _RECORDED:
-                    if key in result:
-                        self._ot_trials[trial_id].set_user_attr(key, result[key])
-            super().on_trial_complete(trial_id, result, error)
+            try:
+                if result and trial_id in self._ot_trials:
+                    for key in _RECORDED:
+                        if key in result:
+                            self._ot_trials[trial_id].set_user_attr(key, result[key])
+                super().on_trial_complete(trial_id, result, error)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # the driver died after Optuna stored this trial and before Tune's last experiment checkpoint:
+                # Tune ran it again (from the point cache, at no cost); the database already has its result
+                self._completed_trials.add(trial_id)
 
     pareto = cfg.objective == "pareto"
     sampler = optuna.samplers.TPESampler(

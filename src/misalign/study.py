@@ -145,11 +145,26 @@ def cell_trainable(config: dict[str, Any], study: dict[str, Any], root: str) -> 
         return
     if cfg.resources.workers == 1:
         _hold_assigned_cpus(cfg.resources.cpus_per_worker)
+        if _needs_deepspeed_ops(cfg)[0]:
+            _single_process_group_env()
         run_cell(cfg, cell, paths, report=tune.report)
         return
     _fit_workers(cfg, cell, paths, study)
     for row in pd.read_parquet(paths.cell_file(cell.id)).to_dict("records"):
         tune.report(row)
+
+
+def _single_process_group_env() -> None:
+    """DeepSpeed needs a process group even for one process; a launcher would set these, the trial does.
+    Kept for the actor's life: Tune reuses it, and the group, once made, stays."""
+    import socket
+
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -439,7 +454,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
         "versions": {**package_versions(), "ray": ray.__version__}, "command": sys.argv, "nodes": nodes,
         "cluster_resources": ray.cluster_resources()})
     ds, offload = _needs_deepspeed_ops(cfg)
-    if ds and cfg.resources.workers > 1:
+    if ds and not all(paths.cell_file(c.id).exists() for c in grid):
         print(f"[study] DeepSpeed ops built on {nodes} node(s): {prebuild_deepspeed_ops(offload)}", flush=True)
 
     study = cfg.model_dump(mode="json")
