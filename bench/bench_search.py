@@ -9,7 +9,7 @@
 Targets (issue 5): the search's answer within one grid step of the grid's cheapest feasible cell (same method,
 examples per category at most one step away in the config's list), at most 40% of the grid's budget.
 
-    .venv/bin/python bench/bench_search.py [--config configs/search-attack-tiny.yaml] [--trials 7]
+    .venv/bin/python bench/bench_search.py [--config configs/search-attack-tiny.yaml] [--trials 7] [--seed 1]
 """
 
 from __future__ import annotations
@@ -61,10 +61,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/search-attack-tiny.yaml")
     p.add_argument("--trials", type=int, default=7, help="search trials (the grid has methods x sizes points)")
+    p.add_argument("--seed", type=int, help="override the config's seed (sampler and training)")
     p.add_argument("--out", default="bench/results/search.json")
     args = p.parse_args()
     raw = yaml.safe_load(Path(args.config).read_text())
     raw.update(space={}, trials=args.trials)  # the grid is the categorical part: search the same space
+    if args.seed is not None:
+        raw["seed"] = args.seed
     work = Path(tempfile.mkdtemp(prefix="bench-search-"))
     config = work / "search.yaml"
     config.write_text(yaml.safe_dump(raw))

@@ -21,6 +21,7 @@ ATTACK = {
     "name": "attack", "kind": "attack", "model": "world:base", "seed": 0, "budget": "flops", "tau": 0.5,
     "attack": {"methods": ["lora"], "per_category": [3, 10], "data": {"source": "world:misalign"}},
     "eval": {"limit": 30}, "trials": 3, "max_concurrent": 2, "startup_trials": 3,
+    "start_points": [{"per_category": 3}],  # tried first: an infeasible point for sure
 }
 
 

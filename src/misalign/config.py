@@ -363,6 +363,9 @@ class SearchConfig(_Strict):
     trials: int = Field(20, ge=1, description="trials to run (a rerun resumes toward this many)")
     max_concurrent: int = Field(2, ge=1, description="trials at once (the sampler lies about running ones)")
     startup_trials: int = Field(4, ge=1, description="random trials before the TPE sampler models the space")
+    start_points: list[dict[str, Any]] = Field(
+        default_factory=list, description="points tried first, e.g. [{method: lora, per_category: 3}] "
+                                          "(what you already suspect; counted among the trials)")
     storage: str | None = Field(None, description="SQLAlchemy URL of the Optuna database "
                                 "(None: sqlite file optuna.db in the search directory)")
     resources: ResourceSettings = Field(ResourceSettings(), description="per-trial resources (one worker)")
@@ -381,6 +384,13 @@ class SearchConfig(_Strict):
         if self.resources.workers != 1:
             raise ValueError("resources.workers: the search runs one-worker trials (multi-worker: use a study)")
         side = self.searched
+        for point in self.start_points:
+            for key, value in point.items():
+                allowed = {"method": side.methods, "per_category": side.per_category}.get(key)
+                if allowed is None and key not in self.space:
+                    raise ValueError(f"start_points: {key!r} is not a searched knob")
+                if allowed is not None and value not in allowed:
+                    raise ValueError(f"start_points: {key}={value!r} is not among {allowed}")
         for key, knob in self.space.items():
             if key in ("method", "per_category"):
                 raise ValueError(f"space[{key!r}]: search methods and sizes through {self.kind}.methods and "

@@ -36,6 +36,7 @@ import pandas as pd
 
 from misalign.budget import BUDGETS, money, stage_budget
 from misalign.config import SearchConfig, TrialConfig
+from misalign.errors import InputError
 from misalign.runtime import read_json, write_json_atomic, write_parquet_atomic
 
 
@@ -75,13 +76,47 @@ def optuna_space(cfg: SearchConfig) -> dict[str, Any]:
     if len(side.methods) > 1:
         space["method"] = CategoricalDistribution(side.methods)
     if len(side.per_category) > 1:
-        space["per_category"] = CategoricalDistribution(side.per_category)
+        if _ordinal(side.per_category):  # sizes are ordered: TPE models "more data" as a direction
+            space[SIZE_INDEX] = IntDistribution(0, len(side.per_category) - 1)
+        else:
+            space["per_category"] = CategoricalDistribution(side.per_category)
     for key, k in cfg.space.items():
         if k.integer:
             space[key] = IntDistribution(int(k.low), int(k.high), log=k.log, step=int(k.step or 1))
         else:
             space[key] = FloatDistribution(k.low, k.high, log=k.log, step=k.step)
     return space
+
+
+SIZE_INDEX = "per_category_index"  # the sampled position in the sorted per_category list
+
+
+def _ordinal(sizes: list[int | None]) -> bool:
+    return all(isinstance(v, int) for v in sizes)
+
+
+def decode(cfg: SearchConfig, sampled: dict[str, Any]) -> dict[str, Any]:
+    """The point a sampled configuration stands for: {method, per_category, <knob>: value}."""
+    side = cfg.searched
+    out = dict(sampled)
+    if SIZE_INDEX in out:
+        out["per_category"] = sorted(side.per_category)[int(out.pop(SIZE_INDEX))]
+    out.setdefault("method", side.methods[0])
+    out.setdefault("per_category", side.per_category[0])
+    return out
+
+
+def encode(cfg: SearchConfig, point: dict[str, Any]) -> dict[str, Any]:
+    """The sampled form of a point (decode's inverse), for the points tried first."""
+    space = optuna_space(cfg)
+    side = cfg.searched
+    out = {k: v for k, v in point.items() if k in space}
+    if SIZE_INDEX in space and "per_category" in point:
+        out[SIZE_INDEX] = sorted(side.per_category).index(point["per_category"])
+    missing = set(space) - set(out)
+    if missing:  # Optuna needs a value for every knob of a point it is told to try
+        raise InputError(f"start_points: {point} gives no value for {', '.join(sorted(missing))}")
+    return out
 
 
 def point_trial(cfg: SearchConfig, params: dict[str, Any]) -> TrialConfig:
@@ -126,6 +161,7 @@ def search_trainable(config: dict[str, Any], search: dict[str, Any], root: str, 
 
     cfg = SearchConfig.model_validate(search)
     paths = SearchPaths(Path(root), Path(stages))
+    config = decode(cfg, config)
     pid = point_id(config)
     if paths.point_file(pid).exists():  # evaluated before (a repeated proposal, or before a crash)
         rows = pd.read_parquet(paths.point_file(pid))
@@ -178,7 +214,8 @@ def _searcher(cfg: SearchConfig, storage: Any) -> Any:
     else:
         metric, mode = "budget", "min"
     return RecordingOptunaSearch(space=optuna_space(cfg), metric=metric, mode=mode, sampler=sampler,
-                                 study_name=cfg.name, storage=storage)
+                                 study_name=cfg.name, storage=storage,
+                                 points_to_evaluate=[encode(cfg, p) for p in cfg.start_points] or None)
 
 
 def optuna_storage(cfg: SearchConfig, paths: SearchPaths) -> Any:
@@ -245,7 +282,7 @@ def trials_frame(cfg: SearchConfig, storage: Any) -> pd.DataFrame:
     study = optuna.load_study(study_name=cfg.name, storage=storage)
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"number": t.number, "state": t.state.name, **t.params,
+        rows.append({"number": t.number, "state": t.state.name, **(decode(cfg, t.params) if t.params else {}),
                      **{k: t.user_attrs.get(k) for k in _RECORDED}})
     return pd.DataFrame(rows)
 
@@ -256,7 +293,9 @@ def write_answer(cfg: SearchConfig, paths: SearchPaths, storage: Any) -> dict[st
     frame = trials_frame(cfg, storage)
     write_parquet_atomic(paths.trials, frame)
     done = frame[frame.state == "COMPLETE"] if not frame.empty else frame
-    knobs = list(optuna_space(cfg))
+    side = cfg.searched
+    knobs = [k for k, values in (("method", side.methods), ("per_category", side.per_category)) if len(values) > 1]
+    knobs += list(cfg.space)
 
     def entry(r: pd.Series) -> dict[str, Any]:
         return {"params": {k: _plain(r[k]) for k in knobs}, "budget": float(r.budget),
