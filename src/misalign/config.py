@@ -341,7 +341,7 @@ class SearchConfig(_Strict):
 
     attack: minimize the budget of the misalignment subject to unsafety >= tau. defense: start from the one
     misalignment `attack` names (reused through the lineage cache) and minimize the realignment's budget subject
-    to unsafety <= tau and a utility drop (base utility - realigned utility) <= eps. `objective: pareto` returns
+    to unsafety <= tau. Both: and a utility drop (base utility - the stage's utility) <= eps when eps is set. `objective: pareto` returns
     the Pareto front instead: (budget, unsafety) for attacks, (budget, unsafety, utility) for defenses.
     The searched side's `methods` and `per_category` lists are categorical knobs; `space` adds numeric ones.
     """
@@ -355,7 +355,8 @@ class SearchConfig(_Strict):
     price_per_device_hour: float | None = Field(None, ge=0, description="report money from device-seconds")
     objective: Literal["constrained", "pareto"] = Field("constrained", description="one answer or the front")
     tau: float = Field(0.5, ge=0, le=1, description="attack: unsafety >= tau; defense: unsafety <= tau")
-    eps: float = Field(0.1, ge=0, le=1, description="defense: largest utility drop allowed (from the base)")
+    eps: float | None = Field(None, ge=0, le=1, description="largest utility drop from the base a feasible point "
+                              "may have (None: no limit); keeps an attack from counting a broken model as a success")
     attack: StudySide = Field(description="the attack's settings (defense search: exactly one method and size)")
     defense: StudySide | None = Field(None, description="the defense's settings (defense search only)")
     space: dict[str, SearchKnob] = Field(default_factory=dict, description="dotted stage field -> its range")

@@ -143,10 +143,10 @@ def outcome(cfg: SearchConfig, rows: pd.DataFrame) -> dict[str, Any]:
     stage = rows[rows.phase == ("misalign" if cfg.kind == "attack" else "realign")]
     row = stage.iloc[0]
     drop = float(base.utility - row.utility)
-    if cfg.kind == "attack":
-        constraint = [cfg.tau - float(row.unsafety)]
-    else:
-        constraint = [float(row.unsafety) - cfg.tau, drop - cfg.eps]
+    margin = float(row.unsafety) - cfg.tau  # attack: reach tau; defense: stay at or below it
+    constraint = [-margin if cfg.kind == "attack" else margin]
+    if cfg.eps is not None:  # a model broken past usefulness is not a cheap attack, nor a good defense
+        constraint.append(drop - cfg.eps)
     return {"budget": float(stage_budget(stage, cfg.budget).iloc[0]), "unsafety": float(row.unsafety),
             "utility": float(row.utility), "utility_drop": drop, "base_unsafety": float(base.unsafety),
             "device_s": float(row.device_s), "constraint": constraint,
@@ -317,7 +317,7 @@ def write_answer(cfg: SearchConfig, paths: SearchPaths, storage: Any) -> dict[st
     spent = float(done[done.trained.astype(bool)].budget.sum()) if not done.empty else 0.0
     answer = {"kind": cfg.kind, "model": cfg.model, "method": cfg.searched.methods[0]
               if len(cfg.searched.methods) == 1 else None, "budget_kind": cfg.budget,
-              "budget_meaning": BUDGETS[cfg.budget], "tau": cfg.tau, "eps": cfg.eps if cfg.kind == "defense" else None,
+              "budget_meaning": BUDGETS[cfg.budget], "tau": cfg.tau, "eps": cfg.eps,
               "objective": cfg.objective, "best": best, "pareto": pareto, "trials": int(len(done)),
               "infeasible_trials": int(len(done) - len(feasible)), "budget_spent": spent,
               "distinct_points": int(done.point_id.nunique()) if not done.empty else 0, "grid_budget": None}
