@@ -110,19 +110,23 @@ def test_status_and_results_commands(shared_study, capsys, tmp_path):
     assert list(tune_dir.glob("cell-*/events.out.tfevents.*"))
 
 
-def test_rerun_of_a_finished_study_trains_nothing(shared_study):
+def test_rerun_of_a_finished_study_trains_nothing(shared_study, monkeypatch):
     import ray
 
     cfg, paths, _ = shared_study
     before = {p: p.stat().st_mtime_ns for p in paths.stages.glob("*/ledger.json")}
     cells_before = {p: p.stat().st_mtime_ns for p in paths.cells.glob("*.parquet")}
+    results_before = paths.results.stat().st_mtime_ns
+    monkeypatch.chdir(paths.root.parent)  # as `make study` runs it: a config and a storage relative to here
+    write(paths.root.parent, cfg.model_dump(mode="json"))
     try:
-        again = run_study(cfg, paths)
+        assert main(["study", "run", f"{cfg.name}.yaml", "--storage", "."]) == 0
     finally:
         ray.shutdown()
     assert {p: p.stat().st_mtime_ns for p in paths.stages.glob("*/ledger.json")} == before
     assert {p: p.stat().st_mtime_ns for p in paths.cells.glob("*.parquet")} == cells_before
-    assert len(again) == 18
+    assert paths.results.stat().st_mtime_ns >= results_before
+    assert len(pd.read_parquet(paths.results)) == 18
 
 
 def test_a_changed_config_is_not_mixed_into_an_existing_study(shared_study, capsys):

@@ -258,8 +258,8 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
                                      root=str(paths.root.resolve()), stages=str(paths.stages.resolve()))
     trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpus_per_worker,
                                                 "gpu": cfg.resources.gpus_per_worker})
-    if resuming and tune.Tuner.can_restore(str(paths.tune)):
-        tuner = tune.Tuner.restore(str(paths.tune), trainable=trainable, resume_errored=True)
+    if resuming and tune.Tuner.can_restore(str(paths.tune.resolve())):
+        tuner = tune.Tuner.restore(str(paths.tune.resolve()), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,

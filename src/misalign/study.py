@@ -468,8 +468,8 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     done_before = sum(paths.cell_file(c.id).exists() for c in grid)
     print(f"[study] {cfg.name}: {len(grid)} cells ({done_before} done before this run), "
           f"{len(unique_stages(stage_uses(cfg)))} unique stages -> {paths.root}", flush=True)
-    if resuming and tune.Tuner.can_restore(str(paths.tune)):
-        tuner = tune.Tuner.restore(str(paths.tune), trainable=trainable, resume_errored=True)
+    if resuming and tune.Tuner.can_restore(str(paths.tune.resolve())):
+        tuner = tune.Tuner.restore(str(paths.tune.resolve()), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
