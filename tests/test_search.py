@@ -118,3 +118,23 @@ def test_search_config_errors_exit_2(tmp_path, capsys):
     assert main(["search", "defense", str(Path("configs/search-attack-tiny.yaml"))]) == 2
     assert "kind is 'attack'" in capsys.readouterr().err
     assert not (tmp_path / "attack").exists()
+
+
+def test_pareto_search_returns_the_front(attack_search, tmp_path):
+    """objective: pareto keeps every non-dominated (budget, unsafety) point; the stages come from the cache."""
+    root, _, _, _ = attack_search
+    cfg = {**ATTACK, "name": "front", "objective": "pareto", "trials": 2, "start_points": [{"per_category": 3}]}
+    config = tmp_path / "front.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    before = {p: p.stat().st_mtime_ns for p in (root / "stages").glob("*/ledger.json")}
+    proc = _run(["search", "attack", str(config), "--storage", str(tmp_path), "--stages", str(root / "stages")])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    answer = json.loads((tmp_path / "front" / "answer.json").read_text())
+    front = answer["pareto"]
+    assert front and [p["budget"] for p in front] == sorted(p["budget"] for p in front)
+    for a in front:  # no point of the front is dominated by another
+        assert not any(b["budget"] <= a["budget"] and b["unsafety"] >= a["unsafety"] and b != a for b in front)
+    if {p["params"]["per_category"] for p in front} != {3, 10}:  # both were tried: 3 first, then 10 or 3
+        assert answer["distinct_points"] == 1
+    assert {p: p.stat().st_mtime_ns for p in (root / "stages").glob("*/ledger.json")} == before
