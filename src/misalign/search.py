@@ -32,7 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import optuna
 import pandas as pd
+from optuna.trial import TrialState
 
 from misalign.budget import BUDGETS, money, stage_budget
 from misalign.config import SearchConfig, TrialConfig
@@ -208,6 +211,8 @@ def _searcher(cfg: SearchConfig, storage: Any) -> Any:
     sampler = optuna.samplers.TPESampler(
         seed=cfg.seed, n_startup_trials=cfg.startup_trials, constant_liar=True,
         constraints_func=None if pareto else constraint_values)
+    if not pareto and SIZE_INDEX in optuna_space(cfg) and not cfg.space and cfg.kind == "attack":
+        sampler = SizeBisectionSampler(sampler, len(cfg.searched.per_category), cfg.seed)
     if pareto:
         metric = ["budget", "unsafety"] + (["utility"] if cfg.kind == "defense" else [])
         mode = ["min", "max"] if cfg.kind == "attack" else ["min", "min", "max"]
@@ -223,6 +228,75 @@ def optuna_storage(cfg: SearchConfig, paths: SearchPaths) -> Any:
 
     url = cfg.storage or f"sqlite:///{(paths.root / 'optuna.db').resolve()}"
     return optuna.storages.RDBStorage(url)
+
+
+class SizeBisectionSampler(optuna.samplers.BaseSampler):
+    """For an attack search over method x ordered sizes: unsafety grows with data, so the cheapest feasible
+    size of a method is found by bisection along the size axis, and a method whose next probe would cost
+    more than the cheapest feasible point found so far is done. Everything else (and every method once all
+    are done) is left to the wrapped TPE sampler, whose constraint bookkeeping runs as usual."""
+
+    def __init__(self, base: Any, n_sizes: int, seed: int) -> None:
+        self.base, self.n, self.rng = base, n_sizes, np.random.default_rng(seed)
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Any, trial: Any, space: dict[str, Any]) -> dict[str, Any]:
+        return self.base.sample_relative(study, trial, space)
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+    def _known(self, study: Any, me: int) -> tuple[list[Any], list[Any]]:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        done = [t for t in trials if t.state == TrialState.COMPLETE and "feasible" in t.user_attrs]
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.number != me and t.params]
+        return done, running
+
+    def _next_probe(self, method: Any, done: list[Any], running: list[Any]) -> int | None:
+        mine = [t for t in done if t.params.get("method", method) == method]
+        feasible = [t.params[SIZE_INDEX] for t in mine if t.user_attrs["feasible"]]
+        hi = min(feasible, default=self.n)
+        lo = max((t.params[SIZE_INDEX] for t in mine if not t.user_attrs["feasible"]
+                  and t.params[SIZE_INDEX] < hi), default=-1)
+        busy = {t.params.get(SIZE_INDEX) for t in running if t.params.get("method", method) == method}
+        open_ = [k for k in range(lo + 1, min(hi, self.n)) if k not in busy]
+        if not open_:
+            return None
+        probe = open_[len(open_) // 2]
+        best = min((t.user_attrs["budget"] for t in done if t.user_attrs["feasible"]), default=np.inf)
+        priced = [(t.params[SIZE_INDEX], t.user_attrs["budget"]) for t in mine]
+        if priced and np.isfinite(best):  # budget grows about linearly with the examples: skip dear probes
+            k, b = max(priced)
+            if b * (probe + 1) / (k + 1) >= best:
+                return None
+        return probe
+
+    def sample_independent(self, study: Any, trial: Any, name: str, dist: Any) -> Any:
+        done, running = self._known(study, trial.number)
+        if name == "method":
+            live = [m for m in dist.choices if self._next_probe(m, done, running) is not None]
+            if live:  # the least-explored method still worth a probe
+                counts = [sum(t.params.get("method") == m for t in done + running) for m in live]
+                fewest = [m for m, c in zip(live, counts, strict=True) if c == min(counts)]
+                return fewest[int(self.rng.integers(len(fewest)))]
+        if name == SIZE_INDEX:
+            method = trial.params.get("method")
+            probe = self._next_probe(method, done, running)
+            if probe is not None:
+                return probe
+            tried = [t for t in done if t.params.get("method", method) == method]
+            if tried:  # nothing left worth paying for on this method: repeat its best point (the cache has it)
+                feasible = [t.params[SIZE_INDEX] for t in tried if t.user_attrs["feasible"]]
+                return min(feasible) if feasible else max(t.params[SIZE_INDEX] for t in tried)
+        return self.base.sample_independent(study, trial, name, dist)
 
 
 def validate_search(cfg: SearchConfig) -> None:
