@@ -10,8 +10,8 @@ point's budget (misalign.budget), unsafety, utility and its constraint values; O
 database (SQLite beside the search by default, any SQLAlchemy URL otherwise) with the constraint as a user
 attribute, which TPE's `constraints_func` reads: infeasible trials stay in the study and steer the sampler away.
 Parallel trials: TPE's constant liar, so trials running at once do not all propose the same point.
-Rerunning the same command resumes: Tune restores its experiment and the searcher, and Optuna's database
-holds every finished trial.
+Rerunning the same command resumes from the database: the study continues (the sampler learns from every
+finished trial) and only the missing trials run, each run in its own Tune experiment directory.
 
 The search directory:
     search.yaml, environment.json   the config (a rerun must match it), versions
@@ -20,7 +20,7 @@ The search directory:
     points/<id>.parquet             the rows of each evaluated point
     trials.parquet                  every trial: its knobs, budget, unsafety, utility, feasibility
     answer.json                     the answer: the cheapest feasible point (or the Pareto front)
-    tune/                           Ray Tune's experiment
+    tune/, tune-1/, ...             Ray Tune's experiment of each run
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def constraint_values(trial: Any) -> list[float]:
     return list(trial.user_attrs.get("constraint", [1.0]))
 
 
-def _searcher(cfg: SearchConfig, storage: Any) -> Any:
+def _searcher(cfg: SearchConfig, storage: Any, first_run: bool = True) -> Any:
     """OptunaSearch that also records each result as user attributes (the constraint TPE reads among them)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -196,16 +196,11 @@ def _searcher(cfg: SearchConfig, storage: Any) -> Any:
             """A trial reports once, at its end, and nothing is pruned: no intermediate values to record."""
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            try:
-                if result and trial_id in self._ot_trials:
-                    for key in _RECORDED:
-                        if key in result:
-                            self._ot_trials[trial_id].set_user_attr(key, result[key])
-                super().on_trial_complete(trial_id, result, error)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                # the driver died after Optuna stored this trial and before Tune's last experiment checkpoint:
-                # Tune ran it again (from the point cache, at no cost); the database already has its result
-                self._completed_trials.add(trial_id)
+            if result and trial_id in self._ot_trials:
+                for key in _RECORDED:
+                    if key in result:
+                        self._ot_trials[trial_id].set_user_attr(key, result[key])
+            super().on_trial_complete(trial_id, result, error)
 
     pareto = cfg.objective == "pareto"
     sampler = optuna.samplers.TPESampler(
@@ -220,7 +215,8 @@ def _searcher(cfg: SearchConfig, storage: Any) -> Any:
         metric, mode = "budget", "min"
     return RecordingOptunaSearch(space=optuna_space(cfg), metric=metric, mode=mode, sampler=sampler,
                                  study_name=cfg.name, storage=storage,
-                                 points_to_evaluate=[encode(cfg, p) for p in cfg.start_points] or None)
+                                 points_to_evaluate=[encode(cfg, p) for p in cfg.start_points]
+                                 if first_run and cfg.start_points else None)
 
 
 def optuna_storage(cfg: SearchConfig, paths: SearchPaths) -> Any:
@@ -332,21 +328,39 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
                                      root=str(paths.root.resolve()), stages=str(paths.stages.resolve()))
     trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpus_per_worker,
                                                 "gpu": cfg.resources.gpus_per_worker})
-    if resuming and tune.Tuner.can_restore(str(paths.tune.resolve())):
-        tuner = tune.Tuner.restore(str(paths.tune.resolve()), trainable=trainable, resume_errored=True)
-    else:
+    # The Optuna database is the search's state: a rerun continues the study it holds (TPE learns from every
+    # finished trial) and runs only the trials still missing. (Tune's own restore lags the database by up to its
+    # checkpoint period, so after a SIGKILL it would run trials Optuna already has.)
+    finished = _finished_trials(cfg, storage) if resuming else 0
+    run = len(list(paths.root.glob("tune*")))  # each run keeps its own Tune experiment directory
+    remaining = cfg.trials - finished
+    if remaining > 0:
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(_searcher(cfg, storage), cfg.max_concurrent),
-                                        num_samples=cfg.trials, reuse_actors=True),
-            run_config=tune.RunConfig(name="tune", storage_path=str(paths.root.resolve()), verbose=0,
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(_searcher(cfg, storage, first_run=finished == 0), cfg.max_concurrent),
+                num_samples=remaining, reuse_actors=True),
+            run_config=tune.RunConfig(name="tune" if run == 0 else f"tune-{run}", verbose=0,
+                                      storage_path=str(paths.root.resolve()),
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
         )
-    tuner.fit()
+        tuner.fit()
     answer = write_answer(cfg, paths, storage)
     answer["wall_s"] = round(time.time() - t0, 1)
     write_json_atomic(paths.answer, answer)
     return answer
+
+
+def _finished_trials(cfg: SearchConfig, storage: Any) -> int:
+    """Finished trials in the database. Trials an interrupted run left RUNNING are marked FAIL: their points,
+    if they finished, are in the point cache and cost nothing when proposed again."""
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=storage)
+    except KeyError:  # the first run died before creating the study
+        return 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def trials_frame(cfg: SearchConfig, storage: Any) -> pd.DataFrame:
