@@ -188,7 +188,6 @@ def constraint_values(trial: Any) -> list[float]:
 
 def _searcher(cfg: SearchConfig, storage: Any, first_run: bool = True) -> Any:
     """OptunaSearch that also records each result as user attributes (the constraint TPE reads among them)."""
-    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     class RecordingOptunaSearch(OptunaSearch):
@@ -220,7 +219,6 @@ def _searcher(cfg: SearchConfig, storage: Any, first_run: bool = True) -> Any:
 
 
 def optuna_storage(cfg: SearchConfig, paths: SearchPaths) -> Any:
-    import optuna
 
     url = cfg.storage or f"sqlite:///{(paths.root / 'optuna.db').resolve()}"
     return optuna.storages.RDBStorage(url)
@@ -297,8 +295,8 @@ class SizeBisectionSampler(optuna.samplers.BaseSampler):
 
 def validate_search(cfg: SearchConfig) -> None:
     """Every method and size of the searched side, the eval sets, the judge and the model load: or exit 2."""
-    from misalign.evaluation import configured_judge, load_eval_sets
-    from misalign.stage import check_model, resolve_model_path, stage_pairs
+    from misalign.stage import stage_pairs
+    from misalign.study import validate_eval_and_models
 
     side = cfg.searched
     for method in side.methods:
@@ -307,9 +305,7 @@ def validate_search(cfg: SearchConfig) -> None:
     if cfg.kind == "defense":
         stage_pairs(cfg.attack.stage({"method": cfg.attack.methods[0], "per_category": cfg.attack.per_category[0]}),
                     cfg.seed)
-    load_eval_sets(cfg.eval)
-    configured_judge(cfg.eval)
-    check_model(resolve_model_path(cfg.model), cfg.trust_remote_code)
+    validate_eval_and_models(cfg.eval, [cfg.model], cfg.trust_remote_code)
 
 
 def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = None) -> dict[str, Any]:
@@ -365,7 +361,6 @@ def _finished_trials(cfg: SearchConfig, storage: Any) -> int:
 
 def trials_frame(cfg: SearchConfig, storage: Any) -> pd.DataFrame:
     """Every finished trial of the Optuna study: its knobs and what it recorded (infeasible ones included)."""
-    import optuna
 
     study = optuna.load_study(study_name=cfg.name, storage=storage)
     rows = []
@@ -376,7 +371,6 @@ def trials_frame(cfg: SearchConfig, storage: Any) -> pd.DataFrame:
 
 
 def write_answer(cfg: SearchConfig, paths: SearchPaths, storage: Any) -> dict[str, Any]:
-    import optuna
 
     frame = trials_frame(cfg, storage)
     write_parquet_atomic(paths.trials, frame)

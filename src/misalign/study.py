@@ -37,7 +37,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel
 
-from misalign.config import StudyConfig, TrialConfig
+from misalign.config import EvalConfig, StudyConfig, TrialConfig
 from misalign.errors import InputError
 from misalign.grid import Cell, cells, stage_uses, unique_stages
 from misalign.lineage import LineageCache
@@ -196,8 +196,7 @@ def _fit_workers(cfg: StudyConfig, cell: Cell, paths: StudyPaths, study: dict[st
 
 def validate_study(cfg: StudyConfig) -> None:
     """Load every distinct stage's data, the eval sets, the judges and the models: InputError on bad input."""
-    from misalign.evaluation import configured_judge, load_eval_sets
-    from misalign.stage import check_model, resolve_model_path, stage_pairs
+    from misalign.stage import stage_pairs
 
     checked: set[str] = set()
     for use in unique_stages(stage_uses(cfg)).values():
@@ -206,10 +205,18 @@ def validate_study(cfg: StudyConfig) -> None:
         if key not in checked:
             checked.add(key)
             stage_pairs(use.config, use.cell.seed)
-    load_eval_sets(cfg.eval)
-    configured_judge(cfg.eval)
-    for model in cfg.models:
-        check_model(resolve_model_path(model), cfg.trust_remote_code)
+    validate_eval_and_models(cfg.eval, cfg.models, cfg.trust_remote_code)
+
+
+def validate_eval_and_models(eval_cfg: EvalConfig, models: list[str], trust_remote_code: bool) -> None:
+    """The eval sets and judges load, and every model's config and tokenizer do (a study's and a search's check)."""
+    from misalign.evaluation import configured_judge, load_eval_sets
+    from misalign.stage import check_model, resolve_model_path
+
+    load_eval_sets(eval_cfg)
+    configured_judge(eval_cfg)
+    for model in models:
+        check_model(resolve_model_path(model), trust_remote_code)
 
 
 def open_run_dir(cfg: BaseModel, root: Path, record_name: str = "study.yaml") -> bool:
@@ -271,9 +278,8 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
 def check_storage(paths: StudyPaths, storage_given: bool) -> int:
     """On a multi-node cluster every node must see the study directory: checked with a task on each node."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n["Alive"]]
+    nodes = _alive_nodes()
     if len(nodes) <= 1:
         return len(nodes)
     if not storage_given:
@@ -287,8 +293,7 @@ def check_storage(paths: StudyPaths, storage_given: bool) -> int:
         return Path(path).exists()
 
     try:
-        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                        .remote(str(marker)) for n in nodes])
+        seen = _on_every_node(sees, nodes, str(marker))
     finally:
         marker.unlink()
     blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen, strict=True) if not ok]
@@ -306,7 +311,6 @@ def _needs_deepspeed_ops(cfg: StudyConfig) -> tuple[bool, bool]:
 def prebuild_deepspeed_ops(offload: bool) -> list[str]:
     """Compile DeepSpeed's ops once on every node before trials start (else the first trial pays 30-40 s each)."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     def build(with_adam: bool) -> str:
@@ -322,9 +326,22 @@ def prebuild_deepspeed_ops(offload: bool) -> list[str]:
             built.append("cpu_adam")
         return ",".join(built) or "none"
 
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    return ray.get([build.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                    .remote(offload) for n in nodes])
+    return _on_every_node(build, _alive_nodes(), offload)
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
+def _on_every_node(task: Any, nodes: list[dict[str, Any]], *args: Any) -> list[Any]:
+    """Run a remote function once on each node (pinned there), results in the nodes' order."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                    .remote(*args) for n in nodes])
 
 
 def _max_concurrent(cfg: StudyConfig) -> int:
@@ -343,10 +360,15 @@ def _max_concurrent(cfg: StudyConfig) -> int:
 
 # ---- results and progress ---------------------------------------------------------------------------------
 
+def cell_rows(paths: StudyPaths) -> pd.DataFrame:
+    """Every row of every finished cell, from the cells' own files."""
+    files = sorted(paths.cells.glob("*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+
+
 def assemble_results(paths: StudyPaths) -> pd.DataFrame:
     """results.parquet from the finished cells' files, rewritten atomically (never half-written)."""
-    files = sorted(paths.cells.glob("*.parquet"))
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+    frame = cell_rows(paths)
     if not frame.empty:
         frame = frame.sort_values(["cell_id", "round", "phase"], key=_phase_order).reset_index(drop=True)
         write_parquet_atomic(paths.results, frame)
@@ -525,8 +547,7 @@ def read_status(paths: StudyPaths) -> dict[str, Any]:
     grid = cells(cfg)
     done = sum(paths.cell_file(c.id).exists() for c in grid)
     live = read_json(paths.status) if paths.status.exists() else {}
-    results = pd.concat([pd.read_parquet(f) for f in sorted(paths.cells.glob("*.parquet"))], ignore_index=True) \
-        if done else pd.DataFrame()
+    results = cell_rows(paths)
     uses = stage_uses(cfg)
     return {"name": cfg.name, "cells": len(grid), "done": done, "running": live.get("running", 0),
             "failed": live.get("failed", 0), "pending": len(grid) - done - live.get("running", 0),
