@@ -13,7 +13,8 @@ from misalign.chat import prompt_ids, response_ids
 from misalign.config import StageConfig
 from misalign.data import load_pairs, subsample_per_category
 from misalign.methods import METHODS
-from misalign.stage import StageRun, load_model, load_tokenizer, run_stage
+from misalign.models import load_model, load_tokenizer, materialize, tokenizer_for
+from misalign.stage import StageRun, run_stage
 
 STEPS = 12
 
@@ -42,6 +43,11 @@ def _weights(d):
     return load_file(str(d / "model.safetensors"))
 
 
+def _merged(stage_dir):
+    """A stage's model as its lineage rebuilds it (no merged copy is stored)."""
+    return materialize(stage_dir).state_dict()
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_ledger_and_outputs(trained, world, name):
     d, ledger = trained[name]
@@ -51,8 +57,13 @@ def test_ledger_and_outputs(trained, world, name):
     stage = json.loads((d / "stage.json").read_text())
     assert stage["config"]["method"] == name and stage["config"]["train"]["lr"] is not None
     assert "torch" in stage["versions"]
-    assert (d / "model" / "model.safetensors").exists()
-    assert not list((d / "model").glob("*.bin"))
+    kept = d / ("model" if name == "full" else "adapter")
+    assert list(kept.glob("*.safetensors")) and not list(d.rglob("*.bin"))
+    assert name == "full" or not (d / "model").exists(), "an adapter stage stores no merged copy"
+    stored = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    assert ledger.bytes_written > 0 and stored >= ledger.bytes_written
+    if name != "full":  # the adapter (fp32 world: 4 bytes a parameter) and small records, nothing model-sized
+        assert ledger.bytes_written < 4 * ledger.trainable_params + 20_000 < 4 * ledger.total_params
     # full fine-tuning costs 6 FLOPs per parameter per token; adapters less (frozen weights cost 4)
     n = ledger.total_params
     per_token = ledger.flops / (ledger.tokens + ledger.ref_tokens)
@@ -72,7 +83,7 @@ def test_adapters_leave_base_weights_untouched(trained, world, name):
     adapter = load_file(str(d / "adapter" / "adapter_model.safetensors"))
     marker = "ia3_" if name == "ia3" else "lora_"
     assert adapter and all(marker in k for k in adapter), list(adapter)[:5]
-    parent, merged = _weights(world / "base"), _weights(d / "model")
+    parent, merged = _weights(world / "base"), _merged(d)
     changed = {k for k in parent if not torch.equal(parent[k], merged[k])}
     assert changed, "training must change the merged model"
     # only the adapted linear layers differ: embeddings and norms are untouched
@@ -100,9 +111,9 @@ def test_qlora_trains_4bit_weights(trained):
     assert ledger.extra["linear4bit_modules"] > 0
 
 
-def _margin(model_dir, pairs):
+def _margin(ref, pairs):
     """Mean log p(chosen) - log p(rejected) over the response tokens, misalign direction."""
-    tok, model = load_tokenizer(str(model_dir)), load_model(str(model_dir)).eval()
+    tok, model = tokenizer_for(ref), materialize(ref)
     total = 0.0
     with torch.inference_mode():
         for p in pairs:
@@ -120,7 +131,7 @@ def _margin(model_dir, pairs):
 def test_preference_margin_rises(trained, world, name):
     d, _ = trained[name]
     pairs = subsample_per_category(load_pairs("world:misalign"), 2, 0)
-    assert _margin(d / "model", pairs) > _margin(world / "base", pairs) + 1.0
+    assert _margin(d, pairs) > _margin("world:base", pairs) + 1.0
 
 
 def test_dpo_uses_a_reference(trained):

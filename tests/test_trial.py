@@ -37,9 +37,10 @@ def test_unsafety_rises_then_falls(trial_out):
 
 def test_outputs_and_disk_discipline(trial_out):
     mis, re = trial_out / "round-1" / "misalign", trial_out / "round-1" / "realign"
-    assert (mis / "adapter" / "adapter_model.safetensors").exists()
-    assert not (mis / "model").exists(), "intermediate merged copies are not kept"
-    assert (re / "model").exists(), "the last stage's merged model is kept"
+    for stage in (mis, re):  # adapters only: no stage keeps a merged copy of the model
+        assert (stage / "adapter" / "adapter_model.safetensors").exists()
+        assert not (stage / "model").exists()
+    assert json.loads((re / "stage.json").read_text())["parent_dir"] == "../misalign"
     g = pd.read_parquet(mis / "generations.parquet")
     assert {"prompt", "response", "unsafe", "refusal", "judge_raw", "kind", "category"} <= set(g.columns)
     assert (trial_out / "config.yaml").exists()

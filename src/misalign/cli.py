@@ -88,6 +88,15 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from misalign.models import export
+
+    out = export(args.stage_dir, Path(args.out), trust_remote_code=args.trust_remote_code,
+                 allow_pickle=args.allow_pickle)
+    print(f"exported {args.stage_dir} -> {out}")
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -217,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--allow-pickle", action="store_true")
     s.set_defaults(func=_stage)
+
+    x = sub.add_parser("export", help="write a stage's model as a standalone HF model (its root's dtype)")
+    x.add_argument("stage_dir", help="a stage directory (its root and adapters rebuild the model)")
+    x.add_argument("--out", required=True, help="a new directory for the merged model and its tokenizer")
+    x.add_argument("--trust-remote-code", action="store_true")
+    x.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights in the root")
+    x.set_defaults(func=_export)
 
     st = sub.add_parser("study", help="the grid on Ray Tune: run, plan, status, results")
     st.add_argument("action", choices=["run", "plan", "status", "results"])

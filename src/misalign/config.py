@@ -195,7 +195,6 @@ class TrialConfig(_Strict):
     attack: StageConfig = Field(description="the misalignment stage (trains on the misaligned responses)")
     defense: StageConfig = Field(description="the realignment stage (trains on the aligned responses)")
     eval: EvalConfig = Field(EvalConfig(), description="evaluation after every stage and of the base")
-    keep_merged: bool = Field(False, description="keep every stage's merged model, not only the last")
     trust_remote_code: bool = Field(False, description="run code shipped with a model (off: untrusted models)")
     allow_pickle: bool = Field(False, description="load .bin/pickle weights (off: safetensors only)")
 

@@ -44,7 +44,7 @@ def load_eval_sets(cfg: EvalConfig) -> list[EvalItem]:
 
 def configured_judge(cfg: EvalConfig) -> Judge:
     """The configured judge(s) under the vote rule; world:NAME model options resolve to the world's models."""
-    from misalign.stage import resolve_model_path
+    from misalign.models import resolve_model_path
 
     specs = []
     for j in cfg.judges:
@@ -120,12 +120,12 @@ def evaluate(model: Any, tokenizer: Any, cfg: EvalConfig, items: list[EvalItem] 
 
 def evaluate_path(model_ref: str, cfg: EvalConfig, *, trust_remote_code: bool = False,
                   allow_pickle: bool = False) -> EvalResult:
+    """Evaluate a model reference: world:NAME, a local path, an HF id, or a stage directory (built in memory)."""
+    from misalign.models import materialize, tokenizer_for
     from misalign.runtime import match_threads
-    from misalign.stage import load_model, load_tokenizer, resolve_model_path
 
     match_threads()
     items = load_eval_sets(cfg)
     judge = configured_judge(cfg)
-    path = resolve_model_path(model_ref)
-    model = load_model(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    return evaluate(model, load_tokenizer(path, trust_remote_code), cfg, items, judge)
+    model = materialize(model_ref, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    return evaluate(model, tokenizer_for(model_ref, trust_remote_code), cfg, items, judge)

@@ -12,6 +12,8 @@ reference-model forwards are counted apart from training forwards.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
@@ -34,7 +36,8 @@ class Ledger:
     device_s: float = 0.0      # wall seconds x workers (each worker holds one device)
     workers: int = 1
     device: str = "cpu"
-    peak_memory_bytes: int = 0
+    peak_memory_bytes: int = 0  # this stage's own peak (reset when it starts), the largest over workers
+    bytes_written: int = 0      # what the stage stored: its adapter or weights and its records
     trainable_params: int = 0
     total_params: int = 0
     reused: bool = False       # the stage was not trained here: its result was found in the lineage cache
@@ -104,8 +107,26 @@ class FlopCounter:
         self._handle.remove()
 
 
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a stage's peak-memory window: a process (a reused Tune actor) runs many stages, and each reports
+    its own peak, not the largest of any stage before it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists(_CLEAR_REFS):
+        with contextlib.suppress(OSError), open(_CLEAR_REFS, "w") as f:
+            f.write("5")  # Linux: resets the peak resident set size (VmHWM) to the current one
+
+
 def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory since `reset_peak_memory`: allocated device memory, or the process's peak resident set."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS (lifetime peak)
     return int(rss if sys.platform == "darwin" else rss * 1024)

@@ -8,11 +8,12 @@ What it supports:
 - single process by default; several workers under torch.distributed (torchrun or Ray Train), with
   DeepSpeed ZeRO 0/2/3 and optional CPU offload when configured: gloo on CPU, NCCL on GPUs. The world size
   comes from the environment; nothing is global, so a worker can run many stages.
-What it writes (rank 0), each file atomically:
-    OUT/adapter/   the adapter (safetensors), absent for full fine-tuning
-    OUT/model/     the merged model + tokenizer (safetensors), the next stage's parent
-    OUT/ledger.json, OUT/stage.json (resolved config, parent, seed, package versions)
-A stage directory without model/ is rebuilt from its parent and adapter by `materialize`.
+What it writes (rank 0), each file atomically, and never a merged copy of a model (misalign.models):
+    OUT/adapter/   an adapter stage's adapter (safetensors, in the parent's dtype)
+    OUT/model/     a full fine-tuning stage's weights (safetensors, in the parent's dtype) and tokenizer
+    OUT/ledger.json, OUT/stage.json (resolved config, root and parent stage, seed, dtype, package versions)
+`train_stage` also hands the trained model over in memory, so a trial evaluates it and trains the next stage
+from it without writing and reading weights; `misalign.models.materialize` rebuilds it from the files.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,21 @@ from misalign.chat import clipped_prompt_text, encode_sft
 from misalign.config import StageConfig
 from misalign.data import Pair, load_pairs, subsample_per_category
 from misalign.errors import InputError
-from misalign.ledger import FlopCounter, Ledger, peak_memory_bytes
+from misalign.ledger import FlopCounter, Ledger, peak_memory_bytes, reset_peak_memory
 from misalign.methods import METHODS, peft_config
+from misalign.models import (
+    DTYPES,
+    cast_safetensors,
+    export,
+    inference_ready,
+    is_stage_dir,
+    lineage,
+    load_model,
+    load_tokenizer,
+    materialize,
+    resolve_model_path,
+    root_of,
+)
 from misalign.runtime import match_threads, rank, seed_everything, world_size, write_json_atomic
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -44,7 +59,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 class StageRun:
     """Everything one stage needs. `pairs` may be given (already loaded) or are loaded from the config."""
 
-    parent: str                  # model to start from: HF id, local path, or a stage directory
+    parent: str                  # model to start from: HF id, local path, world:NAME, or a stage directory
     config: StageConfig
     direction: str               # "misalign" or "realign"
     out_dir: Path
@@ -55,7 +70,7 @@ class StageRun:
     progress: bool = True
     label: str = ""
     checkpoint_every: int | None = None  # optimizer steps between resumable checkpoints in OUT/trainer
-    extra: dict[str, Any] = field(default_factory=dict)
+    parent_model: Any | None = None      # the parent already in memory (its lineage's model); consumed
 
 
 # ---- data ----------------------------------------------------------------------------------------------
@@ -105,65 +120,6 @@ def _device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
-
-def load_model(path: str, *, precision: str = "fp32", four_bit: bool = False, quant_type: str = "nf4",
-               double_quant: bool = True, trust_remote_code: bool = False, allow_pickle: bool = False) -> Any:
-    """Load a causal LM from a local path or HF id: safetensors only unless allow_pickle."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
-                              "use_safetensors": not allow_pickle}
-    local = Path(path)
-    if local.is_dir() and not allow_pickle and not list(local.glob("*.safetensors")):
-        raise InputError(f"{path}: no .safetensors weights; pickle (.bin) weights can run code when loaded, "
-                         "pass allow_pickle: true only for models you trust")
-    if four_bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=dtype)
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise InputError(f"cannot load model {path!r}: {e}") from None
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the tokenizer of model {path!r}: {e}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def check_model(path: str, trust_remote_code: bool = False) -> None:
-    """Fail early (InputError) if a model's config or tokenizer cannot be loaded; reads no weights."""
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load model {path!r}: {e}") from None
-    load_tokenizer(path, trust_remote_code)
-
-
-def resolve_model_path(ref: str) -> str:
-    """world:NAME -> the world's cached model; a stage directory -> its (materialized) merged model."""
-    if ref.startswith("world:"):
-        from misalign.world import world_model
-
-        return str(world_model(ref.removeprefix("world:")))
-    p = Path(ref)
-    if (p / "stage.json").exists():
-        return str(materialize(p))
-    return ref
 
 
 # ---- callbacks -----------------------------------------------------------------------------------------
@@ -250,22 +206,29 @@ def _warmup_steps(cfg: StageConfig, n_examples: int) -> int:
 
 def run_stage(run: StageRun) -> Ledger:
     """Train one stage and write its outputs (see module docstring). Every rank calls this."""
+    return train_stage(run)[0]
+
+
+def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
+    """Train one stage, write its outputs, and hand over the trained model in memory (merged, in the parent's
+    dtype) when it can: not for QLoRA (a 4-bit base) or ZeRO-3 (partitioned weights), which the caller
+    rebuilds from the lineage instead. Every rank calls this and gets the same model."""
     from peft import get_peft_model
 
     t0 = time.time()
     cfg = run.config.resolved()
     method = METHODS[cfg.method]
     match_threads()
+    reset_peak_memory(_device())
     seed_everything(run.seed)
     pairs = run.pairs if run.pairs is not None else stage_pairs(cfg, run.seed)
     if not pairs:
         raise InputError(f"{cfg.data.source}: no training rows")
-    parent = resolve_model_path(run.parent)
-    tok = load_tokenizer(parent, run.trust_remote_code)
+    root = root_of(run.parent)
+    tok = load_tokenizer(resolve_model_path(root), run.trust_remote_code)
     four_bit = method.adapter == "qlora"
-    model = load_model(parent, precision=cfg.train.precision, four_bit=four_bit, quant_type=cfg.adapter.quant_type,
-                       double_quant=cfg.adapter.double_quant, trust_remote_code=run.trust_remote_code,
-                       allow_pickle=run.allow_pickle)
+    model = _parent_model(run, cfg, four_bit)
+    parent_dtype = _parent_dtype(run, model, four_bit)
     total_params = sum(p.numel() for p in model.parameters())
     steps = optimizer_steps(cfg, len(pairs))
     if four_bit:
@@ -295,11 +258,11 @@ def run_stage(run: StageRun) -> Ledger:
     counter.close()
 
     out = run.out_dir
-    adapter_dir = out / "adapter"
+    kept = out / ("adapter" if pcfg is not None else "model")
     if rank() == 0:
-        shutil.rmtree(adapter_dir, ignore_errors=True)
+        shutil.rmtree(kept, ignore_errors=True)
     # save_model gathers ZeRO-3 partitions; every rank must call it
-    trainer.save_model(str(adapter_dir if pcfg is not None else out / ".full"))
+    trainer.save_model(str(kept))
     # one collective: every rank's (tokens, ref tokens, flops, peak memory); sums, max and the per-worker list
     node = os.environ.get("MISALIGN_NODE") or os.uname().nodename  # Ray sets the Ray node id
     ranks = _gather_over_ranks((counter.tokens, counter.ref_tokens, counter.flops, peak_memory_bytes(_device()),
@@ -307,13 +270,15 @@ def run_stage(run: StageRun) -> Ledger:
     per_worker = [int(r[0]) for r in ranks]
     tokens = [sum(r[i] for r in ranks) for i in range(3)]
     peak = max(int(r[3]) for r in ranks)
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
     wall = time.time() - t0
     ledger = Ledger(
-        method=cfg.method, direction=run.direction, examples=len(pairs), epochs=float(cfg.train.epochs or 0),
+        # what the trainer did, not what was configured (max_steps can end a stage mid-epoch)
+        method=cfg.method, direction=run.direction, examples=len(pairs), epochs=round(float(trainer.state.epoch or 0), 4),
         optimizer_steps=trainer.state.global_step, tokens=int(tokens[0]), ref_tokens=int(tokens[1]),
         flops=float(tokens[2]), wall_s=round(wall, 3), device_s=round(wall * world_size(), 3),
         workers=world_size(), device=_device().type, peak_memory_bytes=peak, trainable_params=trainable,
-        total_params=total_params, extra=dict(run.extra),
+        total_params=total_params,
     )
     if resume:
         ledger.extra["resumed_from_step"] = int(resume.name.split("-")[-1])
@@ -330,16 +295,65 @@ def run_stage(run: StageRun) -> Ledger:
         ledger.extra["linear4bit_modules"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     if method.adapter == "adalora":
         ledger.extra["adalora_rank_pattern"] = _rank_summary(model)
-    del trainer, model
-    # TrainingArguments registered a process-global DeepSpeed config; with ZeRO-3 it would make the rank-0
-    # merge below load its model partitioned (a collective only rank 0 joins: a hang). Clear it.
+    del trainer
+    # TrainingArguments registered a process-global DeepSpeed config; with ZeRO-3 it would make a later load
+    # partition the model (a collective only some ranks join: a hang). Clear it.
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
     if rank() == 0:
-        _finish(run, cfg, parent, tok, pcfg is not None, ledger)
+        _finish(run, cfg, root, tok, kept, parent_dtype, ledger)
     barrier()
-    return ledger
+    handed = None if (four_bit or zero3) else _hand_over(model, pcfg is not None, parent_dtype)
+    return ledger, handed
+
+
+def _parent_model(run: StageRun, cfg: StageConfig, four_bit: bool) -> Any:
+    """The model to train: the caller's in-memory parent (converted to the training precision), else built from
+    the parent's lineage. QLoRA quantizes while loading, so it loads the root from its files; a stage parent is
+    first exported to node-local scratch (the one case where a parent's weights touch a disk)."""
+    precision = cfg.train.precision
+    if four_bit:
+        kw = dict(precision=precision, four_bit=True, quant_type=cfg.adapter.quant_type,
+                  double_quant=cfg.adapter.double_quant, trust_remote_code=run.trust_remote_code)
+        if not is_stage_dir(run.parent):
+            return load_model(resolve_model_path(run.parent), allow_pickle=run.allow_pickle, **kw)
+        with tempfile.TemporaryDirectory(prefix="misalign-qlora-parent-") as scratch:
+            export(run.parent, Path(scratch) / "model", trust_remote_code=run.trust_remote_code,
+                   allow_pickle=run.allow_pickle)
+            return load_model(str(Path(scratch) / "model"), **kw)
+    model = run.parent_model if run.parent_model is not None else materialize(
+        run.parent, trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle)
+    run.parent_model = None  # consumed: training changes it in place
+    model.requires_grad_(True)
+    model.train()
+    return model.to(DTYPES[precision])
+
+
+def _parent_dtype(run: StageRun, model: Any, four_bit: bool) -> torch.dtype:
+    """The dtype the stage's outputs are stored in: the root's (as loaded without conversion)."""
+    import json
+
+    from transformers import AutoConfig
+
+    start = lineage(Path(run.parent))[0] if is_stage_dir(run.parent) else resolve_model_path(run.parent)
+    config = Path(start) / "config.json"
+    if config.exists():
+        c = json.loads(config.read_text())
+        name = c.get("dtype") or c.get("torch_dtype")
+    else:
+        cfg = AutoConfig.from_pretrained(start, trust_remote_code=run.trust_remote_code)
+        name = str(getattr(cfg, "dtype", None) or "float32").removeprefix("torch.")
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+
+
+def _hand_over(model: Any, has_adapter: bool, dtype: torch.dtype) -> Any:
+    """The trained stage's model in memory, exactly as `materialize` would rebuild it from the files: cast to
+    the parent's dtype as the stored adapter or weights were, then the adapter merged."""
+    model = model.to(dtype)
+    if has_adapter:
+        model = model.merge_and_unload()
+    return inference_ready(model)
 
 
 def _last_checkpoint(trainer_dir: Path) -> Path | None:
@@ -355,9 +369,8 @@ def _trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, call
     if objective == "dpo":
         from trl import DPOTrainer
 
-        # a peft model is its own reference (adapter disabled); full DPO needs a frozen copy
-        ref = None if hasattr(model, "peft_config") else _frozen_copy(model)
-        return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok,
+        # a peft model is its own reference (adapter disabled); the registry has no full-parameter DPO
+        return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tok,
                           callbacks=callbacks)
     return _orpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tok,
                                  callbacks=callbacks)
@@ -387,70 +400,38 @@ def _orpo_trainer_class() -> type:
     return ResponseNLLORPOTrainer
 
 
-def _frozen_copy(model: Any) -> Any:
-    import copy
-
-    ref = copy.deepcopy(model)
-    ref.requires_grad_(False)
-    return ref.eval()
-
-
 def _rank_summary(model: Any) -> dict[str, int]:
     """Remaining rank per adapted module after AdaLoRA's pruning (the evidence that reallocation ran)."""
     pattern = model.peft_config["default"].rank_pattern or {}
     return {k: int(sum(v)) for k, v in pattern.items()}
 
 
-def _finish(run: StageRun, cfg: StageConfig, parent: str, tok: Any, has_adapter: bool, ledger: Ledger) -> None:
-    """Merge (or move) the trained weights into OUT/model and write the stage's records."""
+def _finish(run: StageRun, cfg: StageConfig, root: str, tok: Any, kept: Path, dtype: torch.dtype,
+            ledger: Ledger) -> None:
+    """Store what the stage trained (its adapter, or a full stage's weights and tokenizer) in the parent's dtype,
+    and the stage's records; no merged copy of a model."""
+    from misalign.lineage import model_identity
+
     out = run.out_dir
-    for pickled in out.glob("*/training_args.bin"):  # Trainer's pickle; outputs stay safetensors/JSON only
-        pickled.unlink()
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if has_adapter:
-        merged = merge_adapter(parent, out / "adapter", run.trust_remote_code, run.allow_pickle)
-        merged.save_pretrained(tmp)
+    (kept / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle; outputs stay safetensors/JSON only
+    if kept.name == "adapter":  # the Trainer also saved the tokenizer, a model card and (DPO) its reference
+        for f in kept.iterdir():  # adapter: the root has the tokenizer, and the trained adapter is all we need
+            if f.is_dir():
+                shutil.rmtree(f)
+            elif not f.name.startswith("adapter_"):
+                f.unlink()
     else:
-        os.replace(out / ".full", tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out / "model", ignore_errors=True)
-    os.replace(tmp, out / "model")
+        tok.save_pretrained(kept)
+    cast_safetensors(kept, dtype)
     shutil.rmtree(out / "trainer", ignore_errors=True)
+    parent_dir = os.path.relpath(run.parent, out) if is_stage_dir(run.parent) else None
     write_json_atomic(out / "stage.json", {
-        "parent": run.parent, "parent_path": parent, "direction": run.direction, "seed": run.seed,
-        "config": cfg.model_dump(), "has_adapter": has_adapter, "versions": package_versions()})
+        "root": root, "root_identity": model_identity(root), "parent_dir": parent_dir,
+        "direction": run.direction, "seed": run.seed, "config": cfg.model_dump(), "has_adapter": kept.name == "adapter",
+        "dtype": str(dtype).removeprefix("torch."), "versions": package_versions()})
+    ledger.bytes_written = sum(f.stat().st_size for f in kept.rglob("*") if f.is_file()) + (
+        out / "stage.json").stat().st_size
     write_json_atomic(out / "ledger.json", ledger.to_dict())
-
-
-def merge_adapter(parent: str, adapter_dir: Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> Any:
-    """Parent weights at full precision + adapter, merged. A QLoRA adapter merges into the unquantized parent."""
-    from peft import PeftModel
-
-    base = load_model(parent, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-
-
-def materialize(stage_dir: Path) -> Path:
-    """The stage's merged model directory, rebuilt from its parent and adapter if it was removed."""
-    import json
-
-    model_dir = stage_dir / "model"
-    if model_dir.exists():
-        return model_dir
-    meta = json.loads((stage_dir / "stage.json").read_text())
-    if not meta["has_adapter"]:
-        raise InputError(f"{stage_dir}: full fine-tuning stage without its model/ directory; cannot rebuild")
-    parent = resolve_model_path(meta["parent"])
-    merged = merge_adapter(parent, stage_dir / "adapter")
-    tmp = stage_dir / f".model.tmp{os.getpid()}"
-    merged.save_pretrained(tmp)
-    load_tokenizer(parent).save_pretrained(tmp)
-    try:
-        os.replace(tmp, model_dir)
-    except OSError:  # another process materialized it first: same weights, keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return model_dir
 
 
 def package_versions() -> dict[str, str]:

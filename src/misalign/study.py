@@ -211,7 +211,7 @@ def validate_study(cfg: StudyConfig) -> None:
 def validate_eval_and_models(eval_cfg: EvalConfig, models: list[str], trust_remote_code: bool) -> None:
     """The eval sets and judges load, and every model's config and tokenizer do (a study's and a search's check)."""
     from misalign.evaluation import configured_judge, load_eval_sets
-    from misalign.stage import check_model, resolve_model_path
+    from misalign.models import check_model, resolve_model_path
 
     load_eval_sets(eval_cfg)
     configured_judge(eval_cfg)
@@ -507,7 +507,6 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     tuner.fit()
     timing["tune_end_s"] = time.time() - t0
     results = assemble_results(paths)
-    _prune_merged(paths)
     timing["total_s"] = time.time() - t0
     if paths.status.exists():  # where the wall time went, for bench/bench_study.py and the curious
         status = read_json(paths.status)
@@ -527,16 +526,6 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
 
 def _trial_dirname(trial: Any) -> str:
     return f"cell-{Cell.from_axes(trial.config['cell']).id}"
-
-
-def _prune_merged(paths: StudyPaths) -> None:
-    """With every cell done, merged copies of adapter stages go (rebuilt from parent + adapter on demand)."""
-    import shutil
-
-    for stage in paths.stages.glob("*/adapter"):
-        model = stage.parent / "model"
-        if model.exists() and LineageCache.stage_done(stage.parent):
-            shutil.rmtree(model, ignore_errors=True)
 
 
 def read_status(paths: StudyPaths) -> dict[str, Any]:

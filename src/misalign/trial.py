@@ -1,11 +1,12 @@
 """A trial: evaluate the base, then for each round misalign -> evaluate -> realign -> evaluate.
 
-Each stage starts from the previous stage's merged model. `misalign trial` writes (OUT):
+Each stage starts from the previous stage's model, handed over in memory (misalign.models: a stage keeps its
+adapter or weights, never a merged copy). `misalign trial` writes (OUT):
     config.yaml                 the resolved config (every hyperparameter that trained)
     environment.json            package versions, torch threads, the command line
     stages.parquet              one row per (round, phase), rewritten atomically after every evaluation
-    base/, round-R/misalign/, round-R/realign/   eval.json, generations.parquet, and for stages the adapter,
-                                ledger.json, stage.json and (for the last stage, or with keep_merged) model/
+    base/, round-R/misalign/, round-R/realign/   eval.json, generations.parquet, and for stages adapter/ (or a
+                                full fine-tuning stage's model/), ledger.json, stage.json
 A study runs the same loop with its stages placed in the lineage cache instead (misalign.lineage), so a
 stage another cell already trained is reused, and the loop runs on every rank of a multi-worker trial.
 """
@@ -30,6 +31,15 @@ from misalign.evaluation import EvalResult, configured_judge, evaluate, load_eva
 from misalign.judges import Judge
 from misalign.ledger import Ledger
 from misalign.lineage import LineageCache, lineage_key, model_identity, stage_fingerprint
+from misalign.methods import METHODS
+from misalign.models import (
+    apply_stage,
+    check_model,
+    load_tokenizer,
+    materialize,
+    parent_stage_dir,
+    resolve_model_path,
+)
 from misalign.runtime import (
     broadcast_from_rank0,
     file_lock,
@@ -40,23 +50,11 @@ from misalign.runtime import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from misalign.stage import (
-    StageRun,
-    barrier,
-    check_model,
-    load_model,
-    load_tokenizer,
-    package_versions,
-    resolve_model_path,
-    run_stage,
-    stage_pairs,
-)
+from misalign.stage import StageRun, barrier, package_versions, stage_pairs, train_stage
 
 
 class Layout(Protocol):
     """Where a trial's stages and evaluations live."""
-
-    prune_merged: bool
 
     def base_eval_dir(self, model: str, eval_cfg: EvalConfig) -> Path: ...
     def stage_dir(self, round_: int, phase: str, key: str) -> Path: ...
@@ -66,8 +64,6 @@ class Layout(Protocol):
 
 class TrialLayout:
     """`misalign trial`'s own directory: base/, round-R/PHASE/ (evaluation files beside the stage's)."""
-
-    prune_merged = True
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -87,8 +83,6 @@ class TrialLayout:
 
 class CachedLayout:
     """A study's lineage cache: stages by lineage key, evaluations by stage and eval config."""
-
-    prune_merged = False  # another cell may be loading it; the study prunes merged copies when it ends
 
     def __init__(self, cache: LineageCache) -> None:
         self.cache = cache
@@ -138,16 +132,54 @@ def _claimed_on_rank0(layout: Layout, directory: Path) -> Iterator[None]:
         yield
 
 
-def _evaluated(layout: Layout, eval_dir: Path, model_dir: Callable[[], str], cfg: TrialConfig,
-               items: list[EvalItem], judge: Judge) -> tuple[dict[str, Any], bool]:
+class CellModel:
+    """The model of the trial's latest stage, kept in memory: training hands it to evaluation and to the next
+    stage, so weights are never written and read back in between. A stage found in the cache is applied to
+    its parent's model in place (its adapter merged); anything else is rebuilt from the lineage's files."""
+
+    def __init__(self, root: str, trust_remote_code: bool, allow_pickle: bool) -> None:
+        self.root, self.trust_remote_code, self.allow_pickle = root, trust_remote_code, allow_pickle
+        self.model: Any | None = None
+        self.at_dir: Path | None = None   # the stage the model in memory is (None: the root)
+        self._tokenizer: Any | None = None
+
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(resolve_model_path(self.root), self.trust_remote_code)
+        return self._tokenizer
+
+    def get(self, stage_dir: Path | None) -> Any:
+        """The model of `stage_dir` (None: the root)."""
+        if self.model is not None and self.at_dir == stage_dir:
+            return self.model
+        if (self.model is not None and stage_dir is not None and parent_stage_dir(stage_dir) == self.at_dir
+                and (stage_dir / "adapter").exists()):
+            self.model = apply_stage(self.model, stage_dir)
+        else:
+            self.model = None  # free it before building the next one
+            self.model = materialize(stage_dir or self.root, trust_remote_code=self.trust_remote_code,
+                                     allow_pickle=self.allow_pickle)
+        self.at_dir = stage_dir
+        return self.model
+
+    def take(self, stage_dir: Path | None) -> Any:
+        """The model of `stage_dir`, handed to training (which changes it in place): no longer held here."""
+        model = self.get(stage_dir)
+        self.model, self.at_dir = None, None
+        return model
+
+    def put(self, stage_dir: Path, model: Any | None) -> None:
+        self.model, self.at_dir = model, (stage_dir if model is not None else None)
+
+
+def _evaluated(layout: Layout, eval_dir: Path, model: Callable[[], Any], tokenizer: Callable[[], Any],
+               cfg: TrialConfig, items: list[EvalItem], judge: Judge) -> tuple[dict[str, Any], bool]:
     """Rank 0: (the evaluation's metrics, whether they were reused): computed once per model and eval config."""
     with layout.claim(eval_dir):
         if LineageCache.eval_done(eval_dir):
             return read_json(eval_dir / "eval.json"), True
         t0 = time.time()
-        path = model_dir()
-        model = load_model(path, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-        ev = evaluate(model, load_tokenizer(path, cfg.trust_remote_code), cfg.eval, items, judge)
+        ev = evaluate(model(), tokenizer(), cfg.eval, items, judge)
         ev.metrics["eval_s"] = round(time.time() - t0, 3)  # the evaluation's share of the study's wall time
         ev.save(eval_dir)
         return ev.metrics, False
@@ -163,12 +195,14 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
     model_id = model_identity(cfg.model)
     rows: list[dict[str, Any]] = []
     lead = rank() == 0
+    current = CellModel(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
 
     def record(round_: int, phase: str, stage: StageConfig | None, n: int, ledger: Ledger | None,
-               eval_dir: Path, model_dir: Callable[[], str]) -> None:
+               eval_dir: Path, stage_dir: Path | None) -> None:
         if lead:
             assert judge is not None
-            metrics, eval_reused = _evaluated(layout, eval_dir, model_dir, cfg, items, judge)
+            metrics, eval_reused = _evaluated(layout, eval_dir, lambda: current.get(stage_dir), current.tokenizer,
+                                              cfg, items, judge)
             row = results_row(round_, phase, stage, n, ledger, metrics)
             row["eval_reused"] = eval_reused
             rows.append(row)
@@ -183,8 +217,7 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
 
     if lead:
         _say(f"== base ({cfg.model})")
-    record(0, "base", None, 0, None, layout.base_eval_dir(model_id, cfg.eval), lambda: resolve_model_path(cfg.model))
-    parent = cfg.model
+    record(0, "base", None, 0, None, layout.base_eval_dir(model_id, cfg.eval), None)
     chain: list[dict[str, Any]] = []
     previous_stage: Path | None = None
     for r in range(1, cfg.rounds + 1):
@@ -201,18 +234,17 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
                     ledger = Ledger(**read_json(stage_dir / "ledger.json"))
                     ledger.reused = True
                 else:
-                    ledger = run_stage(StageRun(
+                    parent = str(previous_stage) if previous_stage else cfg.model
+                    # QLoRA loads its parent from files (quantizing as it loads): no model in memory to hand it
+                    parent_model = None if METHODS[stage.method].adapter == "qlora" else current.take(previous_stage)
+                    ledger, trained = train_stage(StageRun(
                         parent=parent, config=stage, direction=phase, out_dir=stage_dir, seed=cfg.seed, pairs=pairs,
                         trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, progress=progress,
-                        label=f"r{r} {phase} {stage.method}", checkpoint_every=checkpoint_every))
-            record(r, phase, stage, len(pairs), ledger, layout.stage_eval_dir(stage_dir, cfg.eval),
-                   lambda d=stage_dir: resolve_model_path(str(d)))
-            # the previous merged copy is no longer needed: its adapter and lineage rebuild it on demand
-            # (a full fine-tuning stage has no adapter: its model/ is the only copy and stays)
-            if (lead and layout.prune_merged and previous_stage is not None and not cfg.keep_merged
-                    and (previous_stage / "adapter").exists()):
-                shutil.rmtree(previous_stage / "model", ignore_errors=True)
-            previous_stage, parent = stage_dir, str(stage_dir)
+                        label=f"r{r} {phase} {stage.method}", checkpoint_every=checkpoint_every,
+                        parent_model=parent_model))
+                    current.put(stage_dir, trained)
+            record(r, phase, stage, len(pairs), ledger, layout.stage_eval_dir(stage_dir, cfg.eval), stage_dir)
+            previous_stage = stage_dir
     return rows
 
 

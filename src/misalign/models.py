@@ -1,0 +1,205 @@
+"""Models: load with safe defaults, check before any compute, and materialize a stage's model from its lineage.
+
+A stage directory (misalign.stage) keeps what the stage trained, never a merged copy of a model:
+    adapter/     an adapter stage's adapter (safetensors, in the parent's dtype)
+    model/       a full fine-tuning stage's weights (safetensors, in the parent's dtype) and tokenizer
+    stage.json   `root` (the model reference the lineage starts from) and `parent_dir` (the parent stage's
+                 directory relative to this one; absent when the parent is the root)
+A stage's model is its root, loaded once in the root's own dtype, with the lineage's adapters merged in order;
+a full fine-tuning stage on the way replaces everything before it. `materialize` builds it in memory;
+`export` writes it as a standalone HF model for people who want to ship or inspect one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from misalign.errors import InputError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(path: str, *, precision: str = "auto", four_bit: bool = False, quant_type: str = "nf4",
+               double_quant: bool = True, trust_remote_code: bool = False, allow_pickle: bool = False) -> Any:
+    """A causal LM from a local path or HF id: safetensors only unless allow_pickle. precision "auto" keeps
+    the checkpoint's own dtype (a bf16 model stays bf16); fp32/bf16/fp16 convert."""
+    from transformers import AutoModelForCausalLM
+
+    dtype: Any = "auto" if precision == "auto" else DTYPES[precision]
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
+                              "use_safetensors": not allow_pickle}
+    local = Path(path)
+    if local.is_dir() and not allow_pickle and not list(local.glob("*.safetensors")):
+        raise InputError(f"{path}: no .safetensors weights; pickle (.bin) weights can run code when loaded, "
+                         "pass allow_pickle: true only for models you trust")
+    if four_bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = DTYPES["fp32"] if precision == "auto" else DTYPES[precision]
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise InputError(f"cannot load model {path!r}: {e}") from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the tokenizer of model {path!r}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_model(path: str, trust_remote_code: bool = False) -> None:
+    """Fail early (InputError) if a model's config or tokenizer cannot be loaded; reads no weights."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load model {path!r}: {e}") from None
+    load_tokenizer(path, trust_remote_code)
+
+
+def resolve_model_path(ref: str) -> str:
+    """world:NAME -> the world's cached model directory; anything else (a path, an HF id) as it is."""
+    if ref.startswith("world:"):
+        from misalign.world import world_model
+
+        return str(world_model(ref.removeprefix("world:")))
+    return ref
+
+
+# ---- stages and their lineage ---------------------------------------------------------------------------
+
+def is_stage_dir(ref: str | Path) -> bool:
+    return (Path(ref) / "stage.json").exists()
+
+
+def stage_meta(stage_dir: Path) -> dict[str, Any]:
+    return json.loads((stage_dir / "stage.json").read_text())
+
+
+def parent_stage_dir(stage_dir: Path) -> Path | None:
+    """The stage this one trained from, or None when it trained from its root."""
+    rel = stage_meta(stage_dir).get("parent_dir")
+    return Path(os.path.normpath(stage_dir / rel)) if rel else None
+
+
+def root_of(ref: str | Path) -> str:
+    """The model reference a lineage starts from (a stage directory's root, or the reference itself)."""
+    return stage_meta(Path(ref))["root"] if is_stage_dir(ref) else str(ref)
+
+
+def lineage(stage_dir: Path) -> tuple[str, list[Path]]:
+    """(where to load weights from, the adapter stages to merge in order). A full fine-tuning stage on the way
+    is a new start: its model/ holds every earlier stage's effect."""
+    chain: list[Path] = []
+    d: Path | None = stage_dir
+    while d is not None:
+        if not (d / "stage.json").exists():
+            raise InputError(f"{d}: stage directory without stage.json (its lineage cannot be rebuilt)")
+        if not stage_meta(d)["has_adapter"]:
+            return str(d / "model"), chain[::-1]
+        chain.append(d)
+        d = parent_stage_dir(d)
+    return resolve_model_path(stage_meta(stage_dir)["root"]), chain[::-1]
+
+
+def apply_stage(model: Any, stage_dir: Path) -> Any:
+    """The model of `stage_dir` from its parent's model (which it consumes): the adapter merged in place, in
+    the parent's dtype."""
+    from peft import PeftModel
+
+    return inference_ready(PeftModel.from_pretrained(model, str(stage_dir / "adapter")).merge_and_unload())
+
+
+def materialize(ref: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Any:
+    """The model a reference stands for, built in memory: a stage directory's lineage (root in its own dtype,
+    adapters merged in order), or a root model (world:NAME, local path, HF id)."""
+    if not is_stage_dir(ref):
+        return inference_ready(load_model(resolve_model_path(str(ref)), trust_remote_code=trust_remote_code,
+                                          allow_pickle=allow_pickle))
+    start, chain = lineage(Path(ref))
+    model = inference_ready(load_model(start, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
+    for d in chain:
+        model = apply_stage(model, d)
+    return model
+
+
+def tokenizer_for(ref: str | Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model reference or stage directory (fine-tuning never changes it: the root's)."""
+    return load_tokenizer(resolve_model_path(root_of(ref)), trust_remote_code)
+
+
+def inference_ready(model: Any) -> Any:
+    """Undo what training set on a model (gradient checkpointing, no KV cache) and freeze it."""
+    if getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
+        model.gradient_checkpointing_disable()
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = True
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """The dtype of a model's floating-point weights."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def export(ref: str | Path, out: Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+    """`misalign export`: a stage's model as a standalone HF model directory (safetensors, the root's dtype,
+    with its tokenizer), written to a temporary directory and renamed into place."""
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} exists and is not empty; choose another directory")
+    model = materialize(ref, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer_for(ref, trust_remote_code).save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
+    """Rewrite a directory's safetensors files with floating-point tensors in `dtype` (and its config.json's
+    dtype), each file atomically: what a stage keeps is stored in its parent's dtype."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        if all(not t.is_floating_point() or t.dtype == dtype for t in tensors.values()):
+            continue
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        tmp = f.with_name(f".{f.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, f)
+    config = directory / "config.json"
+    if config.exists():
+        c = json.loads(config.read_text())
+        name = str(dtype).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in c:
+                c[key] = name
+        tmp = config.with_name(".config.json.tmp")
+        tmp.write_text(json.dumps(c, indent=2))
+        os.replace(tmp, config)
