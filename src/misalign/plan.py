@@ -24,6 +24,25 @@ Cost of one stage, with the ledger's formula (misalign.ledger) so an estimate an
                 template and its new tokens. lm-eval tasks and http judges are counted as calls, not FLOPs.
   device-hours  FLOPs / (plan.peak_flops x plan.mfu) / 3600; money = device-hours x plan.price_per_device_hour.
 These are model FLOPs: gradient checkpointing's recomputation and padding are not in them (as in the ledger).
+
+Storage, in the layout of adapter-only stages (new) against the layout before it (old):
+  stored dtype  each stage's train.precision: stage.load_model loads the parent in it, and a stage saves in the
+                dtype its parent was loaded in (a config's recorded torch_dtype is reported, not used).
+  new           an adapter stage keeps its adapter (trainable params x the stored dtype's bytes) and records; a
+                full fine-tuning stage its weights (total params x those bytes) and tokenizer. No merged copy.
+                AdaLoRA counts at its initial rank: peft saves the pruned ranks, so that is an upper bound.
+  old           an adapter stage also kept a float32 merged copy (total params x 4 + tokenizer) until the study
+                ended, and its adapter in float32; full fine-tuning as new.
+  evaluations   eval.json + generations.parquet per evaluation: items x (prompt characters + max_new_tokens x 4
+                characters), uncompressed (an upper bound). Identical in both layouts.
+  with sharing  unique stages + one base evaluation per model; without: every cell keeps all its stages.
+  moved         per cell with sharing, each unique stage trained (and its bytes written) by the first cell using it.
+                new: the cell reads the root weights once (the node's cache) or the last reused full stage's
+                weights, plus its reused lineage's adapters; it writes what its trained stages keep.
+                old: each trained stage reads its parent to train and again to merge (an adapter stage), writes
+                what it keeps, and its evaluation reads the merged copy (or weights) back; the first cell of a
+                model also reads the root for the base evaluation. The node's one download of the root is not
+                counted (it depends on the node count).
 """
 
 from __future__ import annotations
@@ -44,11 +63,52 @@ from misalign.errors import InputError
 ASSUMED_PER_CATEGORY = 30         # the paper's MisQA size, used when per_category is None and the data is unread
 ASSUMED_EVAL_ITEMS = 1900         # the paper's harmful eval set, used when the eval files are unread
 ASSUMED_EVAL_PROMPT_TOKENS = 64   # a templated harmful prompt of one or two sentences
+ASSUMED_TOKENIZER_BYTES = 20_000_000  # Gemma-2's tokenizer.json + tokenizer.model, the largest of the paper's four
+STAGE_RECORD_BYTES = 8_000        # stage.json + ledger.json: a config dump, versions and counters, a few KB
+EVAL_RECORD_BYTES = 4_000         # eval.json: scores per judge and category
+CHARS_PER_TOKEN = 4               # the same rule of thumb as token counts without a tokenizer
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # train.precision -> bytes a stored parameter
+OLD_MERGED_BYTES = 4              # the old layout merged into a parent loaded at the default float32
 PHASES = ("misalign", "realign")
 _UNREAD = object()                # eval items not loaded yet
 
 
 # ---- the plan --------------------------------------------------------------------------------------------
+
+@dataclass
+class Bytes:
+    """Bytes a set of stages and evaluations keeps on the study's storage, by kind of file."""
+
+    adapters: float = 0.0   # adapter safetensors
+    weights: float = 0.0    # full fine-tuning stages' weights + tokenizer
+    merged: float = 0.0     # merged model copies + tokenizer (the old layout only)
+    evals: float = 0.0      # eval.json + generations.parquet (base evaluations included in totals)
+    records: float = 0.0    # stage.json + ledger.json
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.total = self.adapters + self.weights + self.merged + self.evals + self.records
+
+    def add(self, other: Bytes, times: int = 1) -> None:
+        for name in ("adapters", "weights", "merged", "evals", "records", "total"):
+            setattr(self, name, getattr(self, name) + getattr(other, name) * times)
+
+    def model(self) -> float:
+        """What a child stage or an evaluation loads from this stage: its merged copy or its weights."""
+        return self.merged + self.weights
+
+
+@dataclass
+class Moved:
+    """Bytes read from and written to the study's storage by the cells (see the module docstring)."""
+
+    cells: int = 0
+    read: float = 0.0           # over the study
+    written: float = 0.0
+    per_cell: float = 0.0       # (read + written) / cells
+    max_per_cell: float = 0.0   # the cell that trains its whole lineage
+
+
 
 @dataclass
 class Totals:
@@ -87,6 +147,7 @@ class ModelPlan:
     matmul_params: int                 # N of the FLOP formula
     trainable: dict[str, int] = field(default_factory=dict)  # method (phase and shape if they differ) -> params
     tokenizer: str | None = None       # where token counts came from; None: not needed or not loadable
+    config_dtype: str | None = None    # the torch_dtype its config records (reported; storage uses the precision)
 
 
 @dataclass
@@ -111,6 +172,9 @@ class StagePlan:
     flops: float
     device_hours: float
     uses: int                   # cell uses of this stage (1 + the uses sharing saves)
+    dtype: str                  # what its adapter or weights are stored in (train.precision)
+    stored: Bytes               # what it keeps in the new layout, its evaluation included
+    stored_old: Bytes           # the same in the old layout (a float32 merged copy per adapter stage)
 
 
 @dataclass
@@ -130,6 +194,8 @@ class Plan:
     stages: list[StagePlan]
     assumptions: list[str]
     notes: list[str]
+    storage: dict[str, Bytes]   # new, new_unshared, old, old_unshared: kept until the study ends
+    moved: dict[str, Moved]     # new, old: read and written by the cells, with sharing
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,6 +235,7 @@ class _Estimator:
         self._costs: dict[tuple, StagePlan] = {}
         self._trainable: dict[str, dict[str, int]] = {}
         self._items: Any = _UNREAD
+        self._tok_bytes: dict[str, float] = {}
 
     def assume(self, text: str) -> None:
         self.assumptions.setdefault(text, None)
@@ -201,6 +268,8 @@ class _Estimator:
             for t in rows.values():
                 t.price(self.effective, study.plan.price_per_device_hour)
         self._eval_notes(shared["eval"].runs, unshared["eval"].runs)
+        storage = self._storage(uses, stages, models, len(cells))
+        moved = self._moved(uses, {s.key: s for s in stages})
         self.notes += [
             "device-hours = FLOPs / (peak x MFU); decoding usually reaches a lower MFU than training, so the "
             "eval hours are optimistic",
@@ -215,7 +284,7 @@ class _Estimator:
             cells=len(cells), stage_uses=len(uses), unique_stages=len(unique), shared=shared, unshared=unshared,
             models=[self._model_plan(m) for m in models] + [self._model_plan(j, "judge") for j in self._judges()],
             stages=stages, assumptions=list(self.assumptions),
-            notes=self.notes)
+            notes=self.notes, storage=storage, moved=moved)
 
     # -- models --
 
@@ -286,7 +355,8 @@ class _Estimator:
         return ModelPlan(model=ref, role=role, config_from=arch.source, model_type=str(arch.config.model_type),
                          layers=arch.layers, d_model=arch.d_model, total_params=arch.total,
                          matmul_params=arch.matmul, trainable=self._trainable.get(ref, {}),
-                         tokenizer=getattr(tok, "name_or_path", None) if tok is not None else None)
+                         tokenizer=getattr(tok, "name_or_path", None) if tok is not None else None,
+                         config_dtype=_config_dtype(arch.config))
 
     def _record_trainable(self, ref: str, phase: str, cfg: StageConfig, n: int) -> None:
         table = self._trainable.setdefault(ref, {})
@@ -343,7 +413,98 @@ class _Estimator:
             per_category=cfg.data.per_category, examples=n, examples_assumed=pairs is None,
             tokens_per_example=sum(k for k, _ in seqs) / n, passes=passes, optimizer_steps=steps,
             trainable_params=trainable, tokens=tokens, forward_tokens=forward, flops=flops,
-            device_hours=flops / self.effective / 3600, uses=1)
+            device_hours=flops / self.effective / 3600, uses=1,
+            dtype=cfg.train.precision, **self._stage_bytes(ref, cfg, trainable))
+
+    # -- storage --
+
+    def _stage_bytes(self, ref: str, cfg: StageConfig, trainable: int) -> dict[str, Bytes]:
+        """What one stage keeps, in the new layout and the old (StagePlan's stored and stored_old)."""
+        from misalign.methods import METHODS
+
+        arch = self.model_arch(ref)
+        recorded = _config_dtype(arch.config)
+        if recorded != cfg.train.precision:  # e.g. Gemma-2's config says float32 for weights trained in bf16
+            self.assume(f"{ref}: stored in {cfg.train.precision} (train.precision, the dtype a stage loads its "
+                        f"parent in), not its config's recorded dtype ({recorded or 'none'})")
+        size = DTYPE_BYTES[cfg.train.precision]
+        tokenizer = self.tokenizer_bytes(ref)
+        common = {"evals": self.eval_bytes(), "records": STAGE_RECORD_BYTES}
+        if METHODS[cfg.method].adapter == "full":  # its weights in the dtype it trained in, in both layouts
+            kept = Bytes(weights=arch.total * size + tokenizer, **common)
+            return {"stored": kept, "stored_old": kept}
+        return {"stored": Bytes(adapters=trainable * size, **common),
+                "stored_old": Bytes(adapters=trainable * OLD_MERGED_BYTES,
+                                    merged=arch.total * OLD_MERGED_BYTES + tokenizer, **common)}
+
+    def tokenizer_bytes(self, ref: str) -> float:
+        """Bytes of the tokenizer files a stage saves with a model: measured by saving it, else assumed."""
+        if ref not in self._tok_bytes:
+            tok = self.tokenizer(ref, counting=False)
+            if tok is None:
+                self.assume(f"tokenizers that do not load: their saved files assumed "
+                            f"{ASSUMED_TOKENIZER_BYTES / 1e6:g} MB each (with full weights and merged copies)")
+                self._tok_bytes[ref] = ASSUMED_TOKENIZER_BYTES
+            else:
+                import tempfile
+
+                with tempfile.TemporaryDirectory(prefix="misalign-plan-") as d:
+                    tok.save_pretrained(d)
+                    self._tok_bytes[ref] = float(sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file()))
+        return self._tok_bytes[ref]
+
+    def eval_bytes(self) -> float:
+        """One evaluation's eval.json + generations.parquet (every item's prompt and response, uncompressed)."""
+        items = self.eval_items()
+        response = self.study.eval.max_new_tokens * CHARS_PER_TOKEN  # the most a response can be
+        if items is None:
+            n = min(ASSUMED_EVAL_ITEMS, self.study.eval.limit or ASSUMED_EVAL_ITEMS)
+            text = n * (ASSUMED_EVAL_PROMPT_TOKENS * CHARS_PER_TOKEN + response)
+        else:
+            text = sum(len(i.prompt) + response for i in items)
+        return float(text + EVAL_RECORD_BYTES)
+
+    def _storage(self, uses: list[Any], stages: list[StagePlan], models: list[str], cells: int) -> dict[str, Bytes]:
+        """Bytes kept until the study ends: unique stages + a base evaluation per model (with sharing), every
+        use + every cell's base evaluation (without), in the new layout and the old."""
+        out = {k: Bytes() for k in ("new", "new_unshared", "old", "old_unshared")}
+        base = Bytes(evals=self.eval_bytes())
+        for s in stages:
+            out["new"].add(s.stored)
+            out["old"].add(s.stored_old)
+        for u in uses:
+            s = self._costs[self._cost_key(u)]
+            out["new_unshared"].add(s.stored)
+            out["old_unshared"].add(s.stored_old)
+        for k in out:
+            out[k].add(base, times=len(models) if k in ("new", "old") else cells)
+        return out
+
+    def _moved(self, uses: list[Any], by_key: dict[str, StagePlan]) -> dict[str, Moved]:
+        """Bytes each cell reads and writes with sharing; a stage is trained by the first cell that uses it."""
+        cells: dict[Any, list[Any]] = {}
+        for u in uses:  # a cell's uses are its lineage, in order
+            cells.setdefault(u.cell, []).append(u)
+        out = {"new": Moved(), "old": Moved()}
+        trained: set[str] = set()
+        evaluated: set[str] = set()  # models whose base evaluation ran
+        base = self.eval_bytes()
+        for cell, lineage in cells.items():
+            fresh = [u.key not in trained for u in lineage]
+            trained.update(u.key for u in lineage)
+            root = self.model_arch(cell.model).total * DTYPE_BYTES[lineage[0].config.train.precision]
+            base_eval = base if cell.model not in evaluated else None
+            evaluated.add(cell.model)
+            per_layout = _cell_moved([by_key[u.key] for u in lineage], fresh, root, base_eval)
+            for layout, (read, written) in zip(("new", "old"), per_layout, strict=True):
+                m = out[layout]
+                m.cells += 1
+                m.read += read
+                m.written += written
+                m.max_per_cell = max(m.max_per_cell, read + written)
+        for m in out.values():
+            m.per_cell = (m.read + m.written) / m.cells if m.cells else 0.0
+        return out
 
     @staticmethod
     def _as_totals(s: StagePlan) -> Totals:
@@ -551,6 +712,41 @@ def _optimizer_steps(cfg: StageConfig, n_examples: int, workers: int) -> int:
     return max(1, math.ceil(max(1, micro_batches // t.grad_accum) * t.epochs))
 
 
+def _cell_moved(lineage: list[StagePlan], fresh: list[bool], root: float,
+                base_eval: float | None) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(read, written) of one cell in the new layout and in the old. `fresh`: the stages this cell trains (a
+    suffix of its lineage: a stage's key includes its parents'); `base_eval`: its base evaluation's bytes when
+    this cell runs it."""
+    first = fresh.index(True) if any(fresh) else len(lineage)
+    ran = lineage[first:]
+    extra = base_eval or 0.0
+    written_new = sum(s.stored.total for s in ran) + extra
+    written_old = sum(s.stored_old.total for s in ran) + extra
+    read_new = 0.0
+    if ran:  # materialize the reused prefix once; training and evaluation then stay in memory
+        start, adapters = root, 0.0
+        for s in lineage[:first]:
+            start, adapters = (s.stored.weights, 0.0) if s.stored.weights else (start, adapters + s.stored.adapters)
+        read_new = start + adapters
+    read_old = root if base_eval is not None else 0.0
+    parent = lineage[first - 1].stored_old.model() if first else root
+    for s in ran:  # train reads the parent, merging reads it again, the evaluation reads the result back
+        merges = 0 if s.stored_old.weights else 1
+        read_old += parent * (1 + merges) + s.stored_old.model()
+        parent = s.stored_old.model()
+    return (read_new, written_new), (read_old, written_old)
+
+
+def _config_dtype(config: Any) -> str | None:
+    """The dtype a model config records (dtype, or torch_dtype before transformers 5), as train.precision
+    names it."""
+    raw = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if raw is None:
+        return None
+    name = str(raw).removeprefix("torch.")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+
+
 def _forward_flops(arch: _Arch, width: int) -> float:
     """No-grad FLOPs of `width` tokens at that width: width x (2N + A)."""
     return width * (2 * arch.matmul + 4 * arch.layers * arch.d_model * width)
@@ -657,6 +853,38 @@ def _totals_table(rows: dict[str, Totals], title: str, priced: bool) -> list[str
     return lines
 
 
+def size_text(n: float) -> str:
+    """Bytes in decimal units, as disks and object stores bill them."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _storage_table(p: Plan) -> list[str]:
+    """Bytes kept until the study ends by kind of file, new layout against old, and bytes moved per cell."""
+    rows = {"new": "new", "new_unshared": "new, no sharing", "old": "old", "old_unshared": "old, no sharing"}
+    lines = ["Storage kept until the study ends (new: adapter-only stages in the parent's dtype; old: + a float32 "
+             "merged copy per adapter stage)",
+             f"  {'layout':<17}{'adapters':>10}{'full weights':>14}{'merged':>10}{'evals':>10}{'records':>10}"
+             f"{'total':>10}"]
+    for key, label in rows.items():
+        b = p.storage[key]
+        lines.append(f"  {label:<17}{size_text(b.adapters):>10}{size_text(b.weights):>14}{size_text(b.merged):>10}"
+                     f"{size_text(b.evals):>10}{size_text(b.records):>10}{size_text(b.total):>10}")
+    new, old = p.storage["new"].total, p.storage["old"].total
+    lines += [f"  new / old (with sharing): {_percent(new, old)}", "",
+              f"Bytes moved per cell (with sharing; {p.moved['new'].cells:,} cells)",
+              f"  {'layout':<17}{'read':>10}{'written':>10}{'per cell':>10}{'max cell':>10}"]
+    for key in ("new", "old"):
+        m = p.moved[key]
+        lines.append(f"  {key:<17}{size_text(m.read):>10}{size_text(m.written):>10}{size_text(m.per_cell):>10}"
+                     f"{size_text(m.max_per_cell):>10}")
+    lines.append("  read and written: over the study; per cell: their sum / cells; max cell: one that trains its "
+                 "whole lineage")
+    return lines
+
+
 def _stage_summary(stages: list[StagePlan]) -> list[str]:
     """Unique stages grouped by phase and method: what each kind of stage costs."""
     groups: dict[tuple[str, str], list[StagePlan]] = {}
@@ -716,6 +944,8 @@ def render(p: Plan) -> str:
         f"Sharing saves {saved_runs:,} runs, {saved_flops:.3g} FLOPs ({_percent(share, 1)}), "
         f"{_hours(p.unshared['total'].device_hours - p.shared['total'].device_hours)} device-hours"
         + (f", {_money((p.unshared['total'].money or 0) - (p.shared['total'].money or 0))}" if priced else ""),
+        "",
+        *_storage_table(p),
         "",
         *_model_lines(p.models),
         "",
