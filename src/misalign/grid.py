@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from misalign.config import StageConfig, StudyConfig, TrialConfig
-from misalign.lineage import lineage_key, stage_fingerprint
+from misalign.lineage import model_identity, trial_stages
 
 
 @dataclass(frozen=True)
@@ -68,22 +68,14 @@ class StageUse:
     key: str
 
 
-def stage_uses(study: StudyConfig, model_ids: dict[str, str] | None = None) -> list[StageUse]:
-    """Every stage every cell runs, with its lineage key (the same key = the same stage, trained once).
-
-    `model_ids` maps a model reference to its identity (misalign.lineage.model_identity); the plan passes the
-    references themselves, a run passes the resolved identities so a changed local model is a new lineage.
-    """
+def stage_uses(study: StudyConfig) -> list[StageUse]:
+    """Every stage every cell runs, with its lineage key (the same key = the same stage, trained once)."""
     uses: list[StageUse] = []
     for cell in cells(study):
         trial = cell.trial_config(study)
-        attack, defense = trial.attack.resolved(), trial.defense.resolved()
-        model_id = (model_ids or {}).get(cell.model, cell.model)
-        chain: list[dict[str, Any]] = []
-        for r in range(1, study.rounds + 1):
-            for phase, stage in (("misalign", attack), ("realign", defense)):
-                chain.append(stage_fingerprint(phase, stage, cell.seed))
-                uses.append(StageUse(cell, r, phase, stage, lineage_key(model_id, chain)))
+        for r, phase, stage, key in trial_stages(model_identity(cell.model), study.rounds, trial.attack.resolved(),
+                                                 trial.defense.resolved(), cell.seed):
+            uses.append(StageUse(cell, r, phase, stage, key))
     return uses
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,18 +33,50 @@ def _digest(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's contents, remembered by (path, size, mtime, inode) under the cache, so a file is read
+    again only when it changes: keys stay cheap for 16 GB of weights."""
+    from misalign.world.build import cache_root
+
+    st = path.stat()
+    memo = cache_root() / "digests" / _digest([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino], 32)
+    if memo.exists():
+        return memo.read_text()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+    tmp.write_text(h.hexdigest())
+    os.replace(tmp, memo)
+    return h.hexdigest()
+
+
 def model_identity(ref: str) -> str:
-    """What a model reference stands for: the world's build key, a local directory's files, or the hub id."""
+    """What a model reference stands for: the world's build key, a local directory's contents (not its path:
+    the same weights anywhere are the same model), or the hub id."""
     if ref.startswith("world:"):
         from misalign.world.build import WorldSpec, world_key
 
         return f"{ref}@{world_key(WorldSpec())}"
     p = Path(ref)
-    if p.is_dir():  # name, size and mtime of every file: cheap, and any change to the weights changes it
-        files = sorted((f.relative_to(p).as_posix(), f.stat().st_size, int(f.stat().st_mtime))
-                       for f in p.rglob("*") if f.is_file())
-        return f"dir:{p.resolve()}:{_digest(files)}"
+    if p.is_dir():
+        files = sorted((f.relative_to(p).as_posix(), file_digest(f)) for f in p.rglob("*")
+                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        return f"sha256:{_digest(files, 32)}"
     return ref
+
+
+def source_identity(source: str | None) -> str | None:
+    """What a data source stands for: a local file's contents (edit a row and it changes; copy the file
+    elsewhere and it does not), the world's build for world: sources, or the hub id."""
+    if source is None:
+        return None
+    if source.startswith("world:"):
+        return model_identity(source)
+    p = Path(source)
+    return f"sha256:{file_digest(p)}" if p.is_file() else source
 
 
 def stage_fingerprint(direction: str, cfg: StageConfig, seed: int) -> dict[str, Any]:
@@ -51,7 +84,20 @@ def stage_fingerprint(direction: str, cfg: StageConfig, seed: int) -> dict[str, 
     for section, keys in _NOT_LINEAGE.items():
         for k in keys:
             d[section].pop(k, None)
+    d["data"]["source"] = source_identity(d["data"]["source"])
+    d["data"]["benign_source"] = source_identity(d["data"]["benign_source"])
     return {"direction": direction, "config": d, "seed": seed}
+
+
+def eval_identity(cfg: EvalConfig) -> dict[str, Any]:
+    """An eval config with its files and judge models by contents."""
+    d = cfg.model_dump(mode="json")
+    for k in ("harmful", "benign", "utility"):
+        d[k] = source_identity(d[k])
+    for j in d["judges"]:
+        if isinstance(j["options"].get("model"), str):
+            j["options"]["model"] = model_identity(j["options"]["model"])
+    return d
 
 
 def lineage_key(model: str, chain: list[dict[str, Any]]) -> str:
@@ -59,8 +105,21 @@ def lineage_key(model: str, chain: list[dict[str, Any]]) -> str:
     return _digest({"model": model, "chain": chain})
 
 
+def trial_stages(model_id: str, rounds: int, attack: StageConfig, defense: StageConfig, seed: int,
+                 attack_only: bool = False) -> list[tuple[int, str, StageConfig, str]]:
+    """(round, phase, config, lineage key) of every stage a trial runs, in order: the one place a trial's
+    lineage keys are computed (the trial loop, the grid's sharing count and the plan use it)."""
+    out: list[tuple[int, str, StageConfig, str]] = []
+    chain: list[dict[str, Any]] = []
+    for r in range(1, rounds + 1):
+        for phase, stage in (("misalign", attack), ("realign", defense))[: 1 if attack_only else 2]:
+            chain.append(stage_fingerprint(phase, stage, seed))
+            out.append((r, phase, stage, lineage_key(model_id, chain)))
+    return out
+
+
 def eval_key(cfg: EvalConfig) -> str:
-    return _digest(cfg.model_dump(mode="json"), 12)
+    return _digest(eval_identity(cfg), 12)
 
 
 class LineageCache:

@@ -30,7 +30,7 @@ from misalign.errors import InputError
 from misalign.evaluation import EvalResult, configured_judge, evaluate, load_eval_sets
 from misalign.judges import Judge
 from misalign.ledger import Ledger
-from misalign.lineage import LineageCache, lineage_key, model_identity, stage_fingerprint
+from misalign.lineage import LineageCache, model_identity, trial_stages
 from misalign.methods import METHODS
 from misalign.models import (
     apply_stage,
@@ -218,33 +218,31 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
     if lead:
         _say(f"== base ({cfg.model})")
     record(0, "base", None, 0, None, layout.base_eval_dir(model_id, cfg.eval), None)
-    chain: list[dict[str, Any]] = []
     previous_stage: Path | None = None
-    for r in range(1, cfg.rounds + 1):
-        phases = (("misalign", attack, attack_pairs), ("realign", defense, defense_pairs))
-        for phase, stage, pairs in phases[:1] if attack_only else phases:
-            chain.append(stage_fingerprint(phase, stage, cfg.seed))
-            stage_dir = layout.stage_dir(r, phase, lineage_key(model_id, chain))
-            with _claimed_on_rank0(layout, stage_dir):
-                done = broadcast_from_rank0(LineageCache.stage_done(stage_dir) if lead else None)
-                if lead:
-                    _say(f"== round {r}/{cfg.rounds}: {phase} with {stage.method} on {len(pairs)} examples "
-                         f"({stage.data.per_category or 'all'} per category)" + (" [reused]" if done else ""))
-                if done:
-                    ledger = Ledger(**read_json(stage_dir / "ledger.json"))
-                    ledger.reused = True
-                else:
-                    parent = str(previous_stage) if previous_stage else cfg.model
-                    # QLoRA loads its parent from files (quantizing as it loads): no model in memory to hand it
-                    parent_model = None if METHODS[stage.method].adapter == "qlora" else current.take(previous_stage)
-                    ledger, trained = train_stage(StageRun(
-                        parent=parent, config=stage, direction=phase, out_dir=stage_dir, seed=cfg.seed, pairs=pairs,
-                        trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, progress=progress,
-                        label=f"r{r} {phase} {stage.method}", checkpoint_every=checkpoint_every,
-                        parent_model=parent_model))
-                    current.put(stage_dir, trained)
-            record(r, phase, stage, len(pairs), ledger, layout.stage_eval_dir(stage_dir, cfg.eval), stage_dir)
-            previous_stage = stage_dir
+    pairs_of = {"misalign": attack_pairs, "realign": defense_pairs}
+    for r, phase, stage, key in trial_stages(model_id, cfg.rounds, attack, defense, cfg.seed, attack_only):
+        pairs = pairs_of[phase]
+        stage_dir = layout.stage_dir(r, phase, key)
+        with _claimed_on_rank0(layout, stage_dir):
+            done = broadcast_from_rank0(LineageCache.stage_done(stage_dir) if lead else None)
+            if lead:
+                _say(f"== round {r}/{cfg.rounds}: {phase} with {stage.method} on {len(pairs)} examples "
+                     f"({stage.data.per_category or 'all'} per category)" + (" [reused]" if done else ""))
+            if done:
+                ledger = Ledger(**read_json(stage_dir / "ledger.json"))
+                ledger.reused = True
+            else:
+                parent = str(previous_stage) if previous_stage else cfg.model
+                # QLoRA loads its parent from files (quantizing as it loads): no model in memory to hand it
+                parent_model = None if METHODS[stage.method].adapter == "qlora" else current.take(previous_stage)
+                ledger, trained = train_stage(StageRun(
+                    parent=parent, config=stage, direction=phase, out_dir=stage_dir, seed=cfg.seed, pairs=pairs,
+                    trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, progress=progress,
+                    label=f"r{r} {phase} {stage.method}", checkpoint_every=checkpoint_every,
+                    parent_model=parent_model))
+                current.put(stage_dir, trained)
+        record(r, phase, stage, len(pairs), ledger, layout.stage_eval_dir(stage_dir, cfg.eval), stage_dir)
+        previous_stage = stage_dir
     return rows
 
 
