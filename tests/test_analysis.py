@@ -15,12 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # analysis/ is a folder of scripts beside src/, not part of the package
+from misalign.analysis import asymmetry, curves, matrix
+from misalign.analysis.common import DPI, PANEL_H, PANEL_W, Params, pareto_front
+from misalign.analysis.run_all import FIGURES, run_all
 
-from analysis import asymmetry, curves, matrix  # noqa: E402
-from analysis.common import DPI, PANEL_H, PANEL_W, Params, pareto_front  # noqa: E402
-from analysis.run_all import FIGURES, run_all  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CATS = ("cat_a", "cat_b")
 # attack point (method, per_category) -> (FLOPs, unsafety, utility) after misalignment
