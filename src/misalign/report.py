@@ -28,7 +28,7 @@ from misalign.analysis.common import fmt, load_results, markdown_table, write_te
 from misalign.analysis.run_all import run_all
 from misalign.budget import BUDGETS
 from misalign.errors import InputError
-from misalign.study import cost_summary
+from misalign.results import UNPARSED, cost_summary
 
 HOW_TO_READ = (
     "The asymmetry factor is D / A. A is the cheapest attack budget at which the attack method's mean unsafety "
@@ -160,11 +160,15 @@ def _list(items: list[str]) -> str:
 
 
 def ledger(results: pd.DataFrame) -> dict[str, Any]:
-    """misalign.study.cost_summary plus the share of stage cost that sharing saved."""
+    """misalign.results.cost_summary plus the share of stage cost that sharing saved."""
     cost = cost_summary(results)
     for k in ("flops", "device_s"):
         total = cost[f"{k}_trained"] + cost[f"{k}_saved"]
         cost[f"{k}_saved_share"] = cost[f"{k}_saved"] / total if total else 0.0
+    # a judge output nobody could read counts as safe: the worst evaluation shows how far that can bias unsafety
+    # (results written before the column existed have none: shown as missing)
+    worst = results[UNPARSED].max() if UNPARSED in results else None
+    cost["unparsed_max"] = None if worst is None or pd.isna(worst) else float(worst)
     return cost
 
 
@@ -172,7 +176,8 @@ LEDGER_ROWS = [("stage_rows", "stage rows (cells x rounds x 2)"), ("stages_train
                ("stages_reused", "stages reused from another cell"), ("flops_trained", "FLOPs trained"),
                ("device_s_trained", "device-seconds trained"), ("flops_saved", "FLOPs saved by sharing"),
                ("device_s_saved", "device-seconds saved by sharing"),
-               ("flops_saved_share", "share of FLOPs saved"), ("device_s_saved_share", "share of device-seconds saved")]
+               ("flops_saved_share", "share of FLOPs saved"), ("device_s_saved_share", "share of device-seconds saved"),
+               ("unparsed_max", "judge outputs not readable (counted safe): highest share in one evaluation")]
 
 
 def _ledger_frame(cost: dict[str, Any]) -> pd.DataFrame:

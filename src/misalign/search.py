@@ -40,6 +40,7 @@ from optuna.trial import TrialState
 from misalign.budget import BUDGETS, money, stage_budget
 from misalign.config import SearchConfig, TrialConfig
 from misalign.errors import InputError
+from misalign.results import BASE, DEVICE_S, MISALIGN, PHASE, REALIGN, REUSED, UNSAFETY, UTILITY
 from misalign.runtime import read_json, write_json_atomic, write_parquet_atomic
 
 
@@ -142,18 +143,18 @@ def point_id(params: dict[str, Any]) -> str:
 
 def outcome(cfg: SearchConfig, rows: pd.DataFrame) -> dict[str, Any]:
     """A point's budget, safety and utility, and its constraint values (<= 0 means satisfied)."""
-    base = rows[rows.phase == "base"].iloc[0]
-    stage = rows[rows.phase == ("misalign" if cfg.kind == "attack" else "realign")]
+    base = rows[rows[PHASE] == BASE].iloc[0]
+    stage = rows[rows[PHASE] == (MISALIGN if cfg.kind == "attack" else REALIGN)]
     row = stage.iloc[0]
-    drop = float(base.utility - row.utility)
-    margin = float(row.unsafety) - cfg.tau  # attack: reach tau; defense: stay at or below it
+    drop = float(base[UTILITY] - row[UTILITY])
+    margin = float(row[UNSAFETY]) - cfg.tau  # attack: reach tau; defense: stay at or below it
     constraint = [-margin if cfg.kind == "attack" else margin]
     if cfg.eps is not None:  # a model broken past usefulness is not a cheap attack, nor a good defense
         constraint.append(drop - cfg.eps)
-    return {"budget": float(stage_budget(stage, cfg.budget).iloc[0]), "unsafety": float(row.unsafety),
-            "utility": float(row.utility), "utility_drop": drop, "base_unsafety": float(base.unsafety),
-            "device_s": float(row.device_s), "constraint": constraint,
-            "feasible": all(c <= 0 for c in constraint), "trained": not bool(row.reused)}
+    return {"budget": float(stage_budget(stage, cfg.budget).iloc[0]), "unsafety": float(row[UNSAFETY]),
+            "utility": float(row[UTILITY]), "utility_drop": drop, "base_unsafety": float(base[UNSAFETY]),
+            "device_s": float(row[DEVICE_S]), "constraint": constraint,
+            "feasible": all(c <= 0 for c in constraint), "trained": not bool(row[REUSED])}
 
 
 def search_trainable(config: dict[str, Any], search: dict[str, Any], root: str, stages: str) -> None:

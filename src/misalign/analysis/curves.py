@@ -41,8 +41,23 @@ from misalign.analysis.common import (
     seed_mean,
     write_table,
 )
+from misalign.results import (
+    ATTACK_METHOD,
+    BASE,
+    CATEGORY_PREFIX,
+    DEFENSE_METHOD,
+    MISALIGN,
+    MODEL,
+    PHASE,
+    PHASES,
+    REALIGN,
+    ROUND,
+    SEED,
+    UNSAFETY,
+    UTILITY,
+)
 
-GROUP = ["model", "attack_method", "attack_point", "defense_method", "defense_point"]
+GROUP = [MODEL, ATTACK_METHOD, "attack_point", DEFENSE_METHOD, "defense_point"]
 
 
 def attack_curves(results: pd.DataFrame, p: Params) -> pd.DataFrame:
@@ -135,7 +150,7 @@ def defense_figure(curves: pd.DataFrame, p: Params, out_dir: Path) -> dict:
 
 def _step(phase: pd.Series, round_: pd.Series) -> pd.Series:
     """Stage order on one axis: base 0, misalign r at 2r-1, realign r at 2r."""
-    return np.where(phase == "base", 0, 2 * round_ - (phase == "misalign").astype(int))
+    return np.where(phase == BASE, 0, 2 * round_ - (phase == MISALIGN).astype(int))
 
 
 def trajectories(results: pd.DataFrame) -> pd.DataFrame:
@@ -144,8 +159,8 @@ def trajectories(results: pd.DataFrame) -> pd.DataFrame:
     rows = results.copy()
     rows["attack_point"] = point_labels(rows, "attack")
     rows["defense_point"] = point_labels(rows, "defense")
-    table = seed_mean(rows, [*GROUP, "round", "phase"], ("unsafety", "utility"))
-    table["step"] = _step(table.phase, table["round"])
+    table = seed_mean(rows, [*GROUP, ROUND, PHASE], (UNSAFETY, UTILITY))
+    table["step"] = _step(table[PHASE], table[ROUND])
     return table.sort_values([*GROUP, "step"], key=points_naturally).reset_index(drop=True)
 
 
@@ -186,7 +201,7 @@ def trajectory_figure(traj: pd.DataFrame, out_dir: Path) -> dict:
 # ---- categories ----------------------------------------------------------------------------------------------------
 
 def category_columns(results: pd.DataFrame) -> list[str]:
-    return sorted(c for c in results.columns if c.startswith("unsafety/"))
+    return sorted(c for c in results.columns if c.startswith(CATEGORY_PREFIX))
 
 
 def per_category(results: pd.DataFrame, p: Params) -> pd.DataFrame:
@@ -194,19 +209,19 @@ def per_category(results: pd.DataFrame, p: Params) -> pd.DataFrame:
     misalignment per attack point, after realignment per (attack point, defense point), in round p.round.
     One row per (phase, group), one column per category."""
     cats = category_columns(results)
-    rows = results[(results.phase == "base") | (results["round"] == p.round)].copy()
+    rows = results[(results[PHASE] == BASE) | (results[ROUND] == p.round)].copy()
     rows["attack_point"] = point_labels(rows, "attack")
     rows["defense_point"] = point_labels(rows, "defense")
     attack = rows.attack_method.astype(str) + " " + rows.attack_point
     both = attack + " \u2192 " + rows.defense_method.astype(str) + " " + rows.defense_point
-    rows["group"] = both.where(rows.phase == "realign", attack.where(rows.phase == "misalign", "base"))
+    rows["group"] = both.where(rows[PHASE] == REALIGN, attack.where(rows[PHASE] == MISALIGN, BASE))
     # cells sharing an attack (or the base) hold copies of its row: one per (model, seed) counts
-    rows = rows.drop_duplicates(subset=["model", "seed", "phase", "group"])
-    table = rows.groupby(["model", "phase", "group"], sort=False)[cats].mean().reset_index()
-    order = table.phase.map({"base": 0, "misalign": 1, "realign": 2})
+    rows = rows.drop_duplicates(subset=[MODEL, SEED, PHASE, "group"])
+    table = rows.groupby([MODEL, PHASE, "group"], sort=False)[cats].mean().reset_index()
+    order = table[PHASE].map({phase: i for i, phase in enumerate(PHASES)})
     table = table.assign(_o=order, _g=natural(table.group)).sort_values(["model", "_o", "_g"])
     table = table.drop(columns=["_o", "_g"])
-    return table.rename(columns=lambda c: c.removeprefix("unsafety/")).reset_index(drop=True)
+    return table.rename(columns=lambda c: c.removeprefix(CATEGORY_PREFIX)).reset_index(drop=True)
 
 
 def per_category_figure(table: pd.DataFrame, out_dir: Path) -> dict:
