@@ -68,22 +68,21 @@ class StageUse:
     key: str
 
 
-def stage_uses(study: StudyConfig, model_ids: dict[str, str] | None = None) -> list[StageUse]:
+def stage_uses(study: StudyConfig) -> list[StageUse]:
     """Every stage every cell runs, with its lineage key (the same key = the same stage, trained once).
 
-    `model_ids` maps a model reference to its identity (misalign.lineage.model_identity); the plan passes the
-    references themselves, a run passes the resolved identities so a changed local model is a new lineage.
+    Keys here start from the model reference as written: they count and group stages. The keys a run stores
+    stages under start from the resolved model identity instead (misalign.lineage.model_identity, in the trial).
     """
     uses: list[StageUse] = []
     for cell in cells(study):
         trial = cell.trial_config(study)
         attack, defense = trial.attack.resolved(), trial.defense.resolved()
-        model_id = (model_ids or {}).get(cell.model, cell.model)
         chain: list[dict[str, Any]] = []
         for r in range(1, study.rounds + 1):
             for phase, stage in (("misalign", attack), ("realign", defense)):
                 chain.append(stage_fingerprint(phase, stage, cell.seed))
-                uses.append(StageUse(cell, r, phase, stage, lineage_key(model_id, chain)))
+                uses.append(StageUse(cell, r, phase, stage, lineage_key(cell.model, chain)))
     return uses
 
 

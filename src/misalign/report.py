@@ -205,15 +205,12 @@ def read_answers(search_dirs: list[Path] | None) -> list[dict[str, Any]]:
 
 def _answer_summary(a: dict[str, Any]) -> pd.DataFrame:
     best = a.get("best") or {}
-    grid, spent = a.get("grid_budget"), best.get("budget")
     rows = [("kind", a.get("kind")), ("model", a.get("model")), ("method", a.get("method") or "any"),
-            ("budget kind", a.get("budget_kind")), ("tau", a.get("tau")), ("best budget", spent),
+            ("budget kind", a.get("budget_kind")), ("tau", a.get("tau")), ("best budget", best.get("budget")),
             ("best unsafety", best.get("unsafety")), ("best utility", best.get("utility")),
             ("feasible", best.get("feasible")), ("best params", json.dumps(best.get("params", {}), sort_keys=True)),
             ("trials", a.get("trials")), ("infeasible trials", a.get("infeasible_trials")),
-            ("grid's cheapest budget", grid),
-            ("search / grid budget", spent / grid if isinstance(grid, (int, float)) and grid
-             and isinstance(spent, (int, float)) else None)]
+            ("budget spent", a.get("budget_spent"))]
     return pd.DataFrame([(k, "" if v is None else v) for k, v in rows], columns=["field", "value"]).astype(object)
 
 

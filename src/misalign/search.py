@@ -41,7 +41,7 @@ from misalign.budget import BUDGETS, money, stage_budget
 from misalign.config import SearchConfig, TrialConfig
 from misalign.errors import InputError
 from misalign.results import BASE, DEVICE_S, MISALIGN, PHASE, REALIGN, REUSED, UNSAFETY, UTILITY
-from misalign.runtime import read_json, write_json_atomic, write_parquet_atomic
+from misalign.runtime import write_json_atomic, write_parquet_atomic
 
 
 @dataclass
@@ -356,7 +356,7 @@ def _finished_trials(cfg: SearchConfig, storage: Any) -> int:
     except KeyError:  # the first run died before creating the study
         return 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL)
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
@@ -397,19 +397,19 @@ def write_answer(cfg: SearchConfig, paths: SearchPaths, storage: Any) -> dict[st
         study = optuna.load_study(study_name=cfg.name, storage=storage)
         numbers = {t.number for t in study.best_trials}
         pareto = [entry(r) for _, r in done[done.number.isin(numbers)].sort_values("budget").iterrows()]
-    spent = float(done[done.trained.astype(bool)].budget.sum()) if not done.empty else 0.0
+    # a point proposed again reads its rows back from the point cache (they say it trained): its budget was
+    # spent once, so each trained point counts once
+    trained = done[done.trained.astype(bool)].drop_duplicates("point_id") if not done.empty else done
+    spent = float(trained.budget.sum()) if not trained.empty else 0.0
     answer = {"kind": cfg.kind, "model": cfg.model, "method": cfg.searched.methods[0]
               if len(cfg.searched.methods) == 1 else None, "budget_kind": cfg.budget,
               "budget_meaning": BUDGETS[cfg.budget], "tau": cfg.tau, "eps": cfg.eps,
               "objective": cfg.objective, "best": best, "pareto": pareto, "trials": int(len(done)),
               "infeasible_trials": int(len(done) - len(feasible)), "budget_spent": spent,
-              "distinct_points": int(done.point_id.nunique()) if not done.empty else 0, "grid_budget": None}
+              "distinct_points": int(done.point_id.nunique()) if not done.empty else 0}
     return answer
 
 
 def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
-
-def read_answer(root: Path) -> dict[str, Any]:
-    return read_json(root / "answer.json")
