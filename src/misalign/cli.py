@@ -63,7 +63,7 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set, schema=EvalConfig, base=base)
     if args.generations:  # re-judge saved generations; nothing is regenerated
         frame = pd.read_parquet(args.generations)
-        result = score(frame, configured_judge(cfg), cfg.refusal_phrases or DEFAULT_REFUSAL_PHRASES)
+        result = score(frame, configured_judge(cfg), cfg.refusal_phrases or DEFAULT_REFUSAL_PHRASES, cfg.max_unparsed)
     else:
         if not args.model:
             raise InputError("--model is required (or --generations to re-judge saved generations)")
