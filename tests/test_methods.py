@@ -15,6 +15,8 @@ from misalign.data import load_pairs, subsample_per_category
 from misalign.methods import METHODS
 from misalign.stage import StageRun, load_model, load_tokenizer, run_stage
 
+pytestmark = pytest.mark.slow  # trains end to end: `pytest -m "not slow"` leaves it out
+
 STEPS = 12
 
 

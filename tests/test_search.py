@@ -55,6 +55,7 @@ def attack_search(world, tmp_path_factory):
     return root, answer, done_before, ledgers_before
 
 
+@pytest.mark.slow
 def test_finds_the_cheapest_feasible_attack_and_keeps_infeasible_trials(attack_search):
     root, answer, _, _ = attack_search
     trials = pd.read_parquet(root / "trials.parquet")
@@ -75,6 +76,7 @@ def test_finds_the_cheapest_feasible_attack_and_keeps_infeasible_trials(attack_s
     assert {t.user_attrs["feasible"] for t in complete} == {True, False}
 
 
+@pytest.mark.slow
 def test_a_killed_search_resumes_without_repeating_finished_work(attack_search):
     root, _, done_before, ledgers_before = attack_search
     assert done_before, "a point had finished before the kill"
@@ -84,6 +86,7 @@ def test_a_killed_search_resumes_without_repeating_finished_work(attack_search):
     assert len(list((root / "stages").glob("*/ledger.json"))) == 2
 
 
+@pytest.mark.slow
 def test_defense_search_starts_from_the_cached_misalignment(attack_search, tmp_path):
     root, _, _, _ = attack_search
     misalign_ledger = next(p for p in (root / "stages").glob("*/ledger.json")
@@ -120,6 +123,7 @@ def test_search_config_errors_exit_2(tmp_path, capsys):
     assert not (tmp_path / "attack").exists()
 
 
+@pytest.mark.slow
 def test_pareto_search_returns_the_front(attack_search, tmp_path):
     """objective: pareto keeps every non-dominated (budget, unsafety) point; the stages come from the cache."""
     root, _, _, _ = attack_search
