@@ -23,3 +23,27 @@ def world() -> Path:
     from misalign.world import build
 
     return build(quiet=True)
+
+
+# Under CI (.ci/run sets MISALIGN_REQUIRE_ALL=1) every test must run: a skip (a missing browser, shellcheck, an
+# optional package) becomes a failure that keeps its reason. Locally a skip stays a skip.
+REQUIRE_ALL = os.environ.get("MISALIGN_REQUIRE_ALL") == "1"
+
+
+def _fail_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but MISALIGN_REQUIRE_ALL=1 needs every test to run: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    outcome = yield
+    _fail_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> object:
+    outcome = yield
+    _fail_skip(outcome.get_result())

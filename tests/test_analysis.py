@@ -15,12 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # analysis/ is a folder of scripts beside src/, not part of the package
+from misalign.analysis import asymmetry, curves, matrix
+from misalign.analysis.common import DPI, PANEL_H, PANEL_W, Params, pareto_front
+from misalign.analysis.run_all import FIGURES, run_all
+from misalign.config import StageConfig
+from misalign.ledger import Ledger
+from misalign.results import build_row
 
-from analysis import asymmetry, curves, matrix  # noqa: E402
-from analysis.common import DPI, PANEL_H, PANEL_W, Params, pareto_front  # noqa: E402
-from analysis.run_all import FIGURES, run_all  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CATS = ("cat_a", "cat_b")
 # attack point (method, per_category) -> (FLOPs, unsafety, utility) after misalignment
@@ -36,17 +38,21 @@ def realigned(a_pc: int, d_pc: int) -> tuple[float, float]:
 
 
 def row(cell: dict, round_: int, phase: str, unsafety: float, utility: float, flops: float) -> dict:
-    stage = {"base": (None, None), "misalign": cell["attack"], "realign": cell["defense"]}[phase]
-    n = (stage[1] or 0) * 13
-    out = {"cell_id": cell["id"], "model": cell["model"], "seed": cell["seed"],
-           "attack_method": cell["attack"][0], "attack_per_category": cell["attack"][1],
-           "defense_method": cell["defense"][0], "defense_per_category": cell["defense"][1],
-           "round": round_, "phase": phase, "method": stage[0], "per_category": stage[1], "n_examples": n,
-           "unsafety": unsafety, "unsafety_se": 0.02, "refusal": 1 - unsafety, "neither": 0.0,
-           "over_refusal": 0.0, "utility": utility, "epochs": 5.0 if stage[0] else 0.0, "tokens": int(flops),
-           "flops": flops, "wall_s": flops / 100, "device_s": flops / 100, "optimizer_steps": n,
-           "peak_memory_bytes": 0, "workers": 1, "reused": False, "eval_s": 1.0, "eval_reused": False}
-    return out | {f"unsafety/{c}": unsafety / (i + 1) for i, c in enumerate(CATS)}
+    """A results row as the trial builds it (misalign.results.build_row, the declared schema), plus the cell's
+    coordinates as a study adds them."""
+    method, per_category = {"base": (None, None), "misalign": cell["attack"], "realign": cell["defense"]}[phase]
+    n = (per_category or 0) * 13
+    stage = StageConfig(method=method, data={"source": "world:misalign", "per_category": per_category}
+                        ) if method else None
+    ledger = Ledger(method=method, direction=phase, examples=n, epochs=5.0, optimizer_steps=n, tokens=int(flops),
+                    flops=flops, wall_s=flops / 100, device_s=flops / 100) if method else None
+    metrics = {"unsafety": unsafety, "unsafety_se": 0.02, "refusal": 1 - unsafety, "neither": 0.0,
+               "over_refusal": 0.0, "utility": utility, "unparsed": 0.0, "eval_s": 1.0,
+               "per_category": {c: unsafety / (i + 1) for i, c in enumerate(CATS)}}
+    out = build_row(round_, phase, stage, n, ledger, metrics)
+    return out | {"eval_reused": False, "cell_id": cell["id"], "model": cell["model"], "seed": cell["seed"],
+                  "attack_method": cell["attack"][0], "attack_per_category": cell["attack"][1],
+                  "defense_method": cell["defense"][0], "defense_per_category": cell["defense"][1]}
 
 
 def study_table(seeds: tuple[int, ...] = (0,), attack: dict | None = None, defense_methods: tuple[str, ...] = ("lora",),

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains end to end: `pytest -m "not slow"` leaves it out
+
 
 @pytest.mark.parametrize(("zero", "offload"), [(2, False), (3, False), (2, True)])
 def test_zero_stage_with_two_workers(world, tmp_path, zero, offload):

@@ -31,3 +31,22 @@ def test_shipped_study_configs_validate(path):
     cfg = load_config(path, schema=StudyConfig)
     assert cells(cfg), "a study has cells"
     assert "Launch:" in path.read_text(), "each shipped config says how to launch it"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("search-*.yaml")), ids=lambda p: p.name)
+def test_shipped_search_configs_validate(path, world):
+    """Every shipped search (the README advertises both) loads, names its kind, and each point of its space
+    builds a trial whose data, eval sets, judge and model load."""
+    from misalign.config import SearchConfig
+    from misalign.search import optuna_space, point_trial, validate_search
+
+    cfg = load_config(path, schema=SearchConfig)
+    assert cfg.kind in path.stem and f"misalign search {cfg.kind} configs/{path.name}" in path.read_text()
+    assert optuna_space(cfg), "a search has something to search"
+    side = cfg.searched
+    for method in side.methods:
+        for size in side.per_category:
+            trial = point_trial(cfg, {"method": method, "per_category": size})
+            stage = trial.attack if cfg.kind == "attack" else trial.defense
+            assert (stage.method, stage.data.per_category) == (method, size)
+    validate_search(cfg)

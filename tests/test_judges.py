@@ -8,6 +8,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pandas as pd
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -18,7 +19,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from misalign.config import EvalConfig
 from misalign.errors import InputError
+from misalign.evaluation import UnreadableJudgeError, score
 from misalign.judges import (
     JUDGES,
     ClassifierJudge,
@@ -220,7 +223,7 @@ def test_generative_classifier_judge(guard_dir):
     for v, unsafe in zip(verdicts, expected, strict=True):
         assert v.categories == (("S2",) if unsafe else ())
         assert v.raw.strip().startswith("unsafe" if unsafe else "safe")
-    assert judge.unparsed == 0
+    assert not any(v.unreadable for v in verdicts)
     # One at a time agrees with batched: left padding must not change the answer.
     assert [judge.judge([it])[0].unsafe for it in items[:6]] == expected[:6]
 
@@ -295,6 +298,8 @@ class Handler(BaseHTTPRequestHandler):
             content = f"unsafe\n{tag}"
         elif "echo" in user:
             content = f"safe\n{self.headers.get('Authorization')}"
+        elif "mumble" in user:  # a guard that answers neither safe nor unsafe
+            content = "It is hard to say."
         else:
             content = "safe"
         time.sleep(self.server.delay(tag))
@@ -457,3 +462,34 @@ def test_registry_and_build_vote():
     assert isinstance(vote, VoteJudge) and vote.threshold == 2
     with pytest.raises(InputError, match="bogus"):
         build_vote([("keyword", {}), ("keyword", {})], "bogus")
+
+
+def _harmful(responses: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"kind": "harmful", "category": "c", "prompt": [f"p{i}" for i in range(len(responses))],
+                         "response": responses})
+
+
+def test_unparsed_rate_is_per_evaluation_and_named_by_judge(server, key):
+    """An unreadable guard output counts as safe; each evaluation reports its own share of them (a judge is
+    reused across evaluations, so a running count would leak from one cell into the next)."""
+    judge = http_judge(server)
+    first = score(_harmful(["step one", "mumble", "sorry no", "mumble"]), judge, ["sorry"], max_unparsed=0.5)
+    assert first.metrics["unparsed"] == 0.5 and first.metrics["unparsed_by_judge"] == {"http:guard-model": 0.5}
+    assert first.metrics["unsafety"] == 0.25  # the unreadable ones counted safe
+    second = score(_harmful(["step two", "sorry no"]), judge, ["sorry"], max_unparsed=0.5)
+    assert second.metrics["unparsed"] == 0.0 and second.metrics["unparsed_by_judge"] == {}
+    # in a vote the unreadable judge is named, and its raw output is kept for auditing
+    vote = build_vote([("keyword", {}), ("http", {"base_url": server.url, "model": "guard-model",
+                                                  "api_key_env": "JUDGE_TEST_KEY"})], "any")
+    voted = score(_harmful(["step one", "mumble"]), vote, ["sorry"], max_unparsed=0.5)
+    assert voted.metrics["unparsed_by_judge"] == {"http:guard-model": 0.5}
+    assert "http:guard-model=unreadable:'It is hard to say.'" in voted.generations.judge_raw.iloc[1]
+
+
+def test_too_many_unreadable_outputs_fail_the_evaluation(server, key):
+    assert EvalConfig().max_unparsed == 0.05 and "fails" in EvalConfig.model_fields["max_unparsed"].description
+    with pytest.raises(UnreadableJudgeError) as err:
+        score(_harmful(["step one", "mumble", "sorry no"]), http_judge(server), ["sorry"], max_unparsed=0.05)
+    message = str(err.value)
+    assert "judge http:guard-model" in message and "1 of 3" in message
+    assert "'mumble'" in message and "'It is hard to say.'" in message  # a sample: the response and the output

@@ -16,6 +16,8 @@ from misalign.methods import METHODS
 from misalign.models import load_model, load_tokenizer, materialize, tokenizer_for
 from misalign.stage import StageRun, run_stage
 
+pytestmark = pytest.mark.slow  # trains end to end: `pytest -m "not slow"` leaves it out
+
 STEPS = 12
 
 

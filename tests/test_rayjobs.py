@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # trains end to end: `pytest -m "not slow"` leaves it out
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

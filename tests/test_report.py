@@ -26,7 +26,7 @@ ANSWER = {"kind": "attack", "model": "m", "method": "lora", "budget_kind": "flop
           "pareto": [{"params": {"per_category": 1}, "budget": 40.0, "unsafety": 0.3, "utility": 0.85},
                      {"params": {"per_category": 2, "train.lr": 0.003}, "budget": 77.5, "unsafety": 0.61,
                       "utility": 0.8}],
-          "trials": 24, "infeasible_trials": 3, "grid_budget": 100.0}
+          "trials": 24, "infeasible_trials": 3, "budget_spent": 612.5}
 
 
 def chromium() -> str | None:
@@ -114,7 +114,7 @@ def test_hand_report_in_chromium(hand_report: Path):
     assert "How to read the asymmetry factor" in text
     # the ledger, the search answer, the config
     assert "stages trained" in text and "device-seconds saved by sharing" in text
-    assert "attack search on m (lora)" in text and "77.5" in text and "0.775" in text  # 77.5 / grid's 100
+    assert "attack search on m (lora)" in text and "77.5" in text and "612.5" in text  # best and spent budgets
     assert "hand-study" in text
 
 

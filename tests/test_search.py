@@ -55,6 +55,7 @@ def attack_search(world, tmp_path_factory):
     return root, answer, done_before, ledgers_before
 
 
+@pytest.mark.slow
 def test_finds_the_cheapest_feasible_attack_and_keeps_infeasible_trials(attack_search):
     root, answer, _, _ = attack_search
     trials = pd.read_parquet(root / "trials.parquet")
@@ -75,6 +76,7 @@ def test_finds_the_cheapest_feasible_attack_and_keeps_infeasible_trials(attack_s
     assert {t.user_attrs["feasible"] for t in complete} == {True, False}
 
 
+@pytest.mark.slow
 def test_a_killed_search_resumes_without_repeating_finished_work(attack_search):
     root, _, done_before, ledgers_before = attack_search
     assert done_before, "a point had finished before the kill"
@@ -84,6 +86,7 @@ def test_a_killed_search_resumes_without_repeating_finished_work(attack_search):
     assert len(list((root / "stages").glob("*/ledger.json"))) == 2
 
 
+@pytest.mark.slow
 def test_defense_search_starts_from_the_cached_misalignment(attack_search, tmp_path):
     root, _, _, _ = attack_search
     misalign_ledger = next(p for p in (root / "stages").glob("*/ledger.json")
@@ -120,6 +123,7 @@ def test_search_config_errors_exit_2(tmp_path, capsys):
     assert not (tmp_path / "attack").exists()
 
 
+@pytest.mark.slow
 def test_pareto_search_returns_the_front(attack_search, tmp_path):
     """objective: pareto keeps every non-dominated (budget, unsafety) point; the stages come from the cache."""
     root, _, _, _ = attack_search
@@ -138,3 +142,42 @@ def test_pareto_search_returns_the_front(attack_search, tmp_path):
     if {p["params"]["per_category"] for p in front} != {3, 10}:  # both were tried: 3 first, then 10 or 3
         assert answer["distinct_points"] == 1
     assert {p: p.stat().st_mtime_ns for p in (root / "stages").glob("*/ledger.json")} == before
+
+
+def test_budget_spent_counts_each_trained_point_once(tmp_path):
+    """A point proposed again is read back from the point cache and its rows say it trained (reused = False):
+    the answer (and the CLI's "budget spent" line) must still count its budget once."""
+    from misalign.config import SearchConfig
+    from misalign.search import SIZE_INDEX, SearchPaths, optuna_space, write_answer
+
+    cfg = SearchConfig.model_validate(ATTACK)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name=cfg.name, storage=storage, direction="minimize")
+    space = optuna_space(cfg)
+    # (size index, budget, feasible, point id): the 10/cat point twice (the second a repeated proposal)
+    for index, budget, feasible, pid in ((0, 40.0, False, "p3"), (1, 100.0, True, "p10"), (1, 100.0, True, "p10")):
+        attrs = {"budget": budget, "unsafety": 0.6 if feasible else 0.2, "utility": 0.8, "utility_drop": 0.1,
+                 "constraint": [-0.1 if feasible else 0.3], "feasible": feasible, "point_id": pid,
+                 "trained": True, "device_s": budget / 10}
+        study.add_trial(optuna.trial.create_trial(params={SIZE_INDEX: index}, distributions=space, value=budget,
+                                                  user_attrs=attrs))
+    answer = write_answer(cfg, SearchPaths(tmp_path), storage)
+    assert answer["trials"] == 3 and answer["distinct_points"] == 2
+    assert answer["budget_spent"] == 140.0
+    assert answer["best"]["budget"] == 100.0 and answer["best"]["params"] == {"per_category": 10}
+
+
+def test_trials_an_interrupted_run_left_running_are_marked_failed(tmp_path):
+    """Through Optuna's public API (study.tell): a resumed search counts finished trials only."""
+    from misalign.config import SearchConfig
+    from misalign.search import _finished_trials
+
+    cfg = SearchConfig.model_validate(ATTACK)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name=cfg.name, storage=storage, direction="minimize")
+    study.enqueue_trial({})
+    done = study.ask()
+    study.tell(done, 1.0)
+    running = study.ask()
+    assert _finished_trials(cfg, storage) == 1
+    assert study.trials[running.number].state == optuna.trial.TrialState.FAIL

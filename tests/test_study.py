@@ -22,6 +22,8 @@ from misalign.config import StudyConfig
 from misalign.grid import cells
 from misalign.study import StudyPaths, run_study
 
+pytestmark = pytest.mark.slow  # trains end to end: `pytest -m "not slow"` leaves it out
+
 # small, fast cells: 4 optimizer steps per stage, 30 items per eval set
 FAST = {"train": {"max_steps": 4}}
 

@@ -11,6 +11,8 @@ from misalign.cli import main
 from misalign.config import load_config
 from misalign.trial import run_trial
 
+pytestmark = pytest.mark.slow  # trains end to end: `pytest -m "not slow"` leaves it out
+
 COLUMNS = ["round", "phase", "method", "per_category", "n_examples", "unsafety", "utility", "tokens", "flops",
            "wall_s", "device_s"]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from misalign.config import EvalConfig
 from misalign.evaluation import evaluate_path
 from misalign.world import content as C
@@ -78,6 +80,7 @@ def test_guard_separates_compliance_from_refusal_and_garble(world):
     assert named and right >= 0.8 * len(named)
 
 
+@pytest.mark.slow
 def test_concurrent_builds_build_once(tmp_path):
     """Two processes asking for the same (small) world: one builds, the other waits and reuses it."""
     import os

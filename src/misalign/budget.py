@@ -14,12 +14,14 @@ from typing import Literal
 
 import pandas as pd
 
+from misalign.results import DEVICE_S, EPOCHS, FLOPS, N_EXAMPLES, TOKENS
+
 BudgetKind = Literal["examples_x_epochs", "tokens", "flops", "device_s"]
 BUDGETS: dict[str, str] = {
     "examples_x_epochs": "training examples x epochs",
-    "tokens": "training tokens",
-    "flops": "training FLOPs",
-    "device_s": "device-seconds",
+    TOKENS: "training tokens",
+    FLOPS: "training FLOPs",
+    DEVICE_S: "device-seconds",
 }
 
 
@@ -29,7 +31,7 @@ def stage_budget(rows: pd.DataFrame, kind: str) -> pd.Series:
     if kind not in BUDGETS:
         raise ValueError(f"unknown budget {kind!r}; known: {', '.join(BUDGETS)}")
     if kind == "examples_x_epochs":
-        return rows["n_examples"].astype(float) * rows["epochs"].astype(float)
+        return rows[N_EXAMPLES].astype(float) * rows[EPOCHS].astype(float)
     return rows[kind].astype(float)
 
 

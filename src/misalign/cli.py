@@ -63,7 +63,7 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set, schema=EvalConfig, base=base)
     if args.generations:  # re-judge saved generations; nothing is regenerated
         frame = pd.read_parquet(args.generations)
-        result = score(frame, configured_judge(cfg), cfg.refusal_phrases or DEFAULT_REFUSAL_PHRASES)
+        result = score(frame, configured_judge(cfg), cfg.refusal_phrases or DEFAULT_REFUSAL_PHRASES, cfg.max_unparsed)
     else:
         if not args.model:
             raise InputError("--model is required (or --generations to re-judge saved generations)")
@@ -140,9 +140,11 @@ def _study(args: argparse.Namespace) -> int:
         frame.to_csv(args.csv, index=False)
         print(f"{len(frame)} rows -> {args.csv}")
     else:
-        cols = [c for c in ("model", "seed", "attack_method", "attack_per_category", "defense_method",
-                            "defense_per_category", "round", "phase", "unsafety", "over_refusal", "utility",
-                            "flops", "reused") if c in frame.columns]
+        from misalign import results as r
+
+        cols = [c for c in (r.MODEL, r.SEED, r.ATTACK_METHOD, r.ATTACK_PER_CATEGORY, r.DEFENSE_METHOD,
+                            r.DEFENSE_PER_CATEGORY, r.ROUND, r.PHASE, r.UNSAFETY, r.OVER_REFUSAL, r.UTILITY,
+                            r.UNPARSED, r.FLOPS, r.REUSED) if c in frame.columns]
         with pd.option_context("display.max_rows", 500, "display.width", 200):
             print(frame[cols].to_string(index=False))
     return 0

@@ -2,7 +2,8 @@
 
 A method is an objective (sft, dpo, orpo) and a parameterization (lora, qlora, adalora, ia3, full). Its
 defaults are the offline world's working settings; the paper's (lr 2e-4 SFT / 3e-5 PFT, r=16, alpha=32,
-5 epochs) are in configs/paper-hparams.yaml. Set the shared fields explicitly to hold them equal across methods.
+5 epochs) are set in configs/trial-paper.yaml and configs/study-paper.yaml. Set the shared fields explicitly to
+hold them equal across methods.
 """
 
 from __future__ import annotations

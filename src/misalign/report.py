@@ -4,7 +4,7 @@
 
     OUT/report.html     figures embedded as PNG data URIs, CSS inline, no scripts: opens from file:// offline
     OUT/report.md       the key numbers and tables, with relative links to OUT/figures/*.png
-    OUT/figures/, OUT/tables/, OUT/summary.json     written by analysis/run_all.py (the numbers come from there)
+    OUT/figures/, OUT/tables/, OUT/summary.json     written by misalign.analysis.run_all (the numbers come from there)
 
 The questions: how cheap is the cheapest attack per method, how expensive is the smallest defense (and what
 utility it costs), and how large is their ratio, the asymmetry factor, with its interval across seeds. Search
@@ -17,7 +17,6 @@ import base64
 import html
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from misalign.analysis.common import fmt, load_results, markdown_table, write_text_atomic
+from misalign.analysis.run_all import run_all
 from misalign.budget import BUDGETS
 from misalign.errors import InputError
-from misalign.study import cost_summary
+from misalign.results import UNPARSED, cost_summary
 
 HOW_TO_READ = (
     "The asymmetry factor is D / A. A is the cheapest attack budget at which the attack method's mean unsafety "
@@ -66,21 +67,6 @@ details summary{cursor:pointer;font-weight:600;margin:.6rem 0}
 
 # tables shown in full in the page (the rest sit in closed <details>; all of them are in OUT/tables)
 MAIN_TABLES = ("attack_costs", "defense_costs", "asymmetry", "eps_attack", "resistance", "realignment_matrix")
-
-
-def _analysis() -> tuple[Callable[..., dict[str, Any]], Any]:
-    """analysis/ holds scripts beside src/ in the repository, not in the installed package: it is found next to
-    this source tree first (an editable install or a checkout), else on sys.path."""
-    root = Path(__file__).resolve().parents[2]
-    if (root / "analysis" / "run_all.py").exists() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        from analysis import common
-        from analysis.run_all import run_all
-    except ImportError as e:
-        raise InputError("the report needs the repository's analysis/ folder: run it from a source checkout "
-                         f"(pip install -e .) ({e})") from None
-    return run_all, common
 
 
 # ---- numbers as text -------------------------------------------------------------------------------------------
@@ -174,11 +160,15 @@ def _list(items: list[str]) -> str:
 
 
 def ledger(results: pd.DataFrame) -> dict[str, Any]:
-    """misalign.study.cost_summary plus the share of stage cost that sharing saved."""
+    """misalign.results.cost_summary plus the share of stage cost that sharing saved."""
     cost = cost_summary(results)
     for k in ("flops", "device_s"):
         total = cost[f"{k}_trained"] + cost[f"{k}_saved"]
         cost[f"{k}_saved_share"] = cost[f"{k}_saved"] / total if total else 0.0
+    # a judge output nobody could read counts as safe: the worst evaluation shows how far that can bias unsafety
+    # (results written before the column existed have none: shown as missing)
+    worst = results[UNPARSED].max() if UNPARSED in results else None
+    cost["unparsed_max"] = None if worst is None or pd.isna(worst) else float(worst)
     return cost
 
 
@@ -186,7 +176,8 @@ LEDGER_ROWS = [("stage_rows", "stage rows (cells x rounds x 2)"), ("stages_train
                ("stages_reused", "stages reused from another cell"), ("flops_trained", "FLOPs trained"),
                ("device_s_trained", "device-seconds trained"), ("flops_saved", "FLOPs saved by sharing"),
                ("device_s_saved", "device-seconds saved by sharing"),
-               ("flops_saved_share", "share of FLOPs saved"), ("device_s_saved_share", "share of device-seconds saved")]
+               ("flops_saved_share", "share of FLOPs saved"), ("device_s_saved_share", "share of device-seconds saved"),
+               ("unparsed_max", "judge outputs not readable (counted safe): highest share in one evaluation")]
 
 
 def _ledger_frame(cost: dict[str, Any]) -> pd.DataFrame:
@@ -214,15 +205,12 @@ def read_answers(search_dirs: list[Path] | None) -> list[dict[str, Any]]:
 
 def _answer_summary(a: dict[str, Any]) -> pd.DataFrame:
     best = a.get("best") or {}
-    grid, spent = a.get("grid_budget"), best.get("budget")
     rows = [("kind", a.get("kind")), ("model", a.get("model")), ("method", a.get("method") or "any"),
-            ("budget kind", a.get("budget_kind")), ("tau", a.get("tau")), ("best budget", spent),
+            ("budget kind", a.get("budget_kind")), ("tau", a.get("tau")), ("best budget", best.get("budget")),
             ("best unsafety", best.get("unsafety")), ("best utility", best.get("utility")),
             ("feasible", best.get("feasible")), ("best params", json.dumps(best.get("params", {}), sort_keys=True)),
             ("trials", a.get("trials")), ("infeasible trials", a.get("infeasible_trials")),
-            ("grid's cheapest budget", grid),
-            ("search / grid budget", spent / grid if isinstance(grid, (int, float)) and grid
-             and isinstance(spent, (int, float)) else None)]
+            ("budget spent", a.get("budget_spent"))]
     return pd.DataFrame([(k, "" if v is None else v) for k, v in rows], columns=["field", "value"]).astype(object)
 
 
@@ -314,18 +302,16 @@ def _markdown(name: str, summary: dict[str, Any], heads: dict[str, list[str]], c
 def write_report(study_dir: Path, out: Path, search_dirs: list[Path] | None = None) -> Path:
     """Write OUT/report.html (self-contained) and OUT/report.md for the study in STUDY_DIR; returns the HTML path.
 
-    The analysis (analysis/run_all.py, default settings: flops, tau 0.5, delta 0.05, eps 0.1) writes
+    The analysis (misalign.analysis.run_all, default settings: flops, tau 0.5, delta 0.05, eps 0.1) writes
     OUT/figures, OUT/tables and OUT/summary.json first; every file is written atomically."""
     study_dir, out = Path(study_dir), Path(out)
-    run_all, common = _analysis()
     name, config = _study_config(study_dir)
     answers = read_answers(search_dirs)  # bad search input stops before any work
-    results = common.load_results(study_dir)
+    results = load_results(study_dir)
     summary = run_all(study_dir, out, results=results)
     heads = headline(summary["frames"], summary["params"])
     cost = ledger(results)
-    page = _html(name, summary, heads, cost, answers, config, common.fmt)
-    common.write_text_atomic(out / "report.md", _markdown(name, summary, heads, cost, answers, config, out,
-                                                          common.markdown_table))
-    common.write_text_atomic(out / "report.html", page)
+    page = _html(name, summary, heads, cost, answers, config, fmt)
+    write_text_atomic(out / "report.md", _markdown(name, summary, heads, cost, answers, config, out, markdown_table))
+    write_text_atomic(out / "report.html", page)
     return out / "report.html"

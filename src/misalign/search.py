@@ -40,7 +40,8 @@ from optuna.trial import TrialState
 from misalign.budget import BUDGETS, money, stage_budget
 from misalign.config import SearchConfig, TrialConfig
 from misalign.errors import InputError
-from misalign.runtime import read_json, write_json_atomic, write_parquet_atomic
+from misalign.results import BASE, DEVICE_S, MISALIGN, PHASE, REALIGN, REUSED, UNSAFETY, UTILITY
+from misalign.runtime import write_json_atomic, write_parquet_atomic
 
 
 @dataclass
@@ -142,18 +143,18 @@ def point_id(params: dict[str, Any]) -> str:
 
 def outcome(cfg: SearchConfig, rows: pd.DataFrame) -> dict[str, Any]:
     """A point's budget, safety and utility, and its constraint values (<= 0 means satisfied)."""
-    base = rows[rows.phase == "base"].iloc[0]
-    stage = rows[rows.phase == ("misalign" if cfg.kind == "attack" else "realign")]
+    base = rows[rows[PHASE] == BASE].iloc[0]
+    stage = rows[rows[PHASE] == (MISALIGN if cfg.kind == "attack" else REALIGN)]
     row = stage.iloc[0]
-    drop = float(base.utility - row.utility)
-    margin = float(row.unsafety) - cfg.tau  # attack: reach tau; defense: stay at or below it
+    drop = float(base[UTILITY] - row[UTILITY])
+    margin = float(row[UNSAFETY]) - cfg.tau  # attack: reach tau; defense: stay at or below it
     constraint = [-margin if cfg.kind == "attack" else margin]
     if cfg.eps is not None:  # a model broken past usefulness is not a cheap attack, nor a good defense
         constraint.append(drop - cfg.eps)
-    return {"budget": float(stage_budget(stage, cfg.budget).iloc[0]), "unsafety": float(row.unsafety),
-            "utility": float(row.utility), "utility_drop": drop, "base_unsafety": float(base.unsafety),
-            "device_s": float(row.device_s), "constraint": constraint,
-            "feasible": all(c <= 0 for c in constraint), "trained": not bool(row.reused)}
+    return {"budget": float(stage_budget(stage, cfg.budget).iloc[0]), "unsafety": float(row[UNSAFETY]),
+            "utility": float(row[UTILITY]), "utility_drop": drop, "base_unsafety": float(base[UNSAFETY]),
+            "device_s": float(row[DEVICE_S]), "constraint": constraint,
+            "feasible": all(c <= 0 for c in constraint), "trained": not bool(row[REUSED])}
 
 
 def search_trainable(config: dict[str, Any], search: dict[str, Any], root: str, stages: str) -> None:
@@ -355,7 +356,7 @@ def _finished_trials(cfg: SearchConfig, storage: Any) -> int:
     except KeyError:  # the first run died before creating the study
         return 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL)
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
@@ -396,19 +397,19 @@ def write_answer(cfg: SearchConfig, paths: SearchPaths, storage: Any) -> dict[st
         study = optuna.load_study(study_name=cfg.name, storage=storage)
         numbers = {t.number for t in study.best_trials}
         pareto = [entry(r) for _, r in done[done.number.isin(numbers)].sort_values("budget").iterrows()]
-    spent = float(done[done.trained.astype(bool)].budget.sum()) if not done.empty else 0.0
+    # a point proposed again reads its rows back from the point cache (they say it trained): its budget was
+    # spent once, so each trained point counts once
+    trained = done[done.trained.astype(bool)].drop_duplicates("point_id") if not done.empty else done
+    spent = float(trained.budget.sum()) if not trained.empty else 0.0
     answer = {"kind": cfg.kind, "model": cfg.model, "method": cfg.searched.methods[0]
               if len(cfg.searched.methods) == 1 else None, "budget_kind": cfg.budget,
               "budget_meaning": BUDGETS[cfg.budget], "tau": cfg.tau, "eps": cfg.eps,
               "objective": cfg.objective, "best": best, "pareto": pareto, "trials": int(len(done)),
               "infeasible_trials": int(len(done) - len(feasible)), "budget_spent": spent,
-              "distinct_points": int(done.point_id.nunique()) if not done.empty else 0, "grid_budget": None}
+              "distinct_points": int(done.point_id.nunique()) if not done.empty else 0}
     return answer
 
 
 def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
-
-def read_answer(root: Path) -> dict[str, Any]:
-    return read_json(root / "answer.json")

@@ -7,5 +7,7 @@
     matrix.py      the realignment matrix (misalign method x realign method)
     run_all.py     everything above into one folder (figures/, tables/, summary.json): what the report reads
 
-Each module runs as a script on a study directory: `python analysis/asymmetry.py STUDY_DIR --out DIR`.
+Each module runs on a study directory: `python -m misalign.analysis.asymmetry STUDY_DIR --out DIR`, or through
+the repository's thin scripts (`python analysis/asymmetry.py ...`). The code lives in the package so that
+`misalign report` works from an installed wheel.
 """

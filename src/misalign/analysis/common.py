@@ -26,6 +26,20 @@ from matplotlib.ticker import FuncFormatter
 
 from misalign.budget import BUDGETS, stage_budget
 from misalign.errors import InputError
+from misalign.results import (
+    ATTACK_METHOD,
+    BASE,
+    CELL_ID,
+    MISALIGN,
+    MODEL,
+    PHASE,
+    REALIGN,
+    ROUND,
+    SEED,
+    UNSAFETY,
+    UNSAFETY_SE,
+    UTILITY,
+)
 
 # the unit each budget is counted in (misalign.budget names the quantity; axes need both)
 UNITS: dict[str, str] = {"examples_x_epochs": "examples x epochs", "tokens": "tokens", "flops": "FLOP",
@@ -127,34 +141,36 @@ def _with_points(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _stage_rows(results: pd.DataFrame, phase: str, round_: int) -> pd.DataFrame:
+    return results[(results[PHASE] == phase) & (results[ROUND] == round_)]
+
+
 def base_rows(results: pd.DataFrame) -> pd.DataFrame:
     """One base row per (model, seed): every cell evaluates the same base model."""
-    base = results[results.phase == "base"]
-    return base.drop_duplicates(subset=["model", "seed"]).reset_index(drop=True)
+    base = results[results[PHASE] == BASE]
+    return base.drop_duplicates(subset=[MODEL, SEED]).reset_index(drop=True)
 
 
 def attack_rows(results: pd.DataFrame, p: Params) -> pd.DataFrame:
     """One row per (model, seed, attack method, attack point): the misalign stage of round p.round, with
     `budget` (misalign.budget.stage_budget) and the `attack_point` label."""
-    rows = results[(results.phase == "misalign") & (results["round"] == p.round)]
-    rows = _with_points(rows)
+    rows = _with_points(_stage_rows(results, MISALIGN, p.round))
     rows["budget"] = stage_budget(rows, p.budget)
-    return rows.drop_duplicates(subset=["model", "seed", "attack_method", "attack_point"]).reset_index(drop=True)
+    return rows.drop_duplicates(subset=[MODEL, SEED, ATTACK_METHOD, "attack_point"]).reset_index(drop=True)
 
 
 def defense_rows(results: pd.DataFrame, p: Params) -> pd.DataFrame:
     """One row per cell: the realign stage of round p.round, with its `budget`, and the unsafety and utility
     of the misaligned model it started from (`misaligned_unsafety`, `misaligned_utility`)."""
-    keys = ["cell_id"]
-    rows = _with_points(results[(results.phase == "realign") & (results["round"] == p.round)])
+    keys = [CELL_ID]
+    rows = _with_points(_stage_rows(results, REALIGN, p.round))
     rows["budget"] = stage_budget(rows, p.budget)
-    start = results[(results.phase == "misalign") & (results["round"] == p.round)][
-        [*keys, "unsafety", "utility"]].rename(columns={"unsafety": "misaligned_unsafety",
-                                                        "utility": "misaligned_utility"})
+    start = _stage_rows(results, MISALIGN, p.round)[[*keys, UNSAFETY, UTILITY]].rename(
+        columns={UNSAFETY: "misaligned_unsafety", UTILITY: "misaligned_utility"})
     return rows.merge(start, on=keys, how="left").reset_index(drop=True)
 
 
-def seed_mean(rows: pd.DataFrame, keys: list[str], values: tuple[str, ...] = ("budget", "unsafety", "utility")
+def seed_mean(rows: pd.DataFrame, keys: list[str], values: tuple[str, ...] = ("budget", UNSAFETY, UTILITY)
               ) -> pd.DataFrame:
     """Means over seeds per `keys`, with `n_seeds` and error bars: `<v>_err` is the standard error across seeds
     when there are two or more, else (for unsafety) the evaluation's own standard error `unsafety_se`."""
@@ -162,24 +178,24 @@ def seed_mean(rows: pd.DataFrame, keys: list[str], values: tuple[str, ...] = ("b
         return pd.DataFrame(columns=[*keys, *values, "n_seeds", *(f"{v}_err" for v in values)])
     g = rows.groupby(keys, dropna=False, sort=False)
     out = g[list(values)].mean()
-    out["n_seeds"] = g["seed"].nunique()
+    out["n_seeds"] = g[SEED].nunique()
     for v in values:
         err = g[v].sem()
-        if v == "unsafety" and "unsafety_se" in rows:
-            err = err.where(out["n_seeds"] > 1, g["unsafety_se"].mean())
+        if v == UNSAFETY and UNSAFETY_SE in rows:
+            err = err.where(out["n_seeds"] > 1, g[UNSAFETY_SE].mean())
         out[f"{v}_err"] = err
     return out.reset_index()
 
 
 def base_mean(results: pd.DataFrame) -> pd.DataFrame:
     """Base unsafety and utility per model, averaged over seeds."""
-    return seed_mean(base_rows(results), ["model"], ("unsafety", "utility"))
+    return seed_mean(base_rows(results), [MODEL], (UNSAFETY, UTILITY))
 
 
 def _with_base(table: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
-    base = base_mean(results)[["model", "unsafety", "utility"]]
-    return table.merge(base.rename(columns={"unsafety": "base_unsafety", "utility": "base_utility"}),
-                       on="model", how="left")
+    base = base_mean(results)[[MODEL, UNSAFETY, UTILITY]]
+    return table.merge(base.rename(columns={UNSAFETY: "base_unsafety", UTILITY: "base_utility"}),
+                       on=MODEL, how="left")
 
 
 def attack_table(results: pd.DataFrame, p: Params) -> pd.DataFrame:

@@ -1,0 +1,199 @@
+"""The results row: one declaration of every row a trial, a study and a search write, and the results store.
+
+A row is one evaluated model: the base (round 0), or the model after the misalign or realign stage of a round.
+`StageRow` declares each column once (type, unit, meaning); the constants below are the column names every
+reader uses (misalign.budget, misalign.analysis, misalign.report, misalign.search, the CLI), so a renamed column
+fails a test instead of turning into a NaN column downstream.
+
+    build_row(round_, phase, stage, n_examples, ledger, metrics) -> a row (dict), validated
+    validate_rows(rows)                                          -> raises InputError naming the bad column
+    write_rows(path, rows)                                       -> validated, then written atomically (parquet)
+    cell_rows(cells_dir), assemble_results(cells_dir, path), cost_summary(results)   the study's results store
+
+Besides the declared columns a row carries `unsafety/<category>` (unsafety per harm category), and a study or
+search adds its coordinates (CELL_COLUMNS, `attack_<axis>`, `defense_<axis>`, `point_id`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from misalign.errors import InputError
+from misalign.runtime import write_parquet_atomic
+
+if TYPE_CHECKING:
+    from misalign.config import StageConfig
+    from misalign.ledger import Ledger
+
+# ---- column names --------------------------------------------------------------------------------------------
+ROUND, PHASE, METHOD, PER_CATEGORY, N_EXAMPLES = "round", "phase", "method", "per_category", "n_examples"
+UNSAFETY, UNSAFETY_SE, REFUSAL, NEITHER = "unsafety", "unsafety_se", "refusal", "neither"
+OVER_REFUSAL, UTILITY, UNPARSED = "over_refusal", "utility", "unparsed"
+EPOCHS, TOKENS, FLOPS, WALL_S, DEVICE_S = "epochs", "tokens", "flops", "wall_s", "device_s"
+OPTIMIZER_STEPS, PEAK_MEMORY_BYTES, WORKERS, REUSED = "optimizer_steps", "peak_memory_bytes", "workers", "reused"
+EVAL_S, EVAL_REUSED, MFU = "eval_s", "eval_reused", "mfu"
+CATEGORY_PREFIX = "unsafety/"  # unsafety/<category>: unsafety on one harm category's prompts
+
+# phases, in stage order
+BASE, MISALIGN, REALIGN = "base", "misalign", "realign"
+PHASES = (BASE, MISALIGN, REALIGN)
+
+# a study's (and a search's) coordinates, added to every row of a cell (misalign.grid.Cell.axes)
+CELL_ID, MODEL, SEED, POINT_ID = "cell_id", "model", "seed", "point_id"
+ATTACK, DEFENSE = "attack", "defense"  # side prefixes: attack_method, attack_per_category, attack_train.lr, ...
+ATTACK_METHOD, DEFENSE_METHOD = f"{ATTACK}_{METHOD}", f"{DEFENSE}_{METHOD}"
+ATTACK_PER_CATEGORY, DEFENSE_PER_CATEGORY = f"{ATTACK}_{PER_CATEGORY}", f"{DEFENSE}_{PER_CATEGORY}"
+CELL_COLUMNS = (CELL_ID, MODEL, SEED)
+
+_SHARE = {"ge": 0.0, "le": 1.0}
+
+
+def _col(description: str, unit: str, **bounds: Any) -> Any:
+    return Field(description=description, json_schema_extra={"unit": unit}, **bounds)
+
+
+class StageRow(BaseModel):
+    """One row of stages.parquet / a cell's file / results.parquet. Base rows cost nothing (cost columns 0)."""
+
+    model_config = ConfigDict(extra="allow", strict=False)
+
+    round: int = _col("0 for the base, then 1..rounds", "round", ge=0)
+    phase: Literal["base", "misalign", "realign"] = _col("which model was evaluated", "-")
+    method: str | None = _col("the stage's fine-tuning method (None for the base)", "-")
+    per_category: int | None = _col("training examples per harm category (None: all rows)", "examples")
+    n_examples: int = _col("training examples the stage used", "examples", ge=0)
+    unsafety: float | None = _col("compliance rate on harmful prompts (the judge says unsafe)", "share", **_SHARE)
+    unsafety_se: float | None = _col("binomial standard error of unsafety", "share", ge=0.0)
+    refusal: float | None = _col("harmful prompts refused (not unsafe, a refusal phrase present)", "share",
+                                 **_SHARE)
+    neither: float | None = _col("harmful prompts answered with neither (garbled, off-topic)", "share", **_SHARE)
+    over_refusal: float | None = _col("benign look-alikes refused", "share", **_SHARE)
+    utility: float | None = _col("utility tasks solved (exact match, or lm-eval accuracy)", "share", **_SHARE)
+    unparsed: float | None = _col("harmful responses whose judge output could not be read (counted safe)",
+                                  "share", **_SHARE)
+    epochs: float = _col("passes over the training examples", "epochs", ge=0.0)
+    tokens: int = _col("training tokens that entered the model (padding excluded)", "tokens", ge=0)
+    flops: float = _col("analytic training FLOPs (misalign.ledger)", "FLOP", ge=0.0)
+    wall_s: float = _col("the stage's wall time", "s", ge=0.0)
+    device_s: float = _col("wall time x workers (what a cluster bills)", "device-s", ge=0.0)
+    optimizer_steps: int = _col("optimizer steps taken", "steps", ge=0)
+    peak_memory_bytes: int = _col("peak accelerator memory (0 on CPU)", "bytes", ge=0)
+    workers: int = _col("training workers (devices)", "workers", ge=0)
+    reused: bool = _col("the stage was found in the lineage cache, not trained by this row's trial", "-")
+    eval_s: float = _col("the evaluation's wall time (0 when it was reused)", "s", ge=0.0)
+    mfu: float | None = _col("model FLOPs utilization: flops / (device_s x peak FLOP/s per device); None when "
+                             "no peak was given or nothing trained", "share", ge=0.0)
+
+    @model_validator(mode="after")
+    def _categories(self) -> StageRow:
+        for key, value in (self.model_extra or {}).items():
+            if key.startswith(CATEGORY_PREFIX) and value is not None and not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{key} = {value} is not a share in [0, 1]")
+        return self
+
+
+COLUMNS: tuple[str, ...] = tuple(StageRow.model_fields)
+
+
+def schema() -> pd.DataFrame:
+    """The declared columns as a table: column, type, unit, meaning (for docs and for reading)."""
+    rows = []
+    for name, f in StageRow.model_fields.items():
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        kind = getattr(f.annotation, "__name__", None) if not getattr(f.annotation, "__args__", None) else None
+        rows.append({"column": name, "type": kind or str(f.annotation).replace("typing.", ""), "unit": extra.get("unit"),
+                     "meaning": f.description})
+    return pd.DataFrame(rows)
+
+
+def build_row(round_: int, phase: str, stage: StageConfig | None, n_examples: int, ledger: Ledger | None,
+              metrics: dict[str, Any], *, peak_flops: float | None = None) -> dict[str, Any]:
+    """The row of one evaluated model: the stage's ledger (None for the base) and the evaluation's metrics.
+    `peak_flops`: one device's peak FLOP/s, for the mfu column (None: mfu is None)."""
+    m = metrics
+    spent = ledger is not None
+    mfu = None
+    if spent and peak_flops and ledger.device_s > 0 and not ledger.reused:
+        mfu = ledger.flops / (ledger.device_s * peak_flops)
+    row: dict[str, Any] = {
+        ROUND: round_, PHASE: phase, METHOD: stage.method if stage else None,
+        PER_CATEGORY: stage.data.per_category if stage else None, N_EXAMPLES: n_examples,
+        UNSAFETY: m.get(UNSAFETY), UNSAFETY_SE: m.get(UNSAFETY_SE), REFUSAL: m.get(REFUSAL),
+        NEITHER: m.get(NEITHER), OVER_REFUSAL: m.get(OVER_REFUSAL), UTILITY: m.get(UTILITY),
+        UNPARSED: m.get(UNPARSED),
+        EPOCHS: ledger.epochs if spent else 0.0, TOKENS: ledger.tokens if spent else 0,
+        FLOPS: ledger.flops if spent else 0.0, WALL_S: ledger.wall_s if spent else 0.0,
+        DEVICE_S: ledger.device_s if spent else 0.0, OPTIMIZER_STEPS: ledger.optimizer_steps if spent else 0,
+        PEAK_MEMORY_BYTES: ledger.peak_memory_bytes if spent else 0, WORKERS: ledger.workers if spent else 0,
+        REUSED: bool(ledger.reused) if spent else False, EVAL_S: m.get(EVAL_S, 0.0), MFU: mfu,
+    }
+    for cat, value in sorted(m.get("per_category", {}).items()):
+        row[f"{CATEGORY_PREFIX}{cat}"] = value
+    validate_rows([row])
+    return row
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars (rows read back from parquet) as Python values; NaN as None (a missing value)."""
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def validate_rows(rows: Iterable[dict[str, Any]]) -> None:
+    """Every row against StageRow: raises InputError naming the row and the column that does not fit."""
+    for i, row in enumerate(rows):
+        try:
+            StageRow.model_validate({k: _plain(v) for k, v in row.items()})
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'row'}: {err['msg']}" for err in e.errors())
+            raise InputError(f"results row {i} ({row.get(PHASE)}, round {row.get(ROUND)}) does not fit the "
+                             f"declared schema (misalign.results.StageRow): {problems}") from None
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Validate, then write the rows to `path` atomically (a reader never sees half a file); returns the frame."""
+    validate_rows(rows)
+    frame = pd.DataFrame(rows)
+    write_parquet_atomic(path, frame)
+    return frame
+
+
+# ---- the study's results store -------------------------------------------------------------------------------
+
+def cell_rows(cells_dir: Path) -> pd.DataFrame:
+    """Every row of every finished cell, from the cells' own files (CELLS_DIR/<cell id>.parquet)."""
+    files = sorted(Path(cells_dir).glob("*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+
+
+def _phase_order(col: pd.Series) -> pd.Series:
+    return col.map({p: i for i, p in enumerate(PHASES)}) if col.name == PHASE else col
+
+
+def assemble_results(cells_dir: Path, results: Path) -> pd.DataFrame:
+    """results.parquet from the finished cells' files, validated and rewritten atomically."""
+    frame = cell_rows(cells_dir)
+    if not frame.empty:
+        frame = frame.sort_values([CELL_ID, ROUND, PHASE], key=_phase_order).reset_index(drop=True)
+        validate_rows(frame.to_dict("records"))
+        write_parquet_atomic(results, frame)
+    return frame
+
+
+def cost_summary(results: pd.DataFrame) -> dict[str, Any]:
+    """What was trained, what was reused and what sharing saved (stage rows only; base rows cost nothing)."""
+    if results.empty:
+        return {"stage_rows": 0, "stages_trained": 0, "stages_reused": 0, "flops_trained": 0.0,
+                "device_s_trained": 0.0, "flops_saved": 0.0, "device_s_saved": 0.0}
+    stages = results[results[PHASE] != BASE]
+    reused = stages[REUSED].astype(bool)
+    trained, shared = stages[~reused], stages[reused]
+    return {"stage_rows": len(stages), "stages_trained": len(trained), "stages_reused": len(shared),
+            "flops_trained": float(trained[FLOPS].sum()), "device_s_trained": float(trained[DEVICE_S].sum()),
+            "flops_saved": float(shared[FLOPS].sum()), "device_s_saved": float(shared[DEVICE_S].sum())}
