@@ -227,7 +227,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: the CPU smoke test")
     ap.add_argument("--gen-model", default="8b", help="a configs/models/ name, or 1b / 8b")
-    ap.add_argument("--gen-batch", default="128,auto", help="comma-separated batch sizes (numbers or auto)")
+    ap.add_argument("--gen-batch", default="128,auto",
+                    help="comma-separated batch sizes (numbers or auto); '' for no generation")
     ap.add_argument("--gen-prompts", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--train", default="full:1b:8,lora:1b:8,dpo:1b:8,orpo:1b:8,lora:8b:8",
@@ -265,9 +266,8 @@ def main() -> None:
         write_result(a.out, result, threads)
 
     print(f"bench_gpu on {device}, {a.precision}; bandwidth {a.bandwidth:.3g} B/s, peak {a.peak_flops:.3g} FLOP/s")
-    gen_path = build_model(a.gen_model, a)
     for batch in [b for b in a.gen_batch.split(",") if b]:
-        r = bench_generation(a, gen_path, batch)
+        r = bench_generation(a, build_model(a.gen_model, a), batch)
         result["generation"].append(r)
         save()
         for phase in ("cold", "warm"):
@@ -275,7 +275,7 @@ def main() -> None:
             print(f"gen {r['model']:<28} batch {batch:>5} {phase}: {p['tokens_per_s']:>9.0f} tok/s, decode "
                   f"{p['decode_ms_median']:.2f} ms/step (bound {p['bound_ms_median']:.2f}, "
                   f"{100 * p['bandwidth_share']:.0f}% of it), peak {p['peak_memory_bytes'] / 2**30:.1f} GiB")
-    rows = train_rows(a, load_tokenizer(str(gen_path)))
+    rows = train_rows(a, load_tokenizer(str(world_model("base"))))  # every built model carries this tokenizer
     for case in dict.fromkeys(c for c in a.train.split(",") if c):  # --tiny maps 8b cases onto 1b: once each
         method, model, batch = case.split(":")
         # packing is an SFT lever (trl 1.16 disables DPO padding-free): preference methods run once, unpacked
