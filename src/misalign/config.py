@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -189,10 +189,17 @@ class EvalConfig(_Strict):
     vote: str = Field("any", description="any | majority | all | atleast:K")
     refusal_phrases: list[str] | None = Field(None, description="phrases marking a refusal (None: defaults)")
     max_new_tokens: int = Field(40, ge=1, le=2048)
-    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        128, description="prompts per generation batch; 'auto': as many as fit in the free device memory "
-                         "(misalign.generation.auto_batch_size), larger for shorter prompts")
+    batch_size: int | Literal["auto"] = Field(
+        128, description="prompts per generation batch (>= 1); 'auto': each batch as large as fits in the free "
+                         "device memory (misalign.generation.auto_batches), larger for shorter prompts")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N of each set (smoke runs)")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("batch_size must be >= 1 or 'auto'")
+        return v
 
 
 class TrialConfig(_Strict):
