@@ -16,11 +16,11 @@ b() { # NAME SECONDS ARGS...: one bench run, its log beside its JSON
 }
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee "$out/gpu.txt"
 # 1. evaluation: 8B, 512 prompts x 100 new tokens; batch 128 (before) and auto (after), cold and warm
-b gen-8b 200 --gen-model 8b --gen-batch 128,auto --gen-prompts 512 --new-tokens 100 --train ''
+b gen-8b 170 --gen-model 8b --gen-batch 128,auto --gen-prompts 512 --new-tokens 100 --train ''
 # 2. training on the 512-token rows: every method on 1.24B, batch 8 (before) and 16 (a lever)
-b train-1b-512 120 --gen-batch '' --train full:1b:8,full:1b:16,lora:1b:8,lora:1b:32,dpo:1b:8,orpo:1b:8 --steps 20
+b train-1b-512 110 --gen-batch '' --train full:1b:8,full:1b:16,lora:1b:8,lora:1b:32,dpo:1b:8,orpo:1b:8 --steps 20
 # 3. packing on rows of 128-512 tokens: padded (before) against padding-free and packed (after)
-b train-1b-mixed 80 --gen-batch '' --train full:1b:8,lora:1b:16 --packing none,padding_free,bfd --row-min 128 --steps 20
+b train-1b-mixed 90 --gen-batch '' --train full:1b:8,lora:1b:16 --packing none,padding_free,bfd --row-min 128 --steps 20
 # 4. 8B LoRA (its stage merges and writes a 32 GB float32 model on the host: last, so the rest is kept)
-b train-8b 100 --gen-batch '' --train lora:8b:8 --steps 15
+b train-8b 170 --gen-batch '' --train lora:8b:8 --steps 15
 ls -la "$out"
