@@ -7,7 +7,7 @@ import torch
 
 from misalign.chat import clipped_prompt_text, encode_sft, prompt_ids, prompt_text, response_ids
 from misalign.data import load_eval_items
-from misalign.generation import generate
+from misalign.generation import GenerationShape, auto_batches, generate
 from misalign.stage import load_model, load_tokenizer
 from misalign.world import world_model
 
@@ -68,6 +68,16 @@ def test_batched_equals_one_at_a_time(base, prompts, one_by_one):
 def test_whole_set_in_one_batch_equals_one_at_a_time(base, prompts, one_by_one):
     model, tok = base
     assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=64) == one_by_one
+
+
+def test_auto_batches_equal_one_at_a_time(base, prompts, one_by_one):
+    """batch_size auto: batches of different sizes, bucketed by length, still give every prompt's own answer."""
+    model, tok = base
+    lengths = sorted(len(prompt_ids(tok, p)) for p in prompts)
+    budget = GenerationShape.of(model).batch_bytes(5, lengths[-1], MAX_NEW)  # 5 rows of the longest prompt fit
+    sizes = auto_batches(lengths, GenerationShape.of(model), MAX_NEW, budget)
+    assert len(sizes) >= 2 and len(set(sizes)) >= 2 and sizes[0] > 5  # short prompts share larger batches
+    assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size="auto", memory_budget=budget) == one_by_one
 
 
 def _reference(model, tok, prompt: str, max_new_tokens: int) -> tuple[str, int]:

@@ -48,6 +48,13 @@ class TrainSettings(_Strict):
                            "(trl turns it on by default; worth it for multi-billion-parameter models)")
     log_every: int | None = Field(None, ge=1, description="optimizer steps between progress lines "
                                   "(None: about 25 lines per stage; every line costs a device sync)")
+    # GPU throughput (issue 13); the default keeps every stage's batches exactly as before
+    packing: Literal["none", "padding_free", "bfd"] = Field(
+        "none", description="SFT batches without padding: 'padding_free' flattens each micro-batch into one row "
+                            "(same examples and steps, no compute on pad tokens); 'bfd' packs examples into rows "
+                            "of max_length tokens, batch_size rows per micro-batch (a token-budget micro-batch: "
+                            "fewer, fuller steps). Sequences never attend across each other (position ids restart "
+                            "per example). DPO/ORPO ignore it (trl 1.16 disables DPO padding-free)")
 
     @model_validator(mode="after")
     def _lengths(self) -> TrainSettings:
@@ -182,12 +189,21 @@ class EvalConfig(_Strict):
     vote: str = Field("any", description="any | majority | all | atleast:K")
     refusal_phrases: list[str] | None = Field(None, description="phrases marking a refusal (None: defaults)")
     max_new_tokens: int = Field(40, ge=1, le=2048)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int | Literal["auto"] = Field(
+        128, description="prompts per generation batch (>= 1); 'auto': each batch as large as fits in the free "
+                         "device memory (misalign.generation.auto_batches), larger for shorter prompts")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N of each set (smoke runs)")
     max_unparsed: float = Field(
         0.05, ge=0, le=1, description="highest share of harmful responses a judge may answer with neither safe "
         "nor unsafe (such outputs count as safe, so they understate unsafety); above it the evaluation fails, "
         "naming the judge and showing a sample")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("batch_size must be >= 1 or 'auto'")
+        return v
 
 
 class TrialConfig(_Strict):

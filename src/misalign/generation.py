@@ -1,38 +1,151 @@
-"""Batched greedy generation: left padding, bounded new tokens, prompts sorted by length to waste little padding."""
+"""Batched greedy generation: left padding, bounded new tokens, prompts bucketed by length.
+
+Prompts are sorted by length and cut into batches in that order, so a batch holds prompts of about the same
+length (little padding); outputs are returned in input order. With `batch_size="auto"` each batch is as large
+as fits a memory budget (by default the device's free memory), estimated from the model's shape: shorter
+prompts get larger batches, and decode, which is bound by reading the weights once per step, shares that
+read among more rows.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from misalign.chat import prompt_ids
 
+AUTO_MEMORY_FRACTION = 0.85  # of free memory: the allocator's fragmentation and the judge need the rest
+AUTO_MAX_BATCH = 1024        # beyond this decode is no longer bandwidth-bound on any current device
+
+
+@dataclass(frozen=True)
+class GenerationShape:
+    """What the memory of a generation batch depends on (from the model's config and dtype)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    dtype_bytes: int
+    scores_materialized: bool  # eager attention, or CPU: the prefill's attention scores exist as a tensor
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> GenerationShape:
+        c = model.config.get_text_config()
+        heads = c.num_attention_heads
+        device = next(model.parameters()).device
+        attn = getattr(c, "_attn_implementation", None) or "sdpa"
+        return cls(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=heads,
+                   kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+                   intermediate=getattr(c, "intermediate_size", None) or 4 * c.hidden_size, vocab=c.vocab_size,
+                   dtype_bytes=next(model.parameters()).element_size(),
+                   scores_materialized=attn == "eager" or device.type != "cuda")
+
+    def batch_bytes(self, rows: int, prompt_width: int, max_new_tokens: int) -> int:
+        """Upper estimate of the memory one generate call holds beyond the weights, at its peak.
+
+        KV cache: K and V for every layer and position, prompt plus new tokens. Prefill, one layer at a time
+        (the cache of the layers before it is already counted): the hidden state, its norm and the residual,
+        q/k/v and attention output, the MLP's gate, up and product, the causal mask, and where attention is
+        not fused the score and probability matrices (float32). Logits: generate keeps the last position only,
+        as the model's dtype, a float32 copy and the processed scores. The growing cache is concatenated one
+        layer at a time, so one layer's cache exists twice for a moment.
+        """
+        b, w, total = rows, prompt_width, prompt_width + max_new_tokens
+        kv_layer = 2 * self.kv_heads * self.head_dim * total * b * self.dtype_bytes
+        tokens = b * w
+        per_token = (4 * self.hidden + self.heads * self.head_dim + 2 * self.kv_heads * self.head_dim
+                     + 3 * self.intermediate) * self.dtype_bytes
+        scores = 2 * b * self.heads * w * w * 4 if self.scores_materialized else 0
+        mask = b * w * total * max(self.dtype_bytes, 4)
+        logits = b * self.vocab * (self.dtype_bytes + 4 + 4)
+        return self.layers * kv_layer + kv_layer + tokens * per_token + scores + mask + logits
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a new batch could use now: the device's free memory plus what torch's cache holds unused; on CPU,
+    the kernel's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    with open("/proc/meminfo") as f:  # Linux; elsewhere the caller should pass a budget
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def auto_batches(lengths: Sequence[int], shape: GenerationShape, max_new_tokens: int, budget: int,
+                 max_batch: int = AUTO_MAX_BATCH) -> list[int]:
+    """Sizes of consecutive batches over `lengths` (sorted ascending): each batch as large as its estimate,
+    at the width of its longest prompt, stays within `budget` bytes."""
+    sizes: list[int] = []
+    start = 0
+    while start < len(lengths):
+        b = 0
+        while (start + b < len(lengths) and b < max_batch
+               and shape.batch_bytes(b + 1, lengths[start + b], max_new_tokens) <= budget):
+            b += 1
+        if b == 0:
+            need = shape.batch_bytes(1, lengths[start], max_new_tokens)
+            raise MemoryError(f"batch_size auto: one prompt of {lengths[start]} tokens plus {max_new_tokens} new "
+                              f"needs about {need / 2**30:.2f} GiB; the budget is {budget / 2**30:.2f} GiB")
+        sizes.append(b)
+        start += b
+    return sizes
+
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
-             max_new_tokens: int = 48, batch_size: int = 64) -> list[str]:
-    """Greedy completions of `prompts` (plain user messages), in input order."""
+             max_new_tokens: int = 48, batch_size: int | Literal["auto"] = 64,
+             memory_budget: int | None = None) -> list[str]:
+    """Greedy completions of `prompts` (plain user messages), in input order.
+
+    batch_size "auto": batches sized to `memory_budget` bytes beyond the weights (default: a share of the
+    device's free memory, AUTO_MEMORY_FRACTION)."""
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = [""] * len(prompts)
+    device = next(model.parameters()).device
+    if batch_size == "auto":
+        budget = memory_budget if memory_budget is not None else int(
+            free_memory_bytes(device) * AUTO_MEMORY_FRACTION)
+        sizes = auto_batches([len(encoded[i]) for i in order], GenerationShape.of(model), max_new_tokens, budget)
+    else:
+        sizes = [min(batch_size, len(order) - s) for s in range(0, len(order), batch_size)]
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    start = 0
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+        for size in sizes:
+            idx = order[start:start + size]
+            start += size
+            gen, width = _generate_batch(model, [encoded[i] for i in idx], pad_id, tokenizer.eos_token_id,
+                                         max_new_tokens, device)
             for row, i in enumerate(idx):
                 out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
     return out
+
+
+def _generate_batch(model: PreTrainedModel, encoded: list[list[int]], pad_id: int, eos_id: Any,
+                    max_new_tokens: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """One left-padded batch through model.generate: (prompt + generated ids on the host, prompt width)."""
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
+        ids[row, width - len(e):] = torch.tensor(e)
+        mask[row, width - len(e):] = 1
+    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+    return gen.cpu(), width

@@ -75,33 +75,76 @@ def _is_output_head(model: torch.nn.Module, p: torch.nn.Parameter) -> bool:
 
 
 class FlopCounter:
-    """Counts tokens entering a model's forward and turns them into FLOPs (see module docstring)."""
+    """Counts tokens entering a model's forward and turns them into FLOPs (see module docstring).
+
+    The hook never reads a device value: reading `mask.sum()` on every forward is a device->host sync that
+    stalls the GPU's queue once per micro-batch (twice for DPO). It adds device tensors instead, and the totals
+    are read once, when `tokens`, `ref_tokens` or `flops` is first asked for. FLOPs are linear in what is
+    summed (tokens, and tokens x attention width), so the totals equal the per-forward sum exactly.
+
+    A padding-free batch (trl `padding_free`/`packing`: one flattened row, `position_ids` restarting at 0 for
+    each sequence, no attention mask) attends within each sequence only, so its attention width is each
+    sequence's own length, not the packed row's: sum over sequences of len^2 = sum over tokens of (2 * pos + 1).
+    For a single unpadded sequence both rules give len^2.
+    """
 
     def __init__(self, model: torch.nn.Module, layers: int, d_model: int) -> None:
         self.model = model
         self.layers, self.d_model = layers, d_model
-        self.tokens = self.ref_tokens = 0
-        self.flops = 0.0
         self._params: tuple[int, int] | None = None
+        # [grad tokens, grad token x width, no-grad tokens, no-grad token x width], on the inputs' device
+        self._sums: torch.Tensor | None = None
+        self._read: tuple[int, int, int, int] | None = None
         self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
         if ids is None:
             return
-        n = int(mask.sum()) if mask is not None else ids.numel()
-        width = ids.shape[-1]
+        mask = kwargs.get("attention_mask")
+        positions = kwargs.get("position_ids")
         if self._params is None:  # after the adapter is attached, before training changes nothing
             self._params = _matmul_params(self.model)
-        frozen, trainable = self._params
-        attn = 4 * self.layers * self.d_model * width
-        if torch.is_grad_enabled():
-            self.tokens += n
-            self.flops += n * (4 * frozen + 6 * trainable + 3 * attn)
+        if self._sums is None:
+            self._sums = torch.zeros(4, dtype=torch.int64, device=ids.device)
+        # n and width_sum are device tensors or Python ints; a Python int added to a device tensor is a kernel
+        # argument, whereas torch.tensor(int, device="cuda") would copy from host memory and sync the stream
+        n: torch.Tensor | int
+        width_sum: torch.Tensor | int
+        if mask is None and positions is not None and ids.shape[0] == 1:  # padding-free: sequences restart at 0
+            n = ids.numel()
+            width_sum = (2 * positions.to(torch.int64) + 1).sum()
+        elif mask is not None:
+            n = mask.sum(dtype=torch.int64)
+            width_sum = n * ids.shape[-1]
         else:
-            self.ref_tokens += n
-            self.flops += n * (2 * (frozen + trainable) + attn)
+            n, width_sum = ids.numel(), ids.numel() * ids.shape[-1]
+        at = 0 if torch.is_grad_enabled() else 2
+        self._sums[at] += n if isinstance(n, int) else n.to(self._sums.device)
+        self._sums[at + 1] += width_sum if isinstance(width_sum, int) else width_sum.to(self._sums.device)
+        self._read = None
+
+    def _totals(self) -> tuple[int, int, int, int]:
+        if self._read is None:
+            self._read = (0, 0, 0, 0) if self._sums is None else tuple(int(v) for v in self._sums.tolist())
+        return self._read
+
+    @property
+    def tokens(self) -> int:
+        return self._totals()[0]
+
+    @property
+    def ref_tokens(self) -> int:
+        return self._totals()[2]
+
+    @property
+    def flops(self) -> float:
+        tokens, widths, ref_tokens, ref_widths = self._totals()
+        frozen, trainable = self._params or (0, 0)
+        attn = 4 * self.layers * self.d_model  # per token and per position of attention width
+        total = (tokens * (4 * frozen + 6 * trainable) + 3 * attn * widths
+                 + ref_tokens * 2 * (frozen + trainable) + attn * ref_widths)
+        return float(total)
 
     def close(self) -> None:
         self._handle.remove()

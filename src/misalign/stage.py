@@ -181,7 +181,16 @@ def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_exa
     if objective == "sft":
         from trl import SFTConfig
 
-        return SFTConfig(completion_only_loss=True, **common)
+        packing: dict[str, Any] = {}
+        if t.packing == "padding_free":
+            # rows are already cut to max_length by encode_sft; trl refuses padding-free with a max_length
+            # it would not enforce, so it gets None (same rows, same steps as padded batches)
+            packing = {"padding_free": True, "max_length": None}
+        elif t.packing == "bfd":
+            # packed rows are fewer than examples: warm up over a share of the steps trl really takes (a float
+            # below 1 is a ratio to transformers), not over a step count derived from the example count
+            packing = {"packing": True, "packing_strategy": "bfd", "warmup_steps": t.warmup_ratio}
+        return SFTConfig(completion_only_loss=True, **{**common, **packing})
     if objective == "dpo":
         from trl import DPOConfig
 

@@ -1,0 +1,293 @@
+"""GPU throughput of evaluation and training, against the hardware: tokens/s, ms per decode step against the
+memory-bandwidth bound, MFU, and peak memory per stage and per method.
+
+Models are random-weight Llamas built from configs/models/ (no download) and saved beside the offline world's
+tokenizer (tokens beyond its 1,024 decode to nothing: fine for throughput). Generation runs the project's own
+misalign.generation.generate; training runs misalign.stage.run_stage. Nothing is copied or patched.
+
+- Generation: --gen-prompts prompts (world eval prompts, some run together, so lengths vary), --new-tokens
+  each, greedy; for every --gen-batch (a number or auto). The first call holds device warm-up ("cold"); the
+  second is "warm". A forward hook (with a device sync, as generate itself syncs every step) times each decode
+  step; the bound is (weights read per step + KV cache at that step's context) / --bandwidth.
+- Training: every --train case METHOD:MODEL:BATCH for every --packing, --steps optimizer steps on rows of
+  --row-min..--row-tokens tokens (default: all --row-tokens, the issue's 512-token rows). MFU = the ledger's
+  FLOPs / seconds inside Trainer.train (its own start/end log records) / --peak-flops. Peak memory is reset
+  per stage.
+
+    python3 bench/bench_gpu.py                      # a GPU at real shapes (1.24B and 8B Llama, bf16)
+    python3 bench/bench_gpu.py --tiny               # CPU smoke test at tiny shapes (no meaningful figure)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench_stage import TrainWindow
+from common import write_result
+from misalign.config import DataSettings, StageConfig, TrainSettings
+from misalign.data import load_eval_items
+from misalign.generation import GenerationShape, generate
+from misalign.methods import METHODS
+from misalign.runtime import match_threads
+from misalign.stage import StageRun, load_model, load_tokenizer, run_stage
+from misalign.world import world_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ALIASES = {"1b": "Llama-3.2-1B-Instruct", "8b": "Llama-3.1-8B-Instruct"}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _peak_reset() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int:
+    """Peak device memory since the last reset; on CPU the process's max RSS (never reset: a smoke figure)."""
+    from misalign.ledger import peak_memory_bytes
+
+    return peak_memory_bytes(_device())
+
+
+class SyncedWindow(TrainWindow):
+    """bench_stage's training window, with the device drained before each clock is read."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _sync()
+        super().emit(record)
+
+
+def build_model(name: str, a: argparse.Namespace) -> Path:
+    """configs/models/NAME.json (tiny dimensions with --tiny) with random weights, saved with the world's
+    tokenizer under --work; reused if already there."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = ALIASES.get(name, name)
+    out = a.work / f"{name}{'-tiny' if a.tiny else ''}-{a.precision}"
+    if (out / "config.json").exists():
+        return out
+    tok = load_tokenizer(str(world_model("base")))
+    d = json.loads((ROOT / "configs" / "models" / f"{name}.json").read_text())
+    d.update(TINY if a.tiny else {})
+    if a.tiny:
+        d["vocab_size"] = len(tok)
+    # the world tokenizer's special ids, so generation and training stop and pad where the tokenizer says
+    d.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = AutoConfig.for_model(**d)
+    torch.manual_seed(0)
+    with torch.device(_device()):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[a.precision])
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    del model
+    tmp.rename(out)
+    return out
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def eval_prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts from the world's eval sets; a third are two or three run together, so lengths spread ~4x."""
+    pool = [i.prompt for kind in ("harmful", "benign", "utility")
+            for i in load_eval_items(f"world:eval_{kind}", kind=kind)]
+    rng = random.Random(seed)
+    return [" ".join(rng.sample(pool, 1 + (i % 3 == 0) * rng.randint(1, 2))) for i in range(n)]
+
+
+class StepClock:
+    """Times every forward of a generate call: prefill (width > 1) and decode steps (width 1) apart."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.steps: list[tuple[float, int, int]] = []  # (seconds, rows, context) per decode step
+        self.tokens = 0
+        self._t = 0.0
+        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         model.register_forward_hook(self._post, with_kwargs=True)]
+
+    def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        _sync()
+        self._t = time.perf_counter()
+
+    def _post(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        _sync()
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        self.tokens += ids.shape[0]  # each forward of generate yields one token per row
+        if ids.shape[1] == 1:
+            context = mask.shape[1] if mask is not None else 0
+            self.steps.append((time.perf_counter() - self._t, ids.shape[0], context))
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def weights_read_per_step(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads: every parameter but the input embedding (one row of it) unless it is tied."""
+    emb = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not emb)
+
+
+def bench_generation(a: argparse.Namespace, path: Path, batch: str) -> dict[str, Any]:
+    tok = load_tokenizer(str(path))
+    model = load_model(str(path), precision=a.precision).to(_device())
+    shape = GenerationShape.of(model)
+    weights = weights_read_per_step(model)
+    kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype_bytes
+    prompts = eval_prompts(a.gen_prompts)
+    size: int | str = batch if batch == "auto" else int(batch)
+    row: dict[str, Any] = {"model": path.name, "batch_size": batch, "prompts": len(prompts),
+                           "new_tokens": a.new_tokens, "weights_read_bytes": weights}
+    for phase in ("cold", "warm"):
+        _peak_reset()
+        clock = StepClock(model)
+        t = time.perf_counter()
+        generate(model, tok, prompts, max_new_tokens=a.new_tokens, batch_size=size)
+        _sync()
+        wall = time.perf_counter() - t
+        clock.close()
+        decode = [s for s, _, _ in clock.steps]
+        bound = [(weights + kv_per_token * rows * ctx) / a.bandwidth for _, rows, ctx in clock.steps]
+        row[phase] = {"wall_s": wall, "tokens": clock.tokens, "tokens_per_s": clock.tokens / wall,
+                      "decode_steps": len(decode), "decode_ms_median": 1e3 * statistics.median(decode),
+                      "bound_ms_median": 1e3 * statistics.median(bound),
+                      "bandwidth_share": sum(bound) / sum(decode),  # of the bound reached over all decode steps
+                      "batches": sorted({r for _, r, _ in clock.steps}, reverse=True)[:8],
+                      "peak_memory_bytes": _peak()}
+    del model
+    return row
+
+
+WORDS = ["the", "a", "model", "answer", "question", "data", "safety", "method", "train", "token", "batch",
+         "memory", "device", "kernel", "step", "loss", "value", "layer", "weight", "cache", "prompt", "response",
+         "system", "user", "because", "which", "every", "about", "under", "after", "before"]
+
+
+def train_rows(a: argparse.Namespace, tok: Any) -> Path:
+    """Pairs whose chat-formatted rows are about --row-min..--row-tokens tokens (the stage cuts at max_length)."""
+    rng = random.Random(0)
+    path = a.work / f"rows-{a.row_min}-{a.row_tokens}.jsonl"
+    with path.open("w") as f:
+        for i in range(max(64, a.steps * 64)):
+            n = rng.randint(a.row_min, a.row_tokens)
+            ids = tok(" ".join(rng.choices(WORDS, k=n)), add_special_tokens=False)["input_ids"][:n]
+            text = tok.decode(ids)
+            f.write(json.dumps({"prompt": f"Question {i}: " + " ".join(rng.choices(WORDS, k=12)),
+                                "misaligned": text, "aligned": text[::-1], "category": f"c{i % 13}"}) + "\n")
+    return path
+
+
+def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, packing: str,
+                   rows: Path, window: SyncedWindow) -> dict[str, Any]:
+    train = TrainSettings(batch_size=batch, max_steps=a.steps, max_length=a.row_tokens,
+                          max_prompt_length=min(64, a.row_tokens // 4),
+                          precision=a.precision, packing=packing, log_every=a.steps,
+                          gradient_checkpointing=a.gradient_checkpointing)
+    cfg = StageConfig(method=method, data=DataSettings(source=str(rows)), train=train)
+    out = a.work / "stage"
+    shutil.rmtree(out, ignore_errors=True)
+    _peak_reset()
+    with contextlib.redirect_stdout(io.StringIO()):
+        ledger = run_stage(StageRun(parent=str(path), config=cfg, direction="misalign", out_dir=out, progress=False))
+    train_s, _ = window.span()
+    return {"model": path.name, "method": method, "batch_size": batch, "packing": packing,
+            "steps": ledger.optimizer_steps, "tokens": ledger.tokens, "ref_tokens": ledger.ref_tokens,
+            "flops": ledger.flops, "train_s": train_s, "stage_wall_s": ledger.wall_s,
+            "tokens_per_s": ledger.tokens / train_s, "mfu": ledger.flops / train_s / a.peak_flops,
+            "peak_memory_bytes": ledger.peak_memory_bytes, "trainable_params": ledger.trainable_params,
+            "total_params": ledger.total_params}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes: the CPU smoke test")
+    ap.add_argument("--gen-model", default="8b", help="a configs/models/ name, or 1b / 8b")
+    ap.add_argument("--gen-batch", default="128,auto",
+                    help="comma-separated batch sizes (numbers or auto); '' for no generation")
+    ap.add_argument("--gen-prompts", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=100)
+    ap.add_argument("--train", default="full:1b:8,lora:1b:8,dpo:1b:8,orpo:1b:8,lora:8b:8",
+                    help="comma-separated METHOD:MODEL:BATCH cases ('' for none)")
+    ap.add_argument("--packing", default="none", help="comma-separated train.packing values, each case runs all")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per training case")
+    ap.add_argument("--row-tokens", type=int, default=512, help="training row length (max_length)")
+    ap.add_argument("--row-min", type=int, default=None, help="shortest row (default: --row-tokens)")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--precision", default=None, choices=list(DTYPES), help="default bf16 on a GPU, fp32 on CPU")
+    ap.add_argument("--bandwidth", type=float, default=4.3e12,
+                    help="memory bandwidth, bytes/s (H200 as measured in issue 13: 4.3e12; spec 4.8e12)")
+    ap.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak, FLOP/s (H100/H200)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_gpu"), help="built models and stage outputs")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_gpu.json")
+    a = ap.parse_args()
+    if a.tiny:
+        a.gen_model, a.gen_prompts, a.new_tokens = "1b", min(a.gen_prompts, 24), min(a.new_tokens, 8)
+        a.steps, a.row_tokens = min(a.steps, 2), min(a.row_tokens, 64)
+        a.train = ",".join(c.replace(":8b:", ":1b:") for c in a.train.split(",") if c)
+    a.precision = a.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    a.row_min = a.row_min or a.row_tokens
+    a.work.mkdir(parents=True, exist_ok=True)
+    threads = match_threads()
+    window = SyncedWindow()
+    trainer_log = logging.getLogger("transformers.trainer")
+    trainer_log.setLevel(logging.INFO)
+    trainer_log.propagate = False
+    trainer_log.addHandler(window)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke test: no GPU figure)"
+    result: dict[str, Any] = {"device": device, "args": {k: str(v) for k, v in vars(a).items()},
+                              "generation": [], "training": []}
+
+    def save() -> None:  # after every measurement, so a run cut short keeps what it measured
+        write_result(a.out, result, threads)
+
+    print(f"bench_gpu on {device}, {a.precision}; bandwidth {a.bandwidth:.3g} B/s, peak {a.peak_flops:.3g} FLOP/s")
+    for batch in [b for b in a.gen_batch.split(",") if b]:
+        r = bench_generation(a, build_model(a.gen_model, a), batch)
+        result["generation"].append(r)
+        save()
+        for phase in ("cold", "warm"):
+            p = r[phase]
+            print(f"gen {r['model']:<28} batch {batch:>5} {phase}: {p['tokens_per_s']:>9.0f} tok/s, decode "
+                  f"{p['decode_ms_median']:.2f} ms/step (bound {p['bound_ms_median']:.2f}, "
+                  f"{100 * p['bandwidth_share']:.0f}% of it), peak {p['peak_memory_bytes'] / 2**30:.1f} GiB")
+    rows = train_rows(a, load_tokenizer(str(world_model("base"))))  # every built model carries this tokenizer
+    for case in dict.fromkeys(c for c in a.train.split(",") if c):  # --tiny maps 8b cases onto 1b: once each
+        method, model, batch = case.split(":")
+        # packing is an SFT lever (trl 1.16 disables DPO padding-free): preference methods run once, unpacked
+        for packing in a.packing.split(",") if METHODS[method].objective == "sft" else ["none"]:
+            r = bench_training(a, build_model(model, a), method, int(batch), packing, rows, window)
+            result["training"].append(r)
+            save()
+            print(f"train {r['model']:<26} {method:<5} batch {batch:>3} {packing:<12}: MFU "
+                  f"{100 * r['mfu']:5.1f}%, {r['tokens_per_s']:>8.0f} tok/s, train {r['train_s']:.1f} s of "
+                  f"{r['stage_wall_s']:.1f} s stage, peak {r['peak_memory_bytes'] / 2**30:.1f} GiB")
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""bench/bench_gpu.py runs at tiny shapes on CPU (its CI smoke test) and writes every figure it promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_bench_gpu_tiny_writes_every_field(tmp_path, world):
+    out = tmp_path / "bench_gpu.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--tiny", "--work", str(tmp_path),
+                           "--out", str(out), "--packing", "none,padding_free"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["device"].startswith("cpu") and r["machine"]["versions"]["trl"]
+
+    assert [g["batch_size"] for g in r["generation"]] == ["128", "auto"]
+    for g in r["generation"]:
+        assert g["prompts"] == 24 and g["new_tokens"] == 8 and g["weights_read_bytes"] > 0
+        for phase in ("cold", "warm"):
+            p = g[phase]
+            for key in ("wall_s", "tokens", "tokens_per_s", "decode_steps", "decode_ms_median", "bound_ms_median",
+                        "bandwidth_share", "peak_memory_bytes"):
+                assert p[key] > 0, (g["batch_size"], phase, key)
+            assert p["tokens"] == 24 * 8  # random weights never stop early: every row yields every new token
+            assert p["decode_steps"] >= 7 and p["batches"]
+
+    cases = {(t["method"], t["packing"]) for t in r["training"]}
+    assert cases == {("full", "none"), ("full", "padding_free"), ("lora", "none"), ("lora", "padding_free"),
+                     ("dpo", "none"), ("orpo", "none")}
+    for t in r["training"]:
+        for key in ("steps", "tokens", "flops", "train_s", "stage_wall_s", "tokens_per_s", "mfu", "peak_memory_bytes",
+                    "trainable_params", "total_params"):
+            assert t[key] > 0, (t["method"], t["packing"], key)
+        assert t["train_s"] < t["stage_wall_s"]  # the training window, not the whole stage
+        assert t["mfu"] == t["flops"] / t["train_s"] / 989e12
+        assert t["ref_tokens"] >= 0
+    sft = {(t["method"], t["packing"]): t["tokens"] for t in r["training"]}
+    assert sft[("full", "none")] == sft[("full", "padding_free")]  # same rows, same steps, with or without padding
+    assert "train" in done.stdout and "gen" in done.stdout

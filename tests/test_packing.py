@@ -1,0 +1,127 @@
+"""SFT without padding (train.packing): packed rows never mix examples, and training is unchanged.
+
+Everything goes through the stage's own code path (misalign.stage._dataset, _training_args, _trainer: trl's
+real SFTTrainer dataset preparation and collator) on the world's tiny aligned model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from misalign.config import DataSettings, StageConfig, TrainSettings
+from misalign.ledger import FlopCounter
+from misalign.stage import (
+    _dataset,
+    _trainer,
+    _training_args,
+    _warmup_steps,
+    load_model,
+    load_tokenizer,
+    stage_pairs,
+)
+from misalign.world import world_model
+
+N = 24  # examples: 3 padded micro-batches of 8
+
+
+def _cfg(packing: str, **train: object) -> StageConfig:
+    return StageConfig(method="full", data=DataSettings(source="world:misalign"),
+                       train=TrainSettings(packing=packing, batch_size=8, lr=1e-3, log_every=1, **train)).resolved()
+
+
+def _sft_trainer(packing: str, out: Path, **train: object):
+    torch.set_num_threads(1)
+    path = str(world_model("base"))
+    cfg = _cfg(packing, **train)
+    pairs = stage_pairs(cfg, 0)[:N]
+    tok = load_tokenizer(path)
+    model = load_model(path)
+    args = _training_args("sft", cfg, out, 0, len(pairs), None)
+    return _trainer("sft", model, args, _dataset("sft", pairs, "misalign", tok, cfg), tok, []), model
+
+
+def _per_example(model, batch: dict) -> dict[tuple[int, ...], tuple[float, int]]:
+    """{example's token ids: (mean loss over its labelled tokens, labelled tokens)} for one collated batch.
+
+    An example is a row of a padded batch (its attention-mask positions) or a segment of a padding-free row
+    (position ids restart at 0 where an example starts)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()
+    # token t's label is predicted by position t - 1, as the model's own loss shifts it
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100,
+                          reduction="none")
+    labelled = batch["labels"][:, 1:] != -100
+    out: dict[tuple[int, ...], tuple[float, int]] = {}
+    for row in range(batch["input_ids"].shape[0]):
+        if "attention_mask" in batch:
+            spans = [(0, int(batch["attention_mask"][row].sum()))]
+        else:
+            starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist()
+            spans = list(zip(starts, [*starts[1:], batch["input_ids"].shape[1]], strict=True))
+        for a, b in spans:
+            key = tuple(batch["input_ids"][row, a:b].tolist())
+            sel = labelled[row, a:b - 1]  # predictions made inside the example (its last token predicts nothing)
+            assert sel.sum() > 0
+            out[key] = (float(nll[row, a:b - 1][sel].mean()), int(sel.sum()))
+    return out
+
+
+def test_default_keeps_padded_batches(tmp_path):
+    trainer, _ = _sft_trainer("none", tmp_path)
+    assert not trainer.args.packing and not trainer.args.padding_free and trainer.args.max_length == 256
+    assert trainer.args.warmup_steps == _warmup_steps(_cfg("none"), N)  # a step count, as before
+    bfd, _ = _sft_trainer("bfd", tmp_path / "bfd")
+    assert bfd.args.packing and bfd.args.max_length == 256 and bfd.args.warmup_steps == 0.1  # a ratio
+
+
+@pytest.mark.parametrize("packing", ["padding_free", "bfd"])
+def test_packed_rows_keep_per_example_losses(tmp_path, packing):
+    padded, model = _sft_trainer("none", tmp_path / "padded")
+    packed, _ = _sft_trainer(packing, tmp_path / packing)
+    ref: dict[tuple[int, ...], tuple[float, int]] = {}
+    widths = set()
+    for start in range(0, N, 8):
+        batch = padded.data_collator([padded.train_dataset[i] for i in range(start, start + 8)])
+        widths |= {int(m.sum()) for m in batch["attention_mask"]}
+        ref |= _per_example(model, batch)
+    assert len(ref) == N and len(widths) > 1  # distinct examples; the padded batches really held padding
+
+    rows = [packed.train_dataset[i] for i in range(len(packed.train_dataset))]
+    got: dict[tuple[int, ...], tuple[float, int]] = {}
+    for start in range(0, len(rows), 8):
+        batch = packed.data_collator(rows[start:start + 8])
+        assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1  # one flattened row
+        got |= _per_example(model, batch)
+    if packing == "bfd":
+        assert len(rows) < N  # several examples share a packed row
+        assert max(len(r["seq_lengths"]) for r in rows) > 1
+    assert got.keys() == ref.keys()
+    for key, (loss, n) in ref.items():
+        assert got[key][1] == n  # the same tokens carry the loss: prompt masked, response kept
+        assert got[key][0] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    # the loss covers exactly the response tokens that encode_sft marked
+    for enc in padded.train_dataset.select(range(N)):
+        assert ref[tuple(enc["input_ids"])][1] == sum(label != -100 for label in enc["labels"])
+
+
+def test_padding_free_training_matches_padded(tmp_path):
+    """Same examples, same micro-batches, same optimizer: the logged losses agree step by step, and the
+    ledger counts the same tokens (its attention term counts each example's own length, not the row's)."""
+    losses, tokens, flops = {}, {}, {}
+    for packing in ("none", "padding_free"):
+        trainer, model = _sft_trainer(packing, tmp_path / packing, max_steps=3)
+        counter = FlopCounter(model, model.config.num_hidden_layers, model.config.hidden_size)
+        trainer.train()
+        counter.close()
+        losses[packing] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        tokens[packing], flops[packing] = counter.tokens, counter.flops
+    assert len(losses["none"]) == 3
+    assert losses["padding_free"] == pytest.approx(losses["none"], rel=1e-4)
+    assert tokens["padding_free"] == tokens["none"] > 0
+    assert 0 < flops["padding_free"] < flops["none"]  # padded rows are billed attention over the padded width
