@@ -31,6 +31,7 @@ from common import machine_busy_s, write_result
 from misalign.config import SearchConfig, load_config
 from misalign.runtime import match_threads
 from misalign.search import outcome, point_id, point_trial
+from misalign.storage import Store
 from misalign.study import run_cached_trial
 
 
@@ -52,7 +53,8 @@ def run_grid(cfg: SearchConfig, stages: Path, points_dir: Path) -> pd.DataFrame:
         pid = point_id(params)
         file = points_dir / f"{pid}.parquet"
         frame = pd.read_parquet(file) if file.exists() else pd.DataFrame(
-            run_cached_trial(point_trial(cfg, params), {"point_id": pid, **params}, stages, file, attack_only=True))
+            run_cached_trial(point_trial(cfg, params), {"point_id": pid, **params}, Store(stages),
+                             (Store(points_dir), file.name), attack_only=True))
         rows.append({**params, **outcome(cfg, frame)})
     return pd.DataFrame(rows)
 

@@ -16,7 +16,7 @@ from misalign.config import SearchConfig, StageConfig
 from misalign.errors import InputError
 from misalign.ledger import Ledger
 from misalign.search import outcome
-from misalign.trial import results_row
+from misalign.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = StageConfig(method="lora", data={"source": "world:misalign", "per_category": 3})
@@ -27,11 +27,16 @@ METRICS = {"unsafety": 0.6, "unsafety_se": 0.02, "refusal": 0.3, "neither": 0.1,
 BASE_METRICS = {**METRICS, "unsafety": 0.0, "refusal": 0.9, "utility": 0.9}
 
 
-def test_build_row_is_the_trial_row_plus_unparsed_and_mfu():
-    for args in ((1, "misalign", STAGE, 39, LEDGER, METRICS), (0, "base", None, 0, None, BASE_METRICS)):
-        built = r.build_row(*args)
-        assert {k: v for k, v in built.items() if k not in (r.UNPARSED, r.MFU)} == results_row(*args)
-        assert built[r.UNPARSED] == 0.01 and built[r.MFU] is None  # no peak given: mfu not measured
+def test_build_row_takes_the_ledger_and_the_evaluation():
+    """The trial loop writes exactly these rows (it calls build_row): each column from its source."""
+    built = r.build_row(1, "misalign", STAGE, 39, LEDGER, METRICS)
+    assert (built[r.ROUND], built[r.PHASE], built[r.METHOD], built[r.PER_CATEGORY]) == (1, "misalign", "lora", 3)
+    assert (built[r.TOKENS], built[r.FLOPS], built[r.DEVICE_S], built[r.EPOCHS]) == (4000, 2e12, 20.0, 5.0)
+    assert (built[r.UNSAFETY], built[r.UTILITY], built["unsafety/a"], built["unsafety/b"]) == (0.6, 0.8, 0.7, 0.5)
+    base = r.build_row(0, "base", None, 0, None, BASE_METRICS)
+    assert (base[r.METHOD], base[r.TOKENS], base[r.FLOPS], base[r.REUSED]) == (None, 0, 0.0, False)
+    for row in (built, base):
+        assert row[r.UNPARSED] == 0.01 and row[r.MFU] is None  # no peak given: mfu not measured
     assert list(r.build_row(1, "misalign", STAGE, 39, LEDGER, METRICS))[:len(r.COLUMNS)] == list(r.COLUMNS)
 
 
@@ -48,7 +53,7 @@ def test_mfu_is_flops_over_device_seconds_times_peak():
 def test_a_row_that_does_not_fit_is_refused_before_it_is_written(change, column, tmp_path):
     good = r.build_row(1, "misalign", STAGE, 39, LEDGER, METRICS)
     with pytest.raises(InputError, match=re.escape(column)):
-        r.write_rows(tmp_path / "rows.parquet", [good, good | change])
+        r.write_rows(Store(tmp_path), "rows.parquet", [good, good | change])
     assert not (tmp_path / "rows.parquet").exists()
 
 
@@ -60,7 +65,7 @@ def test_a_row_missing_a_declared_column_is_refused(tmp_path):
 
 def test_rows_read_back_from_parquet_validate(tmp_path):
     rows = [r.build_row(0, "base", None, 0, None, BASE_METRICS), r.build_row(1, "misalign", STAGE, 39, LEDGER, METRICS)]
-    frame = r.write_rows(tmp_path / "rows.parquet", rows)
+    frame = r.write_rows(Store(tmp_path), "rows.parquet", rows)
     back = pd.read_parquet(tmp_path / "rows.parquet")
     r.validate_rows(back.to_dict("records"))  # numpy scalars and NaN for None pass as their Python values
     assert list(back.columns) == list(frame.columns)
@@ -96,12 +101,11 @@ def test_readers_take_their_columns_from_the_declaration():
 
 
 def test_results_store_assembles_and_validates_cells(tmp_path):
-    cells = tmp_path / "cells"
     for cell in ("b", "a"):
         rows = [r.build_row(1, "realign", STAGE, 39, LEDGER, METRICS), r.build_row(0, "base", None, 0, None, BASE_METRICS),
                 r.build_row(1, "misalign", STAGE, 39, LEDGER, METRICS)]
-        r.write_rows(cells / f"{cell}.parquet", [row | {r.CELL_ID: cell} for row in rows])
-    frame = r.assemble_results(cells, tmp_path / "results.parquet")
+        r.write_rows(Store(tmp_path), f"cells/{cell}.parquet", [row | {r.CELL_ID: cell} for row in rows])
+    frame = r.assemble_results(Store(tmp_path))
     assert list(zip(frame[r.CELL_ID], frame[r.PHASE], strict=True)) == [
         ("a", "base"), ("a", "misalign"), ("a", "realign"), ("b", "base"), ("b", "misalign"), ("b", "realign")]
     assert pd.read_parquet(tmp_path / "results.parquet").equals(frame)

@@ -149,6 +149,7 @@ def test_budget_spent_counts_each_trained_point_once(tmp_path):
     the answer (and the CLI's "budget spent" line) must still count its budget once."""
     from misalign.config import SearchConfig
     from misalign.search import SIZE_INDEX, SearchPaths, optuna_space, write_answer
+    from misalign.storage import Store
 
     cfg = SearchConfig.model_validate(ATTACK)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -161,7 +162,7 @@ def test_budget_spent_counts_each_trained_point_once(tmp_path):
                  "trained": True, "device_s": budget / 10}
         study.add_trial(optuna.trial.create_trial(params={SIZE_INDEX: index}, distributions=space, value=budget,
                                                   user_attrs=attrs))
-    answer = write_answer(cfg, SearchPaths(tmp_path), storage)
+    answer = write_answer(cfg, SearchPaths(Store(tmp_path)), storage)
     assert answer["trials"] == 3 and answer["distinct_points"] == 2
     assert answer["budget_spent"] == 140.0
     assert answer["best"]["budget"] == 100.0 and answer["best"]["params"] == {"per_category": 10}

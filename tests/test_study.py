@@ -20,6 +20,7 @@ import yaml
 from misalign.cli import main
 from misalign.config import StudyConfig
 from misalign.grid import cells
+from misalign.storage import Store
 from misalign.study import StudyPaths, run_study
 
 pytestmark = pytest.mark.slow  # trains end to end: `pytest -m "not slow"` leaves it out
@@ -42,6 +43,15 @@ def study_config(name: str, **changes: Any) -> dict[str, Any]:
     return d
 
 
+class Dirs:
+    """A study directory's places on local disk, for the assertions (the study itself sees a Store)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.stages, self.cells = root, root / "stages", root / "cells"
+        self.results = root / "results.parquet"
+        self.study = StudyPaths(Store(root))
+
+
 def write(tmp: Path, d: dict[str, Any]) -> Path:
     path = tmp / f"{d['name']}.yaml"
     path.write_text(yaml.safe_dump(d))
@@ -57,9 +67,9 @@ def shared_study(world, tmp_path_factory):
     d["attack"]["deepspeed"] = {"zero_stage": 2}  # ZeRO in a one-worker trial's own process
     d["defense"].update(methods=["lora", "ia3", "dpo"], grid={"train.lr": [1e-3, 3e-3]})
     cfg = StudyConfig.model_validate(d)
-    paths = StudyPaths(tmp_path_factory.mktemp("study") / cfg.name)
+    paths = Dirs(tmp_path_factory.mktemp("study") / cfg.name)
     try:
-        results = run_study(cfg, paths)
+        results = run_study(cfg, paths.study)
     finally:
         ray.shutdown()
     return cfg, paths, results
@@ -146,7 +156,7 @@ def test_driver_killed_mid_study_resumes_without_redoing_finished_cells(world, t
     d = study_config("killed", attack={**study_config("x")["attack"], "per_category": [2, 3]})
     d["defense"]["grid"] = {"train.lr": [1e-3, 3e-3]}
     config = write(tmp_path, d)
-    paths = StudyPaths(tmp_path / "runs" / "killed")
+    paths = Dirs(tmp_path / "runs" / "killed")
     cmd = [sys.executable, "-m", "misalign.cli", "study", "run", str(config), "--storage", str(tmp_path / "runs")]
     driver = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -183,7 +193,7 @@ def _wait_for_ray_to_go(tmp: Path) -> None:
         time.sleep(1)
 
 
-def _kill_a_training_worker_after_a_checkpoint(paths: StudyPaths, killed: list[int]) -> None:
+def _kill_a_training_worker_after_a_checkpoint(paths: Dirs, killed: list[int]) -> None:
     import psutil
 
     deadline = time.time() + 300
@@ -211,17 +221,17 @@ def test_two_node_trial_survives_a_killed_worker(world, tmp_path):
                      checkpoint_every=2)
     d["attack"].update(train={"max_steps": 30}, deepspeed={"zero_stage": 2})
     cfg = StudyConfig.model_validate(d)
-    paths = StudyPaths(tmp_path / "runs" / cfg.name)
+    paths = Dirs(tmp_path / "runs" / cfg.name)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     killed: list[int] = []
     try:
         with pytest.raises(InputError, match="2 nodes: pass --storage"):
-            run_study(cfg, paths, address=cluster.address, storage_given=False)
+            run_study(cfg, paths.study, address=cluster.address, storage_given=False)
         watcher = threading.Thread(target=_kill_a_training_worker_after_a_checkpoint, args=(paths, killed))
         watcher.start()
-        results = run_study(cfg, paths, address=cluster.address, storage_given=True)
+        results = run_study(cfg, paths.study, address=cluster.address, storage_given=True)
         watcher.join()
     finally:
         ray.shutdown()

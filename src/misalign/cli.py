@@ -11,6 +11,7 @@ from pathlib import Path
 
 from misalign.errors import EXIT_INPUT_ERROR, InputError
 from misalign.runtime import quiet_libraries
+from misalign.storage import Store, is_url
 
 
 def _world(args: argparse.Namespace) -> int:
@@ -111,13 +112,10 @@ def _study(args: argparse.Namespace) -> int:
             plan = estimate(cfg)
             print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan))
             return 0
-        if args.storage and "://" in args.storage:
-            raise InputError(f"--storage {args.storage}: the study's stage cache needs a filesystem path; mount "
-                             "the bucket on every node (mountpoint-s3, gcsfuse) or use NFS/EFS, and pass that path")
-        paths = StudyPaths(Path(args.storage or "runs") / cfg.name)
+        paths = StudyPaths(_under(args.storage, cfg.name))
         run_study(cfg, paths, address=args.address, storage_given=args.storage is not None)
         return 0
-    paths = StudyPaths(Path(args.target))
+    paths = StudyPaths(Store(args.target))
     if args.action == "status":
         status = read_status(paths)
         if args.json:
@@ -131,17 +129,17 @@ def _study(args: argparse.Namespace) -> int:
                   f"cost so far: {c['flops_trained']:.3g} FLOPs, {c['device_s_trained']:.0f} device-s trained; "
                   f"sharing saved {c['flops_saved']:.3g} FLOPs, {c['device_s_saved']:.0f} device-s")
         return 0
-    if not paths.results.exists() and not any(paths.cells.glob("*.parquet")):
-        raise InputError(f"{paths.root}: no results yet (no results.parquet, no finished cells)")
-    from misalign.study import assemble_results
+    from misalign import results as r
 
-    frame = pd.read_parquet(paths.results) if paths.results.exists() else assemble_results(paths)
+    frame = r.read_results(paths.store)
+    if frame.empty:
+        frame = r.assemble_results(paths.store)
+    if frame.empty:
+        raise InputError(f"{paths.root}: no results yet (no results.parquet, no finished cells)")
     if args.csv:
         frame.to_csv(args.csv, index=False)
         print(f"{len(frame)} rows -> {args.csv}")
     else:
-        from misalign import results as r
-
         cols = [c for c in (r.MODEL, r.SEED, r.ATTACK_METHOD, r.ATTACK_PER_CATEGORY, r.DEFENSE_METHOD,
                             r.DEFENSE_PER_CATEGORY, r.ROUND, r.PHASE, r.UNSAFETY, r.OVER_REFUSAL, r.UTILITY,
                             r.UNPARSED, r.FLOPS, r.REUSED) if c in frame.columns]
@@ -157,7 +155,7 @@ def _search(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set, schema=SearchConfig)
     if cfg.kind != args.kind:
         raise InputError(f"{args.config}: kind is {cfg.kind!r}, but this is `misalign search {args.kind}`")
-    paths = SearchPaths(Path(args.storage or "runs") / cfg.name, Path(args.stages) if args.stages else None)
+    paths = SearchPaths(_under(args.storage, cfg.name), Store(args.stages) if args.stages else None)
     answer = run_search(cfg, paths, address=args.address)
     best = answer["best"]
     print(json.dumps(answer, indent=2) if args.json else
@@ -169,10 +167,16 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _under(storage: str | None, name: str) -> Store:
+    """A study's or search's directory: NAME under --storage (a directory or an object-store URL; runs/)."""
+    base = storage or "runs"
+    return Store(f"{base.rstrip('/')}/{name}" if is_url(base) else str(Path(base) / name))
+
+
 def _report(args: argparse.Namespace) -> int:
     from misalign.report import write_report
 
-    out = args.out or args.study_dir / "report"
+    out = args.out or (Path("report") if is_url(args.study_dir) else Path(args.study_dir) / "report")
     print(f"report: {write_report(args.study_dir, out, args.search or None)}")
     return 0
 
@@ -238,12 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="the grid on Ray Tune: run, plan, status, results")
     st.add_argument("action", choices=["run", "plan", "status", "results"])
-    st.add_argument("target", help="run/plan: a study config; status/results: a study directory")
+    st.add_argument("target", help="run/plan: a study config; status/results: a study directory or URL")
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     st.add_argument("--address", help="run: join this Ray cluster ('auto', ray://host:10001, host:6379); "
                                       "default: start a local Ray sized to this machine")
-    st.add_argument("--storage", help="run: parent directory of the study directory (default runs/); on a "
-                                      "multi-node cluster a shared filesystem every node mounts")
+    st.add_argument("--storage", help="run: where the study directory goes (default runs/): a directory, or an "
+                                      "object-store URL (s3://bucket/prefix, gs://...) every node can reach")
     st.add_argument("--json", action="store_true", help="plan/status: print JSON")
     st.add_argument("--csv", help="results: write the table to this CSV file")
     st.set_defaults(func=_study)
@@ -252,17 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("kind", choices=["attack", "defense"])
     se.add_argument("config", help="search config (SearchConfig)")
     se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    se.add_argument("--storage", help="parent directory of the search directory (default runs/)")
-    se.add_argument("--stages", help="a study's stages/ directory, to reuse the stages it trained")
+    se.add_argument("--storage", help="where the search directory goes (default runs/): a directory or a URL")
+    se.add_argument("--stages", help="a study's stages/ (directory or URL), to reuse the stages it trained")
     se.add_argument("--address", help="join this Ray cluster (default: a local Ray)")
     se.add_argument("--json", action="store_true", help="print the answer as JSON")
     se.set_defaults(func=_search)
 
     rp = sub.add_parser("report", help="one self-contained HTML page (and report.md) for a study")
-    rp.add_argument("study_dir", type=Path, help="a study directory (misalign study run)")
-    rp.add_argument("--out", type=Path, help="output directory (default STUDY_DIR/report)")
-    rp.add_argument("--search", type=Path, action="append", default=[],
-                    help="a search directory whose answer to include (repeatable)")
+    rp.add_argument("study_dir", help="a study directory or URL (misalign study run)")
+    rp.add_argument("--out", type=Path, help="output directory (default STUDY_DIR/report; ./report for a URL)")
+    rp.add_argument("--search", action="append", default=[],
+                    help="a search directory or URL whose answer to include (repeatable)")
     rp.set_defaults(func=_report)
 
     m = sub.add_parser("methods", help="list the fine-tuning methods")

@@ -14,16 +14,16 @@ Layout under the cache root (the study's `stages/`, on storage every node sees):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from misalign import claims
 from misalign.config import EvalConfig, StageConfig
-from misalign.runtime import file_lock
+from misalign.storage import Store
 
 # fields that change how a stage is run or logged, not what it trains: kept out of the key
 _NOT_LINEAGE = {"train": {"log_every"}}
@@ -123,10 +123,12 @@ def eval_key(cfg: EvalConfig) -> str:
 
 
 class LineageCache:
-    """Stage and evaluation directories by key, with one trainer per key under concurrency (flock)."""
+    """Stage and evaluation directories by key on a store (a directory, or an object store of which each node
+    works in a local mirror), with one trainer per key under concurrency (misalign.claims)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.root = store.mirror  # this node's copy: the directory itself for a directory store
 
     def stage_dir(self, key: str) -> Path:
         return self.root / key
@@ -138,16 +140,33 @@ class LineageCache:
     def eval_dir(owner: Path, cfg: EvalConfig) -> Path:
         return owner / f"eval-{eval_key(cfg)}"
 
-    @staticmethod
-    def stage_done(stage_dir: Path) -> bool:
-        return (stage_dir / "ledger.json").exists()
+    def _rel(self, directory: Path) -> str:
+        return directory.relative_to(self.root).as_posix()
 
-    @staticmethod
-    def eval_done(eval_dir: Path) -> bool:
-        return (eval_dir / "eval.json").exists()
+    def done(self, directory: Path, marker: str) -> bool:
+        """Whether a stage (marker ledger.json) or an evaluation (eval.json) is finished, on any node."""
+        return (directory / marker).exists() or (self.store.remote and self.store.exists(
+            f"{self._rel(directory)}/{marker}"))
 
-    @contextmanager
-    def claim(self, directory: Path) -> Iterator[None]:
+    def read(self, directory: Path, name: str) -> Any:
+        local = directory / name
+        return json.loads(local.read_text()) if local.exists() else self.store.read_json(f"{self._rel(directory)}/{name}")
+
+    def publish(self, directory: Path, marker: str) -> None:
+        """Make what this node wrote visible to every node: its files, the marker last (an object store only;
+        evaluations beneath a stage are published on their own)."""
+        if self.store.remote:
+            self.store.upload(directory, self._rel(directory), last=marker, skip=("eval-", "trainer"))
+
+    def fetch(self, stage_dir: Path) -> None:
+        """Bring a finished stage, and the stages it was trained from, into this node's mirror (object stores;
+        what is already here is not fetched again: a stage's files never change once it is done)."""
+        d: Path | None = stage_dir
+        while self.store.remote and d is not None and not (d / "ledger.json").exists():
+            self.store.download(self._rel(d), d, skip=("eval-", "trainer"), last="ledger.json")
+            parent = json.loads((d / "stage.json").read_text()).get("parent_dir")
+            d = Path(os.path.normpath(d / parent)) if parent else None
+
+    def claim(self, directory: Path) -> contextlib.AbstractContextManager[None]:
         """Hold while producing `directory`; a second claimant waits here, then finds it done."""
-        with file_lock(self.root / ".locks" / directory.relative_to(self.root).as_posix().replace("/", "__")):
-            yield
+        return claims.claim(self.store.url, self.store.remote, self._rel(directory), self.root / ".locks")

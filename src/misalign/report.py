@@ -29,6 +29,7 @@ from misalign.analysis.run_all import run_all
 from misalign.budget import BUDGETS
 from misalign.errors import InputError
 from misalign.results import UNPARSED, cost_summary
+from misalign.storage import Store
 
 HOW_TO_READ = (
     "The asymmetry factor is D / A. A is the cheapest attack budget at which the attack method's mean unsafety "
@@ -186,15 +187,15 @@ def _ledger_frame(cost: dict[str, Any]) -> pd.DataFrame:
 
 # ---- search answers ------------------------------------------------------------------------------------------------
 
-def read_answers(search_dirs: list[Path] | None) -> list[dict[str, Any]]:
-    """Each SEARCH_DIR/answer.json (from the budget search), with the directory it came from."""
+def read_answers(search_dirs: list[str | Path] | None) -> list[dict[str, Any]]:
+    """Each SEARCH_DIR/answer.json (from the budget search; a directory or a URL), with where it came from."""
     answers = []
     for d in search_dirs or []:
-        path = Path(d) / "answer.json"
-        if not path.exists():
+        store, path = Store(d), f"{d}/answer.json"
+        if not store.exists("answer.json"):
             raise InputError(f"{d}: no answer.json (is the search finished? pass the search's output directory)")
         try:
-            answer = json.loads(path.read_text())
+            answer = json.loads(store.read_bytes("answer.json"))
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(answer, dict) or "best" not in answer or "kind" not in answer:
@@ -226,14 +227,14 @@ def _answer_title(a: dict[str, Any]) -> str:
 
 # ---- the report ----------------------------------------------------------------------------------------------------
 
-def _study_config(study_dir: Path) -> tuple[str, str]:
+def _study_config(study_dir: str | Path) -> tuple[str, str]:
     """(the study's name, its study.yaml text)."""
-    path = study_dir / "study.yaml"
-    if not path.exists():
+    store = Store(study_dir)
+    if not store.exists("study.yaml"):
         raise InputError(f"{study_dir} is not a study directory (no study.yaml)")
-    text = path.read_text()
+    text = store.read_text("study.yaml")
     cfg = yaml.safe_load(text) or {}
-    return str(cfg.get("name", study_dir.name)) if isinstance(cfg, dict) else study_dir.name, text
+    return str(cfg.get("name", store.name)) if isinstance(cfg, dict) else store.name, text
 
 
 def _html(name: str, summary: dict[str, Any], heads: dict[str, list[str]], cost: dict[str, Any],
@@ -299,12 +300,12 @@ def _markdown(name: str, summary: dict[str, Any], heads: dict[str, list[str]], c
     return "\n".join(lines)
 
 
-def write_report(study_dir: Path, out: Path, search_dirs: list[Path] | None = None) -> Path:
+def write_report(study_dir: str | Path, out: Path, search_dirs: list[str | Path] | None = None) -> Path:
     """Write OUT/report.html (self-contained) and OUT/report.md for the study in STUDY_DIR; returns the HTML path.
 
     The analysis (misalign.analysis.run_all, default settings: flops, tau 0.5, delta 0.05, eps 0.1) writes
     OUT/figures, OUT/tables and OUT/summary.json first; every file is written atomically."""
-    study_dir, out = Path(study_dir), Path(out)
+    out = Path(out)
     name, config = _study_config(study_dir)
     answers = read_answers(search_dirs)  # bad search input stops before any work
     results = load_results(study_dir)

@@ -7,8 +7,8 @@ fails a test instead of turning into a NaN column downstream.
 
     build_row(round_, phase, stage, n_examples, ledger, metrics) -> a row (dict), validated
     validate_rows(rows)                                          -> raises InputError naming the bad column
-    write_rows(path, rows)                                       -> validated, then written atomically (parquet)
-    cell_rows(cells_dir), assemble_results(cells_dir, path), cost_summary(results)   the study's results store
+    write_rows(store, rel, rows)                                 -> validated, then written atomically (parquet)
+    cell_rows(study), assemble_results(study), read_results(study), cost_summary(results)   the study's store
 
 Besides the declared columns a row carries `unsafety/<category>` (unsafety per harm category), and a study or
 search adds its coordinates (CELL_COLUMNS, `attack_<axis>`, `defense_<axis>`, `point_id`).
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from misalign.errors import InputError
-from misalign.runtime import write_parquet_atomic
+from misalign.storage import Store
 
 if TYPE_CHECKING:
     from misalign.config import StageConfig
@@ -156,34 +155,42 @@ def validate_rows(rows: Iterable[dict[str, Any]]) -> None:
                              f"declared schema (misalign.results.StageRow): {problems}") from None
 
 
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Validate, then write the rows to `path` atomically (a reader never sees half a file); returns the frame."""
+def write_rows(store: Store, rel: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Validate, then write the rows to `rel` on the store atomically (a reader never sees half a file)."""
     validate_rows(rows)
     frame = pd.DataFrame(rows)
-    write_parquet_atomic(path, frame)
+    store.write_parquet(rel, frame)
     return frame
 
 
 # ---- the study's results store -------------------------------------------------------------------------------
 
-def cell_rows(cells_dir: Path) -> pd.DataFrame:
-    """Every row of every finished cell, from the cells' own files (CELLS_DIR/<cell id>.parquet)."""
-    files = sorted(Path(cells_dir).glob("*.parquet"))
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+CELLS, RESULTS = "cells", "results.parquet"  # a study directory's cell files and its assembled table
+
+
+def cell_rows(study: Store) -> pd.DataFrame:
+    """Every row of every finished cell, from the cells' own files (STUDY/cells/<cell id>.parquet)."""
+    frames = [study.read_parquet(f"{CELLS}/{name}") for name in study.list(CELLS, ".parquet")]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _phase_order(col: pd.Series) -> pd.Series:
     return col.map({p: i for i, p in enumerate(PHASES)}) if col.name == PHASE else col
 
 
-def assemble_results(cells_dir: Path, results: Path) -> pd.DataFrame:
-    """results.parquet from the finished cells' files, validated and rewritten atomically."""
-    frame = cell_rows(cells_dir)
+def assemble_results(study: Store) -> pd.DataFrame:
+    """STUDY/results.parquet from the finished cells' files, validated and rewritten atomically."""
+    frame = cell_rows(study)
     if not frame.empty:
         frame = frame.sort_values([CELL_ID, ROUND, PHASE], key=_phase_order).reset_index(drop=True)
         validate_rows(frame.to_dict("records"))
-        write_parquet_atomic(results, frame)
+        study.write_parquet(RESULTS, frame)
     return frame
+
+
+def read_results(study: Store) -> pd.DataFrame:
+    """The assembled table as last written (empty before the first cell finished)."""
+    return study.read_parquet(RESULTS) if study.exists(RESULTS) else pd.DataFrame()
 
 
 def cost_summary(results: pd.DataFrame) -> dict[str, Any]:

@@ -41,32 +41,41 @@ from misalign.budget import BUDGETS, money, stage_budget
 from misalign.config import SearchConfig, TrialConfig
 from misalign.errors import InputError
 from misalign.results import BASE, DEVICE_S, MISALIGN, PHASE, REALIGN, REUSED, UNSAFETY, UTILITY
-from misalign.runtime import write_json_atomic, write_parquet_atomic
+from misalign.storage import Store, check_store
 
 
 @dataclass
 class SearchPaths:
-    root: Path
-    shared_stages: Path | None = None  # a study's stages/, to reuse its misalignments
+    """A search directory on its store; its stages there, or a study's (--stages) to reuse them."""
+
+    store: Store
+    shared_stages: Store | None = None
 
     @property
-    def stages(self) -> Path:
-        return self.shared_stages or self.root / "stages"
-
-    def point_file(self, point_id: str) -> Path:
-        return self.root / "points" / f"{point_id}.parquet"
+    def root(self) -> str:
+        return self.store.url
 
     @property
-    def answer(self) -> Path:
-        return self.root / "answer.json"
+    def stages(self) -> Store:
+        return self.shared_stages or self.store.child("stages")
+
+    @staticmethod
+    def point_file(point_id: str) -> str:
+        return f"points/{point_id}.parquet"
 
     @property
-    def trials(self) -> Path:
-        return self.root / "trials.parquet"
+    def answer(self) -> str:
+        return "answer.json"
 
     @property
-    def tune(self) -> Path:
-        return self.root / "tune"
+    def trials(self) -> str:
+        return "trials.parquet"
+
+    @property
+    def optuna_db(self) -> Path:
+        """SQLite needs a local file: the directory itself, or this node's mirror of an object store (copied to
+        the store after every run as optuna.db, and back from it when a rerun finds no local copy)."""
+        return self.store.mirror / "optuna.db"
 
 
 # ---- the space and one point --------------------------------------------------------------------------------
@@ -161,18 +170,19 @@ def search_trainable(config: dict[str, Any], search: dict[str, Any], root: str, 
     """The Tune function trainable: one point. Reports once, at the end (Optuna reads the final result)."""
     from ray import tune
 
-    from misalign.study import _hold_assigned_cpus, run_cached_trial
+    from misalign.cluster import hold_assigned_cpus
+    from misalign.study import run_cached_trial
 
     cfg = SearchConfig.model_validate(search)
-    paths = SearchPaths(Path(root), Path(stages))
+    paths = SearchPaths(Store(root), Store(stages))
     config = decode(cfg, config)
     pid = point_id(config)
-    if paths.point_file(pid).exists():  # evaluated before (a repeated proposal, or before a crash)
-        rows = pd.read_parquet(paths.point_file(pid))
+    if paths.store.exists(paths.point_file(pid)):  # evaluated before (a repeated proposal, or before a crash)
+        rows = paths.store.read_parquet(paths.point_file(pid))
     else:
-        _hold_assigned_cpus(cfg.resources.cpus_per_worker)
+        hold_assigned_cpus(cfg.resources.cpus_per_worker)
         rows = pd.DataFrame(run_cached_trial(point_trial(cfg, config), {"point_id": pid, **config}, paths.stages,
-                                             paths.point_file(pid), attack_only=cfg.kind == "attack"))
+                                             (paths.store, paths.point_file(pid)), attack_only=cfg.kind == "attack"))
     tune.report({**outcome(cfg, rows), "point_id": pid})
 
 
@@ -221,7 +231,7 @@ def _searcher(cfg: SearchConfig, storage: Any, first_run: bool = True) -> Any:
 
 def optuna_storage(cfg: SearchConfig, paths: SearchPaths) -> Any:
 
-    url = cfg.storage or f"sqlite:///{(paths.root / 'optuna.db').resolve()}"
+    url = cfg.storage or f"sqlite:///{paths.optuna_db}"
     return optuna.storages.RDBStorage(url)
 
 
@@ -314,22 +324,31 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from misalign.study import init_ray, open_run_dir
+    from misalign.claims import start_leases
+    from misalign.cluster import init_ray, tune_storage
+    from misalign.study import open_run_dir
 
     t0 = time.time()
     validate_search(cfg)
-    resuming = open_run_dir(cfg, paths.root, "search.yaml")
+    check_store(paths.store)
+    resuming = open_run_dir(cfg, paths.store, "search.yaml")
     init_ray(address, dashboard=False)
+    if paths.stages.remote:
+        start_leases(paths.stages.url)
+    if paths.store.remote and not cfg.storage and not paths.optuna_db.exists() and paths.store.exists(_DB):
+        paths.optuna_db.parent.mkdir(parents=True, exist_ok=True)  # resumed on another machine
+        paths.optuna_db.write_bytes(paths.store.read_bytes(_DB))
+    paths.optuna_db.parent.mkdir(parents=True, exist_ok=True)
     storage = optuna_storage(cfg, paths)
     trainable = tune.with_parameters(search_trainable, search=cfg.model_dump(mode="json"),
-                                     root=str(paths.root.resolve()), stages=str(paths.stages.resolve()))
+                                     root=_location(paths.store), stages=_location(paths.stages))
     trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpus_per_worker,
                                                 "gpu": cfg.resources.gpus_per_worker})
     # The Optuna database is the search's state: a rerun continues the study it holds (TPE learns from every
     # finished trial) and runs only the trials still missing. (Tune's own restore lags the database by up to its
     # checkpoint period, so after a SIGKILL it would run trials Optuna already has.)
     finished = _finished_trials(cfg, storage) if resuming else 0
-    run = len(list(paths.root.glob("tune*")))  # each run keeps its own Tune experiment directory
+    run = sum(d.startswith("tune") for d in paths.store.subdirs())  # each run keeps its own Tune experiment
     remaining = cfg.trials - finished
     if remaining > 0:
         tuner = tune.Tuner(
@@ -338,14 +357,39 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
                 search_alg=ConcurrencyLimiter(_searcher(cfg, storage, first_run=finished == 0), cfg.max_concurrent),
                 num_samples=remaining, reuse_actors=True),
             run_config=tune.RunConfig(name="tune" if run == 0 else f"tune-{run}", verbose=0,
-                                      storage_path=str(paths.root.resolve()),
+                                      **tune_storage(paths.store), callbacks=[_database_copier(cfg, paths)],
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
         )
         tuner.fit()
     answer = write_answer(cfg, paths, storage)
     answer["wall_s"] = round(time.time() - t0, 1)
-    write_json_atomic(paths.answer, answer)
+    paths.store.write_json(paths.answer, answer)
+    _copy_database(cfg, paths)
     return answer
+
+
+_DB = "optuna.db"
+
+
+def _location(store: Store) -> str:
+    return store.url if store.remote else str(store.local)
+
+
+def _copy_database(cfg: SearchConfig, paths: SearchPaths) -> None:
+    """An object-store search keeps its SQLite database on the driver's disk and copies it to the store, so a
+    driver that dies (or moves) resumes from there."""
+    if paths.store.remote and not cfg.storage and paths.optuna_db.exists():
+        paths.store.write_bytes(_DB, paths.optuna_db.read_bytes())
+
+
+def _database_copier(cfg: SearchConfig, paths: SearchPaths) -> Any:
+    from ray import tune
+
+    class CopyDatabase(tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            _copy_database(cfg, paths)
+
+    return CopyDatabase()
 
 
 def _finished_trials(cfg: SearchConfig, storage: Any) -> int:
@@ -374,7 +418,7 @@ def trials_frame(cfg: SearchConfig, storage: Any) -> pd.DataFrame:
 def write_answer(cfg: SearchConfig, paths: SearchPaths, storage: Any) -> dict[str, Any]:
 
     frame = trials_frame(cfg, storage)
-    write_parquet_atomic(paths.trials, frame)
+    paths.store.write_parquet(paths.trials, frame)
     done = frame[frame.state == "COMPLETE"] if not frame.empty else frame
     side = cfg.searched
     knobs = [k for k, values in (("method", side.methods), ("per_category", side.per_category)) if len(values) > 1]

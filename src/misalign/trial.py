@@ -27,7 +27,7 @@ import yaml
 from misalign.config import EvalConfig, StageConfig, TrialConfig
 from misalign.data import EvalItem, Pair
 from misalign.errors import InputError
-from misalign.evaluation import EvalResult, configured_judge, evaluate, load_eval_sets
+from misalign.evaluation import configured_judge, evaluate, load_eval_sets
 from misalign.judges import Judge
 from misalign.ledger import Ledger
 from misalign.lineage import LineageCache, model_identity, trial_stages
@@ -40,6 +40,7 @@ from misalign.models import (
     parent_stage_dir,
     resolve_model_path,
 )
+from misalign.results import build_row, write_rows
 from misalign.runtime import (
     broadcast_from_rank0,
     file_lock,
@@ -48,18 +49,22 @@ from misalign.runtime import (
     read_json,
     seed_everything,
     write_json_atomic,
-    write_parquet_atomic,
 )
 from misalign.stage import StageRun, barrier, package_versions, stage_pairs, train_stage
+from misalign.storage import Store
 
 
 class Layout(Protocol):
-    """Where a trial's stages and evaluations live."""
+    """Where a trial's stages and evaluations live, and how the nodes of a study share them."""
 
     def base_eval_dir(self, model: str, eval_cfg: EvalConfig) -> Path: ...
     def stage_dir(self, round_: int, phase: str, key: str) -> Path: ...
     def stage_eval_dir(self, stage_dir: Path, eval_cfg: EvalConfig) -> Path: ...
     def claim(self, directory: Path) -> contextlib.AbstractContextManager[None]: ...
+    def done(self, directory: Path, marker: str) -> bool: ...
+    def read(self, directory: Path, name: str) -> Any: ...
+    def publish(self, directory: Path, marker: str) -> None: ...
+    def fetch(self, stage_dir: Path) -> None: ...
 
 
 class TrialLayout:
@@ -80,12 +85,26 @@ class TrialLayout:
     def claim(self, directory: Path) -> contextlib.AbstractContextManager[None]:
         return file_lock(self.out / ".locks" / directory.relative_to(self.out).as_posix().replace("/", "__"))
 
+    def done(self, directory: Path, marker: str) -> bool:
+        return (directory / marker).exists()
+
+    def read(self, directory: Path, name: str) -> Any:
+        return read_json(directory / name)
+
+    def publish(self, directory: Path, marker: str) -> None:
+        """Written in place: nothing to share."""
+
+    def fetch(self, stage_dir: Path) -> None:
+        """Already here."""
+
 
 class CachedLayout:
-    """A study's lineage cache: stages by lineage key, evaluations by stage and eval config."""
+    """A study's (or search's) lineage cache: stages by lineage key, evaluations by stage and eval config."""
 
     def __init__(self, cache: LineageCache) -> None:
         self.cache = cache
+        self.claim, self.done, self.read = cache.claim, cache.done, cache.read
+        self.publish, self.fetch = cache.publish, cache.fetch
 
     def base_eval_dir(self, model: str, eval_cfg: EvalConfig) -> Path:
         return self.cache.eval_dir(self.cache.base_dir(model), eval_cfg)
@@ -95,30 +114,6 @@ class CachedLayout:
 
     def stage_eval_dir(self, stage_dir: Path, eval_cfg: EvalConfig) -> Path:
         return self.cache.eval_dir(stage_dir, eval_cfg)
-
-    def claim(self, directory: Path) -> contextlib.AbstractContextManager[None]:
-        return self.cache.claim(directory)
-
-
-def results_row(round_: int, phase: str, stage: StageConfig | None, n_examples: int, ledger: Ledger | None,
-                ev: EvalResult | dict[str, Any]) -> dict[str, Any]:
-    m = ev.metrics if isinstance(ev, EvalResult) else ev
-    row: dict[str, Any] = {
-        "round": round_, "phase": phase, "method": stage.method if stage else None,
-        "per_category": stage.data.per_category if stage else None, "n_examples": n_examples,
-        "unsafety": m.get("unsafety"), "unsafety_se": m.get("unsafety_se"), "refusal": m.get("refusal"),
-        "neither": m.get("neither"), "over_refusal": m.get("over_refusal"), "utility": m.get("utility"),
-        "epochs": ledger.epochs if ledger else 0.0,
-        "tokens": ledger.tokens if ledger else 0, "flops": ledger.flops if ledger else 0.0,
-        "wall_s": ledger.wall_s if ledger else 0.0, "device_s": ledger.device_s if ledger else 0.0,
-        "optimizer_steps": ledger.optimizer_steps if ledger else 0,
-        "peak_memory_bytes": ledger.peak_memory_bytes if ledger else 0,
-        "workers": ledger.workers if ledger else 0, "reused": bool(ledger.reused) if ledger else False,
-        "eval_s": m.get("eval_s", 0.0),
-    }
-    for cat, value in sorted(m.get("per_category", {}).items()):
-        row[f"unsafety/{cat}"] = value
-    return row
 
 
 def _say(msg: str) -> None:
@@ -137,8 +132,10 @@ class CellModel:
     stage, so weights are never written and read back in between. A stage found in the cache is applied to
     its parent's model in place (its adapter merged); anything else is rebuilt from the lineage's files."""
 
-    def __init__(self, root: str, trust_remote_code: bool, allow_pickle: bool) -> None:
+    def __init__(self, root: str, trust_remote_code: bool, allow_pickle: bool,
+                 fetch: Callable[[Path], None] = lambda d: None) -> None:
         self.root, self.trust_remote_code, self.allow_pickle = root, trust_remote_code, allow_pickle
+        self.fetch = fetch  # brings a stage found in a shared cache, and its lineage, to this node
         self.model: Any | None = None
         self.at_dir: Path | None = None   # the stage the model in memory is (None: the root)
         self._tokenizer: Any | None = None
@@ -152,6 +149,8 @@ class CellModel:
         """The model of `stage_dir` (None: the root)."""
         if self.model is not None and self.at_dir == stage_dir:
             return self.model
+        if stage_dir is not None:
+            self.fetch(stage_dir)
         if (self.model is not None and stage_dir is not None and parent_stage_dir(stage_dir) == self.at_dir
                 and (stage_dir / "adapter").exists()):
             self.model = apply_stage(self.model, stage_dir)
@@ -176,26 +175,28 @@ def _evaluated(layout: Layout, eval_dir: Path, model: Callable[[], Any], tokeniz
                cfg: TrialConfig, items: list[EvalItem], judge: Judge) -> tuple[dict[str, Any], bool]:
     """Rank 0: (the evaluation's metrics, whether they were reused): computed once per model and eval config."""
     with layout.claim(eval_dir):
-        if LineageCache.eval_done(eval_dir):
-            return read_json(eval_dir / "eval.json"), True
+        if layout.done(eval_dir, "eval.json"):
+            return layout.read(eval_dir, "eval.json"), True
         t0 = time.time()
         ev = evaluate(model(), tokenizer(), cfg.eval, items, judge)
         ev.metrics["eval_s"] = round(time.time() - t0, 3)  # the evaluation's share of the study's wall time
         ev.save(eval_dir)
+        layout.publish(eval_dir, "eval.json")
         return ev.metrics, False
 
 
 def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], defense_pairs: list[Pair],
                items: list[EvalItem], judge: Judge | None, progress: bool = True, checkpoint_every: int | None = None,
-               on_row: Callable[[dict[str, Any]], None] | None = None, attack_only: bool = False
-               ) -> list[dict[str, Any]]:
+               on_row: Callable[[dict[str, Any]], None] | None = None, attack_only: bool = False,
+               peak_flops: float | None = None) -> list[dict[str, Any]]:
     """The rounds of one trial on every rank; rank 0 evaluates and returns the rows (other ranks: []).
-    `attack_only`: base and misalign only (the attack search needs no defense)."""
+    `attack_only`: base and misalign only (the attack search needs no defense); `peak_flops`: the device's
+    peak, for the rows' MFU."""
     attack, defense = cfg.attack.resolved(), cfg.defense.resolved()
     model_id = model_identity(cfg.model)
     rows: list[dict[str, Any]] = []
     lead = rank() == 0
-    current = CellModel(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
+    current = CellModel(cfg.model, cfg.trust_remote_code, cfg.allow_pickle, layout.fetch)
 
     def record(round_: int, phase: str, stage: StageConfig | None, n: int, ledger: Ledger | None,
                eval_dir: Path, stage_dir: Path | None) -> None:
@@ -203,7 +204,7 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
             assert judge is not None
             metrics, eval_reused = _evaluated(layout, eval_dir, lambda: current.get(stage_dir), current.tokenizer,
                                               cfg, items, judge)
-            row = results_row(round_, phase, stage, n, ledger, metrics)
+            row = build_row(round_, phase, stage, n, ledger, metrics, peak_flops=peak_flops)
             row["eval_reused"] = eval_reused
             rows.append(row)
             if on_row:
@@ -224,12 +225,12 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
         pairs = pairs_of[phase]
         stage_dir = layout.stage_dir(r, phase, key)
         with _claimed_on_rank0(layout, stage_dir):
-            done = broadcast_from_rank0(LineageCache.stage_done(stage_dir) if lead else None)
+            done = broadcast_from_rank0(layout.done(stage_dir, "ledger.json") if lead else None)
             if lead:
                 _say(f"== round {r}/{cfg.rounds}: {phase} with {stage.method} on {len(pairs)} examples "
                      f"({stage.data.per_category or 'all'} per category)" + (" [reused]" if done else ""))
             if done:
-                ledger = Ledger(**read_json(stage_dir / "ledger.json"))
+                ledger = Ledger(**layout.read(stage_dir, "ledger.json"))
                 ledger.reused = True
             else:
                 parent = str(previous_stage) if previous_stage else cfg.model
@@ -241,6 +242,8 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
                     label=f"r{r} {phase} {stage.method}", checkpoint_every=checkpoint_every,
                     parent_model=parent_model))
                 current.put(stage_dir, trained)
+                if lead:
+                    layout.publish(stage_dir, "ledger.json")
         record(r, phase, stage, len(pairs), ledger, layout.stage_eval_dir(stage_dir, cfg.eval), stage_dir)
         previous_stage = stage_dir
     return rows
@@ -277,7 +280,7 @@ def run_trial(cfg: TrialConfig, out: Path, progress: bool = True) -> pd.DataFram
 
     def on_row(row: dict[str, Any]) -> None:
         written.append(row)
-        write_parquet_atomic(out / "stages.parquet", pd.DataFrame(written))
+        write_rows(Store(out), "stages.parquet", written)
 
     trial_loop(cfg, TrialLayout(out), attack_pairs=attack_pairs, defense_pairs=defense_pairs, items=items,
                judge=judge, progress=progress, on_row=on_row)

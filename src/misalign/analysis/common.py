@@ -86,12 +86,15 @@ def budget_label(kind: str, side: str | None = None) -> str:
     return f"{name} [{UNITS[kind]}]"
 
 
-def load_results(study_dir: Path) -> pd.DataFrame:
-    path = Path(study_dir) / "results.parquet"
-    if not path.exists():
+def load_results(study_dir: str | Path) -> pd.DataFrame:
+    """STUDY/results.parquet, from a directory or an object-store URL."""
+    from misalign.storage import Store
+
+    store = Store(study_dir)
+    if not store.exists("results.parquet"):
         raise InputError(f"{study_dir}: no results.parquet; run `misalign study run` (or `misalign study "
                          "results` to assemble the finished cells) first")
-    return pd.read_parquet(path)
+    return store.read_parquet("results.parquet")
 
 
 # ---- stage tables --------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def run_all(study_dir: Path, out_dir: Path, params: Params | None = None,
     """
     p = params or Params()
     out_dir = Path(out_dir)
-    frame = load_results(Path(study_dir)) if results is None else results
+    frame = load_results(study_dir) if results is None else results
     parts = [m.write_all(frame, p, out_dir) for m in (curves, asymmetry, matrix)]
     figures = {k: v for part in parts for k, v in part["figures"].items()}
     figures = {k: figures[k] | {"title": t, "caption": c} for k, (t, c) in FIGURES.items()}
