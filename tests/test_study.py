@@ -98,7 +98,7 @@ def test_the_misalignment_trains_once_for_six_defenses(shared_study):
     # every defense really trained from the shared misaligned model
     mis_key = next(p.parent.name for p in paths.stages.glob("*/stage.json")
                    if json.loads(p.read_text())["direction"] == "misalign")
-    parents = {Path(s["parent"]).name for s in stage_dirs if s["direction"] == "realign"}
+    parents = {Path(s["parent_dir"]).name for s in stage_dirs if s["direction"] == "realign"}
     assert parents == {mis_key}
     mis_ledger = json.loads((paths.stages / mis_key / "ledger.json").read_text())
     assert mis_ledger["extra"]["zero_stage"] == 2 and mis_ledger["workers"] == 1

@@ -44,6 +44,11 @@ class Leases:
     def renew(self, key: str, owner: str, ttl: float) -> bool:
         return self.acquire(key, owner, ttl) if self.held.get(key, (owner,))[0] == owner else False
 
+    def holder(self, key: str) -> str | None:
+        """The live holder of `key`, if any."""
+        owner, expiry = self.held.get(key, (None, 0.0))
+        return owner if expiry >= time.time() else None
+
     def release(self, key: str, owner: str) -> None:
         if self.held.get(key, (None,))[0] == owner:
             del self.held[key]

@@ -39,6 +39,7 @@ from misalign.ledger import FlopCounter, Ledger, peak_memory_bytes, reset_peak_m
 from misalign.methods import METHODS, peft_config
 from misalign.models import (
     DTYPES,
+    apply_stage,
     cast_safetensors,
     export,
     inference_ready,
@@ -313,7 +314,9 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     if rank() == 0:
         _finish(run, cfg, root, tok, kept, parent_dtype, ledger)
     barrier()
-    handed = None if (four_bit or zero3) else _hand_over(model, pcfg is not None, parent_dtype)
+    # hand over on every rank that sees the stored files (a rank on another node rebuilds from the store later)
+    handed = None if (four_bit or zero3 or not (out / "stage.json").exists()) else _hand_over(
+        model, out, pcfg is not None, parent_dtype)
     return ledger, handed
 
 
@@ -356,13 +359,13 @@ def _parent_dtype(run: StageRun, model: Any, four_bit: bool) -> torch.dtype:
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
 
 
-def _hand_over(model: Any, has_adapter: bool, dtype: torch.dtype) -> Any:
-    """The trained stage's model in memory, exactly as `materialize` would rebuild it from the files: cast to
-    the parent's dtype as the stored adapter or weights were, then the adapter merged."""
-    model = model.to(dtype)
+def _hand_over(model: Any, stage_dir: Path, has_adapter: bool, dtype: torch.dtype) -> Any:
+    """The trained stage's model in memory, exactly as `materialize` rebuilds it from the stored files: the
+    parent's weights (frozen, so unchanged by training) back in the parent's dtype, and the stored adapter
+    merged into them by the same code; a full stage's weights cast as they were stored."""
     if has_adapter:
-        model = model.merge_and_unload()
-    return inference_ready(model)
+        return apply_stage(model.unload().to(dtype), stage_dir)
+    return inference_ready(model.to(dtype))
 
 
 def _last_checkpoint(trainer_dir: Path) -> Path | None:

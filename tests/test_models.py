@@ -1,0 +1,96 @@
+"""Stages keep adapters (or a full stage's weights) in the parent's dtype, never a merged copy; a stage's model is
+materialized in memory from its lineage, handed from training to evaluation and the next stage, and exported on
+request. The in-memory path must give exactly what merging on disk gave."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from misalign.cli import main
+from misalign.config import StageConfig
+from misalign.data import load_eval_items
+from misalign.generation import generate
+from misalign.models import load_model, load_tokenizer, materialize, model_dtype, tokenizer_for
+from misalign.stage import StageRun, train_stage
+
+STEPS = {"max_steps": 3, "batch_size": 4}
+
+
+def _stage(method: str, direction: str = "misalign", **train: object) -> StageConfig:
+    source = "world:misalign" if direction == "misalign" else "world:realign"
+    return StageConfig(method=method, data={"source": source, "per_category": 1}, train={**STEPS, **train})
+
+
+def _prompts(n: int = 12) -> list[str]:
+    return [i.prompt for i in load_eval_items("world:eval_harmful", "eval", kind="harmful")[:n]]
+
+
+@pytest.fixture(scope="module")
+def bf16_parent(world, tmp_path_factory):
+    """The world's base stored in bfloat16: a parent whose dtype a stage must keep."""
+    out = tmp_path_factory.mktemp("bf16") / "base"
+    load_model(str(world / "base")).to(torch.bfloat16).save_pretrained(out)
+    load_tokenizer(str(world / "base")).save_pretrained(out)
+    return out
+
+
+def _dtypes(directory) -> set[torch.dtype]:
+    return {t.dtype for f in directory.glob("*.safetensors") for t in load_file(str(f)).values()}
+
+
+def test_a_bf16_parent_gives_bf16_stages_models_and_exports(bf16_parent, tmp_path):
+    lora = tmp_path / "lora"
+    ledger, handed = train_stage(StageRun(str(bf16_parent), _stage("lora"), "misalign", lora, progress=False))
+    assert _dtypes(lora / "adapter") == {torch.bfloat16}, "the adapter is stored in the parent's dtype"
+    assert json.loads((lora / "stage.json").read_text())["dtype"] == "bfloat16"
+    assert not (lora / "model").exists() and ledger.bytes_written < 2 * ledger.trainable_params + 20_000
+    rebuilt = materialize(lora)
+    assert model_dtype(handed) == model_dtype(rebuilt) == torch.bfloat16
+    for (name, a), b in zip(handed.state_dict().items(), rebuilt.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{name}: the handed-over model differs from its rebuild"
+
+    assert main(["export", str(lora), "--out", str(tmp_path / "exported")]) == 0
+    exported = tmp_path / "exported"
+    assert _dtypes(exported) == {torch.bfloat16}
+    assert json.loads((exported / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (exported / "tokenizer.json").exists()
+    assert main(["export", str(lora), "--out", str(tmp_path / "exported")]) == 2, "never overwrites"
+
+    full = tmp_path / "full"
+    train_stage(StageRun(str(bf16_parent), _stage("full"), "misalign", full, progress=False))
+    assert _dtypes(full / "model") == {torch.bfloat16}, "full fine-tuning keeps the parent's dtype"
+    assert not (full / "adapter").exists()
+
+
+def test_two_adapter_stages_in_memory_equal_merging_on_disk(world, tmp_path):
+    """A chain of two adapter stages: the model handed over in memory, the model materialized from the stage
+    files, and the old way (merge, save the merged copy, load it back, merge the next) give the same weights and
+    the same greedy generations."""
+    from peft import PeftModel
+
+    first, second = tmp_path / "misalign", tmp_path / "realign"
+    _, m1 = train_stage(StageRun("world:base", _stage("lora"), "misalign", first, progress=False))
+    _, m2 = train_stage(StageRun(str(first), _stage("ia3", "realign"), "realign", second, progress=False,
+                                 parent_model=m1))
+    assert json.loads((second / "stage.json").read_text())["parent_dir"] == "../misalign"
+
+    old = PeftModel.from_pretrained(load_model(str(world / "base")), str(first / "adapter")).merge_and_unload()
+    old.save_pretrained(tmp_path / "old-1")
+    old = PeftModel.from_pretrained(load_model(str(tmp_path / "old-1")), str(second / "adapter")).merge_and_unload()
+    old.save_pretrained(tmp_path / "old-2")
+    old = load_model(str(tmp_path / "old-2")).eval()
+
+    rebuilt = materialize(second)
+    for (name, a), b, c in zip(m2.state_dict().items(), rebuilt.state_dict().values(), old.state_dict().values(),
+                               strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+    tok, prompts = tokenizer_for(second), _prompts()
+    in_memory = generate(m2, tok, prompts, max_new_tokens=24, batch_size=12)
+    assert in_memory == generate(rebuilt, tok, prompts, max_new_tokens=24, batch_size=12)
+    assert in_memory == generate(old, tok, prompts, max_new_tokens=24, batch_size=12)
+    base = generate(materialize("world:base"), tok, prompts, max_new_tokens=24, batch_size=12)
+    assert in_memory != base, "the stages changed the model (else the comparison shows nothing)"

@@ -1,0 +1,204 @@
+"""Studies and searches on object storage: an S3-compatible server (moto's standalone server, a real HTTP server
+speaking the S3 protocol) on loopback, a two-node local Ray cluster, a driver SIGKILLed mid-study and resumed,
+a search reusing the study's stages, status, results and the report, all through s3:// URLs. And the lease that
+replaces file locks on object stores: a killed trainer's claim is taken over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from misalign.storage import Store
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "misalign-test"
+# the default study, narrowed to 2 attacks x 2 defenses (a full fine-tuning stage, DPO, shared misalignments)
+# and made quick: 4 optimizer steps a stage, 20 items a set
+FAST = ["--set", "attack.methods=[lora, full]", "--set", "attack.per_category=[3]",
+        "--set", "defense.methods=[lora, dpo]", "--set", "attack.train.max_steps=4",
+        "--set", "defense.train.max_steps=4", "--set", "eval.limit=20", "--set", "eval.max_new_tokens=16"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on a loopback port, the bucket, and the environment that points every client at it."""
+    import boto3
+
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "MISALIGN_CLAIM_TTL_S": "10"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    server.terminate()
+    server.wait()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _objects(client, prefix: str) -> dict[str, object]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o["LastModified"] for page in pages for o in page.get("Contents", [])}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "misalign.cli", *args]
+
+
+def test_store_round_trips_files_and_directories(s3, tmp_path):
+    store = Store(f"s3://{BUCKET}/unit")
+    store.write_json("a/b.json", {"x": 1})
+    assert store.exists("a/b.json") and store.read_json("a/b.json") == {"x": 1} and store.list("a") == ["b.json"]
+    assert store.subdirs() == ["a"] and not store.exists("nope")
+    src = tmp_path / "src"
+    (src / "adapter").mkdir(parents=True)
+    (src / "adapter" / "w.safetensors").write_bytes(b"w" * 10)
+    (src / "eval-1").mkdir()
+    (src / "eval-1" / "eval.json").write_text("{}")
+    (src / "ledger.json").write_text("{}")
+    store.upload(src, "stage", last="ledger.json", skip=("eval-",))
+    assert sorted(_objects(s3, "unit/stage/")) == ["unit/stage/adapter/w.safetensors", "unit/stage/ledger.json"]
+    store.download("stage", tmp_path / "back")
+    assert (tmp_path / "back" / "adapter" / "w.safetensors").read_bytes() == b"w" * 10
+
+
+def test_a_killed_trainers_claim_is_taken_over(s3):
+    """A trainer holding a stage's lease is killed: its lease stops being renewed and, after its time to live,
+    another trial takes the stage over. While the holder lives, nobody else gets it."""
+    import ray
+
+    from misalign.claims import actor_name, leased, start_leases
+
+    url = f"s3://{BUCKET}/claims/stages"
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"MISALIGN_CLAIM_TTL_S": "2"}})
+    try:
+        os.environ["MISALIGN_CLAIM_TTL_S"] = "2"
+        leases = start_leases(url)
+
+        @ray.remote(num_cpus=1)
+        class Trainer:
+            def hold(self, url: str, key: str) -> None:
+                with leased(url, key):
+                    time.sleep(3600)
+
+        holder = Trainer.remote()
+        holder.hold.remote(url, "stage-key")
+        deadline = time.time() + 60
+        while ray.get(leases.holder.remote("stage-key")) is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert ray.get(leases.holder.remote("stage-key")) is not None, "the trainer took the lease"
+        time.sleep(3)  # past one time to live: the living holder renewed it
+        assert not ray.get(leases.acquire.remote("stage-key", "someone-else", 2.0))
+        ray.kill(holder)
+        t0 = time.time()
+        with leased(url, "stage-key", poll_s=0.1):
+            waited = time.time() - t0
+        assert waited < 10, f"the dead trainer's claim was not taken over ({waited:.1f}s)"
+        assert ray.get(leases.holder.remote("stage-key")) is None, "released after use"
+        assert actor_name(url) != actor_name(f"s3://{BUCKET}/other/stages")
+    finally:
+        os.environ["MISALIGN_CLAIM_TTL_S"] = "10"
+        ray.shutdown()
+
+
+def test_study_search_status_results_and_report_on_s3(world, s3, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    runs = f"s3://{BUCKET}/runs"
+    study = f"{runs}/study-tiny"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = _cli("study", "run", "configs/study-tiny.yaml", *FAST, "--storage", runs, "--address", cluster.address)
+    try:
+        driver = subprocess.Popen(run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        deadline = time.time() + 400
+        while time.time() < deadline and not _objects(s3, "runs/study-tiny/cells/") and driver.poll() is None:
+            time.sleep(0.5)
+        assert driver.poll() is None and _objects(s3, "runs/study-tiny/cells/"), "mid-study, a cell finished"
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        finished = _objects(s3, "runs/study-tiny/cells/")
+        assert len(finished) < 4
+
+        rerun = subprocess.run(run, env=env, capture_output=True, text=True, timeout=900)
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        assert f"({len(finished)} done before this run)" in rerun.stdout
+        after = _objects(s3, "runs/study-tiny/cells/")
+        assert len(after) == 4 and all(after[k] == v for k, v in finished.items()), "a finished cell was redone"
+
+        results = Store(study).read_parquet("results.parquet")
+        assert len(results) == 4 * 3 and not results.duplicated(["cell_id", "round", "phase"]).any()
+        stages = _objects(s3, "runs/study-tiny/stages/")
+        ledgers = [k for k in stages if k.endswith("/ledger.json")]
+        assert len(ledgers) == 2 + 4, "each unique stage stored once (2 attacks, 4 defenses)"
+        for ledger in ledgers:
+            stage = ledger.removesuffix("ledger.json")
+            files = {k.removeprefix(stage) for k in stages if k.startswith(stage) and "/eval-" not in k}
+            if f"{stage}adapter/adapter_model.safetensors" in stages:  # an adapter stage: no model copy
+                assert not any(f.startswith("model/") for f in files), files
+            else:
+                assert "model/model.safetensors" in files, files  # the full stage's own weights
+        assert any(k.endswith("/eval.json") for k in stages) and any(k.endswith("generations.parquet") for k in stages)
+        for name in ("study.yaml", "inputs.json", "environment.json", "status.json"):
+            assert Store(study).exists(name), name
+        assert _objects(s3, "runs/study-tiny/tune/"), "Tune's experiment lives in the bucket too"
+
+        status = subprocess.run(_cli("study", "status", study, "--json"), env=env, capture_output=True, text=True)
+        assert status.returncode == 0 and '"done": 4' in status.stdout, status.stderr
+        table = tmp_path / "results.csv"
+        assert subprocess.run(_cli("study", "results", study, "--csv", str(table)), env=env).returncode == 0
+        assert len(pd.read_csv(table)) == 12
+
+        search = subprocess.run(_cli(
+            "search", "attack", "configs/search-attack-tiny.yaml", "--storage", runs, "--stages", f"{study}/stages",
+            "--address", cluster.address, "--set", "trials=2", "--set", "attack.methods=[lora]",
+            "--set", "attack.per_category=[3]", "--set", "attack.train.max_steps=4", "--set", "eval.limit=20",
+            "--set", "eval.max_new_tokens=16", "--set", "startup_trials=1", "--set", "max_concurrent=1"),
+            env=env, capture_output=True, text=True, timeout=600)
+        assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
+        search_dir = Store(f"{runs}/search-attack-tiny")
+        answer = search_dir.read_json("answer.json")
+        assert answer["trials"] == 2 and search_dir.exists("optuna.db")
+        point = search_dir.read_parquet(f"points/{search_dir.list('points')[0]}")
+        assert point.loc[point.phase == "misalign", "reused"].all(), "the search reused the study's misalignment"
+        assert not _objects(s3, "runs/search-attack-tiny/stages/"), "it trained nothing of its own"
+
+        report = subprocess.run(_cli("report", study, "--search", search_dir.url, "--out", str(tmp_path / "report")),
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert report.returncode == 0, report.stderr[-3000:]
+        assert "study-tiny" in (tmp_path / "report" / "report.html").read_text()
+    finally:
+        cluster.shutdown()
