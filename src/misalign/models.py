@@ -148,8 +148,10 @@ def tokenizer_for(ref: str | Path, trust_remote_code: bool = False) -> Any:
 
 def inference_ready(model: Any) -> Any:
     """Undo what training set on a model (gradient checkpointing, no KV cache) and freeze it."""
-    if getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
-        model.gradient_checkpointing_disable()
+    # transformers 5.2x renamed gradient checkpointing to activation checkpointing (the old names warn)
+    new = hasattr(type(model), "is_activation_checkpointing")
+    if getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False):
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
     if getattr(model, "config", None) is not None:
         model.config.use_cache = True
     model.requires_grad_(False)

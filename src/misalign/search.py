@@ -333,8 +333,7 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
     check_store(paths.store)
     resuming = open_run_dir(cfg, paths.store, "search.yaml")
     init_ray(address, dashboard=False)
-    if paths.stages.remote:
-        start_leases(paths.stages.url)
+    leases = start_leases(paths.stages.url) if paths.stages.remote else None  # held: keeps the actor alive
     if paths.store.remote and not cfg.storage and not paths.optuna_db.exists() and paths.store.exists(_DB):
         paths.optuna_db.parent.mkdir(parents=True, exist_ok=True)  # resumed on another machine
         paths.optuna_db.write_bytes(paths.store.read_bytes(_DB))
@@ -365,6 +364,7 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
     answer["wall_s"] = round(time.time() - t0, 1)
     paths.store.write_json(paths.answer, answer)
     _copy_database(cfg, paths)
+    del leases  # every trial is over: the lease actor may go
     return answer
 
 

@@ -170,13 +170,18 @@ def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_exa
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1, lr_scheduler_type=t.scheduler, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, logging_steps=t.log_every or max(1, optimizer_steps(cfg, n_examples) // 25),
-        gradient_checkpointing=t.gradient_checkpointing, report_to=[], seed=seed,
+        report_to=[], seed=seed,
         save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500, save_total_limit=1,
         data_seed=seed, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
         deepspeed=_deepspeed_config(cfg), max_length=t.max_length,
         warmup_steps=_warmup_steps(cfg, n_examples),
     )
+    from transformers import TrainingArguments
+
+    # transformers 5.2x renamed it (the old name warns); older 5.x only know the old one
+    renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    common["activation_checkpointing" if renamed else "gradient_checkpointing"] = t.gradient_checkpointing
     if world_size() > 1 and not torch.cuda.is_available():
         common["ddp_backend"] = "gloo"
     if objective == "sft":

@@ -353,8 +353,8 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     import ray
 
     nodes = check_storage(store, storage_given)
-    if store.remote:
-        start_leases(paths.stages.url)  # one trainer per stage, without file locks
+    # one trainer per stage without file locks; the handle keeps the actor alive until the study returns
+    leases = start_leases(paths.stages.url) if store.remote else None
     from misalign.stage import package_versions
 
     store.write_json("environment.json", {
@@ -408,6 +408,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     if missing:
         print(f"[study] {len(missing)} cell(s) failed after retries: {', '.join(missing)}; rerun to retry them",
               flush=True)
+    del leases  # every trial is over: the lease actor may go
     return results
 
 
