@@ -144,13 +144,16 @@ class LineageCache:
         return directory.relative_to(self.root).as_posix()
 
     def done(self, directory: Path, marker: str) -> bool:
-        """Whether a stage (marker ledger.json) or an evaluation (eval.json) is finished, on any node."""
-        return (directory / marker).exists() or (self.store.remote and self.store.exists(
-            f"{self._rel(directory)}/{marker}"))
+        """Whether a stage (marker ledger.json) or an evaluation (eval.json) is finished, on any node: the store
+        says so (a node's mirror may hold files of a store since wiped)."""
+        if self.store.remote:
+            return self.store.exists(f"{self._rel(directory)}/{marker}")
+        return (directory / marker).exists()
 
     def read(self, directory: Path, name: str) -> Any:
-        local = directory / name
-        return json.loads(local.read_text()) if local.exists() else self.store.read_json(f"{self._rel(directory)}/{name}")
+        if self.store.remote:
+            return self.store.read_json(f"{self._rel(directory)}/{name}")
+        return json.loads((directory / name).read_text())
 
     def publish(self, directory: Path, marker: str) -> None:
         """Make what this node wrote visible to every node: its files, the marker last (an object store only;
