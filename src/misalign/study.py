@@ -194,18 +194,12 @@ def _fit_workers(cfg: StudyConfig, cell: Cell, paths: StudyPaths, study: dict[st
 
 # ---- before anything runs -------------------------------------------------------------------------------
 
-def validate_study(cfg: StudyConfig) -> None:
-    """Load every distinct stage's data, the eval sets, the judges and the models: InputError on bad input."""
-    from misalign.stage import stage_pairs
+def validate_study(cfg: StudyConfig, local: bool = False) -> None:
+    """Every model, distinct stage (data, adapter on the meta device), eval set, judge, logger and (`local`) the
+    trial's resources: InputError on bad input (misalign.preflight)."""
+    from misalign.preflight import check_study
 
-    checked: set[str] = set()
-    for use in unique_stages(stage_uses(cfg)).values():
-        d = use.config.data
-        key = f"{d.model_dump_json()}|{use.cell.seed}"
-        if key not in checked:
-            checked.add(key)
-            stage_pairs(use.config, use.cell.seed)
-    validate_eval_and_models(cfg.eval, cfg.models, cfg.trust_remote_code)
+    check_study(cfg, local=local)
 
 
 def validate_eval_and_models(eval_cfg: EvalConfig, models: list[str], trust_remote_code: bool) -> None:
@@ -461,7 +455,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
 
     t0 = time.time()
     timing: dict[str, float] = {}
-    validate_study(cfg)
+    validate_study(cfg, local=address is None)
     timing["validate_s"] = time.time() - t0
     grid = cells(cfg)
     resuming = open_run_dir(cfg, paths.root)
