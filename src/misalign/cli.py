@@ -172,9 +172,8 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from misalign.report import write_report
-
     from misalign.preflight import check_report
+    from misalign.report import write_report
 
     check_report(args.study_dir, args.out)
     out = args.out or args.study_dir / "report"

@@ -9,9 +9,9 @@ hold for every method.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
