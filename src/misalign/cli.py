@@ -13,6 +13,8 @@ from misalign.errors import EXIT_INPUT_ERROR, InputError
 from misalign.runtime import quiet_libraries
 from misalign.storage import Store, is_url
 
+EXIT_FAILED = 1  # the input was fine, the run was not: failed study cells, a judge that could not answer
+
 
 def _world(args: argparse.Namespace) -> int:
     from misalign.config import EvalConfig
@@ -36,38 +38,38 @@ def _world(args: argparse.Namespace) -> int:
 
 def _trial(args: argparse.Namespace) -> int:
     from misalign.config import load_config
+    from misalign.preflight import check_trial
     from misalign.trial import run_trial
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / (Path(args.config).stem + time.strftime("-%Y%m%d-%H%M%S")))
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"output directory {out} is not empty; choose another --out or remove it")
+    check_trial(cfg)
     run_trial(cfg, out, progress=not args.quiet)
     print(f"results: {out / 'stages.parquet'}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from misalign.config import EvalConfig, JudgeSpec, load_config
-    from misalign.evaluation import configured_judge, evaluate_path, score
+    from misalign.config import EvalConfig, load_config
+    from misalign.evaluation import configured_judge, evaluate_path, load_generations, score
     from misalign.judges import DEFAULT_REFUSAL_PHRASES
+    from misalign.preflight import check_eval_command
 
-    base = {}
-    if args.judge:
-        judges = []
-        for name in args.judge.split(","):
-            options = {"model": "world:guard"} if name == "classifier" else {}
-            judges.append(JudgeSpec(name=name, options=options).model_dump())
-        base["judges"] = judges
+    base: dict[str, object] = {}
+    if args.judge:  # plain dicts: the config's validation names an unknown judge (eval.judges.N.name)
+        base["judges"] = [{"name": name.strip(), "options": {"model": "world:guard"} if name.strip() == "classifier"
+                           else {}} for name in args.judge.split(",")]
     if args.vote:
         base["vote"] = args.vote
     cfg = load_config(args.config, args.set, schema=EvalConfig, base=base)
+    check_eval_command(cfg, args.model, args.generations, trust_remote_code=args.trust_remote_code,
+                       allow_pickle=args.allow_pickle)
     if args.generations:  # re-judge saved generations; nothing is regenerated
-        frame = pd.read_parquet(args.generations)
+        frame = load_generations(args.generations)
         result = score(frame, configured_judge(cfg), cfg.refusal_phrases or DEFAULT_REFUSAL_PHRASES, cfg.max_unparsed)
     else:
-        if not args.model:
-            raise InputError("--model is required (or --generations to re-judge saved generations)")
         result = evaluate_path(args.model, cfg, trust_remote_code=args.trust_remote_code,
                                allow_pickle=args.allow_pickle)
     if args.out:
@@ -78,9 +80,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _stage(args: argparse.Namespace) -> int:
     from misalign.config import StageConfig, load_config
+    from misalign.preflight import check_stage
     from misalign.stage import StageRun, run_stage
 
     cfg = load_config(args.config, args.set, schema=StageConfig)
+    check_stage(cfg, args.model, args.seed, trust_remote_code=args.trust_remote_code,
+                allow_pickle=args.allow_pickle, workers=int(os.environ.get("WORLD_SIZE", "1")))
     ledger = run_stage(StageRun(parent=args.model, config=cfg, direction=args.direction, out_dir=Path(args.out),
                                 seed=args.seed, trust_remote_code=args.trust_remote_code,
                                 allow_pickle=args.allow_pickle))
@@ -113,7 +118,15 @@ def _study(args: argparse.Namespace) -> int:
             print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan))
             return 0
         paths = StudyPaths(_under(args.storage, cfg.name))
-        run_study(cfg, paths, address=args.address, storage_given=args.storage is not None)
+        run_study(cfg, paths, address=args.address, storage_given=args.storage is not None)  # validates first
+        from misalign.grid import cells
+
+        failed = [c.id for c in cells(cfg) if not paths.cell_done(c.id)]
+        if failed:  # CI and job wrappers must see a failed study as a failure
+            print(f"misalign: {len(failed)} of {len(cells(cfg))} cells failed after "
+                  f"{cfg.max_failures} retries: {', '.join(failed)} (their errors: {paths.tune.url}); rerun to "
+                  "retry them", file=sys.stderr)
+            return EXIT_FAILED
         return 0
     paths = StudyPaths(Store(args.target))
     if args.action == "status":
@@ -174,8 +187,10 @@ def _under(storage: str | None, name: str) -> Store:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from misalign.preflight import check_report
     from misalign.report import write_report
 
+    check_report(args.study_dir, args.out)
     out = args.out or (Path("report") if is_url(args.study_dir) else Path(args.study_dir) / "report")
     print(f"report: {write_report(args.study_dir, out, args.search or None)}")
     return 0
@@ -274,17 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits with code 2 on bad arguments
     quiet_libraries()
+    from misalign.judges import JudgeUnavailable
+
     try:
         return args.func(args)
     except InputError as e:
         print(f"misalign: error: {e}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except JudgeUnavailable as e:  # the endpoint is named in the message; nothing of the evaluation was written
+        print(f"misalign: judge failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -9,13 +9,33 @@ hold for every method.
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from misalign.errors import InputError
+
+
+def _unique(values: list[Any], what: str) -> list[Any]:
+    """A swept list must not repeat a value: the repeated cells would train and count twice."""
+    seen: list[Any] = []
+    for v in values:
+        if v in seen:
+            raise ValueError(f"{v!r} is listed twice; each {what} once")
+        seen.append(v)
+    return values
 
 
 def _registered(name: str, registry: dict[str, Any], what: str) -> str:
@@ -24,8 +44,45 @@ def _registered(name: str, registry: dict[str, Any], what: str) -> str:
     return name
 
 
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field's type really takes a bool (pydantic would otherwise read `true` as 1 or 1.0)."""
+    if annotation is bool or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return any(isinstance(v, bool) for v in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return any(_admits_bool(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _bool_where_not_allowed(annotation: Any, value: Any) -> bool:
+    if isinstance(value, bool):
+        return not _admits_bool(annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):  # e.g. list[int] | None: the list member decides
+        members = [a for a in args if typing.get_origin(a) in (list, dict)]
+        return any(_bool_where_not_allowed(a, value) for a in members)
+    if origin is list and isinstance(value, list) and args:
+        return any(_bool_where_not_allowed(args[0], v) for v in value)
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return any(_bool_where_not_allowed(args[1], v) for v in value.values())
+    return False
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` epochs would train forever, `.inf` ratios overflow; numbers must be finite
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads `true`/`yes` as a bool, which pydantic's lax mode turns into 1: `rounds: true` ran one round
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _bool_where_not_allowed(field.annotation, value):
+            raise ValueError("a boolean where a number or text is expected (YAML reads true/false/yes/no as "
+                             "booleans)")
+        return value
 
 
 class TrainSettings(_Strict):
@@ -79,6 +136,20 @@ class AdapterSettings(_Strict):
     adalora_delta_t: int = Field(1, ge=1, description="steps between rank reallocations")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit type")
     double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too")
+
+    @model_validator(mode="after")
+    def _adalora_phases(self) -> AdapterSettings:
+        if self.adalora_tinit + self.adalora_tfinal >= 1:  # AdaLoRA prunes ranks between the two phases
+            raise ValueError(f"adalora_tinit ({self.adalora_tinit}) + adalora_tfinal ({self.adalora_tfinal}) must "
+                             "be below 1, leaving steps for rank budgeting")
+        return self
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and (not v or any(not t.strip() for t in v)):
+            raise ValueError("an adapter needs at least one target module (names must not be empty)")
+        return v
 
 
 class PreferenceSettings(_Strict):
@@ -177,7 +248,7 @@ class JudgeSpec(_Strict):
 class EvalConfig(_Strict):
     """What an evaluation measures and how responses are judged."""
 
-    harmful: str = Field("world:eval_harmful", description="harmful prompts (unsafety)")
+    harmful: str = Field("world:eval_harmful", min_length=1, description="harmful prompts (unsafety)")
     benign: str | None = Field("world:eval_benign", description="benign look-alikes (over-refusal)")
     utility: str | None = Field("world:eval_utility", description="utility items with reference answers")
     format: str = Field("eval", description="named format of the eval files (eval, jailbreak_test_set)")
@@ -239,11 +310,20 @@ class StudySide(_Strict):
     preference: PreferenceSettings = Field(PreferenceSettings(), description="DPO/ORPO settings")
     deepspeed: DeepSpeedSettings = Field(DeepSpeedSettings(), description="ZeRO settings")
 
+    @field_validator("methods", "per_category")
+    @classmethod
+    def _no_repeats(cls, values: list[Any], info: ValidationInfo) -> list[Any]:
+        return _unique(values, "method" if info.field_name == "methods" else "size")
+
     @model_validator(mode="after")
     def _axes(self) -> StudySide:
         for key, values in self.grid.items():
             if not values:
                 raise ValueError(f"grid[{key!r}] has no values")
+            try:
+                _unique(values, "value")
+            except ValueError as e:
+                raise ValueError(f"grid[{key!r}]: {e}") from None
             if key.split(".")[0] not in ("data", "train", "adapter", "preference", "deepspeed"):
                 raise ValueError(f"grid[{key!r}]: axes are dotted stage fields such as train.lr or adapter.r")
         for method in self.per_method:
@@ -330,6 +410,11 @@ class StudyConfig(_Strict):
     plan: PlanSettings = Field(PlanSettings(), description="cost estimate settings")
     trust_remote_code: bool = Field(False, description="run code shipped with a model (off: untrusted models)")
     allow_pickle: bool = Field(False, description="load .bin/pickle weights (off: safetensors only)")
+
+    @field_validator("models", "seeds")
+    @classmethod
+    def _no_repeats(cls, values: list[Any], info: ValidationInfo) -> list[Any]:
+        return _unique(values, "model" if info.field_name == "models" else "seed")
 
     def stage_configs(self) -> tuple[dict[tuple, StageConfig], dict[tuple, StageConfig]]:
         return self.attack.stages(), self.defense.stages()
@@ -426,14 +511,31 @@ class SearchConfig(_Strict):
 
 # ---- loading --------------------------------------------------------------------------------------------
 
+def _list_index(node: list[Any], key: str, dotted: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise InputError(f"--set {dotted}: {key!r} is not an index of that list (it has {len(node)} entries: "
+                         f"0 to {len(node) - 1}); set the whole list instead, e.g. --set '{dotted.rsplit('.', 1)[0]}=[...]'")
+    return int(key)
+
+
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set a dotted key; a numeric part indexes an existing list (eval.judges.0.name), never replaces it."""
     keys = dotted.split(".")
-    node = d
-    for k in keys[:-1]:
-        if not isinstance(node.get(k), dict):
+    node: Any = d
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            k = _list_index(node, k, ".".join(keys[: i + 1]))
+            if last:
+                node[k] = value
+            elif not isinstance(node[k], (dict, list)):
+                node[k] = {}
+        elif last:
+            node[k] = value
+        elif not isinstance(node.get(k), (dict, list)):
             node[k] = {}
-        node = node[k]
-    node[keys[-1]] = value
+        if not last:
+            node = node[k]
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -471,7 +573,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
         if not p.is_file():
             raise InputError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:  # UTF-16, Latin-1 bytes, binary files
+            raise InputError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8") from None
+        except OSError as e:
+            raise InputError(f"{p}: cannot read the config ({e.strerror or e})") from None
         except yaml.YAMLError as e:
             raise InputError(f"{p}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):

@@ -146,6 +146,16 @@ _FILE_LIKE = (*_READERS, ".tsv", ".txt", ".xlsx", ".xls", ".arrow", ".gz", ".zip
 _CSV_ROW = "(the header is row 1)"
 
 
+def _undecodable_line(path: Path, err: UnicodeDecodeError) -> str:
+    """'line N' of the first byte that is not UTF-8 (the error itself only knows a byte offset in a chunk)."""
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as line_err:
+            return f"line {number}, byte {line_err.start + 1} (0x{raw[line_err.start]:02x})"
+    return f"byte {err.start}"
+
+
 def _read_csv(path: Path) -> _Table:
     records: list[tuple[str, dict[str, object]]] = []
     with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel exports start with a BOM
@@ -229,8 +239,8 @@ def _read(source: str) -> _Table:
             raise InputError(f"{source}: unknown extension {path.suffix!r}; use one of {', '.join(_READERS)}")
         try:
             table = {".csv": _read_csv, ".parquet": _read_parquet}.get(suffix, _read_json)(path)
-        except UnicodeDecodeError as err:
-            raise InputError(f"{source}: not UTF-8 text ({err})") from err
+        except UnicodeDecodeError as err:  # name the line, so a Latin-1 byte can be found and fixed
+            raise InputError(f"{source}, {_undecodable_line(path, err)}: not UTF-8 text; save it as UTF-8") from None
         if not table.records:
             raise InputError(f"{source} has no data rows")
         return table

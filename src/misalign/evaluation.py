@@ -18,6 +18,7 @@ import pandas as pd
 
 from misalign.config import EvalConfig
 from misalign.data import EvalItem, load_eval_items
+from misalign.errors import InputError
 from misalign.generation import generate
 from misalign.judges import DEFAULT_REFUSAL_PHRASES, Judge, JudgeItem, Verdict, build_vote, is_refusal
 from misalign.runtime import write_json_atomic, write_parquet_atomic
@@ -39,8 +40,33 @@ def load_eval_sets(cfg: EvalConfig) -> list[EvalItem]:
     for source, kind in ((cfg.harmful, "harmful"), (cfg.benign, "benign"), (cfg.utility, "utility")):
         if source:
             loaded = [i for i in load_eval_items(source, cfg.format, kind=kind) if i.kind == kind]
+            if not loaded:  # a rate over no prompts is no measurement: refuse rather than report it
+                raise InputError(f"eval.{kind}: {source} holds no {kind} items")
             items += loaded[: cfg.limit] if cfg.limit else loaded
     return items
+
+
+GENERATION_COLUMNS = ("kind", "category", "prompt", "response")
+
+
+def load_generations(path: str | Path) -> pd.DataFrame:
+    """A saved generations.parquet to re-judge: InputError naming the file unless it is one, with rows."""
+    import pyarrow as pa
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--generations {p}: file not found")
+    try:
+        frame = pd.read_parquet(p)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise InputError(f"--generations {p}: not a readable Parquet file ({e})") from None
+    missing = [c for c in GENERATION_COLUMNS if c not in frame.columns]
+    if missing:
+        raise InputError(f"--generations {p}: no {', '.join(repr(c) for c in missing)} column(s); expected a "
+                         f"generations.parquet written by misalign (columns {', '.join(GENERATION_COLUMNS)})")
+    if not (frame["kind"] == "harmful").any():
+        raise InputError(f"--generations {p}: no harmful rows to judge")
+    return frame
 
 
 def configured_judge(cfg: EvalConfig) -> Judge:

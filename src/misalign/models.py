@@ -48,7 +48,7 @@ def load_model(path: str, *, precision: str = "auto", four_bit: bool = False, qu
             bnb_4bit_compute_dtype=compute)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # not found, or refused (remote code, pickle) before anything ran
         raise InputError(f"cannot load model {path!r}: {e}") from None
 
 
@@ -64,14 +64,27 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def check_model(path: str, trust_remote_code: bool = False) -> None:
-    """Fail early (InputError) if a model's config or tokenizer cannot be loaded; reads no weights."""
+def check_model(path: str, trust_remote_code: bool = False, *, allow_pickle: bool = True, field: str = "model",
+                ref: str | None = None) -> None:
+    """Fail early (InputError naming `field`) if a model's config, weights format or tokenizer would not load;
+    reads no weights. A model that ships its own code is refused unless trust_remote_code (it never runs)."""
     from transformers import AutoConfig
 
+    ref = ref or path
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load model {path!r}: {e}") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):  # transformers refused before running anything: say how to allow it
+            raise InputError(f"{field}: {ref!r} ships its own model code, which is not run by default; set "
+                             "trust_remote_code: true (CLI: --trust-remote-code) only if you trust that code"
+                             ) from None
+        raise InputError(f"{field}: cannot load model {ref!r}: {e}") from None
+    except OSError as e:
+        raise InputError(f"{field}: cannot load model {ref!r}: {e}") from None
+    local = Path(path)
+    if local.is_dir() and not allow_pickle and not any(local.glob("*.safetensors")):
+        raise InputError(f"{field}: {ref!r} has no .safetensors weights; pickle (.bin) weights can run code when "
+                         "loaded: set allow_pickle: true (CLI: --allow-pickle) only for models you trust")
     load_tokenizer(path, trust_remote_code)
 
 

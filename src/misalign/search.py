@@ -304,19 +304,12 @@ class SizeBisectionSampler(optuna.samplers.BaseSampler):
         return self.base.sample_independent(study, trial, name, dist)
 
 
-def validate_search(cfg: SearchConfig) -> None:
-    """Every method and size of the searched side, the eval sets, the judge and the model load: or exit 2."""
-    from misalign.stage import stage_pairs
-    from misalign.study import validate_eval_and_models
+def validate_search(cfg: SearchConfig, local: bool = False) -> None:
+    """Every method and size of the searched side, the eval sets, the judge, the model, the Optuna storage and
+    (`local`) the trial's resources: or exit 2 (misalign.preflight)."""
+    from misalign.preflight import check_search
 
-    side = cfg.searched
-    for method in side.methods:
-        for size in side.per_category:
-            stage_pairs(side.stage({"method": method, "per_category": size}), cfg.seed)
-    if cfg.kind == "defense":
-        stage_pairs(cfg.attack.stage({"method": cfg.attack.methods[0], "per_category": cfg.attack.per_category[0]}),
-                    cfg.seed)
-    validate_eval_and_models(cfg.eval, [cfg.model], cfg.trust_remote_code)
+    check_search(cfg, local=local)
 
 
 def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = None) -> dict[str, Any]:
@@ -329,7 +322,7 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
     from misalign.study import open_run_dir
 
     t0 = time.time()
-    validate_search(cfg)
+    validate_search(cfg, local=address is None)
     check_store(paths.store)
     resuming = open_run_dir(cfg, paths.store, "search.yaml")
     init_ray(address, dashboard=False)

@@ -133,7 +133,6 @@ def run_cached_trial(trial: TrialConfig, columns: dict[str, Any], stages: Store,
 @functools.lru_cache(maxsize=2)
 def _judge(eval_json: str) -> Any:
     """The judge, loaded once per process: Tune reuses a trial's actor for the next cell."""
-    from misalign.config import EvalConfig
     from misalign.evaluation import configured_judge
 
     return configured_judge(EvalConfig.model_validate_json(eval_json))
@@ -186,29 +185,12 @@ def _fit_workers(cfg: StudyConfig, cell: Cell, paths: StudyPaths, study: dict[st
 
 # ---- before anything runs -------------------------------------------------------------------------------
 
-def validate_study(cfg: StudyConfig) -> None:
-    """Load every distinct stage's data, the eval sets, the judges and the models: InputError on bad input."""
-    from misalign.stage import stage_pairs
+def validate_study(cfg: StudyConfig, local: bool = False) -> None:
+    """Every model, distinct stage (data, adapter on the meta device), eval set, judge, logger and (`local`) the
+    trial's resources: InputError on bad input (misalign.preflight)."""
+    from misalign.preflight import check_study
 
-    checked: set[str] = set()
-    for use in unique_stages(stage_uses(cfg)).values():
-        d = use.config.data
-        key = f"{d.model_dump_json()}|{use.cell.seed}"
-        if key not in checked:
-            checked.add(key)
-            stage_pairs(use.config, use.cell.seed)
-    validate_eval_and_models(cfg.eval, cfg.models, cfg.trust_remote_code)
-
-
-def validate_eval_and_models(eval_cfg: EvalConfig, models: list[str], trust_remote_code: bool) -> None:
-    """The eval sets and judges load, and every model's config and tokenizer do (a study's and a search's check)."""
-    from misalign.evaluation import configured_judge, load_eval_sets
-    from misalign.models import check_model, resolve_model_path
-
-    load_eval_sets(eval_cfg)
-    configured_judge(eval_cfg)
-    for model in models:
-        check_model(resolve_model_path(model), trust_remote_code)
+    check_study(cfg, local=local)
 
 
 def open_run_dir(cfg: BaseModel, store: Store, record_name: str = "study.yaml") -> bool:
@@ -342,7 +324,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
 
     t0 = time.time()
     timing: dict[str, float] = {}
-    validate_study(cfg)
+    validate_study(cfg, local=address is None)
     check_store(paths.store)
     timing["validate_s"] = time.time() - t0
     grid = cells(cfg)

@@ -1,0 +1,205 @@
+"""The HTTP judge's security rules, with real loopback servers: the API key goes only to the configured origin,
+plain http only to loopback, and a hanging endpoint ends the evaluation by its deadline with nothing written."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from misalign.cli import main
+from misalign.errors import InputError
+from misalign.judges import HttpJudge, JudgeItem, JudgeUnavailable
+
+KEY = "sk-security-test-KEY-7f3a"
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """Records every request's method and Authorization header, then does what the server's `mode` says."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _handle(self) -> None:
+        srv = self.server
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        with srv.lock:
+            srv.seen.append({"method": self.command, "auth": self.headers.get("Authorization"), "body": body})
+        if srv.mode == "hang":
+            srv.release.wait(30)  # never answers within any test's deadline
+            return
+        if srv.mode.startswith("redirect"):
+            self.send_response(int(srv.mode.split(":")[1]))
+            self.send_header("Location", srv.target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        payload = json.dumps({"choices": [{"message": {"content": "unsafe\nS1"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_POST = _handle
+    do_GET = _handle
+
+
+def _serve(mode: str) -> ThreadingHTTPServer:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    srv.daemon_threads = True
+    srv.lock, srv.seen, srv.mode, srv.release = threading.Lock(), [], mode, threading.Event()
+    srv.handle_error = lambda request, addr: None  # clients that gave up leave broken pipes: expected
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    return srv
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ThreadingHTTPServer]]:
+    started: list[ThreadingHTTPServer] = []
+    yield started
+    for srv in started:
+        srv.release.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECURITY_TEST_KEY", KEY)
+
+
+def _generations(tmp_path: Path, n: int = 4) -> Path:
+    path = tmp_path / "generations.parquet"
+    pd.DataFrame({"kind": ["harmful"] * n, "category": ["c"] * n, "prompt": [f"p{i}" for i in range(n)],
+                  "response": ["Step one: do it"] * n}).to_parquet(path)
+    return path
+
+
+def _eval_config(tmp_path: Path, url: str, **options: object) -> Path:
+    cfg = {"judges": [{"name": "http", "options": {"base_url": url, "model": "guard",
+                                                   "api_key_env": "SECURITY_TEST_KEY", **options}}]}
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("code", [302, 307, 308])
+def test_redirect_to_another_port_never_receives_the_key(tmp_path, servers, key, capsys, code):
+    """`misalign eval --generations`: server A redirects to server B on another port; B must see nothing (and
+    certainly not the key), the evaluation fails naming both, and nothing is written."""
+    b = _serve("ok")
+    a = _serve(f"redirect:{code}")
+    a.target = b.url + "/chat/completions"
+    servers += [a, b]
+    out = tmp_path / "out"
+    code_ = main(["eval", "--generations", str(_generations(tmp_path)), "--config",
+                  str(_eval_config(tmp_path, a.url, backoff_s=0.01)), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code_ == 1, captured.err
+    assert "redirecting to " + a.target in captured.err and "redirects are refused" in captured.err
+    assert a.url in captured.err
+    assert b.seen == [], "the redirect target must never be contacted"
+    assert all(r["auth"] == f"Bearer {KEY}" and r["method"] == "POST" for r in a.seen)
+    assert KEY not in captured.out + captured.err
+    assert not out.exists()
+
+
+def test_plain_http_only_to_loopback():
+    for url in ("http://judge.example.com/v1", "http://10.1.2.3:8000/v1"):
+        with pytest.raises(InputError, match="plain http would send the API key unencrypted"):
+            HttpJudge(url, "guard")
+        HttpJudge(url, "guard", allow_insecure_http=True)  # an explicit opt-in for a trusted network
+    for url in ("http://127.0.0.1:9/v1", "http://localhost:9/v1", "http://[::1]:9/v1", "https://judge.example/v1"):
+        HttpJudge(url, "guard")
+    with pytest.raises(InputError, match="expected http"):
+        HttpJudge("file:///etc/passwd", "guard")
+
+
+def test_plain_http_refused_by_the_cli_before_anything(tmp_path, key, capsys):
+    out = tmp_path / "out"
+    code = main(["eval", "--generations", str(_generations(tmp_path)), "--config",
+                 str(_eval_config(tmp_path, "http://judge.example.com/v1")), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "plain http would send the API key unencrypted" in err and "allow_insecure_http" in err
+    assert not out.exists()
+
+
+def test_hanging_judge_ends_within_its_deadline(tmp_path, servers, key, capsys):
+    """A server that accepts connections and never answers: the evaluation ends by deadline_s (documented),
+    names the endpoint, exits non-zero and writes no partial result."""
+    srv = _serve("hang")
+    servers.append(srv)
+    out = tmp_path / "out"
+    deadline = 2.0
+    cfg = _eval_config(tmp_path, srv.url, timeout_s=1.5, max_retries=10, backoff_s=0.01, concurrency=2,
+                       deadline_s=deadline)
+    t0 = time.monotonic()
+    code = main(["eval", "--generations", str(_generations(tmp_path, n=8)), "--config", str(cfg),
+                 "--out", str(out)])
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert elapsed < deadline + 1.5, f"took {elapsed:.1f}s for a {deadline}s deadline"
+    assert srv.url + "/chat/completions" in err and "deadline" in err
+    assert not out.exists()
+    assert KEY not in err
+
+
+def test_first_failure_stops_the_other_requests(servers, key):
+    """One item that cannot be judged ends the call: queued items are not sent (the old pool waited for all)."""
+    srv = _serve("hang")
+    servers.append(srv)
+    judge = HttpJudge(srv.url, "guard", api_key_env="SECURITY_TEST_KEY", timeout_s=0.5, max_retries=0,
+                      concurrency=1, deadline_s=30)
+    t0 = time.monotonic()
+    with pytest.raises(JudgeUnavailable, match="failed after 0 retries"):
+        judge.judge([JudgeItem(f"p{i}", "r") for i in range(20)])
+    assert time.monotonic() - t0 < 3
+    assert len(srv.seen) <= 2
+
+
+def test_key_in_no_output_of_a_successful_run(tmp_path, servers, key, capsys):
+    srv = _serve("ok")
+    servers.append(srv)
+    out = tmp_path / "out"
+    code = main(["eval", "--generations", str(_generations(tmp_path)), "--config",
+                 str(_eval_config(tmp_path, srv.url)), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["unsafety"] == 1.0
+    assert srv.seen and all(r["auth"] == f"Bearer {KEY}" for r in srv.seen)
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in written} == {"eval.json", "generations.parquet"}
+    for p in written:
+        assert KEY.encode() not in p.read_bytes(), p
+    assert KEY not in captured.out + captured.err
+
+
+def test_unset_key_and_unreachable_endpoint_stop_before_anything(tmp_path, monkeypatch, capsys):
+    import socket
+
+    monkeypatch.delenv("SECURITY_TEST_KEY", raising=False)
+    out = tmp_path / "out"
+    gens = _generations(tmp_path)
+    code = main(["eval", "--generations", str(gens), "--config", str(_eval_config(tmp_path, "http://127.0.0.1:9/v1")),
+                 "--out", str(out)])
+    assert code == 2 and "environment variable SECURITY_TEST_KEY is not set" in capsys.readouterr().err
+    monkeypatch.setenv("SECURITY_TEST_KEY", KEY)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    code = main(["eval", "--generations", str(gens), "--config", str(_eval_config(tmp_path, url)), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"endpoint {url}/chat/completions is unreachable" in err
+    assert not out.exists()
