@@ -13,13 +13,15 @@ Usage: rayjobs/submit.sh [--no-wait] [--dry-run] [--env NAME]... CONFIG [STORAGE
 Submit `misalign study run CONFIG --address auto --storage STORAGE [STUDY_ARGS...]` as a Ray job.
 
   CONFIG     study config inside this repository, e.g. configs/study-paper.yaml
-  STORAGE    the parent of the study's directory, on storage every node mounts at the same path
-             (default /mnt/shared/runs, the EFS mount of cluster.yaml); results go to STORAGE/<study name>
+  STORAGE    the parent of the study's directory: an object-store URL every node can reach
+             (s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, any scheme:// that pyarrow or fsspec knows) or an
+             absolute path every node mounts (EFS, NFS); results go to STORAGE/<study name>. Default:
+             $MISALIGN_STORAGE, the value cluster.yaml sets on the nodes (export it in your shell too)
   ADDRESS    the cluster's dashboard (default http://127.0.0.1:8265, the SSH tunnel that
              `ray dashboard cluster.yaml` keeps open)
   --env NAME forward this shell's variable NAME to the job (repeatable): OPENAI_API_KEY for the http
              judge, HF_TOKEN for gated models. Ray keeps it with the job: whoever holds the cluster's
-             token can read it.
+             token can read it. Never storage credentials: the nodes use their instance role.
   --no-wait  return once the job is submitted instead of streaming its logs until it ends
   --dry-run  print the ray job submit command (and, with --env, the runtime env, values hidden)
              instead of running it
@@ -69,7 +71,7 @@ if ((${#positional[@]} < 1 || ${#positional[@]} > 3)); then
   exit 2
 fi
 config="${positional[0]}"
-storage="${positional[1]:-/mnt/shared/runs}"
+storage="${positional[1]:-${MISALIGN_STORAGE:-}}"
 address="${positional[2]:-http://127.0.0.1:8265}"
 
 # The job sees this repository only (uploaded as its working directory), so CONFIG must be a file inside it;
@@ -82,10 +84,23 @@ case "$config_abs" in
   *) die "$config is outside this repository ($repo_root); only the repository is uploaded to the cluster" ;;
 esac
 
-# A relative path would be relative to the job's private copy of the working directory on the head.
+# An object-store URL (scheme://...) or an absolute path; a relative path would be relative to the job's private
+# copy of the working directory on the head.
+[[ -n "$storage" ]] || die "no STORAGE: give it after CONFIG, or set MISALIGN_STORAGE" \
+  "(s3://BUCKET/PREFIX, the value of cluster.yaml; or an absolute path every node mounts)"
+if [[ "$storage" =~ ^[A-Za-z][A-Za-z0-9+.-]*://. ]]; then
+  case "$storage" in
+    file://*) [[ "${storage#file://}" == /* ]] || die "STORAGE $storage: a file:// URL needs an absolute path" ;;
+  esac
+else
+  case "$storage" in
+    /*) ;;
+    *) die "STORAGE must be an object-store URL (s3://BUCKET/PREFIX, gs://...) or an absolute path on storage" \
+      "every node mounts (got $storage)" ;;
+  esac
+fi
 case "$storage" in
-  /*) ;;
-  *) die "STORAGE must be an absolute path on storage every node mounts (got $storage)" ;;
+  *REPLACE_ME*) die "STORAGE $storage is the placeholder: set your bucket (as in cluster.yaml)" ;;
 esac
 
 # Ray 2.60 clusters require token authentication; the client must send the cluster's token.
@@ -107,6 +122,12 @@ if ((${#forward[@]} > 0)); then
   cat rayjobs/runtime_env.yaml > "$runtime_env"
   for name in "${forward[@]}"; do
     [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "--env $name: not a variable name"
+    case "$name" in
+      AWS_ACCESS_KEY_ID | AWS_SECRET_ACCESS_KEY | AWS_SESSION_TOKEN | GOOGLE_APPLICATION_CREDENTIALS)
+        die "--env $name: storage credentials never go into the job; the nodes reach the bucket with their" \
+          "instance role (cluster.yaml) or service account (rayjob.yaml)"
+        ;;
+    esac
     value="${!name-}"
     [[ -n "$value" ]] || die "--env $name: $name is not set in this shell"
     [[ "$value" =~ ^[A-Za-z0-9._~+/=:@-]+$ ]] || die "--env $name: its value has characters this script does not quote"

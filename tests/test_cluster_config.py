@@ -3,9 +3,12 @@
 - cluster.yaml goes through the preparation `ray up` applies (prepare_config: the AWS provider's defaults,
   setup commands merged per node kind, per-type worker limits) and then Ray's schema check (validate_config,
   against ray/autoscaler/ray-schema.json). What `ray up` does after that (resource autodetection, IAM, VPC,
-  launching) calls AWS and is not run. A broken copy must fail the same check.
+  launching) calls AWS and is not run. A broken copy must fail the same check. Its storage setup command is
+  run (sudo stubbed): the S3 placeholder stops it, a bucket is exported to every node, EFS mounts when set.
 - rayjobs/rayjob.yaml: its RayCluster spec goes through the conversion the KubeRay autoscaler applies to a
-  running cluster's spec (ending in the same validate_config); the RayJob fields KubeRay needs are checked.
+  running cluster's spec (ending in the same validate_config); the RayJob fields KubeRay needs are checked,
+  the bucket through IRSA by default and its documented PVC option switched on.
+- No shipped file, runtime env or pod env holds a storage credential.
 - rayjobs/runtime_env.yaml: ray.runtime_env.RuntimeEnv accepts it, and Ray's packaging with its excludes
   leaves the local state out of the upload.
 - rayjobs/submit.sh: bash -n, shellcheck when installed, the command it builds (--dry-run), its refusals.
@@ -41,7 +44,16 @@ RUNTIME_ENV_YAML = REPO / "rayjobs" / "runtime_env.yaml"
 SUBMIT_SH = REPO / "rayjobs" / "submit.sh"
 CONSTRAINTS = REPO / "constraints" / "ci.txt"
 
-SHARED = "/mnt/shared"
+SHARED = "/mnt/shared"  # the shared-filesystem option (EFS, a PVC)
+BUCKET_PLACEHOLDER = "s3://REPLACE_ME/misalign/runs"  # the default storage, until the user names a bucket
+# what must never be written into a shipped file or a job's runtime env: storage credentials come from the
+# nodes' instance role (cluster.yaml) or service account (rayjob.yaml)
+CREDENTIAL_NAMES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
 # vCPUs and GPUs of GPU instance types: a worker type's resources must match its InstanceType (the autoscaler
 # plans with the declared numbers).
 KNOWN_GPU_INSTANCES = {
@@ -237,11 +249,100 @@ def test_token_auth_is_required_and_distributed_to_every_node():
     assert "RAY_AUTH_MODE=disabled" not in CLUSTER_YAML.read_text()
 
 
-def test_shared_storage_is_mounted_on_every_node():
-    config = prepared(cluster())
-    mount = re.compile(rf"mount -t nfs4 .* {SHARED}\b")
+def _storage_command(config: dict) -> str:
+    commands = [c for c in config["setup_commands"] if "MISALIGN_STORAGE=" in c]
+    assert len(commands) == 1, "one setup command chooses the study's storage"
+    return commands[0]
+
+
+def _run_storage_command(command: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, str, str]:
+    """Run the storage setup command as a node would, with sudo and mountpoint stubbed to log their arguments
+    (nothing is mounted here). Returns the result, the ~/.bashrc it left, and what sudo was asked to do."""
+    home, stubs = tmp_path / "home", tmp_path / "bin"
+    home.mkdir(parents=True, exist_ok=True)
+    stubs.mkdir(parents=True, exist_ok=True)
+    bashrc = home / ".bashrc"
+    if not bashrc.exists():
+        bashrc.write_text("export PATH=/x:$PATH\n")
+    log = tmp_path / "sudo.log"
+    (stubs / "sudo").write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    (stubs / "mountpoint").write_text("#!/bin/sh\nexit 1\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True)
+    return result, bashrc.read_text(), log.read_text() if log.exists() else ""
+
+
+def test_object_storage_is_the_default_on_every_node(tmp_path):
+    raw = cluster()
+    config = prepared(raw)
+    command = _storage_command(raw)
     for kind in ("head_setup_commands", "worker_setup_commands"):
-        assert any(mount.search(c) for c in config[kind]), kind
+        assert command in config[kind], kind  # on every node
+    assert f"MISALIGN_STORAGE={BUCKET_PLACEHOLDER};" in command
+
+    # as shipped: the placeholder stops `ray up` with a message that says what to set
+    result, bashrc, sudo = _run_storage_command(command, tmp_path / "as-shipped")
+    assert result.returncode == 1
+    assert "cluster.yaml: set MISALIGN_STORAGE" in result.stderr
+    assert "MISALIGN_STORAGE" not in bashrc and sudo == ""
+
+    # a bucket: exported to every shell of the node (and so to `ray start`, the study and its trials) with the
+    # cluster's region; nothing is mounted. Idempotent: a second run leaves one line.
+    bucket = "s3://my-bucket/misalign/runs"
+    for _ in range(2):
+        result, bashrc, sudo = _run_storage_command(
+            command.replace(BUCKET_PLACEHOLDER, bucket), tmp_path / "bucket"
+        )
+        assert result.returncode == 0, result.stderr
+    region = raw["provider"]["region"]
+    exports = [line for line in bashrc.splitlines() if "MISALIGN_STORAGE" in line]
+    assert exports == [f"export MISALIGN_STORAGE={bucket} AWS_REGION={region}"]
+    assert bashrc.startswith("export PATH=/x:$PATH\n")  # the rest of the profile is kept
+    assert sudo == ""
+
+
+def test_nodes_reach_the_bucket_with_an_instance_profile_and_check_it():
+    raw = cluster()
+    for name, node_type in worker_types(raw).items():
+        assert node_type["node_config"]["IamInstanceProfile"] == {"Name": "misalign-worker"}, name
+    # the head gets Ray's default role (ray up creates it, with EC2 and S3 access) unless one is set
+    head = raw["available_node_types"][raw["head_node_type"]]["node_config"]
+    assert "IamInstanceProfile" not in head
+    # every node checks, once the project is installed, that it can write to the storage
+    config = prepared(raw)
+    for kind in ("head_setup_commands", "worker_setup_commands"):
+        commands = config[kind]
+        checks = [
+            i for i, c in enumerate(commands) if "check_store(Store(os.environ['MISALIGN_STORAGE']))" in c
+        ]
+        installs = [i for i, c in enumerate(commands) if "pip install" in c and "-e" in shlex.split(c)]
+        assert len(checks) == 1 and installs and checks[0] > max(installs), kind
+        assert checks[0] > commands.index(_storage_command(raw)), kind
+
+
+def test_efs_stays_an_option_that_mounts_on_every_node(tmp_path):
+    raw = cluster()
+    command = _storage_command(raw)
+    assert re.search(rf"mount -t nfs4 .* {SHARED}\b", command)
+    assert "EFS=;" in command  # off unless set
+    efs = "fs-0123.efs.us-west-2.amazonaws.com"
+    shared = command.replace(BUCKET_PLACEHOLDER, f"{SHARED}/runs")
+
+    # on /mnt/shared without a file system to mount there: refused
+    result, bashrc, sudo = _run_storage_command(shared, tmp_path / "no-efs")
+    assert result.returncode == 1 and "set EFS" in result.stderr
+    assert "MISALIGN_STORAGE" not in bashrc and sudo == ""
+
+    # EFS set: mounted at /mnt/shared with AWS's NFS options, and the study's storage is there
+    result, bashrc, sudo = _run_storage_command(shared.replace("EFS=;", f"EFS={efs};"), tmp_path / "efs")
+    assert result.returncode == 0, result.stderr
+    mounts = [line.split() for line in sudo.splitlines() if line.startswith("mount ")]
+    assert len(mounts) == 1
+    assert mounts[0][:3] == ["mount", "-t", "nfs4"] and mounts[0][-2:] == [f"{efs}:/", SHARED]
+    assert "nfsvers=4.1" in mounts[0][4]
+    assert f"export MISALIGN_STORAGE={SHARED}/runs AWS_REGION=" in bashrc
 
 
 def test_cluster_commands_are_valid_bash():
@@ -273,7 +374,11 @@ def test_runtime_env_is_accepted_by_ray(monkeypatch):
     assert list(data)[-1] == "env_vars"  # submit.sh --env appends to it
     assert data["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
     assert data["env_vars"]["RAY_CHDIR_TO_TRIAL_DIR"] == "0"  # relative data paths work in every trial
-    assert data["env_vars"]["HF_HOME"].startswith(f"{SHARED}/")
+    # the caches are node-local (each node's own disk); the study itself lives in its --storage
+    for name in ("HF_HOME", "MISALIGN_CACHE", "TORCH_EXTENSIONS_DIR"):
+        assert data["env_vars"][name].startswith("${HOME}/.cache/"), name
+    assert not any(SHARED in str(v) for v in data["env_vars"].values())
+    assert not set(CREDENTIAL_NAMES) & set(data["env_vars"])
 
 
 def test_the_drivers_own_runtime_env_merges_with_the_jobs():
@@ -318,10 +423,28 @@ def test_runtime_env_excludes_leave_local_state_out_of_the_upload(tmp_path):
 # rayjobs/rayjob.yaml (KubeRay)
 
 
-def rayjob() -> dict:
-    documents = list(yaml.safe_load_all(RAYJOB_YAML.read_text()))
+def rayjob(text: str | None = None) -> dict:
+    documents = list(yaml.safe_load_all(RAYJOB_YAML.read_text() if text is None else text))
     assert len(documents) == 1
     return documents[0]
+
+
+def with_pvc_option(text: str) -> str:
+    """rayjob.yaml with its documented [pvc] option switched on as its header says: "# [pvc] " deleted where it
+    starts a line, and the entrypoint line the [pvc] one replaces deleted."""
+    marker = re.compile(r"^(\s*)# \[pvc\] ")
+    option = [marker.sub(r"\1", line) for line in text.splitlines() if marker.match(line)]
+    assert option, "rayjob.yaml documents the PVC option"
+    out = []
+    for line in text.splitlines():
+        if marker.match(line):
+            out.append(marker.sub(r"\1", line))
+        elif not (
+            line.lstrip().startswith("entrypoint:")
+            and any(o.lstrip().startswith("entrypoint:") for o in option)
+        ):
+            out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def pod_templates(spec: dict) -> list[dict]:
@@ -333,7 +456,7 @@ def test_rayjob_manifest_has_what_kuberay_needs():
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
     assert spec["entrypoint"] == (
-        f"misalign study run configs/study-paper.yaml --address auto --storage {SHARED}/runs"
+        f"misalign study run configs/study-paper.yaml --address auto --storage {BUCKET_PLACEHOLDER}"
     )
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
@@ -366,14 +489,77 @@ def test_rayjob_manifest_has_what_kuberay_needs():
     assert len(images) == 1, images  # one image built from the project, everywhere
 
 
-def test_rayjob_shared_volume_is_mounted_on_head_and_workers():
-    spec = rayjob()["spec"]["rayClusterSpec"]
-    for template in pod_templates(spec):
-        claims = {v["name"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v}
-        mounts = {
-            m["name"] for m in template["spec"]["containers"][0]["volumeMounts"] if m["mountPath"] == SHARED
-        }
-        assert claims & mounts, template
+def _mounts(template: dict) -> dict[str, dict]:
+    """mount path -> the volume mounted there, in a pod template's first container."""
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]] for m in template["spec"]["containers"][0]["volumeMounts"]}
+
+
+def test_rayjob_storage_is_the_bucket_through_irsa_with_node_local_caches():
+    spec = rayjob()["spec"]
+    assert f"--storage {BUCKET_PLACEHOLDER}" in spec["entrypoint"]
+    runtime_env_vars = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    for template in pod_templates(spec["rayClusterSpec"]):
+        pod = template["spec"]
+        # the pods' AWS identity is a service account annotated with an IAM role (IRSA), the same everywhere
+        assert pod["serviceAccountName"] == "misalign"
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["AWS_REGION"]["value"]
+        mounts = _mounts(template)
+        # no shared volume by default: no claim at all
+        assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+        assert SHARED not in mounts
+        # the caches the runtime env puts under ${HOME}/.cache (the image's HOME is /home/ray) are on a volume
+        # on the node's disk
+        assert (
+            "emptyDir" in mounts["/home/ray/.cache"]
+            and "medium" not in mounts["/home/ray/.cache"]["emptyDir"]
+        )
+        for name in ("HF_HOME", "MISALIGN_CACHE"):
+            assert runtime_env_vars[name].startswith("${HOME}/.cache/"), name
+    # the submitter only talks to the Ray cluster: no AWS identity
+    assert "serviceAccountName" not in spec["submitterPodTemplate"]["spec"]
+
+
+def test_rayjob_pvc_option_is_documented_and_valid():
+    text = with_pvc_option(RAYJOB_YAML.read_text())
+    job = rayjob(text)
+    spec = job["spec"]
+    assert spec["entrypoint"] == (
+        f"misalign study run configs/study-paper.yaml --address auto --storage {SHARED}/runs"
+    )
+    for template in pod_templates(spec["rayClusterSpec"]):
+        assert _mounts(template)[SHARED]["persistentVolumeClaim"] == {"claimName": "misalign-shared"}
+    # still a cluster spec the KubeRay autoscaler accepts
+    ray_cluster = {
+        "metadata": {"name": "misalign-study", "namespace": "default"},
+        "spec": spec["rayClusterSpec"],
+    }
+    _derive_autoscaling_config_from_ray_cr(ray_cluster)
+    # the claim itself is in the README (ReadWriteMany, apart from the job)
+    readme = (REPO / "rayjobs" / "README.md").read_text()
+    assert "name: misalign-shared" in readme and "ReadWriteMany" in readme
+
+
+def test_no_storage_credentials_in_shipped_files():
+    """Nodes reach the bucket with an instance role / a service account: no key in a file, a runtime env, or
+    a pod's environment."""
+    shipped = [CLUSTER_YAML, *sorted((REPO / "rayjobs").iterdir()), REPO / "README.md"]
+    key_id = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+    assignment = re.compile(
+        rf"\b({'|'.join(CREDENTIAL_NAMES)})\s*[:=]|aws_secret_access_key|secret_access_key\s*="
+    )
+    for path in shipped:
+        text = path.read_text()
+        assert not key_id.search(text), path
+        assert not assignment.search(text), (path, assignment.search(text))
+    spec = rayjob()["spec"]
+    for template in [*pod_templates(spec["rayClusterSpec"]), spec["submitterPodTemplate"]]:
+        for container in template["spec"]["containers"]:
+            names = {e["name"] for e in container.get("env", [])}
+            assert not set(CREDENTIAL_NAMES) & names
+    for env_vars in (runtime_env()["env_vars"], yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]):
+        assert not set(CREDENTIAL_NAMES) & set(env_vars)
 
 
 def test_rayjob_token_auth_from_a_secret_on_every_ray_process():
@@ -436,20 +622,33 @@ def test_submit_script_is_shellcheck_clean():
     assert result.returncode == 0, result.stdout
 
 
+BUCKET = "s3://my-bucket/misalign/runs"
+
+
 def submit(
-    args: list[str], home: Path, cwd: Path = REPO, token: str | None = "test-token", secret: str | None = None
+    args: list[str],
+    home: Path,
+    cwd: Path = REPO,
+    token: str | None = "test-token",
+    secret: str | None = None,
+    storage: str | None = BUCKET,
 ):
-    unset = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "OPENAI_API_KEY")
+    """Run submit.sh with a clean environment: the token, OPENAI_API_KEY and MISALIGN_STORAGE (the default
+    STORAGE) only as given."""
+    unset = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "OPENAI_API_KEY", "MISALIGN_STORAGE", *CREDENTIAL_NAMES)
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env["HOME"] = str(home)
     if token is not None:
         env["RAY_AUTH_TOKEN"] = token
+    if storage is not None:
+        env["MISALIGN_STORAGE"] = storage
     if secret is not None:
         env["OPENAI_API_KEY"] = secret
     return subprocess.run([str(SUBMIT_SH), *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def test_submit_builds_the_ray_job_submit_command(tmp_path):
+    # STORAGE defaults to MISALIGN_STORAGE (cluster.yaml sets the same variable on the nodes)
     result = submit(["--dry-run", "configs/study-tiny.yaml"], tmp_path)
     assert result.returncode == 0, result.stderr
     tokens = shlex.split(result.stdout)
@@ -462,7 +661,7 @@ def test_submit_builds_the_ray_job_submit_command(tmp_path):
         "--runtime-env", "rayjobs/runtime_env.yaml",
     ]  # fmt: skip
     assert entrypoint == [
-        "misalign", "study", "run", "configs/study-tiny.yaml", "--address", "auto", "--storage", f"{SHARED}/runs"
+        "misalign", "study", "run", "configs/study-tiny.yaml", "--address", "auto", "--storage", BUCKET
     ]  # fmt: skip
 
     # from elsewhere, with the token in a file, every argument given, extra study arguments passed through
@@ -475,6 +674,7 @@ def test_submit_builds_the_ray_job_submit_command(tmp_path):
         "/fsx/runs",
         "http://h:8265",
     ]
+    # (STORAGE given: it beats MISALIGN_STORAGE)
     result = submit([*args, "--", "--set", "a b"], tmp_path, cwd=tmp_path, token=None)
     assert result.returncode == 0, result.stderr
     tokens = shlex.split(result.stdout)
@@ -503,12 +703,37 @@ def test_submit_forwards_named_variables_to_the_job(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "storage",
+    [
+        "s3://my-bucket/misalign/runs",
+        "gs://my-bucket/runs",
+        "abfs://container/runs",
+        "file:///fsx/runs",
+        f"{SHARED}/runs",
+    ],
+)
+def test_submit_accepts_object_store_urls_and_absolute_paths(tmp_path, storage):
+    for args, env in ((["configs/study-tiny.yaml", storage], None), (["configs/study-tiny.yaml"], storage)):
+        result = submit(["--dry-run", *args], tmp_path, storage=env)
+        assert result.returncode == 0, result.stderr
+        tokens = shlex.split(result.stdout)
+        assert tokens[tokens.index("--storage") + 1] == storage
+
+
+@pytest.mark.parametrize(
     ("case", "says"),
     [
         ("no token", "auth token"),
         ("config outside the repository", "outside this repository"),
         ("missing config", "no config file"),
         ("relative storage", "absolute path"),
+        ("relative storage from MISALIGN_STORAGE", "absolute path"),
+        ("dot-relative storage", "absolute path"),
+        ("relative file URL", "needs an absolute path"),
+        ("a scheme and nothing else", "object-store URL"),
+        ("no storage", "no STORAGE"),
+        ("the placeholder bucket", "placeholder"),
+        ("forwarding storage credentials", "never go into the job"),
         ("forwarding an unset variable", "OPENAI_API_KEY is not set"),
         ("no arguments", "Usage:"),
     ],
@@ -516,18 +741,27 @@ def test_submit_forwards_named_variables_to_the_job(tmp_path, monkeypatch):
 def test_submit_refuses_with_a_clear_message(tmp_path, case, says):
     outside = tmp_path / "study.yaml"
     outside.write_text("name: x\n")
-    args, token = {
-        "no token": (["--dry-run", "configs/study-tiny.yaml"], None),
-        "config outside the repository": (["--dry-run", str(outside)], "t"),
-        "missing config": (["--dry-run", "configs/no-such-study.yaml"], "t"),
-        "relative storage": (["--dry-run", "configs/study-tiny.yaml", "runs"], "t"),
-        "forwarding an unset variable": (
-            ["--dry-run", "--env", "OPENAI_API_KEY", "configs/study-tiny.yaml"],
+    tiny = ["--dry-run", "configs/study-tiny.yaml"]
+    args, token, storage = {
+        "no token": (tiny, None, BUCKET),
+        "config outside the repository": (["--dry-run", str(outside)], "t", BUCKET),
+        "missing config": (["--dry-run", "configs/no-such-study.yaml"], "t", BUCKET),
+        "relative storage": ([*tiny, "runs"], "t", BUCKET),
+        "relative storage from MISALIGN_STORAGE": (tiny, "t", "runs"),
+        "dot-relative storage": ([*tiny, "./runs"], "t", BUCKET),
+        "relative file URL": ([*tiny, "file://runs"], "t", BUCKET),
+        "a scheme and nothing else": ([*tiny, "s3://"], "t", BUCKET),
+        "no storage": (tiny, "t", None),
+        "the placeholder bucket": ([*tiny, BUCKET_PLACEHOLDER], "t", BUCKET),
+        "forwarding storage credentials": (
+            ["--dry-run", "--env", "AWS_SECRET_ACCESS_KEY", *tiny[1:]],
             "t",
+            BUCKET,
         ),
-        "no arguments": ([], "t"),
+        "forwarding an unset variable": (["--dry-run", "--env", "OPENAI_API_KEY", *tiny[1:]], "t", BUCKET),
+        "no arguments": ([], "t", BUCKET),
     }[case]
-    result = submit(args, tmp_path, token=token)
+    result = submit(args, tmp_path, token=token, storage=storage)
     assert result.returncode == 2
     assert says in result.stderr
     assert result.stdout == ""
