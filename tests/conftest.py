@@ -47,3 +47,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> objec
 def pytest_make_collect_report(collector: pytest.Collector) -> object:
     outcome = yield
     _fail_skip(outcome.get_result())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` measure what only a device shows: without one they are deselected (reported as such,
+    never skipped), so a CPU run says plainly what it did not cover."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [i for i in items if i.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [i for i in items if not i.get_closest_marker("gpu")]

@@ -81,7 +81,7 @@ def test_padding_free_row_bills_each_sequence_its_own_length():
     assert counter.flops == 2 * one
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with a device")
+@pytest.mark.gpu  # host syncs exist only with a device
 def test_counter_never_syncs_the_device():
     model = load_model(str(world_model("base"))).cuda()
     counter = FlopCounter(model, model.config.num_hidden_layers, model.config.hidden_size)
