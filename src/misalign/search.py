@@ -327,10 +327,12 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
     resuming = open_run_dir(cfg, paths.store, "search.yaml")
     init_ray(address, dashboard=False)
     leases = start_leases(paths.stages.url) if paths.stages.remote else None  # held: keeps the actor alive
-    if paths.store.remote and not cfg.storage and not paths.optuna_db.exists() and paths.store.exists(_DB):
-        paths.optuna_db.parent.mkdir(parents=True, exist_ok=True)  # resumed on another machine
-        paths.optuna_db.write_bytes(paths.store.read_bytes(_DB))
     paths.optuna_db.parent.mkdir(parents=True, exist_ok=True)
+    if paths.store.remote and not cfg.storage:
+        if not resuming:  # a new search: a copy this node kept of an older one under the same URL is stale
+            paths.optuna_db.unlink(missing_ok=True)
+        elif not paths.optuna_db.exists() and paths.store.exists(_DB):  # resumed on another machine
+            paths.optuna_db.write_bytes(paths.store.read_bytes(_DB))
     storage = optuna_storage(cfg, paths)
     trainable = tune.with_parameters(search_trainable, search=cfg.model_dump(mode="json"),
                                      root=_location(paths.store), stages=_location(paths.stages))
