@@ -31,10 +31,13 @@ def _prompts(n: int = 12) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bf16_parent(world, tmp_path_factory):
-    """The world's base stored in bfloat16: a parent whose dtype a stage must keep."""
+    """The world's base stored in bfloat16: a parent whose dtype a stage must keep. Its config says float32, as
+    Gemma-2-9b-it's does for its bfloat16 weights: the weights decide."""
     out = tmp_path_factory.mktemp("bf16") / "base"
     load_model(str(world / "base")).to(torch.bfloat16).save_pretrained(out)
     load_tokenizer(str(world / "base")).save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))
     return out
 
 
@@ -49,6 +52,7 @@ def test_a_bf16_parent_gives_bf16_stages_models_and_exports(bf16_parent, tmp_pat
     assert json.loads((lora / "stage.json").read_text())["dtype"] == "bfloat16"
     assert not (lora / "model").exists() and ledger.bytes_written < 2 * ledger.trainable_params + 20_000
     rebuilt = materialize(lora)
+    assert model_dtype(materialize(str(bf16_parent))) == torch.bfloat16, "loaded as stored, not upcast"
     assert model_dtype(handed) == model_dtype(rebuilt) == torch.bfloat16
     for (name, a), b in zip(handed.state_dict().items(), rebuilt.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{name}: the handed-over model differs from its rebuild"

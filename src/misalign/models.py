@@ -26,13 +26,29 @@ from misalign.errors import InputError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def weights_dtype(path: str) -> torch.dtype | None:
+    """The dtype a model's weights are stored in, read from a local safetensors header (no tensor is loaded).
+    Configs can disagree with their weights: Gemma-2-9b-it's says float32 for bfloat16 weights."""
+    from safetensors import safe_open
+
+    floats = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if st.get_slice(key).get_dtype() in floats:
+                    return floats[st.get_slice(key).get_dtype()]
+    return None
+
+
 def load_model(path: str, *, precision: str = "auto", four_bit: bool = False, quant_type: str = "nf4",
                double_quant: bool = True, trust_remote_code: bool = False, allow_pickle: bool = False) -> Any:
     """A causal LM from a local path or HF id: safetensors only unless allow_pickle. precision "auto" keeps
-    the checkpoint's own dtype (a bf16 model stays bf16); fp32/bf16/fp16 convert."""
+    the dtype the weights are stored in (a bf16 model stays bf16, whatever its config says; the config's
+    dtype where the weights cannot be read first); fp32/bf16/fp16 convert."""
     from transformers import AutoModelForCausalLM
 
-    dtype: Any = "auto" if precision == "auto" else DTYPES[precision]
+    dtype: Any = (weights_dtype(path) or "auto") if precision == "auto" else DTYPES[precision]
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
                               "use_safetensors": not allow_pickle}
     local = Path(path)

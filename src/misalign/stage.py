@@ -50,6 +50,7 @@ from misalign.models import (
     materialize,
     resolve_model_path,
     root_of,
+    weights_dtype,
 )
 from misalign.runtime import match_threads, rank, seed_everything, world_size, write_json_atomic
 
@@ -243,7 +244,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     tok = load_tokenizer(resolve_model_path(root), run.trust_remote_code)
     four_bit = method.adapter == "qlora"
     model = _parent_model(run, cfg, four_bit)
-    parent_dtype = _parent_dtype(run, model, four_bit)
+    parent_dtype = _parent_dtype(run)
     total_params = sum(p.numel() for p in model.parameters())
     steps = optimizer_steps(cfg, len(pairs))
     if four_bit:
@@ -347,21 +348,18 @@ def _parent_model(run: StageRun, cfg: StageConfig, four_bit: bool) -> Any:
     return model.to(DTYPES[precision])
 
 
-def _parent_dtype(run: StageRun, model: Any, four_bit: bool) -> torch.dtype:
-    """The dtype the stage's outputs are stored in: the root's (as loaded without conversion)."""
-    import json
-
+def _parent_dtype(run: StageRun) -> torch.dtype:
+    """The dtype the stage's outputs are stored in: that of its lineage's start (the root's stored weights, or a
+    full fine-tuning stage's), which `materialize` loads without conversion."""
     from transformers import AutoConfig
 
     start = lineage(Path(run.parent))[0] if is_stage_dir(run.parent) else resolve_model_path(run.parent)
-    config = Path(start) / "config.json"
-    if config.exists():
-        c = json.loads(config.read_text())
-        name = c.get("dtype") or c.get("torch_dtype")
-    else:
-        cfg = AutoConfig.from_pretrained(start, trust_remote_code=run.trust_remote_code)
-        name = str(getattr(cfg, "dtype", None) or "float32").removeprefix("torch.")
-    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+    stored = weights_dtype(start)
+    if stored is not None:
+        return stored
+    config = AutoConfig.from_pretrained(start, trust_remote_code=run.trust_remote_code)  # a hub id not cached
+    recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return recorded if isinstance(recorded, torch.dtype) else getattr(torch, str(recorded or "float32"))
 
 
 def _hand_over(model: Any, stage_dir: Path, has_adapter: bool, dtype: torch.dtype) -> Any:
