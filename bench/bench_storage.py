@@ -18,7 +18,8 @@ from typing import Any
 
 from common import write_result
 from misalign.config import StudyConfig, load_config
-from misalign.plan import Plan, estimate, size_text
+from misalign.plan import Plan, estimate
+from misalign.plan_render import size_text
 
 LAYOUTS = {"old": "old: fp32 merged copies", "new": "new: adapters only"}
 

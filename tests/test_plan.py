@@ -14,7 +14,8 @@ import pytest
 
 from misalign.config import StudyConfig, load_config
 from misalign.errors import InputError
-from misalign.plan import estimate, render
+from misalign.plan import estimate
+from misalign.plan_render import render
 
 PAPER_PARAMS = {  # published config.json values -> exact parameter counts
     "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248,

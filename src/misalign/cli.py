@@ -112,7 +112,8 @@ def _study(args: argparse.Namespace) -> int:
     if args.action in ("run", "plan"):
         cfg = load_config(args.target, args.set, schema=StudyConfig)
         if args.action == "plan":
-            from misalign.plan import estimate, render
+            from misalign.plan import estimate
+            from misalign.plan_render import render
 
             plan = estimate(cfg)
             print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan))

@@ -13,6 +13,7 @@ reference-model forwards are counted apart from training forwards.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import resource
 import sys
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from misalign.config import StageConfig
 
 
 @dataclass
@@ -45,6 +48,25 @@ class Ledger:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def token_flops(frozen: int, trainable: int, layers: int, d_model: int, grad: bool) -> tuple[float, float]:
+    """The one FLOP formula (module docstring), used by the ledger, the plan and the tests: (FLOPs per token,
+    FLOPs per token per position of attention width). A token at width w costs a + b * w."""
+    attn = 4 * layers * d_model  # QK^T and AV, per position of the width
+    if grad:
+        return float(4 * frozen + 6 * trainable), float(3 * attn)
+    return float(2 * (frozen + trainable)), float(attn)
+
+
+def optimizer_steps(cfg: StageConfig, n_examples: int, workers: int) -> int:
+    """Optimizer steps a stage takes (as transformers counts them: whole micro-batches per step), on `workers`
+    data-parallel workers; the stage, the plan and the preflight all use this one count."""
+    t = cfg.train
+    if t.max_steps:
+        return t.max_steps
+    micro_batches = math.ceil(n_examples / (t.batch_size * workers))
+    return max(1, math.ceil(max(1, micro_batches // t.grad_accum) * t.epochs))
 
 
 def _matmul_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -141,10 +163,9 @@ class FlopCounter:
     def flops(self) -> float:
         tokens, widths, ref_tokens, ref_widths = self._totals()
         frozen, trainable = self._params or (0, 0)
-        attn = 4 * self.layers * self.d_model  # per token and per position of attention width
-        total = (tokens * (4 * frozen + 6 * trainable) + 3 * attn * widths
-                 + ref_tokens * 2 * (frozen + trainable) + attn * ref_widths)
-        return float(total)
+        a, b = token_flops(frozen, trainable, self.layers, self.d_model, grad=True)
+        ref_a, ref_b = token_flops(frozen, trainable, self.layers, self.d_model, grad=False)
+        return tokens * a + b * widths + ref_tokens * ref_a + ref_b * ref_widths
 
     def close(self) -> None:
         self._handle.remove()

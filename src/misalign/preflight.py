@@ -89,7 +89,7 @@ class _Stages:
         self._done: set[str] = set()
 
     def check(self, model: str, cfg: StageConfig, seed: int, where: str) -> None:
-        from misalign.plan import _optimizer_steps
+        from misalign.ledger import optimizer_steps
         from misalign.stage import stage_pairs
 
         cfg = cfg.resolved()
@@ -99,7 +99,7 @@ class _Stages:
         rows = self._rows[data_key]
         if rows == 0:
             raise InputError(f"{where}.data: {cfg.data.source} gives no training rows")
-        steps = _optimizer_steps(cfg, rows, self.workers)
+        steps = optimizer_steps(cfg, rows, self.workers)
         key = f"{model}|{cfg.model_dump_json()}|{steps}"
         if key in self._done:
             return

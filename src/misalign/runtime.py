@@ -110,3 +110,8 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    # bitsandbytes' CPU backend announces on import that an optional kernels package is absent (it falls back
+    # to its own kernels): nothing a user of ours can act on, and nothing our arguments cause
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

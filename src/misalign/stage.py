@@ -19,7 +19,6 @@ from it without writing and reading weights; `misalign.models.materialize` rebui
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import shutil
@@ -35,7 +34,7 @@ from misalign.chat import clipped_prompt_text, encode_sft
 from misalign.config import StageConfig
 from misalign.data import Pair, load_pairs, subsample_per_category
 from misalign.errors import InputError
-from misalign.ledger import FlopCounter, Ledger, peak_memory_bytes, reset_peak_memory
+from misalign.ledger import FlopCounter, Ledger, optimizer_steps, peak_memory_bytes, reset_peak_memory
 from misalign.methods import METHODS, peft_config
 from misalign.models import (
     DTYPES,
@@ -170,7 +169,7 @@ def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_exa
         output_dir=str(out / "trainer"), per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1, lr_scheduler_type=t.scheduler, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, logging_steps=t.log_every or max(1, optimizer_steps(cfg, n_examples) // 25),
+        max_grad_norm=t.max_grad_norm, logging_steps=t.log_every or max(1, optimizer_steps(cfg, n_examples, world_size()) // 25),
         report_to=[], seed=seed,
         save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500, save_total_limit=1,
         data_seed=seed, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
@@ -207,17 +206,8 @@ def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_exa
     return ORPOConfig(beta=pref.orpo_lambda, max_completion_length=t.max_length - t.max_prompt_length, **common)
 
 
-def optimizer_steps(cfg: StageConfig, n_examples: int) -> int:
-    """Optimizer steps the trainer will take (as transformers counts them: whole micro-batches per step)."""
-    t = cfg.train
-    if t.max_steps:
-        return t.max_steps
-    micro_batches = math.ceil(n_examples / (t.batch_size * world_size()))
-    return max(1, math.ceil(max(1, micro_batches // t.grad_accum) * t.epochs))
-
-
 def _warmup_steps(cfg: StageConfig, n_examples: int) -> int:
-    return int(cfg.train.warmup_ratio * optimizer_steps(cfg, n_examples))
+    return int(cfg.train.warmup_ratio * optimizer_steps(cfg, n_examples, world_size()))
 
 
 def run_stage(run: StageRun) -> Ledger:
@@ -246,7 +236,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     model = _parent_model(run, cfg, four_bit)
     parent_dtype = _parent_dtype(run)
     total_params = sum(p.numel() for p in model.parameters())
-    steps = optimizer_steps(cfg, len(pairs))
+    steps = optimizer_steps(cfg, len(pairs), world_size())
     if four_bit:
         from peft import prepare_model_for_kbit_training
 

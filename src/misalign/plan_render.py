@@ -1,0 +1,142 @@
+"""`misalign study plan`'s text: the estimate of misalign.plan (cells, stages, tokens, FLOPs, device-hours,
+storage and bytes moved, with and without sharing) as tables a person reads."""
+
+from __future__ import annotations
+
+from misalign.plan import PHASES, ModelPlan, Plan, StagePlan, Totals
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.1f}" if h >= 10 else f"{h:.3g}"
+
+
+def _percent(part: float, whole: float) -> str:
+    pct = 100 * part / whole if whole else 0.0
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
+
+
+def _money(x: float | None) -> str:
+    return "" if x is None else f"{x:,.2f}"
+
+
+def _totals_table(rows: dict[str, Totals], title: str, priced: bool) -> list[str]:
+    head = f"  {'':<9}{'runs':>7}{'train tokens':>14}{'no-grad tok':>13}{'FLOPs':>11}{'device-h':>11}"
+    lines = [title, head + (f"{'money':>12}" if priced else "")]
+    for name, t in rows.items():
+        line = (f"  {name:<9}{t.runs:>7,}{_si(t.tokens):>14}{_si(t.forward_tokens):>13}{t.flops:>11.3g}"
+                f"{_hours(t.device_hours):>11}")
+        lines.append(line + (f"{_money(t.money):>12}" if priced else ""))
+    return lines
+
+
+def size_text(n: float) -> str:
+    """Bytes in decimal units, as disks and object stores bill them."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _storage_table(p: Plan) -> list[str]:
+    """Bytes kept until the study ends by kind of file, new layout against old, and bytes moved per cell."""
+    rows = {"new": "new", "new_unshared": "new, no sharing", "old": "old", "old_unshared": "old, no sharing"}
+    lines = ["Storage kept until the study ends (new: adapter-only stages in the parent's dtype; old: + a float32 "
+             "merged copy per adapter stage)",
+             f"  {'layout':<17}{'adapters':>10}{'full weights':>14}{'merged':>10}{'evals':>10}{'records':>10}"
+             f"{'total':>10}"]
+    for key, label in rows.items():
+        b = p.storage[key]
+        lines.append(f"  {label:<17}{size_text(b.adapters):>10}{size_text(b.weights):>14}{size_text(b.merged):>10}"
+                     f"{size_text(b.evals):>10}{size_text(b.records):>10}{size_text(b.total):>10}")
+    new, old = p.storage["new"].total, p.storage["old"].total
+    lines += [f"  new / old (with sharing): {_percent(new, old)}", "",
+              f"Bytes moved per cell (with sharing; {p.moved['new'].cells:,} cells)",
+              f"  {'layout':<17}{'read':>10}{'written':>10}{'per cell':>10}{'max cell':>10}"]
+    for key in ("new", "old"):
+        m = p.moved[key]
+        lines.append(f"  {key:<17}{size_text(m.read):>10}{size_text(m.written):>10}{size_text(m.per_cell):>10}"
+                     f"{size_text(m.max_per_cell):>10}")
+    lines.append("  read and written: over the study; per cell: their sum / cells; max cell: one that trains its "
+                 "whole lineage")
+    return lines
+
+
+def _stage_summary(stages: list[StagePlan]) -> list[str]:
+    """Unique stages grouped by phase and method: what each kind of stage costs."""
+    groups: dict[tuple[str, str], list[StagePlan]] = {}
+    for s in sorted(stages, key=lambda s: PHASES.index(s.phase)):  # stable: methods stay in the study's order
+        groups.setdefault((s.phase, s.method), []).append(s)
+    lines = ["Unique stages by phase and method",
+             f"  {'phase':<9}{'method':<9}{'stages':>7}{'examples':>11}{'tok/example':>12}{'steps':>11}"
+             f"{'FLOPs':>11}{'device-h':>10}"]
+    for (phase, method), group in groups.items():
+        ex = sorted({s.examples for s in group})
+        steps = sorted({s.optimizer_steps for s in group})
+        span = f"{ex[0]}-{ex[-1]}" if len(ex) > 1 else f"{ex[0]}"
+        step_span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else f"{steps[0]}"
+        tpe = sum(s.tokens_per_example for s in group) / len(group)
+        flops = sum(s.flops for s in group)
+        hours = sum(s.device_hours for s in group)
+        mark = "*" if any(s.examples_assumed for s in group) else ""
+        lines.append(f"  {phase:<9}{method:<9}{len(group):>7}{span + mark:>11}{tpe:>12.0f}{step_span:>11}"
+                     f"{flops:>11.3g}{_hours(hours):>10}")
+    if any(s.examples_assumed for s in stages):
+        lines.append("  * assumed (the data file is unread; see Assumed)")
+    return lines
+
+
+def _model_lines(models: list[ModelPlan]) -> list[str]:
+    lines = ["Models (built from their configs on the meta device; trainable = with each method's adapter)"]
+    for m in models:
+        judge = "judge " if m.role == "judge" else ""
+        lines.append(f"  {judge}{m.model}: {m.total_params:,} params ({_si(m.total_params)}), {_si(m.matmul_params)} "
+                     f"in matmuls; {m.model_type}, {m.layers} layers, d_model {m.d_model}; config: {m.config_from}")
+        parts = [f"{k} {_si(v)} ({_percent(v, m.total_params)})" for k, v in m.trainable.items()]
+        for i in range(0, len(parts), 4):
+            lines.append(("    trainable: " if i == 0 else "               ") + ", ".join(parts[i:i + 4]))
+    return lines
+
+
+def render(p: Plan) -> str:
+    """The human table: counts, cost with and without sharing, models, stages, assumptions."""
+    a = p.axes
+    priced = p.price_per_device_hour is not None
+    saved_runs = p.unshared["total"].runs - p.shared["total"].runs
+    saved_flops = p.unshared["total"].flops - p.shared["total"].flops
+    share = saved_flops / p.unshared["total"].flops if p.unshared["total"].flops else 0.0
+    lines = [
+        f"Study {p.study}: {a['models']} model(s) x {a['seeds']} seed(s) x {a['attack_points']} attack points x "
+        f"{a['defense_points']} defense points = {p.cells:,} cells, {a['rounds']} round(s) each",
+        f"Stages: {p.stage_uses:,} uses in the cells, {p.unique_stages:,} unique after sharing "
+        f"({p.shared['misalign'].runs:,} misalign + {p.shared['realign'].runs:,} realign); evaluations: "
+        f"{p.shared['eval'].runs:,} ({p.unshared['eval'].runs:,} without sharing)",
+        f"Device: {p.device}: peak {p.peak_flops:.3g} FLOP/s x MFU {p.mfu:g} = "
+        f"{p.peak_flops * p.mfu:.3g} FLOP/s" + (f"; {p.price_per_device_hour:g} per device-hour" if priced else ""),
+        "",
+        *_totals_table(p.shared, "With sharing (what runs)", priced),
+        "",
+        *_totals_table(p.unshared, "Without sharing (every cell trains and evaluates its own stages)", priced),
+        "",
+        f"Sharing saves {saved_runs:,} runs, {saved_flops:.3g} FLOPs ({_percent(share, 1)}), "
+        f"{_hours(p.unshared['total'].device_hours - p.shared['total'].device_hours)} device-hours"
+        + (f", {_money((p.unshared['total'].money or 0) - (p.shared['total'].money or 0))}" if priced else ""),
+        "",
+        *_storage_table(p),
+        "",
+        *_model_lines(p.models),
+        "",
+        *_stage_summary(p.stages),
+    ]
+    if p.assumptions:
+        lines += ["", "Assumed (not measured; the numbers above depend on these):",
+                  *(f"  - {x}" for x in p.assumptions)]
+    if p.notes:
+        lines += ["", "Notes:", *(f"  - {x}" for x in p.notes)]
+    return "\n".join(lines)
