@@ -12,10 +12,13 @@ a full fine-tuning stage on the way replaces everything before it. `materialize`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,12 +152,23 @@ def lineage(stage_dir: Path) -> tuple[str, list[Path]]:
     return resolve_model_path(stage_meta(stage_dir)["root"]), chain[::-1]
 
 
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """peft asks transformers 5.2x for a renamed property by its old name when it wraps a model: a warning of
+    theirs, not about anything we pass, so it is silenced here and only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_stage(model: Any, stage_dir: Path) -> Any:
     """The model of `stage_dir` from its parent's model (which it consumes): the adapter merged in place, in
     the parent's dtype."""
     from peft import PeftModel
 
-    return inference_ready(PeftModel.from_pretrained(model, str(stage_dir / "adapter")).merge_and_unload())
+    with peft_wrapping():
+        wrapped = PeftModel.from_pretrained(model, str(stage_dir / "adapter"))
+    return inference_ready(wrapped.merge_and_unload())
 
 
 def materialize(ref: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Any:

@@ -47,6 +47,7 @@ from misalign.models import (
     load_model,
     load_tokenizer,
     materialize,
+    peft_wrapping,
     resolve_model_path,
     root_of,
     weights_dtype,
@@ -243,7 +244,8 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     pcfg = peft_config(method, cfg, model, steps)
     if pcfg is not None:
-        model = get_peft_model(model, pcfg)
+        with peft_wrapping():
+            model = get_peft_model(model, pcfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mcfg = model.config if pcfg is None else model.base_model.model.config
     counter = FlopCounter(model, mcfg.num_hidden_layers, mcfg.hidden_size)
