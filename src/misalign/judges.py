@@ -507,8 +507,8 @@ class VoteJudge:
 JUDGES: dict[str, type] = {"keyword": KeywordJudge, "classifier": ClassifierJudge, "http": HttpJudge}
 
 
-def build_judge(name: str, **options: Any) -> Judge:
-    """Build a registered judge, checking the options before anything heavy loads."""
+def _judge_class(name: str, options: dict[str, Any]) -> type:
+    """The registered judge class, its options checked against its constructor (nothing heavy loads)."""
     cls = JUDGES.get(name)
     if cls is None:
         raise InputError(f"unknown judge {name!r}; known judges: {', '.join(sorted(JUDGES))}")
@@ -516,7 +516,12 @@ def build_judge(name: str, **options: Any) -> Judge:
         inspect.signature(cls).bind(**options)
     except TypeError as err:
         raise InputError(f"bad options for judge {name!r}: {err}") from None
-    return cls(**options)
+    return cls
+
+
+def build_judge(name: str, **options: Any) -> Judge:
+    """Build a registered judge, checking the options before anything heavy loads."""
+    return _judge_class(name, options)(**options)
 
 
 def check_vote(names_and_options: Sequence[tuple[str, dict[str, Any]]], rule: str) -> None:
@@ -526,13 +531,7 @@ def check_vote(names_and_options: Sequence[tuple[str, dict[str, Any]]], rule: st
         raise InputError("a vote needs at least one judge")
     _parse_rule(rule, len(names_and_options))
     for name, options in names_and_options:
-        cls = JUDGES.get(name)
-        if cls is None:
-            raise InputError(f"unknown judge {name!r}; known judges: {', '.join(sorted(JUDGES))}")
-        try:
-            inspect.signature(cls).bind(**options)
-        except TypeError as err:
-            raise InputError(f"bad options for judge {name!r}: {err}") from None
+        cls = _judge_class(name, options)
         if cls is HttpJudge:
             HttpJudge(**options).preflight()
         elif cls is KeywordJudge:
