@@ -198,6 +198,8 @@ def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_exa
             # below 1 is a ratio to transformers), not over a step count derived from the example count
             packing = {"packing": True, "packing_strategy": "bfd", "warmup_steps": t.warmup_ratio}
         return SFTConfig(completion_only_loss=True, **{**common, **packing})
+    if objective != "sft":  # preference collators need the prompt/chosen/rejected columns (trl warns otherwise)
+        common["remove_unused_columns"] = False
     if objective == "dpo":
         from trl import DPOConfig
 
@@ -233,6 +235,9 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
         raise InputError(f"{cfg.data.source}: no training rows")
     root = root_of(run.parent)
     tok = load_tokenizer(resolve_model_path(root), run.trust_remote_code)
+    # rows are cut to train.max_length by us (chat.encode_sft) and by trl after tokenizing them whole: the
+    # tokenizer's own limit (256 for the world's) would only warn about rows that are never fed whole
+    tok.model_max_length = int(1e30)  # transformers' "no limit"
     four_bit = method.adapter == "qlora"
     model = _parent_model(run, cfg, four_bit)
     parent_dtype = _parent_dtype(run)
