@@ -23,8 +23,13 @@ def test_installed_package_runs_world_trial_study_and_report(world, tmp_path):
     # the dependencies come from the test's environment (a path entry, so its editable misalign hook is not
     # loaded); misalign itself from the wheel installed below
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-build-isolation",
-                              str(REPO)], capture_output=True, text=True, cwd=tmp_path)
+    # the wheel `pip install .` builds (with this environment's setuptools), then installed like any wheel
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, cwd=tmp_path)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("misalign-*.whl")
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(wheel)],
+                             capture_output=True, text=True, cwd=tmp_path)
     assert install.returncode == 0, install.stderr[-3000:]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONUNBUFFERED": "1"}
 
