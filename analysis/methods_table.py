@@ -12,7 +12,6 @@ override them; see README). Writes OUT/rows.parquet (one row per stage) and OUT/
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from misalign.config import EvalConfig, StageConfig
 from misalign.evaluation import configured_judge, evaluate, load_eval_sets
 from misalign.ledger import Ledger
 from misalign.methods import METHODS
+from misalign.models import materialize, tokenizer_for
 from misalign.runtime import match_threads, write_parquet_atomic
-from misalign.stage import StageRun, load_model, load_tokenizer, run_stage
+from misalign.stage import StageRun, run_stage
 
 
 def _stage(method: str, source: str, per_category: int, benign: bool) -> StageConfig:
@@ -96,8 +96,8 @@ def main() -> None:
     items, judge = load_eval_sets(ecfg), configured_judge(ecfg)
     rows: list[dict] = []
 
-    def record(role: str, method: str | None, per_category: int, seed: int, model_dir: str, ledger: Ledger | None = None) -> None:
-        ev = evaluate(load_model(model_dir), load_tokenizer(model_dir), ecfg, items, judge)
+    def record(role: str, method: str | None, per_category: int, seed: int, model: str, ledger: Ledger | None = None) -> None:
+        ev = evaluate(materialize(model), tokenizer_for(model), ecfg, items, judge)  # a stage: built in memory
         m = ev.metrics
         rows.append({"role": role, "method": method, "per_category": per_category, "seed": seed,
                      **{k: m.get(k) for k in ("unsafety", "refusal", "neither", "over_refusal", "utility")},
@@ -109,29 +109,24 @@ def main() -> None:
               flush=True)
 
     t0 = time.time()
-    from misalign.stage import resolve_model_path
-
-    record("base", None, 0, 0, resolve_model_path("world:base"))
+    record("base", None, 0, 0, "world:base")
     for seed in seeds:
         for method in methods:
             for size in sizes:
                 d = work / f"attack-{method}-{size}-s{seed}"
                 ledger = run_stage(StageRun("world:base", _stage(method, "world:misalign", size, False), "misalign",
                                             d, seed=seed, progress=False))
-                record("attack", method, size, seed, str(d / "model"), ledger)
-                if not (method == "lora" and size == args.defense_from_size):
-                    shutil.rmtree(d / "model", ignore_errors=True)
+                record("attack", method, size, seed, str(d), ledger)
         mis = work / f"attack-lora-{args.defense_from_size}-s{seed}"
         if not (mis / "stage.json").exists():
             ledger = run_stage(StageRun("world:base", _stage("lora", "world:misalign", args.defense_from_size,
                                                              False), "misalign", mis, seed=seed, progress=False))
-        record("misaligned", "lora", args.defense_from_size, seed, str(mis / "model"))
+        record("misaligned", "lora", args.defense_from_size, seed, str(mis))
         for method in defenses:
             d = work / f"defense-{method}-s{seed}"
             ledger = run_stage(StageRun(str(mis), _stage(method, "world:realign", args.defense_size, True),
                                         "realign", d, seed=seed, progress=False))
-            record("defense", method, args.defense_size, seed, str(d / "model"), ledger)
-            shutil.rmtree(d / "model", ignore_errors=True)
+            record("defense", method, args.defense_size, seed, str(d), ledger)
     table = markdown(pd.DataFrame(rows))
     (out / "table.md").write_text(table)
     print(table)

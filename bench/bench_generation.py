@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import machine_busy_s, write_result
 from misalign.chat import prompt_ids
 from misalign.generation import generate
+from misalign.models import materialize, tokenizer_for
 from misalign.runtime import match_threads
-from misalign.stage import resolve_model_path
 from misalign.world import world_file
 
 
@@ -74,11 +73,8 @@ def main() -> None:
     prompts = [r["prompt"] for r in rows if r["kind"] == "harmful"][: a.n]
     if len(prompts) < a.n:
         raise SystemExit(f"world:eval_harmful has only {len(prompts)} harmful prompts")
-    path = resolve_model_path(a.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = tokenizer_for(a.model)  # a model reference or a stage directory (built in memory)
+    model = materialize(a.model).float()
 
     generate(model, tok, prompts[:2], max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)  # warm-up
     one_at_a_time(model, tok, prompts[:1], a.max_new_tokens)

@@ -29,6 +29,13 @@ from misalign.errors import InputError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def device() -> torch.device:
+    """This process's device: its GPU (LOCAL_RANK's) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def weights_dtype(path: str) -> torch.dtype | None:
     """The dtype a model's weights are stored in, read from a local safetensors header (no tensor is loaded).
     Configs can disagree with their weights: Gemma-2-9b-it's says float32 for bfloat16 weights."""
@@ -176,9 +183,10 @@ def materialize(ref: str | Path, *, trust_remote_code: bool = False, allow_pickl
     adapters merged in order), or a root model (world:NAME, local path, HF id)."""
     if not is_stage_dir(ref):
         return inference_ready(load_model(resolve_model_path(str(ref)), trust_remote_code=trust_remote_code,
-                                          allow_pickle=allow_pickle))
-    start, chain = lineage(Path(ref))
-    model = inference_ready(load_model(start, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
+                                          allow_pickle=allow_pickle).to(device()))
+    start, chain = lineage(Path(ref))  # on the device: merging, evaluating and training all happen there
+    model = inference_ready(load_model(start, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                            .to(device()))
     for d in chain:
         model = apply_stage(model, d)
     return model

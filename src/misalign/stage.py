@@ -40,6 +40,7 @@ from misalign.models import (
     DTYPES,
     apply_stage,
     cast_safetensors,
+    device,
     export,
     inference_ready,
     is_stage_dir,
@@ -114,14 +115,6 @@ def _dataset(objective: str, pairs: list[Pair], direction: str, tok: Any, cfg: S
             rows.append({"prompt": clipped_prompt_text(tok, p.prompt, t.max_prompt_length), "chosen": wanted,
                          "rejected": unwanted})
     return Dataset.from_list(rows)
-
-
-# ---- model ---------------------------------------------------------------------------------------------
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 # ---- callbacks -----------------------------------------------------------------------------------------
@@ -228,7 +221,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     cfg = run.config.resolved()
     method = METHODS[cfg.method]
     match_threads()
-    reset_peak_memory(_device())
+    reset_peak_memory(device())
     seed_everything(run.seed)
     pairs = run.pairs if run.pairs is not None else stage_pairs(cfg, run.seed)
     if not pairs:
@@ -278,7 +271,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     trainer.save_model(str(kept))
     # one collective: every rank's (tokens, ref tokens, flops, peak memory); sums, max and the per-worker list
     node = os.environ.get("MISALIGN_NODE") or os.uname().nodename  # Ray sets the Ray node id
-    ranks = _gather_over_ranks((counter.tokens, counter.ref_tokens, counter.flops, peak_memory_bytes(_device()),
+    ranks = _gather_over_ranks((counter.tokens, counter.ref_tokens, counter.flops, peak_memory_bytes(device()),
                                 node))
     per_worker = [int(r[0]) for r in ranks]
     tokens = [sum(r[i] for r in ranks) for i in range(3)]
@@ -290,7 +283,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
         method=cfg.method, direction=run.direction, examples=len(pairs), epochs=round(float(trainer.state.epoch or 0), 4),
         optimizer_steps=trainer.state.global_step, tokens=int(tokens[0]), ref_tokens=int(tokens[1]),
         flops=float(tokens[2]), wall_s=round(wall, 3), device_s=round(wall * world_size(), 3),
-        workers=world_size(), device=_device().type, peak_memory_bytes=peak, trainable_params=trainable,
+        workers=world_size(), device=device().type, peak_memory_bytes=peak, trainable_params=trainable,
         total_params=total_params,
     )
     if resume:
