@@ -21,6 +21,6 @@ b gen-8b 170 --gen-model 8b --gen-batch 128,auto --gen-prompts 512 --new-tokens 
 b train-1b-512 110 --gen-batch '' --train full:1b:8,full:1b:16,lora:1b:8,lora:1b:32,dpo:1b:8,orpo:1b:8 --steps 20
 # 3. packing on rows of 128-512 tokens: padded (before) against padding-free and packed (after)
 b train-1b-mixed 90 --gen-batch '' --train full:1b:8,lora:1b:16 --packing none,padding_free,bfd --row-min 128 --steps 20
-# 4. 8B LoRA (its stage merges and writes a 32 GB float32 model on the host: last, so the rest is kept)
+# 4. 8B LoRA (last, the longest: if time runs out, the rest is kept)
 b train-8b 170 --gen-batch '' --train lora:8b:8 --steps 15
 ls -la "$out"
