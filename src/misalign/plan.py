@@ -26,8 +26,9 @@ Cost of one stage, with the ledger's formula (misalign.ledger) so an estimate an
 These are model FLOPs: gradient checkpointing's recomputation and padding are not in them (as in the ledger).
 
 Storage, in the layout of adapter-only stages (new) against the layout before it (old):
-  stored dtype  each stage's train.precision: stage.load_model loads the parent in it, and a stage saves in the
-                dtype its parent was loaded in (a config's recorded torch_dtype is reported, not used).
+  stored dtype  a stage stores in its root's weights' dtype (misalign.models.weights_dtype), which the plan cannot
+                read before the weights are downloaded: it takes each stage's train.precision (the paper's models'
+                weights are bf16, whatever a config records: Gemma-2's says float32) and says so when they differ.
   new           an adapter stage keeps its adapter (trainable params x the stored dtype's bytes) and records; a
                 full fine-tuning stage its weights (total params x those bytes) and tokenizer. No merged copy.
                 AdaLoRA counts at its initial rank: peft saves the pruned ranks, so that is an upper bound.
@@ -426,9 +427,10 @@ class _Estimator:
 
         arch = self.model_arch(ref)
         recorded = _config_dtype(arch.config)
-        if recorded != cfg.train.precision:  # e.g. Gemma-2's config says float32 for weights trained in bf16
-            self.assume(f"{ref}: stored in {cfg.train.precision} (train.precision, the dtype a stage loads its "
-                        f"parent in), not its config's recorded dtype ({recorded or 'none'})")
+        if recorded != cfg.train.precision:  # e.g. Gemma-2's config says float32 for its bf16 weights
+            self.assume(f"{ref}: stored in {cfg.train.precision} (train.precision): a stage stores in its root's "
+                        f"weights' dtype, unknown before they are downloaded; its config records "
+                        f"{recorded or 'none'}")
         size = DTYPE_BYTES[cfg.train.precision]
         tokenizer = self.tokenizer_bytes(ref)
         common = {"evals": self.eval_bytes(), "records": STAGE_RECORD_BYTES}
