@@ -245,3 +245,23 @@ def test_two_node_trial_survives_a_killed_worker(world, tmp_path):
     assert attack["extra"]["zero_stage"] == 2 and attack["workers"] == 2
     assert len(set(attack["extra"]["worker_nodes"])) == 2, "the two workers ran on two Ray nodes"
     assert all(t > 0 for t in attack["extra"]["tokens_per_worker"])
+
+
+def test_a_trial_no_node_can_hold_stops_the_study_with_a_message(world, tmp_path):
+    """Joined to a cluster (no local preflight of resources), a trial asking more than any node has would wait
+    forever in Tune: after resources.start_timeout_s the study stops, saying what a trial asks and nodes have."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from misalign.study import StudyStalled
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    d = study_config("stalled", resources={"workers": 1, "cpus_per_worker": 2, "start_timeout_s": 5})
+    t0 = time.time()
+    try:
+        with pytest.raises(StudyStalled, match=r"asks for 1 worker\(s\) x 2 CPU; the cluster's nodes have \[\{'CPU': 1.0\}\]"):
+            run_study(StudyConfig.model_validate(d), Dirs(tmp_path / "stalled").study, address=cluster.address)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert time.time() - t0 < 120

@@ -370,6 +370,9 @@ class ResourceSettings(_Strict):
         "PACK", description="how a trial's workers are placed on nodes (Ray placement group strategy)")
     max_concurrent: int | None = Field(
         None, ge=1, description="trials at once (None: as many as the cluster's CPUs/GPUs hold now)")
+    start_timeout_s: float = Field(
+        1800, gt=0, description="stop the run when no trial could start for this long: the cluster cannot hold "
+        "one, and no node the autoscaler added so far could (time for an autoscaler to add GPU nodes included)")
 
 
 class PlanSettings(_Strict):

@@ -45,7 +45,7 @@ from misalign.cluster import (
     single_process_group_env,
     tune_storage,
 )
-from misalign.config import EvalConfig, StudyConfig, TrialConfig
+from misalign.config import EvalConfig, ResourceSettings, StudyConfig, TrialConfig
 from misalign.errors import InputError
 from misalign.grid import Cell, cells, stage_uses, unique_stages
 from misalign.lineage import LineageCache, model_identity, source_identity
@@ -259,8 +259,16 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 # ---- results and progress ---------------------------------------------------------------------------------
 
-def _study_progress_callback(paths: StudyPaths, total: int) -> Any:
+class StudyStalled(InputError):
+    """No trial could start: what a trial asks for is more than any node the cluster has (or gained) holds."""
+
+
+def _study_progress_callback(paths: StudyPaths, total: int, resources: ResourceSettings) -> Any:
     from ray import tune
+
+    timeout_s = resources.start_timeout_s
+    asks = (f"{resources.workers} worker(s) x {resources.cpus_per_worker:g} CPU"
+            + (f" + {resources.gpus_per_worker:g} GPU" if resources.gpus_per_worker else ""))
 
     class StudyProgress(tune.Callback):
         """The live view: status.json after every trial event, one line per finished or failed trial."""
@@ -284,6 +292,18 @@ def _study_progress_callback(paths: StudyPaths, total: int) -> Any:
                       f"{counts['pending']} pending, {counts['failed']} failed | stages trained "
                       f"{cost['stages_trained']}, reused {cost['stages_reused']} | {cost['flops_trained']:.3g} "
                       f"FLOPs, {cost['device_s_trained']:.0f} device-s | {time.time() - self.t0:.0f}s", flush=True)
+
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+            """Tune waits forever for resources no node has: after start_timeout_s with no trial started,
+            stop and say what a trial asks for and what the cluster has."""
+            if self.first_start is None and time.time() - self.t0 > timeout_s:
+                import ray
+
+                nodes = [{k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU")}
+                         for n in ray.nodes() if n["Alive"]]
+                raise StudyStalled(
+                    f"no trial could start in {timeout_s:g} s (resources.start_timeout_s): a trial asks for "
+                    f"{asks}; the cluster's nodes have {nodes}. Lower resources.* or add nodes that fit one")
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.first_start = self.first_start or time.time()
@@ -370,7 +390,8 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name="tune", **where, failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                callbacks=[_study_progress_callback(paths, len(grid)), *_logger_callbacks(cfg)], verbose=0),
+                callbacks=[_study_progress_callback(paths, len(grid), cfg.resources), *_logger_callbacks(cfg)],
+                verbose=0),
         )
     timing["tune_start_s"] = time.time() - t0
     tuner.fit()
