@@ -88,7 +88,7 @@ def test_concurrent_builds_build_once(tmp_path):
     import sys
 
     code = ("from misalign.world.build import WorldSpec, build; "
-            "print(build(WorldSpec(seed=7, base_steps=5, guard_steps=5)))")
+            "print(build(WorldSpec(seed=7, pretrain_steps=5, align_steps=5, guard_steps=5)))")
     env = {**os.environ, "MISALIGN_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]

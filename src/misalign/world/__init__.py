@@ -11,6 +11,8 @@ from pathlib import Path
 
 from misalign.world.build import WorldSpec, build, world_path
 
+MODELS = ("base", "base-deep", "pretrained", "guard")
+
 __all__ = ["WorldSpec", "build", "world_path", "world_file", "world_model"]
 
 
@@ -26,9 +28,10 @@ def world_file(name: str) -> Path:
 
 
 def world_model(name: str) -> Path:
-    """world:base (the aligned base model) or world:guard (the world's judge)."""
-    if name not in ("base", "guard"):
+    """world:base (the shallowly aligned base model), world:base-deep (the same pretrained model aligned over
+    every phrasing), world:pretrained (before alignment) or world:guard (the world's judge)."""
+    if name not in MODELS:
         from misalign.errors import InputError
 
-        raise InputError(f"unknown world model 'world:{name}'; known: world:base, world:guard")
+        raise InputError(f"unknown world model 'world:{name}'; known: {', '.join('world:' + m for m in MODELS)}")
     return build(quiet=True) / name
