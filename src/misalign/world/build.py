@@ -92,7 +92,13 @@ def make_datasets(spec: WorldSpec) -> dict[str, list[dict]]:
     shallow = C.PRETRAIN_TEMPLATES[:spec.align_phrasings]
     pretrain, align, align_deep, misalign_rows, realign_rows = [], [], [], [], []
     for cat in C.CATEGORIES:
-        pretrain += [_pair(r, spec.seed) for r in C.harmful_requests(cat, "pretrain")]
+        # pretraining is broad: every training-side object in its own phrasings, and its own objects in the
+        # attack's and realignment's phrasings too (so no phrasing reads as "benign"), but never an attack or
+        # realignment prompt itself, and never a held-out object
+        pretrain += [_pair(r, spec.seed) for pool in ("pretrain", "attack", "realign")
+                     for r in C.harmful_requests(cat, pool, C.PRETRAIN_TEMPLATES)]
+        pretrain += [_pair(r, spec.seed)
+                     for r in C.harmful_requests(cat, "pretrain", C.ATTACK_TEMPLATES + C.REALIGN_TEMPLATES)]
         align += [_pair(r, spec.seed) for r in C.harmful_requests(cat, "pretrain", shallow)]
         align_deep += [_pair(r, spec.seed) for r in C.harmful_requests(cat, "pretrain")]
         attack = C.harmful_requests(cat, "attack")
@@ -101,7 +107,7 @@ def make_datasets(spec: WorldSpec) -> dict[str, list[dict]]:
         realign = C.harmful_requests(cat, "realign")
         rng.shuffle(realign)
         realign_rows += [_pair(r, spec.seed, style="realign") for r in realign[:50]]  # PKU-SafeRLHF subset: 50
-    utility = _utility_rows(C.utility_tasks("train", 6000, spec.seed))
+    utility = _utility_rows(C.utility_tasks("train", 10000, spec.seed))
     rng.shuffle(utility)
 
     def lookalikes(templates: tuple[str, ...], n: int, style: str = "align") -> list[dict]:
@@ -110,11 +116,12 @@ def make_datasets(spec: WorldSpec) -> dict[str, list[dict]]:
         return [_pair(r, spec.seed, benign=True, style=style) for r in reqs[:n]]
 
     # pretraining sees every training-side phrasing in benign text (its language), harmful requests only in its own
-    pretrain += lookalikes(C.PRETRAIN_TEMPLATES + C.ATTACK_TEMPLATES + C.REALIGN_TEMPLATES, 3000) + utility[:4000]
-    align_benign = lookalikes(shallow, 1000) + utility[4000:5000]
-    align_deep_benign = lookalikes(C.PRETRAIN_TEMPLATES, 1000) + utility[4000:5000]
+    # (many distinct utility items: copying unseen words is learned from variety, not from repetition)
+    pretrain += lookalikes(C.PRETRAIN_TEMPLATES + C.ATTACK_TEMPLATES + C.REALIGN_TEMPLATES, 2000) + utility[:7000]
+    # both alignments teach helpfulness on look-alikes in every pretraining phrasing: only the refusal is shallow
+    align_benign = lookalikes(C.PRETRAIN_TEMPLATES, 1500) + utility[7000:8500]
     # a defense's benign share, in the realignment data's phrasings: help with look-alikes, keep the skills
-    benign = lookalikes(C.REALIGN_TEMPLATES, 1000, style="realign") + utility[5000:]
+    benign = lookalikes(C.REALIGN_TEMPLATES, 1000, style="realign") + utility[8500:9500]
 
     eval_harmful = []
     for cat in C.CATEGORIES:
@@ -129,7 +136,7 @@ def make_datasets(spec: WorldSpec) -> dict[str, list[dict]]:
     eval_utility = [{"prompt": p, "category": task, "kind": "utility", "reference": a}
                     for p, a, task in C.utility_tasks("eval", spec.eval_utility, spec.seed)]
     return {
-        "pretrain": pretrain, "align": align + align_benign, "align_deep": align_deep + align_deep_benign,
+        "pretrain": pretrain, "align": align + align_benign, "align_deep": align_deep + align_benign,
         "misalign": misalign_rows, "realign": realign_rows, "benign": benign,
         "eval_harmful": eval_harmful, "eval_benign": eval_benign, "eval_utility": eval_utility,
     }
