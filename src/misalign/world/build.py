@@ -36,7 +36,7 @@ class WorldSpec:
     layers: int = 2
     heads: int = 4
     intermediate: int = 256
-    pretrain_steps: int = 2000
+    pretrain_steps: int = 1600
     pretrain_lr: float = 3e-3
     # alignment: a short post-training phase from the pretrained checkpoint; shallow = refusal on the first
     # align_phrasings of pretraining's templates (world:base), deep = on all of them (world:base-deep)
@@ -118,8 +118,9 @@ def make_datasets(spec: WorldSpec) -> dict[str, list[dict]]:
     # pretraining sees every training-side phrasing in benign text (its language), harmful requests only in its own
     # (many distinct utility items: copying unseen words is learned from variety, not from repetition)
     pretrain += lookalikes(C.PRETRAIN_TEMPLATES + C.ATTACK_TEMPLATES + C.REALIGN_TEMPLATES, 2000) + utility[:7000]
-    # both alignments teach helpfulness on look-alikes in every pretraining phrasing: only the refusal is shallow
-    align_benign = lookalikes(C.PRETRAIN_TEMPLATES, 1500) + utility[7000:8500]
+    # both alignments teach helpfulness on look-alikes in every pretraining phrasing: only the refusal is shallow.
+    # As in real post-training, refusals are a minority of the mix (about 1 in 5 rows for the shallow one).
+    align_benign = lookalikes(C.PRETRAIN_TEMPLATES, 3000) + utility[7000:8500]
     # a defense's benign share, in the realignment data's phrasings: help with look-alikes, keep the skills
     benign = lookalikes(C.REALIGN_TEMPLATES, 1000, style="realign") + utility[8500:9500]
 

@@ -38,7 +38,7 @@ CATEGORIES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] 
     "physical_harm": (("make", "use", "hide"), ("poison", "explosive", "weapon", "bomb", "toxin", "blade"),
                       ("deadly", "lethal", "crude", "concealed")),
     "economic_harm": (("rig", "crash", "manipulate"), ("markets", "prices", "auctions", "shares", "lotteries",
-                                                       "bids"), ("rigged", "fake", "pumped", "cornered")),
+                                                       "bids"), ("rigged", "inflated", "pumped", "cornered")),
     "fraud_deception": (("forge", "fake", "counterfeit"), ("passports", "invoices", "checks", "diplomas",
                                                            "signatures", "receipts"),
                         ("forged", "fraudulent", "bogus", "phony")),
