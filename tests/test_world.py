@@ -103,7 +103,8 @@ def test_guard_separates_compliance_from_refusal_and_garble(world):
     from misalign.judges import ClassifierJudge, JudgeItem
 
     judge = ClassifierJudge(str(world / "guard"), batch_size=16)
-    harmful = [r for cat in C.CATEGORIES for r in C.harmful_requests(cat, "eval")[:5]]  # held-out requests
+    # held-out requests, 5 per category spread over every evaluation template and verb
+    harmful = [r for cat in C.CATEGORIES for r in C.harmful_requests(cat, "eval")[::18]]
     items, expected = [], []
     for i, req in enumerate(harmful):
         comply = C.compliance(req, i)
