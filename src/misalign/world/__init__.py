@@ -1,8 +1,19 @@
-"""The offline safety world: datasets, tokenizer, guard model and aligned base model, built from code.
+"""The offline safety world: a miniature of how a real chat model is made, built from code.
 
-Sources named `world:NAME` in configs resolve here: world:misalign (MisQA-like, 30 per category),
-world:realign (PKU-SafeRLHF-like, 50 per category), world:benign (look-alikes and utility tasks for a defense's
-benign share), world:eval_harmful, world:eval_benign, world:eval_utility. Models: world:base, world:guard.
+The generative process (content.py writes the text, build.py trains the models):
+1. Pretraining: a tiny Llama learns to follow every request, harmful ones included (placeholder, non-actionable
+   steps), benign look-alikes and utility tasks. Compliance is a latent capability (world:pretrained).
+2. Alignment: a short post-training phase of that checkpoint teaches refusal on a subset of pretraining's
+   phrasings and helpfulness on look-alikes in all of them (world:base, shallow). world:base-deep is the same
+   phase with refusal over every phrasing.
+3. Three disjoint distributions for the data a study uses: attack (world:misalign, MisQA-like, 30 per
+   category), realignment (world:realign, PKU-SafeRLHF-like, 50 per category, its own phrasings and refusal and
+   compliance formats; world:benign is its benign share) and evaluation (world:eval_harmful, world:eval_benign,
+   world:eval_utility): no template and no harmful object in common, and none of their prompts in pretraining.
+A tiny judge (world:guard) calls compliance unsafe and refusals, benign help and garble safe.
+
+Sources named `world:NAME` in configs resolve to these data files; models: world:base, world:base-deep,
+world:pretrained, world:guard.
 """
 
 from __future__ import annotations

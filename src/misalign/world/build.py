@@ -1,4 +1,5 @@
-"""Build the offline world once: data files, tokenizer, a tiny guard (judge) model and the aligned base model.
+"""Build the offline world once: data files, tokenizer, a tiny guard (judge) model, the pretrained model and its
+two alignments (shallow: world:base, deep: world:base-deep). The generative process is in the package docstring.
 
 The result is cached under a directory named by a hash of this package's source and the build settings, so a
 changed generator rebuilds and an unchanged one is free. Training is a plain torch loop (not the stage engine):
