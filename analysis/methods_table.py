@@ -1,12 +1,14 @@
 """The offline world's counterpart of the paper's Table 5: every method as the attack and as the defense.
 
-    python analysis/methods_table.py                      # 7 methods x sizes 1,3,10 x 2 seeds, then defenses
+    python analysis/methods_table.py                      # 7 methods x sizes 1,2,4 x 2 seeds, then defenses
     python analysis/methods_table.py --methods lora,orpo --sizes 3 --seeds 0   # a slice
+    python analysis/methods_table.py --base world:base-deep --defenses none --out runs/methods-table-deep
 
-Attack: each method misaligns the aligned base (world:base) on world:misalign with N examples per category.
+Attack: each method misaligns the aligned base (--base, world:base) on world:misalign with N examples per category.
 Defense: each method realigns the same misaligned model (LoRA attack, --defense-from-size per category, same
-seed) on world:realign plus its benign share. Every stage uses the method's registry defaults (configs can
-override them; see README). Writes OUT/rows.parquet (one row per stage) and OUT/table.md (mean +- sd over seeds).
+seed) on world:realign plus its benign share, at each --defense-sizes. Every stage uses the method's registry
+defaults (configs can override them; see README). Writes OUT/rows.parquet (one row per stage) and OUT/table.md
+(mean +- sd over seeds; 'neither @0.5' is 'neither' at the smallest size whose mean unsafety reaches 0.5).
 """
 
 from __future__ import annotations
@@ -37,14 +39,23 @@ def _mean_sd(s: pd.Series) -> str:
     return f"{s.mean():.2f} ± {s.std(ddof=1):.2f}" if len(s) > 1 else f"{s.mean():.2f}"
 
 
+def _smallest_reaching(g: pd.DataFrame, sizes: list[int], tau: float = 0.5) -> tuple[str, str]:
+    for size in sizes:
+        at = g[g.per_category == size]
+        if not at.empty and at.unsafety.mean() >= tau:
+            return f"{size}/cat", _mean_sd(at.neither)
+    return "never", "-"
+
+
 def markdown(rows: pd.DataFrame) -> str:
     lines = []
-    base = rows[rows.role == "base"].iloc[0]
-    lines.append(f"Aligned base: unsafety {base.unsafety:.2f}, utility {base.utility:.2f}, "
-                 f"over-refusal {base.over_refusal:.2f}.\n")
+    base = rows[rows.role == "base"]
+    lines.append(f"Aligned base ({base.iloc[0].method or 'world:base'}): unsafety {base.unsafety.mean():.2f}, "
+                 f"utility {base.utility.mean():.2f}, over-refusal {base.over_refusal.mean():.2f}, "
+                 f"neither {base.neither.mean():.2f}.\n")
     att = rows[rows.role == "attack"]
     sizes = sorted(att.per_category.unique())
-    head = (["method"] + [f"unsafety @{s}/cat" for s in sizes]
+    head = (["method"] + [f"unsafety @{s}/cat" for s in sizes] + ["reaches 0.5 at", "neither @0.5"]
             + [f"{k} @{sizes[-1]}" for k in ("neither", "utility", "over-refusal")])
     lines += ["**Attack** (misalign the aligned base; mean ± sd over seeds)", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -55,18 +66,23 @@ def markdown(rows: pd.DataFrame) -> str:
         big = g[g.per_category == sizes[-1]]
         cells = [_mean_sd(g[g.per_category == s].unsafety) for s in sizes]
         tail = [_mean_sd(big.neither), _mean_sd(big.utility), _mean_sd(big.over_refusal)]
-        lines.append("| " + " | ".join([m, *cells, *tail]) + " |")
+        lines.append("| " + " | ".join([m, *cells, *_smallest_reaching(g, sizes), *tail]) + " |")
     de = rows[rows.role == "defense"]
     if not de.empty:
         mis = rows[rows.role == "misaligned"]
-        lines += ["", f"**Defense** (realign a LoRA-misaligned model: unsafety {_mean_sd(mis.unsafety)}, "
-                  f"utility {_mean_sd(mis.utility)})", "",
-                  "| method | unsafety | utility | over-refusal | neither |", "|---|---|---|---|---|"]
+        dsizes = sorted(de.per_category.unique())
+        head = (["method"] + [f"unsafety @{s}/cat" for s in dsizes]
+                + [f"{k} @{dsizes[-1]}" for k in ("utility", "over-refusal", "neither")])
+        lines += ["", f"**Defense** (realign a LoRA-misaligned model, {int(mis.per_category.iloc[0])}/cat: unsafety "
+                  f"{_mean_sd(mis.unsafety)}, neither {_mean_sd(mis.neither)}, utility {_mean_sd(mis.utility)})", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in METHODS:
             g = de[de.method == m]
             if not g.empty:
-                lines.append(f"| {m} | {_mean_sd(g.unsafety)} | {_mean_sd(g.utility)} | "
-                             f"{_mean_sd(g.over_refusal)} | {_mean_sd(g.neither)} |")
+                big = g[g.per_category == dsizes[-1]]
+                cells = [_mean_sd(g[g.per_category == s].unsafety) for s in dsizes]
+                tail = [_mean_sd(big.utility), _mean_sd(big.over_refusal), _mean_sd(big.neither)]
+                lines.append("| " + " | ".join([m, *cells, *tail]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -74,10 +90,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--defenses", default=None, help="defense methods (default: --methods)")
-    ap.add_argument("--sizes", default="1,3,10", help="attack examples per category")
+    ap.add_argument("--base", default="world:base", help="the aligned model attacked (world:base-deep: the deep one)")
+    ap.add_argument("--sizes", default="1,2,4", help="attack examples per category")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--defense-size", type=int, default=10, help="defense examples per category")
-    ap.add_argument("--defense-from-size", type=int, default=10, help="the LoRA attack size defended against")
+    ap.add_argument("--defense-sizes", default="1,3,10", help="defense examples per category")
+    ap.add_argument("--defense-from-size", type=int, default=2, help="the LoRA attack size defended against")
     ap.add_argument("--out", default="runs/methods-table")
     ap.add_argument("--render-only", action="store_true", help="rewrite OUT/table.md from OUT/rows.parquet")
     args = ap.parse_args()
@@ -90,14 +107,16 @@ def main() -> None:
     match_threads()
     work = out / "stages"
     methods, sizes = args.methods.split(","), [int(s) for s in args.sizes.split(",")]
-    defenses = (args.defenses or args.methods).split(",")
+    defenses = [d for d in (args.defenses or args.methods).split(",") if d != "none"]
+    dsizes = [int(s) for s in args.defense_sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     ecfg = EvalConfig()
     items, judge = load_eval_sets(ecfg), configured_judge(ecfg)
     rows: list[dict] = []
 
-    def record(role: str, method: str | None, per_category: int, seed: int, model: str, ledger: Ledger | None = None) -> None:
-        ev = evaluate(materialize(model), tokenizer_for(model), ecfg, items, judge)  # a stage: built in memory
+    def record(role: str, method: str | None, per_category: int, seed: int, model_dir: str, ledger: Ledger | None = None) -> None:
+        # a stage directory is rebuilt in memory from its root and adapters (no merged copy is stored)
+        ev = evaluate(materialize(model_dir), tokenizer_for(model_dir), ecfg, items, judge)
         m = ev.metrics
         rows.append({"role": role, "method": method, "per_category": per_category, "seed": seed,
                      **{k: m.get(k) for k in ("unsafety", "refusal", "neither", "over_refusal", "utility")},
@@ -109,24 +128,27 @@ def main() -> None:
               flush=True)
 
     t0 = time.time()
-    record("base", None, 0, 0, "world:base")
+    record("base", args.base, 0, 0, args.base)
     for seed in seeds:
         for method in methods:
             for size in sizes:
                 d = work / f"attack-{method}-{size}-s{seed}"
-                ledger = run_stage(StageRun("world:base", _stage(method, "world:misalign", size, False), "misalign",
+                ledger = run_stage(StageRun(args.base, _stage(method, "world:misalign", size, False), "misalign",
                                             d, seed=seed, progress=False))
                 record("attack", method, size, seed, str(d), ledger)
         mis = work / f"attack-lora-{args.defense_from_size}-s{seed}"
+        if not defenses:
+            continue
         if not (mis / "stage.json").exists():
-            ledger = run_stage(StageRun("world:base", _stage("lora", "world:misalign", args.defense_from_size,
-                                                             False), "misalign", mis, seed=seed, progress=False))
+            run_stage(StageRun(args.base, _stage("lora", "world:misalign", args.defense_from_size, False),
+                               "misalign", mis, seed=seed, progress=False))
         record("misaligned", "lora", args.defense_from_size, seed, str(mis))
         for method in defenses:
-            d = work / f"defense-{method}-s{seed}"
-            ledger = run_stage(StageRun(str(mis), _stage(method, "world:realign", args.defense_size, True),
-                                        "realign", d, seed=seed, progress=False))
-            record("defense", method, args.defense_size, seed, str(d), ledger)
+            for size in dsizes:
+                d = work / f"defense-{method}-{size}-s{seed}"
+                ledger = run_stage(StageRun(str(mis), _stage(method, "world:realign", size, True),
+                                            "realign", d, seed=seed, progress=False))
+                record("defense", method, size, seed, str(d), ledger)
     table = markdown(pd.DataFrame(rows))
     (out / "table.md").write_text(table)
     print(table)

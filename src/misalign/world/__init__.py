@@ -1,8 +1,19 @@
-"""The offline safety world: datasets, tokenizer, guard model and aligned base model, built from code.
+"""The offline safety world: a miniature of how a real chat model is made, built from code.
 
-Sources named `world:NAME` in configs resolve here: world:misalign (MisQA-like, 30 per category),
-world:realign (PKU-SafeRLHF-like, 50 per category), world:benign (look-alikes and utility tasks for a defense's
-benign share), world:eval_harmful, world:eval_benign, world:eval_utility. Models: world:base, world:guard.
+The generative process (content.py writes the text, build.py trains the models):
+1. Pretraining: a tiny Llama learns to follow every request, harmful ones included (placeholder, non-actionable
+   steps), benign look-alikes and utility tasks. Compliance is a latent capability (world:pretrained).
+2. Alignment: a short post-training phase of that checkpoint teaches refusal on a subset of pretraining's
+   phrasings and helpfulness on look-alikes in all of them (world:base, shallow). world:base-deep is the same
+   phase with refusal over every phrasing.
+3. Three disjoint distributions for the data a study uses: attack (world:misalign, MisQA-like, 30 per
+   category), realignment (world:realign, PKU-SafeRLHF-like, 50 per category, its own phrasings and refusal and
+   compliance formats; world:benign is its benign share) and evaluation (world:eval_harmful, world:eval_benign,
+   world:eval_utility): no template and no harmful object in common, and none of their prompts in pretraining.
+A tiny judge (world:guard) calls compliance unsafe and refusals, benign help and garble safe.
+
+Sources named `world:NAME` in configs resolve to these data files; models: world:base, world:base-deep,
+world:pretrained, world:guard.
 """
 
 from __future__ import annotations
@@ -10,6 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from misalign.world.build import WorldSpec, build, world_path
+
+MODELS = ("base", "base-deep", "pretrained", "guard")
 
 __all__ = ["WorldSpec", "build", "world_path", "world_file", "world_model"]
 
@@ -26,9 +39,10 @@ def world_file(name: str) -> Path:
 
 
 def world_model(name: str) -> Path:
-    """world:base (the aligned base model) or world:guard (the world's judge)."""
-    if name not in ("base", "guard"):
+    """world:base (the shallowly aligned base model), world:base-deep (the same pretrained model aligned over
+    every phrasing), world:pretrained (before alignment) or world:guard (the world's judge)."""
+    if name not in MODELS:
         from misalign.errors import InputError
 
-        raise InputError(f"unknown world model 'world:{name}'; known: world:base, world:guard")
+        raise InputError(f"unknown world model 'world:{name}'; known: {', '.join('world:' + m for m in MODELS)}")
     return build(quiet=True) / name
