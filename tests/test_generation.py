@@ -179,7 +179,10 @@ def test_overlong_prompt_is_cut_from_the_left(tok):
     # trainers that tokenize text get the same clipped prompt back
     clipped = clipped_prompt_text(tok, prompt, 32)
     assert clipped.startswith(tok.bos_token) and clipped.endswith("<|assistant|>")
-    assert tok(clipped, add_special_tokens=False)["input_ids"] == cut
+    # it tokenizes back to BOS + the end of the full prompt, within the limit (a cut that a vocabulary merges
+    # differently when re-tokenized moves right by a token or two)
+    again = tok(clipped, add_special_tokens=False)["input_ids"]
+    assert 28 <= len(again) <= 32 and again[0] == tok.bos_token_id and again[1:] == full[-(len(again) - 1):]
 
 
 def test_short_prompt_is_not_cut(tok):

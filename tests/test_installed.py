@@ -47,7 +47,8 @@ def test_installed_package_runs_world_trial_study_and_report(world, tmp_path):
         "--set", "attack.train.max_steps=2", "--set", "defense.train.max_steps=2", "--set", "eval.limit=8")
     assert (tmp_path / "trial" / "stages.parquet").exists()
     run("study", "run", str(REPO / "configs" / "study-tiny.yaml"), "--storage", "runs",
-        "--set", "attack.methods=[lora]", "--set", "attack.per_category=[3]", "--set", "defense.methods=[lora]",
+        "--set", "seeds=[0]", "--set", "attack.methods=[lora]", "--set", "attack.per_category=[3]",
+        "--set", "defense.methods=[lora]", "--set", "defense.per_category=[3]",
         "--set", "attack.train.max_steps=2", "--set", "defense.train.max_steps=2", "--set", "eval.limit=8",
         "--set", "eval.max_new_tokens=8")
     run("report", "runs/study-tiny", "--out", "report")

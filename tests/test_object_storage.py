@@ -21,10 +21,11 @@ from misalign.storage import Store
 pytestmark = pytest.mark.slow
 
 BUCKET = "misalign-test"
-# the default study, narrowed to 2 attacks x 2 defenses (a full fine-tuning stage, DPO, shared misalignments)
+# the default study, narrowed to one seed and 2 attacks x 2 defenses (a full fine-tuning stage, DPO, shared
+# misalignments)
 # and made quick: 4 optimizer steps a stage, 20 items a set
-FAST = ["--set", "attack.methods=[lora, full]", "--set", "attack.per_category=[3]",
-        "--set", "defense.methods=[lora, dpo]", "--set", "attack.train.max_steps=4",
+FAST = ["--set", "seeds=[0]", "--set", "attack.methods=[lora, full]", "--set", "attack.per_category=[3]",
+        "--set", "defense.methods=[lora, dpo]", "--set", "defense.per_category=[3]", "--set", "attack.train.max_steps=4",
         "--set", "defense.train.max_steps=4", "--set", "eval.limit=20", "--set", "eval.max_new_tokens=16"]
 
 

@@ -61,11 +61,12 @@ def _check_hours(plan):
 
 def test_tiny_counts(tiny):
     _, p = tiny
-    assert (p.cells, p.stage_uses, p.unique_stages) == (12, 24, 18)
-    assert (p.shared["misalign"].runs, p.shared["realign"].runs) == (6, 12)
-    assert (p.unshared["misalign"].runs, p.unshared["realign"].runs) == (12, 12)
-    # one eval per unique stage + the base model, vs one per row: 12 cells x (1 + 2 x 1 round)
-    assert (p.shared["eval"].runs, p.unshared["eval"].runs) == (19, 36)
+    # 2 seeds x (lora, orpo) x (1, 3, 10) attacks x (lora, dpo) x (1, 3, 10) defenses
+    assert (p.cells, p.stage_uses, p.unique_stages) == (72, 144, 84)
+    assert (p.shared["misalign"].runs, p.shared["realign"].runs) == (12, 72)
+    assert (p.unshared["misalign"].runs, p.unshared["realign"].runs) == (72, 72)
+    # one eval per unique stage + the base model (seeds share it), vs one per row: 72 cells x (1 + 2 x 1 round)
+    assert (p.shared["eval"].runs, p.unshared["eval"].runs) == (85, 216)
     assert p.assumptions == []  # every number is measured from the world's data and tokenizer
     assert [m.role for m in p.models] == ["model", "judge"]
     _check_hours(p)
@@ -110,8 +111,8 @@ def test_tiny_preference_and_benign_share(tiny):
     assert dpo.forward_tokens == dpo.tokens > 0  # the reference model forwards every training token once
     sft = _stage(p, "realign", "lora", 3)
     assert sft.forward_tokens == 0 and dpo.tokens_per_example > 1.5 * sft.tokens_per_example  # chosen + rejected
-    # a shared attack stage is used by both defenses; every defense stage by one cell
-    assert {s.uses for s in p.stages if s.phase == "misalign"} == {2}
+    # a shared attack stage is used by every defense point (2 methods x 3 sizes); every defense stage by one cell
+    assert {s.uses for s in p.stages if s.phase == "misalign"} == {6}
     assert {s.uses for s in p.stages if s.phase == "realign"} == {1}
 
 

@@ -29,12 +29,19 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_lengt
 
 
 def clipped_prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_length: int) -> str:
-    """Templated prompt text no longer than `max_prompt_length` tokens, for trainers that tokenize text."""
+    """Templated prompt text that tokenizes to at most `max_prompt_length` tokens (BOS and the end of the prompt),
+    for trainers that tokenize text. Decoding a cut and tokenizing it again can merge tokens differently at the
+    cut; the cut moves right until the text tokenizes back to exactly what it was cut from."""
     text = prompt_text(tokenizer, prompt)
-    ids = prompt_ids(tokenizer, prompt, max_prompt_length)
-    if len(ids) == len(tokenizer(text, add_special_tokens=False)["input_ids"]):
+    full = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(full) <= max_prompt_length:
         return text  # not cut: the exact text, no decode round trip
-    return tokenizer.decode(ids)
+    for length in range(max_prompt_length, 1, -1):
+        ids = prompt_ids(tokenizer, prompt, length)
+        clipped = tokenizer.decode(ids)
+        if tokenizer(clipped, add_special_tokens=False)["input_ids"] == ids:
+            return clipped
+    return tokenizer.decode(prompt_ids(tokenizer, prompt, max_prompt_length))
 
 
 def response_ids(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
