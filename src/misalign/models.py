@@ -161,8 +161,8 @@ def lineage(stage_dir: Path) -> tuple[str, list[Path]]:
 
 @contextlib.contextmanager
 def peft_wrapping() -> Iterator[None]:
-    """peft asks transformers 5.2x for a renamed property by its old name when it wraps a model: a warning of
-    theirs, not about anything we pass, so it is silenced here and only here."""
+    """peft (wrapping a model) and trl (DPO's reference forward) ask transformers 5.2x for a renamed property by
+    its old name: a warning of theirs, not about anything we pass, so it is silenced around those calls only."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield

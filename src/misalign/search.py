@@ -8,7 +8,8 @@ search realign), its stages and evaluations in the lineage cache, so a point see
 study already trained, with --stages pointing at that study's stages/) costs nothing. The trial reports the
 point's budget (misalign.budget), unsafety, utility and its constraint values; Optuna keeps them in its
 database (SQLite beside the search by default, any SQLAlchemy URL otherwise) with the constraint as a user
-attribute, which TPE's `constraints_func` reads: infeasible trials stay in the study and steer the sampler away.
+attribute and as the trial's constraints (Trial.set_constraint), which TPE reads: infeasible trials stay in the
+study and steer the sampler away.
 Parallel trials: TPE's constant liar, so trials running at once do not all propose the same point.
 Rerunning the same command resumes from the database: the study continues (the sampler learns from every
 finished trial) and only the missing trials run, each run in its own Tune experiment directory.
@@ -192,11 +193,6 @@ _RECORDED = ("budget", "unsafety", "utility", "utility_drop", "constraint", "fea
              "device_s")
 
 
-def constraint_values(trial: Any) -> list[float]:
-    """TPE's constraints_func: the values the trial recorded (a trial without them counts as infeasible)."""
-    return list(trial.user_attrs.get("constraint", [1.0]))
-
-
 def _searcher(cfg: SearchConfig, storage: Any, first_run: bool = True) -> Any:
     """OptunaSearch that also records each result as user attributes (the constraint TPE reads among them)."""
     from ray.tune.search.optuna import OptunaSearch
@@ -207,15 +203,17 @@ def _searcher(cfg: SearchConfig, storage: Any, first_run: bool = True) -> Any:
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if result and trial_id in self._ot_trials:
+                trial = self._ot_trials[trial_id]
                 for key in _RECORDED:
                     if key in result:
-                        self._ot_trials[trial_id].set_user_attr(key, result[key])
+                        trial.set_user_attr(key, result[key])
+                if not pareto and "constraint" in result:  # what TPE reads to keep infeasible trials apart
+                    for name, value in zip(("tau", "eps"), result["constraint"], strict=False):
+                        trial.set_constraint(name, value)
             super().on_trial_complete(trial_id, result, error)
 
     pareto = cfg.objective == "pareto"
-    sampler = optuna.samplers.TPESampler(
-        seed=cfg.seed, n_startup_trials=cfg.startup_trials, constant_liar=True,
-        constraints_func=None if pareto else constraint_values)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials, constant_liar=True)
     if not pareto and SIZE_INDEX in optuna_space(cfg) and not cfg.space and cfg.kind == "attack":
         sampler = SizeBisectionSampler(sampler, len(cfg.searched.per_category), cfg.seed)
     if pareto:

@@ -260,7 +260,8 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     resume = _last_checkpoint(run.out_dir / "trainer") if run.checkpoint_every else None
     if resume and run.progress and rank() == 0:
         print(f"  [{label}] resuming from {resume.name}", flush=True)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with peft_wrapping():
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     counter.close()
 
     out = run.out_dir
