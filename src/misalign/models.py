@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from misalign.errors import InputError
+from misalign.runtime import write_bytes_atomic, write_json_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -236,16 +237,14 @@ def export(ref: str | Path, out: Path, *, trust_remote_code: bool = False, allow
 def cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
     """Rewrite a directory's safetensors files with floating-point tensors in `dtype` (and its config.json's
     dtype), each file atomically: what a stage keeps is stored in its parent's dtype."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     for f in sorted(directory.glob("*.safetensors")):
         tensors = load_file(str(f))
         if all(not t.is_floating_point() or t.dtype == dtype for t in tensors.values()):
             continue
         tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-        tmp = f.with_name(f".{f.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, f)
+        write_bytes_atomic(f, save(tensors, metadata={"format": "pt"}))
     config = directory / "config.json"
     if config.exists():
         c = json.loads(config.read_text())
@@ -253,6 +252,4 @@ def cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
         for key in ("dtype", "torch_dtype"):
             if key in c:
                 c[key] = name
-        tmp = config.with_name(".config.json.tmp")
-        tmp.write_text(json.dumps(c, indent=2))
-        os.replace(tmp, config)
+        write_json_atomic(config, c)

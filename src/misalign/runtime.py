@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import random
@@ -67,21 +68,23 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write then rename, so a reader never sees half a file."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write then rename, so a reader never sees half a file (every local write of results goes through here)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=2, default=str).encode())
 
 
 def write_parquet_atomic(path: Path, frame: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 @contextmanager

@@ -17,13 +17,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from misalign.errors import InputError
+from misalign.runtime import write_bytes_atomic
 
 
 def is_url(location: str | Path) -> bool:
@@ -117,12 +117,7 @@ class Store:
             with self.fs.open_output_stream(self._path(rel)) as f:
                 f.write(data)
             return
-        path = Path(self._path(rel))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(Path(self._path(rel)), data)
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())
@@ -170,14 +165,8 @@ class Store:
             sub = info.path[len(root):].lstrip("/")
             if "/" in sub and sub.split("/")[0].startswith(skip):
                 continue
-            target = local / sub
-            target.parent.mkdir(parents=True, exist_ok=True)
             with self.fs.open_input_stream(info.path) as f:
-                data = f.read()
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, target)
+                write_bytes_atomic(local / sub, f.read())
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
