@@ -333,7 +333,7 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
             paths.optuna_db.write_bytes(paths.store.read_bytes(_DB))
     storage = optuna_storage(cfg, paths)
     trainable = tune.with_parameters(search_trainable, search=cfg.model_dump(mode="json"),
-                                     root=_location(paths.store), stages=_location(paths.stages))
+                                     root=paths.store.location, stages=paths.stages.location)
     trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpus_per_worker,
                                                 "gpu": cfg.resources.gpus_per_worker})
     # The Optuna database is the search's state: a rerun continues the study it holds (TPE learns from every
@@ -362,10 +362,6 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
 
 
 _DB = "optuna.db"
-
-
-def _location(store: Store) -> str:
-    return store.url if store.remote else str(store.local)
 
 
 def _copy_database(cfg: SearchConfig, paths: SearchPaths) -> None:

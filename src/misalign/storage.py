@@ -55,6 +55,11 @@ class Store:
         return self.url.rstrip("/").rsplit("/", 1)[-1]
 
     @property
+    def location(self) -> str:
+        """Where any process, on any node, reopens this store: the URL, or the directory's absolute path."""
+        return self.url if self.remote else self.base
+
+    @property
     def local(self) -> Path:
         """The root as a local path (a directory store only)."""
         assert not self.remote, "an object store has no local path: use its mirror"

@@ -214,7 +214,7 @@ def open_run_dir(cfg: BaseModel, store: Store, record_name: str = "study.yaml") 
                              "stages whose inputs did not change are found again by their keys only within one "
                              "study directory, so point a search's --stages at the old one to reuse them")
         return True
-    if store.exists() and (store.list() or store.list("stages") or store.list("cells")):
+    if store.list() or store.subdirs():  # not empty, and not a study (search) of ours
         raise InputError(f"{store.url} exists and is not a {record_name.split('.')[0]} directory; choose another "
                          "--storage or name")
     store.write_json(INPUTS, inputs)
@@ -367,7 +367,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
         print(f"[study] DeepSpeed ops built on {nodes} node(s): {prebuild_deepspeed_ops(offload)}", flush=True)
 
     study = cfg.model_dump(mode="json")
-    trainable = tune.with_parameters(cell_trainable, study=study, root=store.url if store.remote else str(store.local))
+    trainable = tune.with_parameters(cell_trainable, study=study, root=store.location)
     r = cfg.resources
     single = r.workers == 1
     # a multi-worker trial only waits on its fit: it holds no CPU (a token of memory: Tune needs some resource)
