@@ -6,13 +6,15 @@ tokenizer (tokens beyond its 1,024 decode to nothing: fine for throughput). Gene
 misalign.generation.generate; training runs misalign.stage.run_stage. Nothing is copied or patched.
 
 - Generation: --gen-prompts prompts (world eval prompts, some run together, so lengths vary), --new-tokens
-  each, greedy; for every --gen-batch (a number or auto). The first call holds device warm-up ("cold"); the
-  second is "warm". A forward hook (with a device sync, as generate itself syncs every step) times each decode
-  step; the bound is (weights read per step + KV cache at that step's context) / --bandwidth.
-- Training: every --train case METHOD:MODEL:BATCH for every --packing, --steps optimizer steps on rows of
-  --row-min..--row-tokens tokens (default: all --row-tokens, the issue's 512-token rows). MFU = the ledger's
-  FLOPs / seconds inside Trainer.train (its own start/end log records) / --peak-flops. Peak memory is reset
-  per stage.
+  each, greedy; for every --gen-batch variant (batch size or auto, KV cache, auto's largest batch) on one loaded
+  model. The first run holds the process's device warm-up ("cold", as an evaluation process meets it); then
+  every variant runs "warm". A forward hook (with a device sync, as generate itself syncs every step) times
+  prefill and each decode step; the bound is (weights read per step + KV cache at that context) / --bandwidth.
+- Training: every --train case METHOD:MODEL:BATCH for every --packing and --liger, --steps optimizer steps on
+  rows of --row-min..--row-tokens tokens (default: all --row-tokens, the issue's 512-token rows). MFU = the
+  ledger's FLOPs / seconds inside Trainer.train (its own start/end log records) / --peak-flops; steady MFU
+  leaves out the first --warm-steps steps (device warm-up), timed by a step-end callback. Peak memory is
+  reset per stage.
 
     python3 bench/bench_gpu.py                      # a GPU at real shapes (1.24B and 8B Llama, bf16)
     python3 bench/bench_gpu.py --tiny               # CPU smoke test at tiny shapes (no meaningful figure)
@@ -38,7 +40,7 @@ from bench_stage import TrainWindow
 from common import write_result
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.data import load_eval_items
-from misalign.generation import GenerationShape, generate
+from misalign.generation import AUTO_MAX_BATCH, GenerationShape, generate
 from misalign.methods import METHODS
 from misalign.runtime import match_threads
 from misalign.stage import StageRun, load_model, load_tokenizer, run_stage
@@ -119,17 +121,46 @@ def eval_prompts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.sample(pool, 1 + (i % 3 == 0) * rng.randint(1, 2))) for i in range(n)]
 
 
-class StepClock:
-    """Times every forward of a generate call: prefill (width > 1) and decode steps (width 1) apart."""
+class Profile:
+    """torch.profiler over a few steps, summarized as text: where the device's and the host's time went."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self._prof = profile(activities=acts)
+        self.text = ""
+
+    def start(self) -> None:
+        _sync()
+        self._prof.start()
+
+    def stop(self) -> str:
+        _sync()
+        self._prof.stop()
+        by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        self.text = self._prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60)
+        return self.text
+
+
+class StepClock:
+    """Times every forward of a generate call: prefill (width > 1) and decode steps (width 1) apart; with
+    `profile_at`, profiles decode steps profile_at..profile_at+2 of the first batch."""
+
+    def __init__(self, model: torch.nn.Module, profile_at: int = 0) -> None:
+        self.profile = Profile() if profile_at else None
+        self._profile_steps = range(profile_at, profile_at + 3) if profile_at else range(0)
         self.steps: list[tuple[float, int, int]] = []  # (seconds, rows, context) per decode step
+        self.prefill = 0.0  # seconds in prefill forwards
+        self.batches: list[int] = []  # rows of each generate batch, in order
         self.tokens = 0
         self._t = 0.0
         self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
                          model.register_forward_hook(self._post, with_kwargs=True)]
 
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self.profile and len(self.steps) == self._profile_steps.start and not self.profile.text:
+            self.profile.start()
         _sync()
         self._t = time.perf_counter()
 
@@ -137,9 +168,15 @@ class StepClock:
         _sync()
         ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         self.tokens += ids.shape[0]  # each forward of generate yields one token per row
+        seconds = time.perf_counter() - self._t
         if ids.shape[1] == 1:
             context = mask.shape[1] if mask is not None else 0
-            self.steps.append((time.perf_counter() - self._t, ids.shape[0], context))
+            self.steps.append((seconds, ids.shape[0], context))
+            if self.profile and len(self.steps) == self._profile_steps.stop and not self.profile.text:
+                self.profile.stop()
+        else:
+            self.prefill += seconds
+            self.batches.append(ids.shape[0])
 
     def close(self) -> None:
         for h in self._handles:
@@ -153,34 +190,50 @@ def weights_read_per_step(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not emb)
 
 
-def bench_generation(a: argparse.Namespace, path: Path, batch: str) -> dict[str, Any]:
+def gen_variant(spec: str) -> dict[str, Any]:
+    """BATCH[:CACHE[:MAX_BATCH]], e.g. 128, auto, auto:static, auto:dynamic:2048."""
+    batch, cache, max_batch = (spec.split(":") + ["dynamic", str(AUTO_MAX_BATCH)][spec.count(":"):])[:3]
+    return {"batch_size": batch if batch == "auto" else int(batch), "cache": cache, "max_batch": int(max_batch)}
+
+
+def bench_generation(a: argparse.Namespace, path: Path, specs: list[str]) -> list[dict[str, Any]]:
+    """Every variant on one loaded model: the first run holds the process's device warm-up ("cold", as an
+    evaluation process meets it), then every variant runs again warm."""
     tok = load_tokenizer(str(path))
     model = load_model(str(path), precision=a.precision).to(_device())
     shape = GenerationShape.of(model)
     weights = weights_read_per_step(model)
     kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype_bytes
     prompts = eval_prompts(a.gen_prompts)
-    size: int | str = batch if batch == "auto" else int(batch)
-    row: dict[str, Any] = {"model": path.name, "batch_size": batch, "prompts": len(prompts),
-                           "new_tokens": a.new_tokens, "weights_read_bytes": weights}
-    for phase in ("cold", "warm"):
-        _peak_reset()
-        clock = StepClock(model)
-        t = time.perf_counter()
-        generate(model, tok, prompts, max_new_tokens=a.new_tokens, batch_size=size)
-        _sync()
-        wall = time.perf_counter() - t
-        clock.close()
-        decode = [s for s, _, _ in clock.steps]
-        bound = [(weights + kv_per_token * rows * ctx) / a.bandwidth for _, rows, ctx in clock.steps]
-        row[phase] = {"wall_s": wall, "tokens": clock.tokens, "tokens_per_s": clock.tokens / wall,
-                      "decode_steps": len(decode), "decode_ms_median": 1e3 * statistics.median(decode),
-                      "bound_ms_median": 1e3 * statistics.median(bound),
-                      "bandwidth_share": sum(bound) / sum(decode),  # of the bound reached over all decode steps
-                      "batches": sorted({r for _, r, _ in clock.steps}, reverse=True)[:8],
-                      "peak_memory_bytes": _peak()}
+    rows = []
+    for n, spec in enumerate(specs):
+        v = gen_variant(spec)
+        row: dict[str, Any] = {"model": path.name, "variant": spec, **v, "prompts": len(prompts),
+                               "new_tokens": a.new_tokens, "weights_read_bytes": weights}
+        for phase in ("cold", "warm") if n == 0 else ("warm",):
+            _peak_reset()
+            clock = StepClock(model, profile_at=min(20, a.new_tokens // 2) if a.profile and n == len(specs) - 1 and phase == "warm" else 0)
+            t = time.perf_counter()
+            generate(model, tok, prompts, max_new_tokens=a.new_tokens, **v)
+            _sync()
+            wall = time.perf_counter() - t
+            clock.close()
+            decode = [s for s, _, _ in clock.steps]
+            bound = [(weights + kv_per_token * r * ctx) / a.bandwidth for _, r, ctx in clock.steps]
+            row[phase] = {"wall_s": wall, "tokens": clock.tokens, "tokens_per_s": clock.tokens / wall,
+                          "decode_steps": len(decode), "decode_s": sum(decode), "prefill_s": clock.prefill,
+                          "decode_ms_median": 1e3 * statistics.median(decode),
+                          "bound_ms_median": 1e3 * statistics.median(bound),
+                          "bandwidth_share": sum(bound) / sum(decode),  # of the bound, over all decode steps
+                          "batches": clock.batches,
+                          "first_steps_ms": [round(1e3 * s, 2) for s in decode[:12]],
+                          "outside_forward_s": wall - clock.prefill - sum(decode),  # generate's own work
+                          "peak_memory_bytes": _peak()}
+            if clock.profile:
+                row[phase]["profile"] = clock.profile.text
+        rows.append(row)
     del model
-    return row
+    return rows
 
 
 WORDS = ["the", "a", "model", "answer", "question", "data", "safety", "method", "train", "token", "batch",
@@ -202,25 +255,58 @@ def train_rows(a: argparse.Namespace, tok: Any) -> Path:
     return path
 
 
-def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, packing: str,
+class StepTimes:
+    """A TrainerCallback: the device-synced clock at the end of every optimizer step. The first steps hold the
+    process's warm-up (kernel loading, cuBLAS heuristics, the allocator growing): steady state is measured after
+    them."""
+
+    def __init__(self, profile_last: int = 0) -> None:
+        from transformers import TrainerCallback
+
+        times = self.times = []
+        self.profile = profile = Profile() if profile_last else None
+
+        class _Clock(TrainerCallback):
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if profile and state.global_step == state.max_steps - profile_last:
+                    profile.start()
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                _sync()
+                times.append(time.perf_counter())
+                if profile and state.global_step == state.max_steps:
+                    profile.stop()
+
+        self.callback = _Clock()
+
+
+def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, packing: str, liger: bool,
                    rows: Path, window: SyncedWindow) -> dict[str, Any]:
     train = TrainSettings(batch_size=batch, max_steps=a.steps, max_length=a.row_tokens,
                           max_prompt_length=min(64, a.row_tokens // 4),
                           precision=a.precision, packing=packing, log_every=a.steps,
-                          gradient_checkpointing=a.gradient_checkpointing)
+                          gradient_checkpointing=a.gradient_checkpointing, liger_kernels=liger)
     cfg = StageConfig(method=method, data=DataSettings(source=str(rows)), train=train)
     out = a.work / "stage"
     shutil.rmtree(out, ignore_errors=True)
     _peak_reset()
+    clock = StepTimes(profile_last=2 if a.profile else 0)
     with contextlib.redirect_stdout(io.StringIO()):
-        ledger = run_stage(StageRun(parent=str(path), config=cfg, direction="misalign", out_dir=out, progress=False))
+        ledger = run_stage(StageRun(parent=str(path), config=cfg, direction="misalign", out_dir=out, progress=False,
+                                    callbacks=[clock.callback]))
     train_s, _ = window.span()
-    return {"model": path.name, "method": method, "batch_size": batch, "packing": packing,
+    t = clock.times[:-2] if clock.profile else clock.times  # profiled steps run slower: not in steady state
+    k = min(a.warm_steps, len(t) - 2)
+    steady_s = (t[-1] - t[k]) / (len(t) - 1 - k)  # seconds per step after the first k + 1
+    flops_per_step = ledger.flops / ledger.optimizer_steps  # rows are the same length: steps cost the same
+    return {"model": path.name, "method": method, "batch_size": batch, "packing": packing, "liger": liger,
             "steps": ledger.optimizer_steps, "tokens": ledger.tokens, "ref_tokens": ledger.ref_tokens,
             "flops": ledger.flops, "train_s": train_s, "stage_wall_s": ledger.wall_s,
             "tokens_per_s": ledger.tokens / train_s, "mfu": ledger.flops / train_s / a.peak_flops,
+            "steady_step_s": steady_s, "steady_mfu": flops_per_step / steady_s / a.peak_flops,
+            "steady_tokens_per_s": ledger.tokens / ledger.optimizer_steps / steady_s,
             "peak_memory_bytes": ledger.peak_memory_bytes, "trainable_params": ledger.trainable_params,
-            "total_params": ledger.total_params}
+            "total_params": ledger.total_params, **({"profile": clock.profile.text} if clock.profile else {})}
 
 
 def main() -> None:
@@ -228,13 +314,19 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: the CPU smoke test")
     ap.add_argument("--gen-model", default="8b", help="a configs/models/ name, or 1b / 8b")
     ap.add_argument("--gen-batch", default="128,auto",
-                    help="comma-separated batch sizes (numbers or auto); '' for no generation")
+                    help="comma-separated variants BATCH[:CACHE[:MAX_BATCH]] (BATCH a number or auto, CACHE "
+                         "dynamic or static), e.g. auto,auto:static,auto:dynamic:2048; '' for no generation")
     ap.add_argument("--gen-prompts", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--train", default="full:1b:8,lora:1b:8,dpo:1b:8,orpo:1b:8,lora:8b:8",
                     help="comma-separated METHOD:MODEL:BATCH cases ('' for none)")
     ap.add_argument("--packing", default="none", help="comma-separated train.packing values, each case runs all")
+    ap.add_argument("--liger", default="off", help="comma-separated off/on: train.liger_kernels, each case runs all")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per training case")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler tables in the JSON: 3 decode steps of the last generation variant, the "
+                         "last 2 steps of every training case (left out of its steady MFU)")
+    ap.add_argument("--warm-steps", type=int, default=5, help="first steps left out of the steady-state MFU")
     ap.add_argument("--row-tokens", type=int, default=512, help="training row length (max_length)")
     ap.add_argument("--row-min", type=int, default=None, help="shortest row (default: --row-tokens)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
@@ -247,8 +339,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.tiny:
         a.gen_model, a.gen_prompts, a.new_tokens = "1b", min(a.gen_prompts, 24), min(a.new_tokens, 8)
-        a.steps, a.row_tokens = min(a.steps, 2), min(a.row_tokens, 64)
+        a.steps, a.row_tokens = min(a.steps, 6 if a.profile else 2), min(a.row_tokens, 64)
         a.train = ",".join(c.replace(":8b:", ":1b:") for c in a.train.split(",") if c)
+        a.liger = "off"  # Triton kernels need CUDA
+        a.row_min = min(a.row_min or a.row_tokens, a.row_tokens)
     a.precision = a.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     a.row_min = a.row_min or a.row_tokens
     a.work.mkdir(parents=True, exist_ok=True)
@@ -266,26 +360,41 @@ def main() -> None:
         write_result(a.out, result, threads)
 
     print(f"bench_gpu on {device}, {a.precision}; bandwidth {a.bandwidth:.3g} B/s, peak {a.peak_flops:.3g} FLOP/s")
-    for batch in [b for b in a.gen_batch.split(",") if b]:
-        r = bench_generation(a, build_model(a.gen_model, a), batch)
-        result["generation"].append(r)
+    specs = [b for b in a.gen_batch.split(",") if b]
+    if specs:
+        for r in bench_generation(a, build_model(a.gen_model, a), specs):
+            result["generation"].append(r)
+            for phase in ("cold", "warm"):
+                if phase in r:
+                    p = r[phase]
+                    print(f"gen {r['model']:<28} {r['variant']:>18} {phase}: {p['tokens_per_s']:>7.0f} tok/s in "
+                          f"{p['wall_s']:.1f} s (prefill {p['prefill_s']:.1f} s), decode "
+                          f"{p['decode_ms_median']:.2f} ms/step (bound {p['bound_ms_median']:.2f}, "
+                          f"{100 * p['bandwidth_share']:.0f}% of it), batches {p['batches'][:4]}, "
+                          f"peak {p['peak_memory_bytes'] / 2**30:.1f} GiB", flush=True)
         save()
-        for phase in ("cold", "warm"):
-            p = r[phase]
-            print(f"gen {r['model']:<28} batch {batch:>5} {phase}: {p['tokens_per_s']:>9.0f} tok/s, decode "
-                  f"{p['decode_ms_median']:.2f} ms/step (bound {p['bound_ms_median']:.2f}, "
-                  f"{100 * p['bandwidth_share']:.0f}% of it), peak {p['peak_memory_bytes'] / 2**30:.1f} GiB")
     rows = train_rows(a, load_tokenizer(str(world_model("base"))))  # every built model carries this tokenizer
     for case in dict.fromkeys(c for c in a.train.split(",") if c):  # --tiny maps 8b cases onto 1b: once each
         method, model, batch = case.split(":")
         # packing is an SFT lever (trl 1.16 disables DPO padding-free): preference methods run once, unpacked
         for packing in a.packing.split(",") if METHODS[method].objective == "sft" else ["none"]:
-            r = bench_training(a, build_model(model, a), method, int(batch), packing, rows, window)
-            result["training"].append(r)
-            save()
-            print(f"train {r['model']:<26} {method:<5} batch {batch:>3} {packing:<12}: MFU "
-                  f"{100 * r['mfu']:5.1f}%, {r['tokens_per_s']:>8.0f} tok/s, train {r['train_s']:.1f} s of "
-                  f"{r['stage_wall_s']:.1f} s stage, peak {r['peak_memory_bytes'] / 2**30:.1f} GiB")
+            for liger in [v == "on" for v in a.liger.split(",")]:
+                try:
+                    r = bench_training(a, build_model(model, a), method, int(batch), packing, liger, rows, window)
+                except Exception as e:  # one lever failing (a kernel library, say) must not lose the other cases
+                    result["training"].append({"case": case, "packing": packing, "liger": liger,
+                                               "error": f"{type(e).__name__}: {e}"[:2000]})
+                    save()
+                    print(f"train {case} {packing} liger {liger}: failed: {type(e).__name__}: {str(e)[:400]}",
+                          flush=True)
+                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                    continue
+                result["training"].append(r)
+                save()
+                print(f"train {r['model']:<26} {method:<5} batch {batch:>3} {packing:<12} liger {liger!s:<5}: "
+                      f"MFU {100 * r['mfu']:5.1f}% (steady {100 * r['steady_mfu']:5.1f}%), "
+                      f"{r['steady_tokens_per_s']:>8.0f} tok/s steady, train {r['train_s']:.1f} s of "
+                      f"{r['stage_wall_s']:.1f} s stage, peak {r['peak_memory_bytes'] / 2**30:.1f} GiB", flush=True)
     save()
 
 

@@ -1,26 +1,38 @@
 #!/usr/bin/env bash
-# Issue 13's before/after GPU measurement, in about 8 minutes on one H200. Run on the device machine through
-# the gpu-kit (see docs/benchmarks.md, "GPU"):  bash .whl/on-device.sh bash bench/gpu_check.sh
-# "before" = the defaults (eval batch 128, padded SFT batches); "after" = the levers (eval batch auto,
-# padding-free / packed SFT). Each step writes its own JSON as it goes (to $OUT when the run tool sets it), and a
-# step that overruns its time limit is cut without losing the others.
+# Issue 13's GPU measurement in one call of under 10 minutes on one H200, through the gpu-kit (docs/benchmarks.md,
+# "GPU"):  bash .whl/on-device.sh bash bench/gpu_check.sh
+# Each step is its own process (its "cold" figures hold that process's device warm-up), writes its JSON as it goes
+# (to $OUT when the run tool sets it: 7 files, within what comes back) and is cut at its own time limit without
+# losing the others. The most important steps run first.
 set -uo pipefail
-out=${OUT:-bench/results}/gpu
+out=${OUT:-bench/results/gpu}
 work=${BENCH_WORK:-/tmp/bench_gpu}
 mkdir -p "$out"
-b() { # NAME SECONDS ARGS...: one bench run, its log beside its JSON
+b() { # NAME SECONDS ARGS...: one bench process; its lines go to the shared log
   local name=$1 limit=$2; shift 2
-  echo "== $name (limit ${limit}s)"
-  timeout "$limit" python3 bench/bench_gpu.py --work "$work" --out "$out/$name.json" "$@" 2>&1 \
-    | grep -v -e "Warning" -e "warnings.warn" -e "Loading weights" -e "Writing model" | tee "$out/$name.log"
+  echo "== $name (limit ${limit}s) $*" | tee -a "$out/log.txt"
+  # shellcheck disable=SC2086  # BENCH_ARGS=--tiny: the CPU smoke test of this script
+  timeout "$limit" python3 bench/bench_gpu.py --work "$work" --out "$out/$name.json" "$@" ${BENCH_ARGS:-} 2>&1 \
+    | grep --line-buffered -e "^gen " -e "^train " -e "Error" -e "error:" -e "Traceback" -e "^  File" \
+    | tee -a "$out/log.txt"
 }
-nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | tee "$out/gpu.txt"
-# 1. evaluation: 8B, 512 prompts x 100 new tokens; batch 128 (before) and auto (after), cold and warm
-b gen-8b 170 --gen-model 8b --gen-batch 128,auto --gen-prompts 512 --new-tokens 100 --train ''
-# 2. training on the issue's 512-token rows: every method on 1.24B, batch 8 (before) and 16 (a lever)
-b train-1b-512 110 --gen-batch '' --train full:1b:8,full:1b:16,lora:1b:8,lora:1b:32,dpo:1b:8,orpo:1b:8 --steps 20
-# 3. packing on rows of 128-512 tokens: padded (before) against padding-free and packed (after)
-b train-1b-mixed 90 --gen-batch '' --train full:1b:8,lora:1b:16 --packing none,padding_free,bfd --row-min 128 --steps 20
-# 4. 8B LoRA (last, the longest: if time runs out, the rest is kept)
-b train-8b 170 --gen-batch '' --train lora:8b:8 --steps 15
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
+case ${1:-levers} in
+levers) # the levers, one against another (the first GPU call of issue 13)
+  # 1. evaluation, the issue's goal: 8B, 1,900 prompts x 100 new tokens, warm-up included ("cold"). The
+  #    allocator's expandable segments are one of the levers (set before CUDA starts: an environment variable)
+  export PYTORCH_ALLOC_CONF=expandable_segments:True
+  b gen-dynamic 150 --gen-model 8b --gen-batch auto,auto:dynamic:2048 --gen-prompts 1900 --new-tokens 100 \
+    --train '' --profile
+  b gen-static 110 --gen-model 8b --gen-batch auto:static,auto:static:2048 --gen-prompts 1900 --new-tokens 100 \
+    --train '' --profile
+  # 2. training on the issue's 512-token rows, 1.24B: full SFT at batch 8 and 16, DPO and ORPO, without and
+  #    with Liger's kernels; steady MFU over steps 5-10 of 12 (the last 2 are profiled)
+  b train-1b 180 --gen-batch '' --train full:1b:8,full:1b:16,dpo:1b:8,orpo:1b:8 --liger off,on --steps 12 \
+    --warm-steps 4 --profile
+  # 3. 8B LoRA (all linear layers, r 16), batch 8, no gradient checkpointing
+  b train-8b 90 --gen-batch '' --train lora:8b:8 --liger off,on --steps 10 --warm-steps 3 --profile
+  ;;
+*) echo "usage: gpu_check.sh [levers]" >&2; exit 2 ;;
+esac
 ls -la "$out"

@@ -112,6 +112,9 @@ class TrainSettings(_Strict):
                             "of max_length tokens, batch_size rows per micro-batch (a token-budget micro-batch: "
                             "fewer, fuller steps). Sequences never attend across each other (position ids restart "
                             "per example). DPO/ORPO ignore it (trl 1.16 disables DPO padding-free)")
+    liger_kernels: bool = Field(
+        False, description="Liger's fused Triton kernels for the model's RMSNorm, RoPE and SwiGLU (CUDA only; "
+                           "pip install 'misalign[liger]'). trl already fuses the LM head and its loss")
 
     @model_validator(mode="after")
     def _lengths(self) -> TrainSettings:

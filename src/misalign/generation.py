@@ -106,11 +106,14 @@ def auto_batches(lengths: Sequence[int], shape: GenerationShape, max_new_tokens:
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
              max_new_tokens: int = 48, batch_size: int | Literal["auto"] = 64,
-             memory_budget: int | None = None) -> list[str]:
+             memory_budget: int | None = None, max_batch: int = AUTO_MAX_BATCH,
+             cache: Literal["dynamic", "static"] = "dynamic") -> list[str]:
     """Greedy completions of `prompts` (plain user messages), in input order.
 
     batch_size "auto": batches sized to `memory_budget` bytes beyond the weights (default: a share of the
-    device's free memory, AUTO_MEMORY_FRACTION)."""
+    device's free memory, AUTO_MEMORY_FRACTION), at most `max_batch` rows. cache "static": the KV cache is
+    allocated once per batch at its final length instead of growing every step (not compiled: a compile per
+    batch shape costs more than an evaluation saves)."""
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -119,7 +122,8 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     if batch_size == "auto":
         budget = memory_budget if memory_budget is not None else int(
             free_memory_bytes(device) * AUTO_MEMORY_FRACTION)
-        sizes = auto_batches([len(encoded[i]) for i in order], GenerationShape.of(model), max_new_tokens, budget)
+        sizes = auto_batches([len(encoded[i]) for i in order], GenerationShape.of(model), max_new_tokens, budget,
+                             max_batch)
     else:
         sizes = [min(batch_size, len(order) - s) for s in range(0, len(order), batch_size)]
     was_training = model.training
@@ -130,7 +134,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
             idx = order[start:start + size]
             start += size
             gen, width = _generate_batch(model, [encoded[i] for i in idx], pad_id, tokenizer.eos_token_id,
-                                         max_new_tokens, device)
+                                         max_new_tokens, device, cache)
             for row, i in enumerate(idx):
                 out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
@@ -138,7 +142,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
 
 
 def _generate_batch(model: PreTrainedModel, encoded: list[list[int]], pad_id: int, eos_id: Any,
-                    max_new_tokens: int, device: torch.device) -> tuple[torch.Tensor, int]:
+                    max_new_tokens: int, device: torch.device, cache: str = "dynamic") -> tuple[torch.Tensor, int]:
     """One left-padded batch through model.generate: (prompt + generated ids on the host, prompt width)."""
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
@@ -147,5 +151,6 @@ def _generate_batch(model: PreTrainedModel, encoded: list[list[int]], pad_id: in
         ids[row, width - len(e):] = torch.tensor(e)
         mask[row, width - len(e):] = 1
     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                         **({"cache_implementation": "static", "disable_compile": True} if cache == "static" else {}))
     return gen.cpu(), width

@@ -69,11 +69,12 @@ def _check_method_needs(cfg: StageConfig, where: str) -> None:
         if known and unknown:
             raise InputError(f"{where}.preference.loss_type: {', '.join(map(repr, unknown))} not a trl DPO loss "
                              f"type; known: {', '.join(sorted(known))}")
-    needs = {"bitsandbytes": method.adapter == "qlora", "deepspeed": bool(cfg.deepspeed.zero_stage)}
+    needs = {"bitsandbytes": method.adapter == "qlora", "deepspeed": bool(cfg.deepspeed.zero_stage),
+             "liger_kernel": cfg.train.liger_kernels}
     for package, needed in needs.items():
         if needed and importlib.util.find_spec(package) is None:
             raise InputError(f"{where}: method {cfg.method} with these settings needs {package}, which is not "
-                             f"installed (pip install {package})")
+                             f"installed (pip install {package.replace('_', '-')})")
 
 
 class _Stages:

@@ -24,7 +24,8 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ class StageRun:
     label: str = ""
     checkpoint_every: int | None = None  # optimizer steps between resumable checkpoints in OUT/trainer
     parent_model: Any | None = None      # the parent already in memory (its lineage's model); consumed
+    callbacks: list[Any] = field(default_factory=list)  # extra TrainerCallbacks (bench/bench_gpu.py's step clock)
 
 
 # ---- data ----------------------------------------------------------------------------------------------
@@ -168,7 +170,7 @@ def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_exa
         save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500, save_total_limit=1,
         data_seed=seed, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
-        deepspeed=_deepspeed_config(cfg), max_length=t.max_length,
+        deepspeed=_deepspeed_config(cfg), max_length=t.max_length, use_liger_kernel=t.liger_kernels,
         warmup_steps=_warmup_steps(cfg, n_examples),
     )
     from transformers import TrainingArguments
@@ -223,6 +225,9 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     match_threads()
     reset_peak_memory(device())
     seed_everything(run.seed)
+    if cfg.train.liger_kernels and not torch.cuda.is_available():
+        raise InputError("train.liger_kernels: Liger's kernels are Triton kernels for CUDA devices, and this "
+                         "worker has none; set it to false")
     pairs = run.pairs if run.pairs is not None else stage_pairs(cfg, run.seed)
     if not pairs:
         raise InputError(f"{cfg.data.source}: no training rows")
@@ -251,7 +256,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     dataset = _dataset(method.objective, pairs, run.direction, tok, cfg)
     args = _training_args(method.objective, cfg, run.out_dir, run.seed, len(pairs), run.checkpoint_every)
     label = run.label or f"{run.direction} {cfg.method}"
-    callbacks = _callbacks(label, run.progress, model if method.adapter == "adalora" else None)
+    callbacks = _callbacks(label, run.progress, model if method.adapter == "adalora" else None) + run.callbacks
     trainer = _trainer(method.objective, model, args, dataset, tok, callbacks)
     from transformers.trainer_callback import PrinterCallback
 
@@ -368,6 +373,13 @@ def _last_checkpoint(trainer_dir: Path) -> Path | None:
 
 
 def _trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, callbacks: list[Any]) -> Any:
+    with warnings.catch_warnings():
+        # trl 1.16 points use_liger_kernel users to Hub kernels, which are downloaded: not an option offline
+        warnings.filterwarnings("ignore", message="`use_liger_kernel=True` is deprecated", category=FutureWarning)
+        return _make_trainer(objective, model, args, dataset, tok, callbacks)
+
+
+def _make_trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, callbacks: list[Any]) -> Any:
     if objective == "sft":
         from trl import SFTTrainer
 
