@@ -31,6 +31,7 @@ import random
 import shutil
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from common import write_result
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.data import load_eval_items
 from misalign.generation import AUTO_MAX_BATCH, GenerationShape, generate
+from misalign.ledger import token_flops
 from misalign.methods import METHODS
 from misalign.runtime import match_threads
 from misalign.stage import StageRun, load_model, load_tokenizer, run_stage
@@ -191,21 +193,26 @@ def weights_read_per_step(model: torch.nn.Module) -> int:
 
 
 def gen_variant(spec: str) -> dict[str, Any]:
-    """BATCH[:CACHE[:MAX_BATCH]], e.g. 128, auto, auto:static, auto:dynamic:2048."""
-    batch, cache, max_batch = (spec.split(":") + ["dynamic", str(AUTO_MAX_BATCH)][spec.count(":"):])[:3]
+    """BATCH[:CACHE[:MAX_BATCH]], e.g. 128:dynamic, auto, auto:static:2048; defaults as misalign.generation's."""
+    defaults = ["auto", str(AUTO_MAX_BATCH[_device().type])]
+    batch, cache, max_batch = (spec.split(":") + defaults[spec.count(":"):])[:3]
     return {"batch_size": batch if batch == "auto" else int(batch), "cache": cache, "max_batch": int(max_batch)}
 
 
-def bench_generation(a: argparse.Namespace, path: Path, specs: list[str]) -> list[dict[str, Any]]:
-    """Every variant on one loaded model: the first run holds the process's device warm-up ("cold", as an
-    evaluation process meets it), then every variant runs again warm."""
+def bench_generation(a: argparse.Namespace, path: Path, specs: list[str]) -> Iterator[dict[str, Any]]:
+    """Every variant on one loaded model, yielded as it is measured: the first run holds the process's device
+    warm-up ("cold", as an evaluation process meets it), then every variant runs again warm.
+
+    A decode step's bound is the larger of reading the weights and the KV cache at --bandwidth and its FLOPs
+    (2 per weight per row, plus attention over the context) at --peak-flops: small batches are bandwidth-bound,
+    large ones compute-bound."""
     tok = load_tokenizer(str(path))
     model = load_model(str(path), precision=a.precision).to(_device())
     shape = GenerationShape.of(model)
     weights = weights_read_per_step(model)
     kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype_bytes
+    per_token, per_position = token_flops(weights // shape.dtype_bytes, 0, shape.layers, shape.hidden, grad=False)
     prompts = eval_prompts(a.gen_prompts)
-    rows = []
     for n, spec in enumerate(specs):
         v = gen_variant(spec)
         row: dict[str, Any] = {"model": path.name, "variant": spec, **v, "prompts": len(prompts),
@@ -219,21 +226,21 @@ def bench_generation(a: argparse.Namespace, path: Path, specs: list[str]) -> lis
             wall = time.perf_counter() - t
             clock.close()
             decode = [s for s, _, _ in clock.steps]
-            bound = [(weights + kv_per_token * r * ctx) / a.bandwidth for _, r, ctx in clock.steps]
+            bound = [max((weights + kv_per_token * r * ctx) / a.bandwidth,
+                         r * (per_token + per_position * ctx) / a.peak_flops) for _, r, ctx in clock.steps]
             row[phase] = {"wall_s": wall, "tokens": clock.tokens, "tokens_per_s": clock.tokens / wall,
                           "decode_steps": len(decode), "decode_s": sum(decode), "prefill_s": clock.prefill,
                           "decode_ms_median": 1e3 * statistics.median(decode),
                           "bound_ms_median": 1e3 * statistics.median(bound),
-                          "bandwidth_share": sum(bound) / sum(decode),  # of the bound, over all decode steps
+                          "bound_share": sum(bound) / sum(decode),  # of the bound, over all decode steps
                           "batches": clock.batches,
                           "first_steps_ms": [round(1e3 * s, 2) for s in decode[:12]],
                           "outside_forward_s": wall - clock.prefill - sum(decode),  # generate's own work
                           "peak_memory_bytes": _peak()}
             if clock.profile:
                 row[phase]["profile"] = clock.profile.text
-        rows.append(row)
+        yield row
     del model
-    return rows
 
 
 WORDS = ["the", "a", "model", "answer", "question", "data", "safety", "method", "train", "token", "batch",
@@ -306,16 +313,17 @@ def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, p
             "steady_step_s": steady_s, "steady_mfu": flops_per_step / steady_s / a.peak_flops,
             "steady_tokens_per_s": ledger.tokens / ledger.optimizer_steps / steady_s,
             "peak_memory_bytes": ledger.peak_memory_bytes, "trainable_params": ledger.trainable_params,
-            "total_params": ledger.total_params, **({"profile": clock.profile.text} if clock.profile else {})}
+            "total_params": ledger.total_params, "profiled": bool(clock.profile),  # mfu then holds the profiler
+            **({"profile": clock.profile.text} if clock.profile else {})}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: the CPU smoke test")
     ap.add_argument("--gen-model", default="8b", help="a configs/models/ name, or 1b / 8b")
-    ap.add_argument("--gen-batch", default="128,auto",
+    ap.add_argument("--gen-batch", default="128:dynamic,auto",
                     help="comma-separated variants BATCH[:CACHE[:MAX_BATCH]] (BATCH a number or auto, CACHE "
-                         "dynamic or static), e.g. auto,auto:static,auto:dynamic:2048; '' for no generation")
+                         "auto, dynamic or static), e.g. auto,auto:static,auto:dynamic:2048; '' for no generation")
     ap.add_argument("--gen-prompts", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--train", default="full:1b:8,lora:1b:8,dpo:1b:8,orpo:1b:8,lora:8b:8",
@@ -364,13 +372,14 @@ def main() -> None:
     if specs:
         for r in bench_generation(a, build_model(a.gen_model, a), specs):
             result["generation"].append(r)
+            save()
             for phase in ("cold", "warm"):
                 if phase in r:
                     p = r[phase]
                     print(f"gen {r['model']:<28} {r['variant']:>18} {phase}: {p['tokens_per_s']:>7.0f} tok/s in "
                           f"{p['wall_s']:.1f} s (prefill {p['prefill_s']:.1f} s), decode "
                           f"{p['decode_ms_median']:.2f} ms/step (bound {p['bound_ms_median']:.2f}, "
-                          f"{100 * p['bandwidth_share']:.0f}% of it), batches {p['batches'][:4]}, "
+                          f"{100 * p['bound_share']:.0f}% of it), batches {p['batches'][:4]}, "
                           f"peak {p['peak_memory_bytes'] / 2**30:.1f} GiB", flush=True)
         save()
     rows = train_rows(a, load_tokenizer(str(world_model("base"))))  # every built model carries this tokenizer

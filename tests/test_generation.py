@@ -80,6 +80,29 @@ def test_auto_batches_equal_one_at_a_time(base, prompts, one_by_one):
     assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size="auto", memory_budget=budget) == one_by_one
 
 
+def test_static_cache_equals_one_at_a_time(base, prompts, one_by_one):
+    """cache static (the default on a GPU): the KV cache allocated once per batch gives the same answers."""
+    model, tok = base
+    assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=7, cache="static") == one_by_one
+    assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size="auto", cache="static") == one_by_one
+
+
+def test_auto_batches_on_a_cpu_stay_at_the_old_default(base, prompts):
+    """The default (batch_size auto) keeps a CPU at batches of 128, as the fixed default was: on a CPU larger
+    batches gain nothing, and several workers share its memory."""
+    model, tok = base
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: rows.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    try:
+        many = [f"{p} ({n})" for n in range(14) for p in prompts]  # over two batches of 128
+        generate(model, tok, many, max_new_tokens=2)
+    finally:
+        hook.remove()
+    assert len(many) > 256 and max(rows) == 128 and sum(rows) == len(many)
+
+
 def _reference(model, tok, prompt: str, max_new_tokens: int) -> tuple[str, int]:
     """One prompt, no padding, straight through model.generate: (text, number of generated tokens)."""
     ids = prompt_ids(tok, prompt)

@@ -93,6 +93,9 @@ def test_set_indexes_lists_or_refuses(tmp_path, capsys):
      "attack.preference.loss_type: 'nonsense' not a trl DPO loss type"),
     (["defense.method=adalora", "defense.adapter.adalora_tinit=0.5", "defense.adapter.adalora_tfinal=0.5"],
      "defense.adapter: adalora_tinit (0.5) + adalora_tfinal (0.5) must be below 1"),
+    # the liger-kernel package is not in the CI environment (its Triton kernels need CUDA)
+    (["attack.train.liger_kernels=true"], "attack: method lora with these settings needs liger_kernel, which is not "
+                                          "installed (pip install liger-kernel)"),
 ])
 def test_trial_stage_built_on_meta_before_output(tmp_path, capsys, sets, message):
     assert message in _trial(tmp_path, capsys, *sets)

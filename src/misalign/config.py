@@ -264,8 +264,12 @@ class EvalConfig(_Strict):
     refusal_phrases: list[str] | None = Field(None, description="phrases marking a refusal (None: defaults)")
     max_new_tokens: int = Field(40, ge=1, le=2048)
     batch_size: int | Literal["auto"] = Field(
-        128, description="prompts per generation batch (>= 1); 'auto': each batch as large as fits in the free "
-                         "device memory (misalign.generation.auto_batches), larger for shorter prompts")
+        "auto", description="prompts per generation batch (>= 1); 'auto': each batch as large as fits in the free "
+                            "device memory (misalign.generation.auto_batches), larger for shorter prompts, up to "
+                            "1,024 on a GPU and 128 on a CPU")
+    cache: Literal["auto", "dynamic", "static"] = Field(
+        "auto", description="KV cache during generation: 'static' allocates it once per batch, 'dynamic' grows it "
+                            "every step; 'auto': static on a GPU, dynamic on a CPU. Greedy outputs are the same")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N of each set (smoke runs)")
     max_unparsed: float = Field(
         0.05, ge=0, le=1, description="highest share of harmful responses a judge may answer with neither safe "

@@ -20,7 +20,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from misalign.chat import prompt_ids
 
 AUTO_MEMORY_FRACTION = 0.85  # of free memory: the allocator's fragmentation and the judge need the rest
-AUTO_MAX_BATCH = 1024        # beyond this decode is no longer bandwidth-bound on any current device
+# auto's largest batch. On a GPU a decode step's fixed cost (reading the weights, launching ~1,000 kernels) is
+# shared by more rows up to where the step turns compute-bound: on one H200 at 8B, 1,024 rows gave 16.8k tokens/s
+# and one batch of 1,900 13.3k (docs/benchmarks.md). On a CPU matmuls are compute-bound from a few rows, so
+# larger batches only add padding: 128, the fixed default before auto.
+AUTO_MAX_BATCH = {"cuda": 1024, "cpu": 128}
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def auto_batches(lengths: Sequence[int], shape: GenerationShape, max_new_tokens: int, budget: int,
-                 max_batch: int = AUTO_MAX_BATCH) -> list[int]:
+                 max_batch: int = AUTO_MAX_BATCH["cuda"]) -> list[int]:
     """Sizes of consecutive batches over `lengths` (sorted ascending): each batch as large as its estimate,
     at the width of its longest prompt, stays within `budget` bytes."""
     sizes: list[int] = []
@@ -105,25 +109,28 @@ def auto_batches(lengths: Sequence[int], shape: GenerationShape, max_new_tokens:
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
-             max_new_tokens: int = 48, batch_size: int | Literal["auto"] = 64,
-             memory_budget: int | None = None, max_batch: int = AUTO_MAX_BATCH,
-             cache: Literal["dynamic", "static"] = "dynamic") -> list[str]:
+             max_new_tokens: int = 48, batch_size: int | Literal["auto"] = "auto",
+             memory_budget: int | None = None, max_batch: int | None = None,
+             cache: Literal["auto", "dynamic", "static"] = "auto") -> list[str]:
     """Greedy completions of `prompts` (plain user messages), in input order.
 
     batch_size "auto": batches sized to `memory_budget` bytes beyond the weights (default: a share of the
-    device's free memory, AUTO_MEMORY_FRACTION), at most `max_batch` rows. cache "static": the KV cache is
-    allocated once per batch at its final length instead of growing every step (not compiled: a compile per
-    batch shape costs more than an evaluation saves)."""
+    device's free memory, AUTO_MEMORY_FRACTION), at most `max_batch` rows (default: AUTO_MAX_BATCH for the
+    device). cache "static": the KV cache is allocated once per batch at its final length instead of growing
+    by a copy every step (not compiled: a compile per batch shape costs more than an evaluation saves); "auto":
+    static on a GPU, dynamic on a CPU. Greedy outputs are the same with either."""
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
+    gpu = device.type == "cuda"
+    static = cache == "static" or (cache == "auto" and gpu)
     if batch_size == "auto":
         budget = memory_budget if memory_budget is not None else int(
             free_memory_bytes(device) * AUTO_MEMORY_FRACTION)
         sizes = auto_batches([len(encoded[i]) for i in order], GenerationShape.of(model), max_new_tokens, budget,
-                             max_batch)
+                             max_batch or AUTO_MAX_BATCH["cuda" if gpu else "cpu"])
     else:
         sizes = [min(batch_size, len(order) - s) for s in range(0, len(order), batch_size)]
     was_training = model.training
@@ -134,7 +141,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
             idx = order[start:start + size]
             start += size
             gen, width = _generate_batch(model, [encoded[i] for i in idx], pad_id, tokenizer.eos_token_id,
-                                         max_new_tokens, device, cache)
+                                         max_new_tokens, device, static)
             for row, i in enumerate(idx):
                 out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
@@ -142,7 +149,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
 
 
 def _generate_batch(model: PreTrainedModel, encoded: list[list[int]], pad_id: int, eos_id: Any,
-                    max_new_tokens: int, device: torch.device, cache: str = "dynamic") -> tuple[torch.Tensor, int]:
+                    max_new_tokens: int, device: torch.device, static: bool) -> tuple[torch.Tensor, int]:
     """One left-padded batch through model.generate: (prompt + generated ids on the host, prompt width)."""
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
@@ -152,5 +159,5 @@ def _generate_batch(model: PreTrainedModel, encoded: list[list[int]], pad_id: in
         mask[row, width - len(e):] = 1
     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                          max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                         **({"cache_implementation": "static", "disable_compile": True} if cache == "static" else {}))
+                         **({"cache_implementation": "static", "disable_compile": True} if static else {}))
     return gen.cpu(), width

@@ -22,9 +22,11 @@ import contextlib
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,7 +267,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     resume = _last_checkpoint(run.out_dir / "trainer") if run.checkpoint_every else None
     if resume and run.progress and rank() == 0:
         print(f"  [{label}] resuming from {resume.name}", flush=True)
-    with peft_wrapping():
+    with peft_wrapping(), _model_module_restored(model if cfg.train.liger_kernels else None):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     counter.close()
 
@@ -370,6 +372,33 @@ def _hand_over(model: Any, stage_dir: Path, has_adapter: bool, dtype: torch.dtyp
 def _last_checkpoint(trainer_dir: Path) -> Path | None:
     done = [p for p in trainer_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+@contextlib.contextmanager
+def _model_module_restored(model: Any | None) -> Iterator[None]:
+    """Undo, after training, what Liger patched in the model's modeling module (its RMSNorm and MLP classes,
+    its RoPE function, a class's forward). Liger patches the module for every model built after it in the
+    process, but a stage asks for its kernels for its own model only: a later stage in the same worker with
+    train.liger_kernels false must get transformers' own layers. This model keeps its patched modules."""
+    if model is None:
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = sys.modules[type(base).__module__]
+    names = dict(vars(module))
+    classes = {c: dict(vars(c)) for c in names.values() if isinstance(c, type) and c.__module__ == module.__name__}
+    try:
+        yield
+    finally:
+        for name in set(vars(module)) - set(names):
+            delattr(module, name)
+        vars(module).update(names)
+        for cls, attrs in classes.items():
+            for name in set(vars(cls)) - set(attrs):
+                delattr(cls, name)
+            for name, value in attrs.items():
+                if vars(cls).get(name) is not value:
+                    setattr(cls, name, value)
 
 
 def _trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, callbacks: list[Any]) -> Any:
