@@ -131,18 +131,24 @@ class Profile:
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         self._prof = profile(activities=acts)
-        self.text = ""
+        self.stopped = False
 
     def start(self) -> None:
         _sync()
         self._prof.start()
 
-    def stop(self) -> str:
+    def stop(self) -> None:
         _sync()
         self._prof.stop()
+        self.stopped = True
+
+    @property
+    def text(self) -> str:
+        """The top 25 operators by device time (host time on a CPU); built on demand, outside any timed window."""
+        if not self.stopped:
+            return ""
         by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        self.text = self._prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60)
-        return self.text
+        return self._prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60)
 
 
 class StepClock:
@@ -157,28 +163,32 @@ class StepClock:
         self.batches: list[int] = []  # rows of each generate batch, in order
         self.tokens = 0
         self._t = 0.0
+        self._context = 0
         self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
                          model.register_forward_hook(self._post, with_kwargs=True)]
 
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        if self.profile and len(self.steps) == self._profile_steps.start and not self.profile.text:
+        if self.profile and len(self.steps) == self._profile_steps.start and not self.profile.stopped:
             self.profile.start()
         _sync()
         self._t = time.perf_counter()
 
     def _post(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         _sync()
-        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        ids = kwargs["input_ids"]
         self.tokens += ids.shape[0]  # each forward of generate yields one token per row
         seconds = time.perf_counter() - self._t
         if ids.shape[1] == 1:
-            context = mask.shape[1] if mask is not None else 0
-            self.steps.append((seconds, ids.shape[0], context))
-            if self.profile and len(self.steps) == self._profile_steps.stop and not self.profile.text:
+            # the context this step attends over: the batch's prompt width plus the tokens generated so far (the
+            # forward's own mask says nothing with a static cache, whose mask spans the whole cache)
+            self._context += 1
+            self.steps.append((seconds, ids.shape[0], self._context))
+            if self.profile and len(self.steps) == self._profile_steps.stop and not self.profile.stopped:
                 self.profile.stop()
         else:
             self.prefill += seconds
             self.batches.append(ids.shape[0])
+            self._context = ids.shape[1]
 
     def close(self) -> None:
         for h in self._handles:
@@ -271,9 +281,14 @@ class StepTimes:
         from transformers import TrainerCallback
 
         times = self.times = []
+        begin = self.begin = []
         self.profile = profile = Profile() if profile_last else None
 
         class _Clock(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                _sync()
+                begin.append(time.perf_counter())
+
             def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 if profile and state.global_step == state.max_steps - profile_last:
                     profile.start()
@@ -306,12 +321,15 @@ def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, p
     k = min(a.warm_steps, len(t) - 2)
     steady_s = (t[-1] - t[k]) / (len(t) - 1 - k)  # seconds per step after the first k + 1
     flops_per_step = ledger.flops / ledger.optimizer_steps  # rows are the same length: steps cost the same
+    # from the start of training to the last unprofiled step: the stage's own warm-up included, the profiler not
+    loop_s = t[-1] - clock.begin[0]
     return {"model": path.name, "method": method, "batch_size": batch, "packing": packing, "liger": liger,
             "steps": ledger.optimizer_steps, "tokens": ledger.tokens, "ref_tokens": ledger.ref_tokens,
             "flops": ledger.flops, "train_s": train_s, "stage_wall_s": ledger.wall_s,
             "tokens_per_s": ledger.tokens / train_s, "mfu": ledger.flops / train_s / a.peak_flops,
             "steady_step_s": steady_s, "steady_mfu": flops_per_step / steady_s / a.peak_flops,
             "steady_tokens_per_s": ledger.tokens / ledger.optimizer_steps / steady_s,
+            "first_step_s": clock.times[0] - clock.begin[0], "loop_mfu": flops_per_step * len(t) / loop_s / a.peak_flops,
             "peak_memory_bytes": ledger.peak_memory_bytes, "trainable_params": ledger.trainable_params,
             "total_params": ledger.total_params, "profiled": bool(clock.profile),  # mfu then holds the profiler
             **({"profile": clock.profile.text} if clock.profile else {})}

@@ -18,20 +18,22 @@ b() { # NAME SECONDS ARGS...: one bench process; its lines go to the shared log
 }
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
 case ${1:-levers} in
-levers) # the levers, one against another (the first GPU call of issue 13)
-  # 1. evaluation, the issue's goal: 8B, 1,900 prompts x 100 new tokens, warm-up included ("cold"). The
-  #    allocator's expandable segments are one of the levers (set before CUDA starts: an environment variable)
-  export PYTORCH_ALLOC_CONF=expandable_segments:True
-  b gen-dynamic 150 --gen-model 8b --gen-batch auto,auto:dynamic:2048 --gen-prompts 1900 --new-tokens 100 \
-    --train '' --profile
-  b gen-static 110 --gen-model 8b --gen-batch auto:static,auto:static:2048 --gen-prompts 1900 --new-tokens 100 \
-    --train '' --profile
-  # 2. training on the issue's 512-token rows, 1.24B: full SFT at batch 8 and 16, DPO and ORPO, without and
-  #    with Liger's kernels; steady MFU over steps 5-10 of 12 (the last 2 are profiled)
-  b train-1b 180 --gen-batch '' --train full:1b:8,full:1b:16,dpo:1b:8,orpo:1b:8 --liger off,on --steps 12 \
-    --warm-steps 4 --profile
+levers) # defaults and levers, one against another
+  # 1. evaluation, the issue's goal: 8B, 1,900 prompts x 100 new tokens, warm-up included ("cold"), at the
+  #    defaults (batch auto, static cache on a GPU), then the dynamic cache warm
+  b gen-default 150 --gen-model 8b --gen-batch auto,auto:dynamic --gen-prompts 1900 --new-tokens 100 --train '' \
+    --profile
+  # 2. training on the issue's 512-token rows, 1.24B: full SFT, DPO and ORPO at batch 8 and 16, without and with
+  #    Liger's kernels; steady MFU over steps 5-10 of 12 (the last 2 are profiled)
+  b train-1b 200 --gen-batch '' --train full:1b:8,full:1b:16,dpo:1b:8,dpo:1b:16,orpo:1b:8,orpo:1b:16 \
+    --liger off,on --steps 12 --warm-steps 4 --profile
   # 3. 8B LoRA (all linear layers, r 16), batch 8, no gradient checkpointing
   b train-8b 90 --gen-batch '' --train lora:8b:8 --liger off,on --steps 10 --warm-steps 3 --profile
+  # 4. "before": the evaluation default before issue 13 (batch 128, dynamic cache), on 512 prompts
+  b gen-before 55 --gen-model 8b --gen-batch 128:dynamic --gen-prompts 512 --new-tokens 100 --train ''
+  # 5. packing on rows of 128-512 tokens: padded against padding-free and packed
+  b train-packing 40 --gen-batch '' --train full:1b:8 --packing none,padding_free,bfd --row-min 128 --steps 12 \
+    --warm-steps 4
   ;;
 *) echo "usage: gpu_check.sh [levers]" >&2; exit 2 ;;
 esac

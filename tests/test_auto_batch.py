@@ -102,7 +102,8 @@ def test_auto_batches_cover_every_prompt_and_respect_the_budget():
 
 def test_eval_batch_size_auto_in_config():
     assert EvalConfig(batch_size="auto").batch_size == "auto"
-    assert EvalConfig().batch_size == 128
+    assert EvalConfig().batch_size == "auto" and EvalConfig().cache == "auto"  # the defaults since issue 13
+    assert EvalConfig(batch_size=128).batch_size == 128
     for bad in (0, "big"):
         with pytest.raises(ValidationError):
             EvalConfig(batch_size=bad)

@@ -42,7 +42,8 @@ def test_bench_gpu_tiny_writes_every_field(tmp_path, world):
                      ("dpo", "none"), ("orpo", "none")}
     for t in r["training"]:
         for key in ("steps", "tokens", "flops", "train_s", "stage_wall_s", "tokens_per_s", "mfu", "steady_step_s",
-                    "steady_mfu", "steady_tokens_per_s", "peak_memory_bytes", "trainable_params", "total_params"):
+                    "steady_mfu", "steady_tokens_per_s", "first_step_s", "loop_mfu", "peak_memory_bytes",
+                    "trainable_params", "total_params"):
             assert t[key] > 0, (t["method"], t["packing"], key)
         assert t["train_s"] < t["stage_wall_s"]  # the training window, not the whole stage
         assert t["mfu"] == t["flops"] / t["train_s"] / 989e12
