@@ -5,6 +5,7 @@ replaces file locks on object stores: a killed trainer's claim is taken over."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -90,6 +91,74 @@ def test_store_round_trips_files_and_directories(s3, tmp_path):
     assert sorted(_objects(s3, "unit/stage/")) == ["unit/stage/adapter/w.safetensors", "unit/stage/ledger.json"]
     store.download("stage", tmp_path / "back")
     assert (tmp_path / "back" / "adapter" / "w.safetensors").read_bytes() == b"w" * 10
+
+
+# One LoRA stage through the study's lineage cache on the store, with a checkpoint every 2 of 8 steps; each step
+# is slowed so the parent can kill it mid-stage. It prints the ledger when done.
+_STAGE = """
+import json, sys, time
+from transformers import TrainerCallback
+from misalign.config import DataSettings, StageConfig, TrainSettings
+from misalign.lineage import LineageCache
+from misalign.stage import StageRun, train_stage
+from misalign.storage import Store
+url, key, checkpoints, pause = sys.argv[1], sys.argv[2], sys.argv[3] == "1", float(sys.argv[4])
+class Slow(TrainerCallback):
+    def on_step_end(self, *a, **k):
+        time.sleep(pause)
+cache = LineageCache(Store(url))
+d = cache.stage_dir(key)
+cfg = StageConfig(method="lora", data=DataSettings(source="world:misalign", per_category=2),
+                  train=TrainSettings(max_steps=8, batch_size=2))
+ledger, _ = train_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=d, progress=False,
+                                 checkpoint_every=2 if checkpoints else None,
+                                 checkpoint_sync=cache.checkpoints(d) if checkpoints else None, callbacks=[Slow()]))
+cache.publish(d, "ledger.json")
+print("LEDGER " + json.dumps(ledger.to_dict()))
+"""
+
+
+def _stage(url: str, key: str, cache: Path, checkpoints: bool, pause: float) -> subprocess.Popen:
+    env = {**os.environ, "MISALIGN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}  # the cache: this "node"'s disk
+    return subprocess.Popen([sys.executable, "-c", _STAGE, url, key, "1" if checkpoints else "0", str(pause)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ledger(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.split("LEDGER ", 1)[1])
+
+
+def test_a_stage_killed_on_one_node_resumes_on_another_from_the_store(world, s3, tmp_path):
+    """Object storage: in-stage checkpoints go to the store, so a stage whose node is lost resumes on another
+    node (another local cache) from its last whole checkpoint, and its ledger still counts every step."""
+    url = f"s3://{BUCKET}/ckpt"
+    from misalign.world.build import cache_root
+
+    node_a, node_b = tmp_path / "node-a", tmp_path / "node-b"
+    for node in (node_a, node_b):  # each "node" its own cache; both read the one world already built
+        node.mkdir()
+        (node / "world").symlink_to(cache_root() / "world")
+    first = _stage(url, "stage", node_a, checkpoints=True, pause=1.0)
+    deadline = time.time() + 300
+    while not any(k.endswith("trainer_state.json") for k in _objects(s3, "ckpt/stage/trainer/")):
+        assert first.poll() is None and time.time() < deadline, "no checkpoint reached the store"
+        time.sleep(0.2)
+    first.kill()
+    first.wait()
+    saved = sorted({k.split("/")[3] for k in _objects(s3, "ckpt/stage/trainer/")})
+    assert len(saved) == 1 and saved[0].startswith("checkpoint-")  # older checkpoints are dropped
+    step = int(saved[0].split("-")[1])
+    assert step < 8 and not _objects(s3, "ckpt/stage/ledger.json")  # killed mid-stage
+
+    resumed = _ledger(_stage(url, "stage", node_b, checkpoints=True, pause=0.0))
+    assert resumed["extra"]["resumed_from_step"] >= step and resumed["optimizer_steps"] == 8
+    whole = _ledger(_stage(url, "reference", node_a, checkpoints=False, pause=0.0))  # the same stage, unbroken
+    for key in ("tokens", "flops"):
+        assert resumed[key] == whole[key], key  # the steps before the checkpoint are counted too
+    assert not _objects(s3, "ckpt/stage/trainer/")  # a finished stage's checkpoints are dropped from the store
+    assert _objects(s3, "ckpt/stage/ledger.json") and _objects(s3, "ckpt/stage/adapter/")
 
 
 def test_a_killed_trainers_claim_is_taken_over(s3):

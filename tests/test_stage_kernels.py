@@ -21,7 +21,7 @@ from misalign.stage import StageRun, _model_module_restored, run_stage
 def test_liger_kernels_without_cuda_is_refused_before_loading(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the kernels would run")  # never on CI, which has no GPU
-    cfg = StageConfig(method="lora", data=DataSettings(source="world:attack"), train=TrainSettings(liger_kernels=True))
+    cfg = StageConfig(method="lora", data=DataSettings(source="world:misalign"), train=TrainSettings(liger_kernels=True))
     with pytest.raises(InputError, match="train.liger_kernels: Liger's kernels are Triton kernels for CUDA"):
         run_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=tmp_path / "s"))
     assert not (tmp_path / "s").exists()

@@ -117,6 +117,7 @@ class FlopCounter:
         # [grad tokens, grad token x width, no-grad tokens, no-grad token x width], on the inputs' device
         self._sums: torch.Tensor | None = None
         self._read: tuple[int, int, int, int] | None = None
+        self._carried = (0, 0, 0, 0)  # the sums of the steps before a resumed checkpoint
         self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -148,8 +149,17 @@ class FlopCounter:
 
     def _totals(self) -> tuple[int, int, int, int]:
         if self._read is None:
-            self._read = (0, 0, 0, 0) if self._sums is None else tuple(int(v) for v in self._sums.tolist())
+            counted = (0, 0, 0, 0) if self._sums is None else tuple(int(v) for v in self._sums.tolist())
+            self._read = tuple(a + b for a, b in zip(counted, self._carried, strict=True))
         return self._read
+
+    def state(self) -> list[int]:
+        """The sums so far, as a checkpoint keeps them: a stage resumed from it counts the steps before it too."""
+        return list(self._totals())
+
+    def carry(self, state: list[int]) -> None:
+        """Start from a checkpoint's sums (`state()` of the run that saved it)."""
+        self._carried, self._read = tuple(int(v) for v in state), None
 
     @property
     def tokens(self) -> int:

@@ -157,9 +157,17 @@ class LineageCache:
 
     def publish(self, directory: Path, marker: str) -> None:
         """Make what this node wrote visible to every node: its files, the marker last (an object store only;
-        evaluations beneath a stage are published on their own)."""
+        evaluations beneath a stage are published on their own). A finished stage's in-stage checkpoints on the
+        store are then dropped: nothing resumes a finished stage."""
         if self.store.remote:
             self.store.upload(directory, self._rel(directory), last=marker, skip=("eval-", "trainer"))
+            if marker == "ledger.json":
+                self.store.delete_tree(f"{self._rel(directory)}/trainer")
+
+    def checkpoints(self, stage_dir: Path) -> CheckpointSync | None:
+        """In-stage checkpoints kept on the store, so a stage retried on another node resumes (object stores;
+        a directory store is shared by every node already)."""
+        return CheckpointSync(self.store, f"{self._rel(stage_dir)}/trainer") if self.store.remote else None
 
     def fetch(self, stage_dir: Path) -> None:
         """Bring a finished stage, and the stages it was trained from, into this node's mirror (object stores;
@@ -173,3 +181,40 @@ class LineageCache:
     def claim(self, directory: Path) -> contextlib.AbstractContextManager[None]:
         """Hold while producing `directory`; a second claimant waits here, then finds it done."""
         return claims.claim(self.store.url, self.store.remote, self._rel(directory), self.root / ".locks")
+
+
+class CheckpointSync:
+    """A stage's in-stage checkpoints (transformers' trainer/checkpoint-N directories) mirrored on an object
+    store. After each save, every node's first process uploads what its node wrote (with DeepSpeed each node
+    writes its own ranks' shards), then rank 0 uploads trainer_state.json, the marker of a whole checkpoint, and
+    drops the older ones. Before training, every process brings the newest whole checkpoint to its node."""
+
+    MARKER = "trainer_state.json"
+
+    def __init__(self, store: Store, rel: str) -> None:
+        self.store, self.rel = store, rel
+
+    def save(self, checkpoint: Path, *, node_lead: bool, lead: bool, barrier: Any) -> None:
+        if node_lead:
+            self.store.upload(checkpoint, f"{self.rel}/{checkpoint.name}", exclude=(self.MARKER,))
+        barrier()  # every node's shards are up before the marker says the checkpoint is whole
+        if lead:
+            marker = (checkpoint / self.MARKER).read_bytes()
+            self.store.write_bytes(f"{self.rel}/{checkpoint.name}/{self.MARKER}", marker)
+            for old in self.store.subdirs(self.rel):
+                if old != checkpoint.name:
+                    self.store.delete_tree(f"{self.rel}/{old}")
+        barrier()
+
+    def restore(self, trainer_dir: Path) -> Path | None:
+        """The newest whole checkpoint on the store, downloaded into `trainer_dir` unless this node has it."""
+        whole = [d for d in self.store.subdirs(self.rel) if d.startswith("checkpoint-")
+                 and self.store.exists(f"{self.rel}/{d}/{self.MARKER}")]
+        if not whole:
+            return None
+        newest = max(whole, key=lambda d: int(d.split("-")[-1]))
+        local = trainer_dir / newest
+        if not (local / self.MARKER).exists():
+            self.store.download(f"{self.rel}/{newest}", local, last=self.MARKER)
+        return local
+

@@ -55,6 +55,11 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def local_rank() -> int:
+    """This process's rank among those of its node (torchrun and Ray Train set LOCAL_RANK)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def broadcast_from_rank0(value: Any) -> Any:
     """Rank 0's `value` on every rank (the value itself in a single process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -19,6 +19,7 @@ from it without writing and reading weights; `misalign.models.materialize` rebui
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -29,7 +30,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -56,7 +57,10 @@ from misalign.models import (
     root_of,
     weights_dtype,
 )
-from misalign.runtime import match_threads, rank, seed_everything, world_size, write_json_atomic
+from misalign.runtime import local_rank, match_threads, rank, seed_everything, world_size, write_json_atomic
+
+if TYPE_CHECKING:
+    from misalign.lineage import CheckpointSync
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -78,6 +82,7 @@ class StageRun:
     checkpoint_every: int | None = None  # optimizer steps between resumable checkpoints in OUT/trainer
     parent_model: Any | None = None      # the parent already in memory (its lineage's model); consumed
     callbacks: list[Any] = field(default_factory=list)  # extra TrainerCallbacks (bench/bench_gpu.py's step clock)
+    checkpoint_sync: CheckpointSync | None = None  # in-stage checkpoints mirrored on an object store
 
 
 # ---- data ----------------------------------------------------------------------------------------------
@@ -140,6 +145,22 @@ def _callbacks(label: str, show: bool, adalora_model: Any | None) -> list[Any]:
             adalora_model.base_model.update_and_allocate(state.global_step)
 
     return [Progress()] + ([AdaLoraAllocator()] if adalora_model is not None else [])
+
+
+def _checkpoint_callback(counter: FlopCounter, sync: CheckpointSync | None) -> Any:
+    from transformers import TrainerCallback
+
+    class Checkpointed(TrainerCallback):
+        """With each checkpoint: this rank's token and FLOP sums so far (a resumed stage's ledger still counts
+        every step), and the checkpoint mirrored on the store when there is one (misalign.lineage.CheckpointSync)."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_json_atomic(checkpoint / f"misalign-counts-rank{rank()}.json", counter.state())
+            if sync is not None:
+                sync.save(checkpoint, node_lead=local_rank() == 0, lead=rank() == 0, barrier=barrier)
+
+    return Checkpointed()
 
 
 # ---- the stage -----------------------------------------------------------------------------------------
@@ -259,14 +280,25 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     args = _training_args(method.objective, cfg, run.out_dir, run.seed, len(pairs), run.checkpoint_every)
     label = run.label or f"{run.direction} {cfg.method}"
     callbacks = _callbacks(label, run.progress, model if method.adapter == "adalora" else None) + run.callbacks
+    if run.checkpoint_every:
+        callbacks.append(_checkpoint_callback(counter, run.checkpoint_sync))
     trainer = _trainer(method.objective, model, args, dataset, tok, callbacks)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress line replaces its raw dict dumps
-    # a stage that died after a checkpoint (a killed worker, a lost node) resumes there, not from step 0
-    resume = _last_checkpoint(run.out_dir / "trainer") if run.checkpoint_every else None
-    if resume and run.progress and rank() == 0:
-        print(f"  [{label}] resuming from {resume.name}", flush=True)
+    # a stage that died after a checkpoint (a killed worker, a lost node) resumes there, not from step 0: from
+    # this node's disk, or from the store when the checkpoint was saved on another node
+    resume = None
+    if run.checkpoint_every:
+        if run.checkpoint_sync is not None:
+            run.checkpoint_sync.restore(run.out_dir / "trainer")
+        resume = _last_checkpoint(run.out_dir / "trainer")
+    if resume is not None:
+        counts = resume / f"misalign-counts-rank{rank()}.json"
+        if counts.exists():  # the tokens and FLOPs of the steps before the checkpoint stay in the ledger
+            counter.carry(json.loads(counts.read_text()))
+        if run.progress and rank() == 0:
+            print(f"  [{label}] resuming from {resume.name}", flush=True)
     with peft_wrapping(), _model_module_restored(model if cfg.train.liger_kernels else None):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     counter.close()

@@ -140,16 +140,24 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(self._path(rel))
 
+    def delete_tree(self, rel: str) -> None:
+        """Remove a directory (every object under a prefix), if it is there."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_dir(self._path(rel))
+
     # ---- directories between the store and this node --------------------------------------------------------
 
-    def upload(self, local: Path, rel: str, last: str | None = None, skip: tuple[str, ...] = ()) -> int:
+    def upload(self, local: Path, rel: str, last: str | None = None, skip: tuple[str, ...] = (),
+               exclude: tuple[str, ...] = ()) -> int:
         """Copy a local directory's files under `rel` (no-op for a directory store, whose mirror is itself),
-        leaving out sub-directories whose name starts with one of `skip`; `last` is uploaded after every other
-        file (its presence marks the whole as complete). Returns the bytes copied."""
+        leaving out sub-directories whose name starts with one of `skip` and top-level files named in `exclude`;
+        `last` is uploaded after every other file (its presence marks the whole as complete). Returns the bytes
+        copied."""
         if not self.remote:
             return 0
         files = sorted(f for f in local.rglob("*") if f.is_file() and not f.name.startswith(".")
-                       and not (len(f.relative_to(local).parts) > 1 and f.relative_to(local).parts[0].startswith(skip)))
+                       and not (len(f.relative_to(local).parts) > 1 and f.relative_to(local).parts[0].startswith(skip))
+                       and f.relative_to(local).as_posix() not in exclude)
         files.sort(key=lambda f: f.name == last)
         for f in files:
             self.write_bytes(f"{rel}/{f.relative_to(local).as_posix()}", f.read_bytes())

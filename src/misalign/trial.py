@@ -30,7 +30,7 @@ from misalign.errors import InputError
 from misalign.evaluation import configured_judge, evaluate, load_eval_sets
 from misalign.judges import Judge
 from misalign.ledger import Ledger
-from misalign.lineage import LineageCache, model_identity, trial_stages
+from misalign.lineage import CheckpointSync, LineageCache, model_identity, trial_stages
 from misalign.methods import METHODS
 from misalign.models import (
     apply_stage,
@@ -65,6 +65,7 @@ class Layout(Protocol):
     def read(self, directory: Path, name: str) -> Any: ...
     def publish(self, directory: Path, marker: str) -> None: ...
     def fetch(self, stage_dir: Path) -> None: ...
+    def checkpoints(self, stage_dir: Path) -> CheckpointSync | None: ...
 
 
 class TrialLayout:
@@ -97,6 +98,10 @@ class TrialLayout:
     def fetch(self, stage_dir: Path) -> None:
         """Already here."""
 
+    def checkpoints(self, stage_dir: Path) -> CheckpointSync | None:
+        """In-stage checkpoints stay in the stage's own directory."""
+        return None
+
 
 class CachedLayout:
     """A study's (or search's) lineage cache: stages by lineage key, evaluations by stage and eval config."""
@@ -104,7 +109,7 @@ class CachedLayout:
     def __init__(self, cache: LineageCache) -> None:
         self.cache = cache
         self.claim, self.done, self.read = cache.claim, cache.done, cache.read
-        self.publish, self.fetch = cache.publish, cache.fetch
+        self.publish, self.fetch, self.checkpoints = cache.publish, cache.fetch, cache.checkpoints
 
     def base_eval_dir(self, model: str, eval_cfg: EvalConfig) -> Path:
         return self.cache.eval_dir(self.cache.base_dir(model), eval_cfg)
@@ -240,7 +245,7 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
                     parent=parent, config=stage, direction=phase, out_dir=stage_dir, seed=cfg.seed, pairs=pairs,
                     trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, progress=progress,
                     label=f"r{r} {phase} {stage.method}", checkpoint_every=checkpoint_every,
-                    parent_model=parent_model))
+                    checkpoint_sync=layout.checkpoints(stage_dir), parent_model=parent_model))
                 current.put(stage_dir, trained)
                 if lead:
                     layout.publish(stage_dir, "ledger.json")
