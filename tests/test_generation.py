@@ -87,6 +87,24 @@ def test_static_cache_equals_one_at_a_time(base, prompts, one_by_one):
     assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size="auto", cache="static") == one_by_one
 
 
+def test_static_cache_is_sized_per_batch(base, prompts):
+    """Each batch's static cache holds its own prompts plus the new tokens, also after a call with longer
+    prompts (transformers would otherwise keep the longest length seen, beyond what auto's estimate allows)."""
+    model, tok = base
+    sizes: list[tuple[int, int]] = []  # (cache length, prompt width) at each prefill
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: sizes.append((kw["past_key_values"].layers[0].max_cache_len, kw["input_ids"].shape[1]))
+        if kw["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        by_length = sorted(prompts, key=lambda p: len(prompt_ids(tok, p)))
+        generate(model, tok, by_length[-3:], max_new_tokens=MAX_NEW, batch_size=3, cache="static")
+        generate(model, tok, by_length[:3], max_new_tokens=MAX_NEW, batch_size=3, cache="static")
+    finally:
+        hook.remove()
+    assert len(sizes) == 2 and sizes[0][1] > sizes[1][1]
+    assert all(length == width + MAX_NEW for length, width in sizes)
+
+
 def test_auto_batches_on_a_cpu_stay_at_the_old_default(base, prompts):
     """The default (batch_size auto) keeps a CPU at batches of 128, as the fixed default was: on a CPU larger
     batches gain nothing, and several workers share its memory."""

@@ -157,7 +157,15 @@ def _generate_batch(model: PreTrainedModel, encoded: list[list[int]], pad_id: in
     for row, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
         ids[row, width - len(e):] = torch.tensor(e)
         mask[row, width - len(e):] = 1
+    cache: dict[str, Any] = {}
+    if static:
+        # our own cache, sized for this batch: generate's cache_implementation="static" would size every later
+        # call's cache to the longest any earlier call used (to spare compiled graphs a recompile, which we do
+        # not compile), so a short-prompt batch after a long one would hold more than auto's estimate allows
+        from transformers import StaticCache
+
+        cache = {"past_key_values": StaticCache(config=model.config, max_cache_len=width + max_new_tokens),
+                 "disable_compile": True}
     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                         **({"cache_implementation": "static", "disable_compile": True} if static else {}))
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, **cache)
     return gen.cpu(), width
