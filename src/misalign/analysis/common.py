@@ -287,15 +287,16 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float | None = None, heigh
 
 
 def log_ticks(ax: Any, axis: str) -> None:
-    """Tick labels on a log axis as plain numbers (0.4 and 2e+10, not 4 x 10^-1): every decade, and 2, 3 and 5
-    times a decade while the axis spans under two decades (more would crowd)."""
+    """Tick labels on a log axis as plain numbers (0.4 and 2e+10, not 4 x 10^-1): every decade, and 2 and 5
+    times a decade while the axis spans under two decades (more would crowd: 2e+10 and 3e+10 overlapped on a
+    one-panel-wide axis)."""
 
     def label(v: float, _: int) -> str:
         lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
         if v <= 0 or lo <= 0:
             return ""
         mantissa = round(v / 10 ** np.floor(np.log10(v) + 1e-9))
-        return f"{v:.3g}" if mantissa == 1 or (mantissa in (2, 3, 5) and np.log10(hi / lo) < 2) else ""
+        return f"{v:.3g}" if mantissa == 1 or (mantissa in (2, 5) and np.log10(hi / lo) < 2) else ""
 
     target = ax.yaxis if axis == "y" else ax.xaxis
     target.set_major_formatter(FuncFormatter(label))
