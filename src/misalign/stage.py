@@ -518,7 +518,7 @@ def package_versions() -> dict[str, str]:
 
     out = {}
     for name in ("misalign", "torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "bitsandbytes",
-                 "datasets", "tokenizers"):
+                 "liger-kernel", "datasets", "tokenizers"):
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
     return out
