@@ -215,9 +215,9 @@ def test_generative_classifier_judge(guard_dir):
     judge = ClassifierJudge(str(guard_dir), batch_size=4)
     assert judge.kind == "generative" and judge.tokenizer.padding_side == "left"
     items, expected = held_out()
-    enc = judge.encode(items[:4])
-    assert (enc["input_ids"] == BOS).sum(dim=1).tolist() == [1] * 4  # BOS once, from the template
-    assert len({len(judge.encode([it])["input_ids"][0]) for it in items}) > 1  # padding is exercised
+    ids = judge.token_ids(items)
+    assert [i.count(BOS) for i in ids[:4]] == [1] * 4  # BOS once, from the template
+    assert len({len(i) for i in ids}) > 1  # padding is exercised
     verdicts = judge.judge(items)
     assert [v.unsafe for v in verdicts] == expected
     for v, unsafe in zip(verdicts, expected, strict=True):
@@ -226,6 +226,11 @@ def test_generative_classifier_judge(guard_dir):
     assert not any(v.unreadable for v in verdicts)
     # One at a time agrees with batched: left padding must not change the answer.
     assert [judge.judge([it])[0].unsafe for it in items[:6]] == expected[:6]
+    # The default batches (auto: length-bucketed, sized to memory) give the same verdicts, raw text included.
+    auto = ClassifierJudge(str(guard_dir))
+    assert auto.batch_size == "auto" and [v.raw for v in auto.judge(items)] == [v.raw for v in verdicts]
+    with pytest.raises(InputError, match="batch_size must be >= 1 or 'auto'"):
+        ClassifierJudge(str(guard_dir), batch_size=0)
 
 
 def test_sequence_classifier_judge(seqcls_dir):

@@ -112,17 +112,30 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
              max_new_tokens: int = 48, batch_size: int | Literal["auto"] = "auto",
              memory_budget: int | None = None, max_batch: int | None = None,
              cache: Literal["auto", "dynamic", "static"] = "auto") -> list[str]:
-    """Greedy completions of `prompts` (plain user messages), in input order.
-
-    batch_size "auto": batches sized to `memory_budget` bytes beyond the weights (default: a share of the
-    device's free memory, AUTO_MEMORY_FRACTION), at most `max_batch` rows (default: AUTO_MAX_BATCH for the
-    device). cache "static": the KV cache is allocated once per batch at its final length instead of growing
-    by a copy every step (not compiled: a compile per batch shape costs more than an evaluation saves); "auto":
-    static on a GPU, dynamic on a CPU. Greedy outputs are the same with either."""
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    """Greedy completions of `prompts` (plain user messages, in the model's chat format), in input order; the
+    batching is generate_ids'."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = [""] * len(prompts)
+    new = generate_ids(model, [prompt_ids(tokenizer, p) for p in prompts], pad_id=pad_id,
+                       eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       memory_budget=memory_budget, max_batch=max_batch, cache=cache)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
+
+
+def generate_ids(model: PreTrainedModel, encoded: Sequence[list[int]], *, pad_id: int, eos_id: Any,
+                 max_new_tokens: int, batch_size: int | Literal["auto"] = "auto", memory_budget: int | None = None,
+                 max_batch: int | None = None, cache: Literal["auto", "dynamic", "static"] = "auto"
+                 ) -> list[list[int]]:
+    """Greedy new token ids for already-encoded prompts, in input order (the model under test's evaluation and
+    generative judges both batch through here).
+
+    Prompts are sorted by length and cut into batches in that order. batch_size "auto": batches sized to
+    `memory_budget` bytes beyond the weights (default: a share of the device's free memory,
+    AUTO_MEMORY_FRACTION), at most `max_batch` rows (default: AUTO_MAX_BATCH for the device). cache "static":
+    the KV cache is allocated once per batch at its final length instead of growing by a copy every step (not
+    compiled: a compile per batch shape costs more than an evaluation saves); "auto": static on a GPU, dynamic
+    on a CPU. Greedy outputs are the same with either."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[list[int]] = [[] for _ in encoded]
     device = next(model.parameters()).device
     gpu = device.type == "cuda"
     static = cache == "static" or (cache == "auto" and gpu)
@@ -140,10 +153,10 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         for size in sizes:
             idx = order[start:start + size]
             start += size
-            gen, width = _generate_batch(model, [encoded[i] for i in idx], pad_id, tokenizer.eos_token_id,
-                                         max_new_tokens, device, static)
+            gen, width = _generate_batch(model, [encoded[i] for i in idx], pad_id, eos_id, max_new_tokens, device,
+                                         static)
             for row, i in enumerate(idx):
-                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+                out[i] = gen[row, width:].tolist()
     model.train(was_training)
     return out
 

@@ -147,7 +147,7 @@ class ClassifierJudge:
         self,
         model: str,
         kind: Literal["auto", "generative", "sequence"] = "auto",
-        batch_size: int = 32,
+        batch_size: int | Literal["auto"] = "auto",
         max_new_tokens: int = 12,
         unsafe_label: str | None = None,
         trust_remote_code: bool = False,
@@ -164,8 +164,8 @@ class ClassifierJudge:
 
         if kind not in ("auto", "generative", "sequence"):
             raise InputError(f"ClassifierJudge kind={kind!r}; expected 'auto', 'generative' or 'sequence'")
-        if batch_size < 1:
-            raise InputError(f"ClassifierJudge batch_size must be >= 1, got {batch_size}")
+        if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise InputError(f"ClassifierJudge batch_size must be >= 1 or 'auto', got {batch_size!r}")
         path = Path(model)
         if path.is_dir() and not allow_pickle and not any(path.glob("*.safetensors")):
             raise InputError(
@@ -222,38 +222,38 @@ class ClassifierJudge:
             ]
         return [f"User: {it.prompt}\nAssistant: {it.response}" for it in items]
 
+    def token_ids(self, items: Sequence[JudgeItem]) -> list[list[int]]:
+        """Each judge input's token ids, unpadded (a generative judge's prompts); a chat template already wrote
+        BOS, so it is not added twice. Never truncated: cutting a guard prompt would cut its rubric."""
+        return self.tokenizer(self.prompts(items), add_special_tokens=not self.tokenizer.chat_template)["input_ids"]
+
     def encode(self, items: Sequence[JudgeItem]) -> Any:
-        """Tokenized batch on the judge's device; a chat template already wrote BOS, so don't add it twice."""
-        templated = bool(self.tokenizer.chat_template)
-        enc = self.tokenizer(
-            self.prompts(items),
-            add_special_tokens=not templated,
-            padding=True,
-            # Only encoder classifiers have short hard limits; truncating a guard prompt would cut its rubric.
-            truncation=self.kind == "sequence",
-            return_tensors="pt",
-        )
+        """A sequence classifier's padded batch on the judge's device, truncated to its length limit (encoder
+        classifiers have short hard limits)."""
+        enc = self.tokenizer(self.prompts(items), add_special_tokens=not self.tokenizer.chat_template, padding=True,
+                             truncation=True, return_tensors="pt")
         return enc.to(self.device)
 
     def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         import torch
 
+        if self.kind == "generative":
+            return self._generate(items)
         out: list[Verdict] = []
-        with torch.inference_mode():
-            for batch in _batches(items, self.batch_size):
-                enc = self.encode(batch)
-                out.extend(self._generate(enc) if self.kind == "generative" else self._classify(enc))
+        with torch.inference_mode():  # a classifier's batch: one forward, no cache; "auto" means 32 rows here
+            for batch in _batches(items, 32 if self.batch_size == "auto" else self.batch_size):
+                out.extend(self._classify(self.encode(batch)))
         return out
 
-    def _generate(self, enc: Any) -> list[Verdict]:
-        gen = self.model.generate(
-            **enc,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        texts = self.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        return parse_guard_outputs(texts, self.name)
+    def _generate(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        """A guard's verdicts, generated the way the model under test's answers are (misalign.generation):
+        length-bucketed batches sized to free memory, a static KV cache on a GPU."""
+        from misalign.generation import generate_ids
+
+        new = generate_ids(self.model, self.token_ids(items), pad_id=self.tokenizer.pad_token_id,
+                           eos_id=self.model.generation_config.eos_token_id, max_new_tokens=self.max_new_tokens,
+                           batch_size=self.batch_size)
+        return parse_guard_outputs(self.tokenizer.batch_decode(new, skip_special_tokens=True), self.name)
 
     def _classify(self, enc: Any) -> list[Verdict]:
         logits = self.model(**enc).logits
