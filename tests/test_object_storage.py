@@ -157,6 +157,8 @@ def test_a_stage_killed_on_one_node_resumes_on_another_from_the_store(world, s3,
     whole = _ledger(_stage(url, "reference", node_a, checkpoints=False, pause=0.0))  # the same stage, unbroken
     for key in ("tokens", "flops"):
         assert resumed[key] == whole[key], key  # the steps before the checkpoint are counted too
+    before = resumed["extra"]["seconds_before_resume"]  # and the device time they took (1 s a step, slowed)
+    assert before >= step and resumed["device_s"] == pytest.approx(resumed["wall_s"] + before, abs=0.01)
     assert not _objects(s3, "ckpt/stage/trainer/")  # a finished stage's checkpoints are dropped from the store
     assert _objects(s3, "ckpt/stage/ledger.json") and _objects(s3, "ckpt/stage/adapter/")
 

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,16 +147,18 @@ def _callbacks(label: str, show: bool, adalora_model: Any | None) -> list[Any]:
     return [Progress()] + ([AdaLoraAllocator()] if adalora_model is not None else [])
 
 
-def _checkpoint_callback(counter: FlopCounter, sync: CheckpointSync | None) -> Any:
+def _checkpoint_callback(counter: FlopCounter, sync: CheckpointSync | None, spent_s: Callable[[], float]) -> Any:
     from transformers import TrainerCallback
 
     class Checkpointed(TrainerCallback):
-        """With each checkpoint: this rank's token and FLOP sums so far (a resumed stage's ledger still counts
-        every step), and the checkpoint mirrored on the store when there is one (misalign.lineage.CheckpointSync)."""
+        """With each checkpoint: this rank's token and FLOP sums and the stage's seconds so far (a resumed
+        stage's ledger still counts every step and its cost), and the checkpoint mirrored on the store when
+        there is one (misalign.lineage.CheckpointSync)."""
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_json_atomic(checkpoint / f"misalign-counts-rank{rank()}.json", counter.state())
+            write_json_atomic(checkpoint / f"misalign-counts-rank{rank()}.json",
+                              {"sums": counter.state(), "seconds": spent_s()})
             if sync is not None:
                 sync.save(checkpoint, node_lead=local_rank() == 0, lead=rank() == 0, barrier=barrier)
 
@@ -280,8 +282,9 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     args = _training_args(method.objective, cfg, run.out_dir, run.seed, len(pairs), run.checkpoint_every)
     label = run.label or f"{run.direction} {cfg.method}"
     callbacks = _callbacks(label, run.progress, model if method.adapter == "adalora" else None) + run.callbacks
+    before_s = 0.0  # seconds the attempts before a resumed checkpoint spent on this stage
     if run.checkpoint_every:
-        callbacks.append(_checkpoint_callback(counter, run.checkpoint_sync))
+        callbacks.append(_checkpoint_callback(counter, run.checkpoint_sync, lambda: before_s + time.time() - t0))
     trainer = _trainer(method.objective, model, args, dataset, tok, callbacks)
     from transformers.trainer_callback import PrinterCallback
 
@@ -295,8 +298,10 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
         resume = _last_checkpoint(run.out_dir / "trainer")
     if resume is not None:
         counts = resume / f"misalign-counts-rank{rank()}.json"
-        if counts.exists():  # the tokens and FLOPs of the steps before the checkpoint stay in the ledger
-            counter.carry(json.loads(counts.read_text()))
+        if counts.exists():  # the tokens, FLOPs and seconds of the steps before the checkpoint stay in the ledger
+            kept = json.loads(counts.read_text())
+            counter.carry(kept["sums"])
+            before_s = float(kept["seconds"])
         if run.progress and rank() == 0:
             print(f"  [{label}] resuming from {resume.name}", flush=True)
     with peft_wrapping(), _model_module_restored(model if cfg.train.liger_kernels else None):
@@ -322,12 +327,14 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
         # what the trainer did, not what was configured (max_steps can end a stage mid-epoch)
         method=cfg.method, direction=run.direction, examples=len(pairs), epochs=round(float(trainer.state.epoch or 0), 4),
         optimizer_steps=trainer.state.global_step, tokens=int(tokens[0]), ref_tokens=int(tokens[1]),
-        flops=float(tokens[2]), wall_s=round(wall, 3), device_s=round(wall * world_size(), 3),
+        # device time: this attempt's and, for a resumed stage, what earlier attempts spent up to the checkpoint
+        flops=float(tokens[2]), wall_s=round(wall, 3), device_s=round((wall + before_s) * world_size(), 3),
         workers=world_size(), device=device().type, peak_memory_bytes=peak, trainable_params=trainable,
         total_params=total_params,
     )
     if resume:
         ledger.extra["resumed_from_step"] = int(resume.name.split("-")[-1])
+        ledger.extra["seconds_before_resume"] = round(before_s, 3)
     if world_size() > 1:  # evidence that every worker trained
         ledger.extra["tokens_per_worker"] = per_worker
         ledger.extra["worker_nodes"] = [r[4] for r in ranks]
