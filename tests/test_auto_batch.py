@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from misalign.config import EvalConfig
-from misalign.generation import GenerationShape, auto_batches
+from misalign.generation import GenerationShape, auto_batches, share_of_memory
 
 MEASURE = r"""
 import json, sys, gc, torch
@@ -107,3 +107,34 @@ def test_eval_batch_size_auto_in_config():
     for bad in (0, "big"):
         with pytest.raises(ValidationError):
             EvalConfig(batch_size=bad)
+
+
+def test_a_share_of_a_gpu_bounds_the_budget():
+    """Trials holding half a GPU each must not both size batches to all that is free (study workers set
+    MISALIGN_GPU_SHARE from what Ray assigned them)."""
+    gib = 2**30
+    assert share_of_memory(free=60 * gib, total=80 * gib, allocated=20 * gib, share=1.0) == 60 * gib
+    # half of 80 GiB, less the 20 GiB of weights this process holds: 20 GiB, though 60 are free now
+    assert share_of_memory(free=60 * gib, total=80 * gib, allocated=20 * gib, share=0.5) == 20 * gib
+    assert share_of_memory(free=10 * gib, total=80 * gib, allocated=20 * gib, share=0.5) == 10 * gib
+    assert share_of_memory(free=60 * gib, total=80 * gib, allocated=50 * gib, share=0.5) == 0
+
+
+def test_a_ray_worker_holding_half_a_gpu_records_its_share():
+    """What Ray assigns (a local Ray declaring one GPU; nothing runs on it) reaches generation's budget."""
+    import ray
+
+    from misalign.cluster import hold_assigned_resources
+
+    @ray.remote
+    def worker() -> tuple[str | None, str]:
+        hold_assigned_resources(1)
+        return os.environ.get("MISALIGN_GPU_SHARE"), os.environ["MISALIGN_CPUS"]
+
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert ray.get(worker.options(num_cpus=1, num_gpus=0.5).remote()) == ("0.5", "1")
+        assert ray.get(worker.options(num_cpus=1, num_gpus=1).remote())[0] is None  # a whole GPU: all that is free
+    finally:
+        ray.shutdown()
+

@@ -135,13 +135,20 @@ def max_concurrent(cfg: StudyConfig) -> int:
     return max(1, fits)
 
 
-def hold_assigned_cpus(default: float) -> None:
-    """Torch threads = the CPUs Ray granted this process (Ray sets no affinity mask to read them from)."""
+def hold_assigned_resources(default_cpus: float) -> None:
+    """Torch threads = the CPUs Ray granted this process (Ray sets no affinity mask to read them from); a
+    fraction of a GPU is recorded (MISALIGN_GPU_SHARE) so generation sizes its batches to that share of the
+    device's memory, not to what is free at the moment (another trial may hold the rest)."""
     import ray
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", default)
-    os.environ["MISALIGN_CPUS"] = str(max(1, int(cpus)))
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    os.environ["MISALIGN_CPUS"] = str(max(1, int(assigned.get("CPU", default_cpus))))
     os.environ["MISALIGN_NODE"] = ray.get_runtime_context().get_node_id()
+    gpu = assigned.get("GPU", 0)
+    if 0 < gpu < 1:
+        os.environ["MISALIGN_GPU_SHARE"] = str(gpu)
+    else:  # Ray reuses worker processes: a share recorded for an earlier task must not outlive it
+        os.environ.pop("MISALIGN_GPU_SHARE", None)
 
 
 def single_process_group_env() -> None:

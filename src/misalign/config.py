@@ -265,8 +265,9 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(40, ge=1, le=2048)
     batch_size: int | Literal["auto"] = Field(
         "auto", description="prompts per generation batch (>= 1); 'auto': each batch as large as fits in the free "
-                            "device memory (misalign.generation.auto_batches), larger for shorter prompts, up to "
-                            "1,024 on a GPU and 128 on a CPU")
+                            "device memory (misalign.generation.auto_batches; within a trial's share of a GPU "
+                            "when resources.gpus_per_worker < 1), larger for shorter prompts, up to 1,024 on a "
+                            "GPU and 128 on a CPU")
     cache: Literal["auto", "dynamic", "static"] = Field(
         "auto", description="KV cache during generation: 'static' allocates it once per batch, 'dynamic' grows it "
                             "every step; 'auto': static on a GPU, dynamic on a CPU. Greedy outputs are the same")

@@ -76,16 +76,25 @@ class GenerationShape:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Memory a new batch could use now: the device's free memory plus what torch's cache holds unused; on CPU,
-    the kernel's MemAvailable."""
+    """Memory a new batch could use now: the device's free memory plus what torch's cache holds unused, within
+    this process's share of the device when it holds a fraction of it (MISALIGN_GPU_SHARE, set by the study's
+    workers: trials sharing a GPU must not each size batches to all that is free); on CPU, MemAvailable."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        share = float(os.environ.get("MISALIGN_GPU_SHARE", "1"))
+        return share_of_memory(free + torch.cuda.memory_reserved(device) - allocated, total, allocated, share)
     with open("/proc/meminfo") as f:  # Linux; elsewhere the caller should pass a budget
         for line in f:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def share_of_memory(free: int, total: int, allocated: int, share: float) -> int:
+    """What a process holding `share` of a device may still allocate: what is free, but no more than its share
+    of the whole less what it already holds (its weights count against its share)."""
+    return int(max(0, min(free, total * share - allocated) if share < 1 else free))
 
 
 def auto_batches(lengths: Sequence[int], shape: GenerationShape, max_new_tokens: int, budget: int,

@@ -171,7 +171,7 @@ def search_trainable(config: dict[str, Any], search: dict[str, Any], root: str, 
     """The Tune function trainable: one point. Reports once, at the end (Optuna reads the final result)."""
     from ray import tune
 
-    from misalign.cluster import hold_assigned_cpus
+    from misalign.cluster import hold_assigned_resources
     from misalign.study import run_cached_trial
 
     cfg = SearchConfig.model_validate(search)
@@ -181,7 +181,7 @@ def search_trainable(config: dict[str, Any], search: dict[str, Any], root: str, 
     if paths.store.exists(paths.point_file(pid)):  # evaluated before (a repeated proposal, or before a crash)
         rows = paths.store.read_parquet(paths.point_file(pid))
     else:
-        hold_assigned_cpus(cfg.resources.cpus_per_worker)
+        hold_assigned_resources(cfg.resources.cpus_per_worker)
         rows = pd.DataFrame(run_cached_trial(point_trial(cfg, config), {"point_id": pid, **config}, paths.stages,
                                              (paths.store, paths.point_file(pid)), attack_only=cfg.kind == "attack"))
     tune.report({**outcome(cfg, rows), "point_id": pid})

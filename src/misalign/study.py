@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from misalign.claims import start_leases
 from misalign.cluster import (
     check_storage,
-    hold_assigned_cpus,
+    hold_assigned_resources,
     init_ray,
     max_concurrent,
     needs_deepspeed_ops,
@@ -148,7 +148,7 @@ def cell_trainable(config: dict[str, Any], study: dict[str, Any], root: str) -> 
             tune.report({**row, "restored": True})
         return
     if cfg.resources.workers == 1:
-        hold_assigned_cpus(cfg.resources.cpus_per_worker)
+        hold_assigned_resources(cfg.resources.cpus_per_worker)
         if needs_deepspeed_ops(cfg)[0]:
             single_process_group_env()
         run_cell(cfg, cell, paths, report=tune.report)
@@ -160,7 +160,7 @@ def cell_trainable(config: dict[str, Any], study: dict[str, Any], root: str) -> 
 
 def _worker_loop(config: dict[str, Any]) -> None:
     cfg = StudyConfig.model_validate(config["study"])
-    hold_assigned_cpus(cfg.resources.cpus_per_worker)
+    hold_assigned_resources(cfg.resources.cpus_per_worker)
     run_cell(cfg, Cell.from_axes(config["axes"]), StudyPaths(Store(config["root"])))
 
 
