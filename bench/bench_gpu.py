@@ -157,7 +157,7 @@ class StepClock:
 
     def __init__(self, model: torch.nn.Module, profile_at: int = 0) -> None:
         self.profile = Profile() if profile_at else None
-        self._profile_steps = range(profile_at, profile_at + 3) if profile_at else range(0)
+        self._profile_from, self._profile_to = profile_at, profile_at + 3  # decode steps, counted from 0
         self.steps: list[tuple[float, int, int]] = []  # (seconds, rows, context) per decode step
         self.prefill = 0.0  # seconds in prefill forwards
         self.batches: list[int] = []  # rows of each generate batch, in order
@@ -168,7 +168,7 @@ class StepClock:
                          model.register_forward_hook(self._post, with_kwargs=True)]
 
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        if self.profile and len(self.steps) == self._profile_steps.start and not self.profile.stopped:
+        if self.profile and len(self.steps) == self._profile_from and not self.profile.stopped:
             self.profile.start()
         _sync()
         self._t = time.perf_counter()
@@ -183,7 +183,7 @@ class StepClock:
             # forward's own mask says nothing with a static cache, whose mask spans the whole cache)
             self._context += 1
             self.steps.append((seconds, ids.shape[0], self._context))
-            if self.profile and len(self.steps) == self._profile_steps.stop and not self.profile.stopped:
+            if self.profile and len(self.steps) == self._profile_to and not self.profile.stopped:
                 self.profile.stop()
         else:
             self.prefill += seconds
