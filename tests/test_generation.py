@@ -87,6 +87,35 @@ def test_static_cache_equals_one_at_a_time(base, prompts, one_by_one):
     assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size="auto", cache="static") == one_by_one
 
 
+@pytest.mark.parametrize("name", ["Llama-3.1-8B-Instruct", "Mistral-7B-Instruct-v0.3", "gemma-2-9b-it",
+                                  "glm-4-9b-chat-hf"])
+def test_static_cache_on_the_paper_architectures(name):
+    """The GPU default (a static cache) gives the dynamic cache's greedy outputs on every architecture of
+    configs/study-paper.yaml, at tiny random shapes; Gemma-2's sliding window (cut to 8) is crossed."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from misalign.generation import generate_ids
+
+    d = json.loads((Path(__file__).parents[1] / "configs" / "models" / f"{name}.json").read_text())
+    d.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    d.pop("sliding_window_size", None)
+    if d.get("sliding_window"):
+        d["sliding_window"] = 8
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**d), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(1)
+    encoded = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (12,), generator=g)]
+    kw = {"pad_id": 0, "eos_id": None, "max_new_tokens": 12}
+    dynamic = generate_ids(model, encoded, batch_size=5, cache="dynamic", **kw)
+    assert generate_ids(model, encoded, batch_size=5, cache="static", **kw) == dynamic
+    assert [generate_ids(model, [e], batch_size=1, cache="static", **kw)[0] for e in encoded] == dynamic
+    assert all(len(ids) == 12 for ids in dynamic)
+
+
 def test_static_cache_is_sized_per_batch(base, prompts):
     """Each batch's static cache holds its own prompts plus the new tokens, also after a call with longer
     prompts (transformers would otherwise keep the longest length seen, beyond what auto's estimate allows)."""
