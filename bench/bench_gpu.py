@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import logging
 import random
@@ -302,8 +303,25 @@ class StepTimes:
         self.callback = _Clock()
 
 
+def no_adapter_upcast() -> Any:
+    """An experiment, not the library's behaviour: peft casts every adapter's input to the adapter's float32,
+    and under bf16 autocast the adapter's matmul casts it back, two full-size copies per adapted layer (a
+    quarter of 8B LoRA's GPU time in the H200 profile). This callback turns peft's cast off for the stage (the
+    switch peft.helpers.disable_input_dtype_casting sets), to measure what it costs."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import TrainerCallback
+
+    class NoUpcast(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.cast_input_dtype_enabled = False
+
+    return NoUpcast()
+
+
 def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, packing: str, liger: bool,
-                   rows: Path, window: SyncedWindow) -> dict[str, Any]:
+                   upcast: bool, rows: Path, window: SyncedWindow) -> dict[str, Any]:
     train = TrainSettings(batch_size=batch, max_steps=a.steps, max_length=a.row_tokens,
                           max_prompt_length=min(64, a.row_tokens // 4),
                           precision=a.precision, packing=packing, log_every=a.steps,
@@ -315,7 +333,7 @@ def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, p
     clock = StepTimes(profile_last=2 if a.profile else 0)
     with contextlib.redirect_stdout(io.StringIO()):
         ledger = run_stage(StageRun(parent=str(path), config=cfg, direction="misalign", out_dir=out, progress=False,
-                                    callbacks=[clock.callback]))
+                                    callbacks=[clock.callback] + ([] if upcast else [no_adapter_upcast()])))
     train_s, _ = window.span()
     t = clock.times[:-2] if clock.profile else clock.times  # profiled steps run slower: not in steady state
     k = min(a.warm_steps, len(t) - 2)
@@ -324,6 +342,7 @@ def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, p
     # from the start of training to the last unprofiled step: the stage's own warm-up included, the profiler not
     loop_s = t[-1] - clock.begin[0]
     return {"model": path.name, "method": method, "batch_size": batch, "packing": packing, "liger": liger,
+            "adapter_upcast": upcast,
             "steps": ledger.optimizer_steps, "tokens": ledger.tokens, "ref_tokens": ledger.ref_tokens,
             "flops": ledger.flops, "train_s": train_s, "stage_wall_s": ledger.wall_s,
             "tokens_per_s": ledger.tokens / train_s, "mfu": ledger.flops / train_s / a.peak_flops,
@@ -348,6 +367,9 @@ def main() -> None:
                     help="comma-separated METHOD:MODEL:BATCH cases ('' for none)")
     ap.add_argument("--packing", default="none", help="comma-separated train.packing values, each case runs all")
     ap.add_argument("--liger", default="off", help="comma-separated off/on: train.liger_kernels, each case runs all")
+    ap.add_argument("--adapter-upcast", default="on",
+                    help="comma-separated on/off: peft's cast of adapter inputs to float32 (off: an experiment, "
+                         "see no_adapter_upcast); adapter methods run all")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per training case")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler tables in the JSON: 3 decode steps of the last generation variant, the "
@@ -404,24 +426,25 @@ def main() -> None:
     for case in dict.fromkeys(c for c in a.train.split(",") if c):  # --tiny maps 8b cases onto 1b: once each
         method, model, batch = case.split(":")
         # packing is an SFT lever (trl 1.16 disables DPO padding-free): preference methods run once, unpacked
-        for packing in a.packing.split(",") if METHODS[method].objective == "sft" else ["none"]:
-            for liger in [v == "on" for v in a.liger.split(",")]:
-                try:
-                    r = bench_training(a, build_model(model, a), method, int(batch), packing, liger, rows, window)
-                except Exception as e:  # one lever failing (a kernel library, say) must not lose the other cases
-                    result["training"].append({"case": case, "packing": packing, "liger": liger,
-                                               "error": f"{type(e).__name__}: {e}"[:2000]})
-                    save()
-                    print(f"train {case} {packing} liger {liger}: failed: {type(e).__name__}: {str(e)[:400]}",
-                          flush=True)
-                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                    continue
-                result["training"].append(r)
+        packings = a.packing.split(",") if METHODS[method].objective == "sft" else ["none"]
+        upcasts = [v == "on" for v in a.adapter_upcast.split(",")] if METHODS[method].adapter != "full" else [True]
+        for packing, liger, upcast in itertools.product(packings, [v == "on" for v in a.liger.split(",")], upcasts):
+            levers = f"{packing:<12} liger {'on' if liger else 'off':<3} upcast {'on' if upcast else 'off':<3}"
+            try:
+                r = bench_training(a, build_model(model, a), method, int(batch), packing, liger, upcast, rows, window)
+            except Exception as e:  # one lever failing (a kernel library, say) must not lose the other cases
+                result["training"].append({"case": case, "packing": packing, "liger": liger, "adapter_upcast": upcast,
+                                           "error": f"{type(e).__name__}: {e}"[:2000]})
                 save()
-                print(f"train {r['model']:<26} {method:<5} batch {batch:>3} {packing:<12} liger {liger!s:<5}: "
-                      f"MFU {100 * r['mfu']:5.1f}% (steady {100 * r['steady_mfu']:5.1f}%), "
-                      f"{r['steady_tokens_per_s']:>8.0f} tok/s steady, train {r['train_s']:.1f} s of "
-                      f"{r['stage_wall_s']:.1f} s stage, peak {r['peak_memory_bytes'] / 2**30:.1f} GiB", flush=True)
+                print(f"train {case} {levers}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                continue
+            result["training"].append(r)
+            save()
+            print(f"train {r['model']:<26} {method:<5} batch {batch:>3} {levers}: "
+                  f"MFU {100 * r['mfu']:5.1f}% (steady {100 * r['steady_mfu']:5.1f}%), "
+                  f"{r['steady_tokens_per_s']:>8.0f} tok/s steady, train {r['train_s']:.1f} s of "
+                  f"{r['stage_wall_s']:.1f} s stage, peak {r['peak_memory_bytes'] / 2**30:.1f} GiB", flush=True)
     save()
 
 

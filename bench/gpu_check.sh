@@ -2,7 +2,7 @@
 # Issue 13's GPU measurement in one call of under 10 minutes on one H200, through the gpu-kit (docs/benchmarks.md,
 # "GPU"):  bash .whl/on-device.sh bash bench/gpu_check.sh
 # Each step is its own process (its "cold" figures hold that process's device warm-up), writes its JSON as it goes
-# (to $OUT when the run tool sets it: 7 files, within what comes back) and is cut at its own time limit without
+# (to $OUT when the run tool sets it: 8 files, what comes back at most) and is cut at its own time limit without
 # losing the others. The most important steps run first.
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
@@ -23,12 +23,15 @@ levers) # defaults and levers, one against another
   #    defaults (batch auto, static cache on a GPU), then the dynamic cache warm
   b gen-default 150 --gen-model 8b --gen-batch auto,auto:dynamic --gen-prompts 1900 --new-tokens 100 --train '' \
     --profile
-  # 2. training on the issue's 512-token rows, 1.24B: full SFT, DPO and ORPO at batch 8 and 16, without and with
-  #    Liger's kernels; steady MFU over steps 5-10 of 12 (the last 2 are profiled)
-  b train-1b 200 --gen-batch '' --train full:1b:8,full:1b:16,dpo:1b:8,dpo:1b:16,orpo:1b:8,orpo:1b:16 \
-    --liger off,on --steps 12 --warm-steps 4 --profile
-  # 3. 8B LoRA (all linear layers, r 16), batch 8, no gradient checkpointing
-  b train-8b 90 --gen-batch '' --train lora:8b:8 --liger off,on --steps 10 --warm-steps 3 --profile
+  # 2. training on the issue's 512-token rows, 1.24B; steady MFU over steps 5-10 of 12 (the last 2 are profiled).
+  #    Full SFT at batch 8 and 16 without and with Liger's kernels; DPO and ORPO (LoRA) with and without peft's
+  #    float32 upcast of adapter inputs (an experiment: bench_gpu.no_adapter_upcast)
+  b train-1b-full 80 --gen-batch '' --train full:1b:8,full:1b:16 --liger off,on --steps 12 --warm-steps 4 --profile
+  b train-1b-pref 100 --gen-batch '' --train dpo:1b:8,dpo:1b:16,orpo:1b:8 --adapter-upcast on,off --steps 12 \
+    --warm-steps 4 --profile
+  # 3. 8B LoRA (all linear layers, r 16), batch 8, no gradient checkpointing: Liger, and the upcast experiment
+  b train-8b 130 --gen-batch '' --train lora:8b:8 --liger off,on --adapter-upcast on,off --steps 10 --warm-steps 3 \
+    --profile
   # 4. "before": the evaluation default before issue 13 (batch 128, dynamic cache), on 512 prompts
   b gen-before 55 --gen-model 8b --gen-batch 128:dynamic --gen-prompts 512 --new-tokens 100 --train ''
   # 5. packing on rows of 128-512 tokens: padded against padding-free and packed

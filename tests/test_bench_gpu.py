@@ -17,7 +17,7 @@ def test_bench_gpu_tiny_writes_every_field(tmp_path, world):
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--tiny", "--work", str(tmp_path),
                            "--out", str(out), "--packing", "none,padding_free", "--gen-batch", "128:dynamic,auto",
-                           "--profile"],
+                           "--profile", "--adapter-upcast", "on,off"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     r = json.loads(out.read_text())
@@ -37,9 +37,10 @@ def test_bench_gpu_tiny_writes_every_field(tmp_path, world):
             assert p["decode_steps"] >= 7 and p["batches"] and len(p["first_steps_ms"]) >= 7
     assert "aten::" in r["generation"][-1]["warm"]["profile"]  # the last variant's decode steps, profiled
 
-    cases = {(t["method"], t["packing"]) for t in r["training"]}
-    assert cases == {("full", "none"), ("full", "padding_free"), ("lora", "none"), ("lora", "padding_free"),
-                     ("dpo", "none"), ("orpo", "none")}
+    cases = [(t["method"], t["packing"], t["adapter_upcast"]) for t in r["training"]]
+    assert sorted(cases) == sorted([("full", "none", True), ("full", "padding_free", True)] + [
+        (m, p, u) for m, packings in (("lora", ("none", "padding_free")), ("dpo", ("none",)), ("orpo", ("none",)))
+        for p in packings for u in (True, False)])  # the upcast experiment runs for adapter methods only
     for t in r["training"]:
         for key in ("steps", "tokens", "flops", "train_s", "stage_wall_s", "tokens_per_s", "mfu", "steady_step_s",
                     "steady_mfu", "steady_tokens_per_s", "first_step_s", "loop_mfu", "peak_memory_bytes",
