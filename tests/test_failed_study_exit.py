@@ -52,3 +52,6 @@ def test_failed_cell_exits_1_and_names_it(world, tmp_path: Path):
     (cell,) = cells(StudyConfig.model_validate(cfg))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert f"1 of 1 cells failed after 0 retries: {cell.id}" in proc.stderr
+    # and what went wrong, in a line: the judge's refusal, not only where the traceback is
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith(f"[study]   {cell.id}: ")]
+    assert "401" in line, line

@@ -394,7 +394,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
                 verbose=0),
         )
     timing["tune_start_s"] = time.time() - t0
-    tuner.fit()
+    outcome = tuner.fit()
     timing["tune_end_s"] = time.time() - t0
     results = assemble_results(store)
     timing["total_s"] = time.time() - t0
@@ -411,8 +411,22 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     if missing:
         print(f"[study] {len(missing)} cell(s) failed after retries: {', '.join(missing)}; rerun to retry them",
               flush=True)
+        for cell_id, error in _cell_errors(outcome).items():
+            if cell_id in missing:
+                print(f"[study]   {cell_id}: {error}", flush=True)
     del leases  # every trial is over: the lease actor may go
     return results
+
+
+def _cell_errors(outcome: Any) -> dict[str, str]:
+    """Each failed trial's cell and the last line of its error (the whole traceback is in Tune's error file)."""
+    errors = {}
+    for result in outcome:
+        if result.error is not None and result.config and "cell" in result.config:
+            lines = [line for line in str(result.error).splitlines() if line.strip()]
+            errors[Cell.from_axes(result.config["cell"]).id] = (lines[-1] if lines else type(result.error).__name__
+                                                                )[:500]
+    return errors
 
 
 def _trial_dirname(trial: Any) -> str:
