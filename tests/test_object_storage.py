@@ -203,6 +203,50 @@ def test_a_killed_trainers_claim_is_taken_over(s3):
         ray.shutdown()
 
 
+_DRIVER = """
+import sys, time
+import ray
+from misalign.claims import leased, start_leases
+url = sys.argv[2]
+ray.init(address=sys.argv[1], runtime_env={"env_vars": {"MISALIGN_CLAIM_TTL_S": "30"}})
+leases = start_leases(url)
+
+@ray.remote(num_cpus=1)
+class Trainer:
+    def hold(self, url, key):
+        with leased(url, key):
+            time.sleep(3600)
+
+trainer = Trainer.remote()
+trainer.hold.remote(url, "stage-key")
+while ray.get(leases.holder.remote("stage-key")) is None:
+    time.sleep(0.1)
+print("HELD", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_the_lease_table_outlives_a_killed_driver(s3):
+    """A driver SIGKILLed mid-study leaves its trainers' leases in place (the lease actor is detached), so a
+    restarted driver's trials wait for them instead of training a stage beside a trainer still running."""
+    import ray
+
+    from misalign.claims import start_leases
+
+    url = f"s3://{BUCKET}/claims-restart/stages"
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        driver = subprocess.Popen([sys.executable, "-c", _DRIVER, ray.get_runtime_context().gcs_address, url],
+                                  stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert driver.stdout.readline().strip() == "HELD"
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        leases = start_leases(url)  # the restarted driver
+        assert ray.get(leases.holder.remote("stage-key")) is not None, "the dead driver's trainer's lease survived"
+    finally:
+        ray.shutdown()
+
+
 def test_study_search_status_results_and_report_on_s3(world, s3, tmp_path):
     from ray.cluster_utils import Cluster
 

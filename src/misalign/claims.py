@@ -5,6 +5,11 @@ stores have no locks, so there a claim is a lease held in one small Ray actor pe
 driver starts: a claimant is granted a key nobody holds, or whose holder stopped renewing its lease (a killed
 trainer stops renewing, and after `MISALIGN_CLAIM_TTL_S` seconds, 60 by default, another trial takes the stage
 over). The holder renews from a background thread every third of that time and releases when it is done.
+
+The actor is detached: it outlives a driver that dies. A trainer of the dead driver's job may still be running
+for a while (Ray stops a job's workers after it notices the driver is gone); a restarted driver finds the same
+actor, so its trials wait for that trainer's lease instead of training the same stage beside it. It lives as
+long as the Ray cluster (a few kilobytes; a later study on the same store reuses it).
 """
 
 from __future__ import annotations
@@ -62,8 +67,10 @@ def start_leases(store_url: str) -> object:
     """The store's lease actor (the driver starts it before any trial; trials look it up by name)."""
     import ray
 
-    return ray.remote(num_cpus=0)(Leases).options(
-        name=actor_name(store_url), namespace=NAMESPACE, get_if_exists=True).remote()
+    leases = ray.remote(num_cpus=0)(Leases).options(
+        name=actor_name(store_url), namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+    ray.get(leases.holder.remote(""))  # up and named before any trial looks it up
+    return leases
 
 
 @contextlib.contextmanager

@@ -324,7 +324,8 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
     check_store(paths.store)
     resuming = open_run_dir(cfg, paths.store, "search.yaml")
     init_ray(address, dashboard=False)
-    leases = start_leases(paths.stages.url) if paths.stages.remote else None  # held: keeps the actor alive
+    if paths.stages.remote:
+        start_leases(paths.stages.url)
     paths.optuna_db.parent.mkdir(parents=True, exist_ok=True)
     if paths.store.remote and not cfg.storage:
         if not resuming:  # a new search: a copy this node kept of an older one under the same URL is stale
@@ -357,7 +358,6 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
     answer["wall_s"] = round(time.time() - t0, 1)
     paths.store.write_json(paths.answer, answer)
     _copy_database(cfg, paths)
-    del leases  # every trial is over: the lease actor may go
     return answer
 
 

@@ -356,7 +356,8 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
 
     nodes = check_storage(store, storage_given)
     # one trainer per stage without file locks; the handle keeps the actor alive until the study returns
-    leases = start_leases(paths.stages.url) if store.remote else None
+    if store.remote:
+        start_leases(paths.stages.url)
     from misalign.stage import package_versions
 
     store.write_json("environment.json", {
@@ -414,7 +415,6 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
         for cell_id, error in _cell_errors(outcome).items():
             if cell_id in missing:
                 print(f"[study]   {cell_id}: {error}", flush=True)
-    del leases  # every trial is over: the lease actor may go
     return results
 
 
