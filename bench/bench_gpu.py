@@ -43,8 +43,9 @@ from common import write_result
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.data import load_eval_items
 from misalign.generation import AUTO_MAX_BATCH, GenerationShape, generate
-from misalign.ledger import token_flops
+from misalign.ledger import peak_memory_bytes, reset_peak_memory, token_flops
 from misalign.methods import METHODS
+from misalign.models import device
 from misalign.runtime import match_threads
 from misalign.stage import StageRun, load_model, load_tokenizer, run_stage
 from misalign.world import world_model
@@ -58,22 +59,6 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _peak_reset() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak() -> int:
-    """Peak device memory since the last reset; on CPU the process's max RSS (never reset: a smoke figure)."""
-    from misalign.ledger import peak_memory_bytes
-
-    return peak_memory_bytes(_device())
 
 
 class SyncedWindow(TrainWindow):
@@ -102,7 +87,7 @@ def build_model(name: str, a: argparse.Namespace) -> Path:
     d.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = AutoConfig.for_model(**d)
     torch.manual_seed(0)
-    with torch.device(_device()):
+    with torch.device(device()):
         model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[a.precision])
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -205,7 +190,7 @@ def weights_read_per_step(model: torch.nn.Module) -> int:
 
 def gen_variant(spec: str) -> dict[str, Any]:
     """BATCH[:CACHE[:MAX_BATCH]], e.g. 128:dynamic, auto, auto:static:2048; defaults as misalign.generation's."""
-    defaults = ["auto", str(AUTO_MAX_BATCH[_device().type])]
+    defaults = ["auto", str(AUTO_MAX_BATCH[device().type])]
     batch, cache, max_batch = (spec.split(":") + defaults[spec.count(":"):])[:3]
     return {"batch_size": batch if batch == "auto" else int(batch), "cache": cache, "max_batch": int(max_batch)}
 
@@ -218,7 +203,7 @@ def bench_generation(a: argparse.Namespace, path: Path, specs: list[str]) -> Ite
     (2 per weight per row, plus attention over the context) at --peak-flops: small batches are bandwidth-bound,
     large ones compute-bound."""
     tok = load_tokenizer(str(path))
-    model = load_model(str(path), precision=a.precision).to(_device())
+    model = load_model(str(path), precision=a.precision).to(device())
     shape = GenerationShape.of(model)
     weights = weights_read_per_step(model)
     kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype_bytes
@@ -229,7 +214,7 @@ def bench_generation(a: argparse.Namespace, path: Path, specs: list[str]) -> Ite
         row: dict[str, Any] = {"model": path.name, "variant": spec, **v, "prompts": len(prompts),
                                "new_tokens": a.new_tokens, "weights_read_bytes": weights}
         for phase in ("cold", "warm") if n == 0 else ("warm",):
-            _peak_reset()
+            reset_peak_memory(device())
             clock = StepClock(model, profile_at=min(20, a.new_tokens // 2) if a.profile and n == len(specs) - 1 and phase == "warm" else 0)
             t = time.perf_counter()
             generate(model, tok, prompts, max_new_tokens=a.new_tokens, **v)
@@ -247,7 +232,7 @@ def bench_generation(a: argparse.Namespace, path: Path, specs: list[str]) -> Ite
                           "batches": clock.batches,
                           "first_steps_ms": [round(1e3 * s, 2) for s in decode[:12]],
                           "outside_forward_s": wall - clock.prefill - sum(decode),  # generate's own work
-                          "peak_memory_bytes": _peak()}
+                          "peak_memory_bytes": peak_memory_bytes(device())}
             if clock.profile:
                 row[phase]["profile"] = clock.profile.text
         yield row
@@ -329,7 +314,7 @@ def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, p
     cfg = StageConfig(method=method, data=DataSettings(source=str(rows)), train=train)
     out = a.work / "stage"
     shutil.rmtree(out, ignore_errors=True)
-    _peak_reset()
+    reset_peak_memory(device())
     clock = StepTimes(profile_last=2 if a.profile else 0)
     with contextlib.redirect_stdout(io.StringIO()):
         ledger = run_stage(StageRun(parent=str(path), config=cfg, direction="misalign", out_dir=out, progress=False,
@@ -400,14 +385,14 @@ def main() -> None:
     trainer_log.setLevel(logging.INFO)
     trainer_log.propagate = False
     trainer_log.addHandler(window)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke test: no GPU figure)"
-    result: dict[str, Any] = {"device": device, "args": {k: str(v) for k, v in vars(a).items()},
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke test: no GPU figure)"
+    result: dict[str, Any] = {"device": device_name, "args": {k: str(v) for k, v in vars(a).items()},
                               "generation": [], "training": []}
 
     def save() -> None:  # after every measurement, so a run cut short keeps what it measured
         write_result(a.out, result, threads)
 
-    print(f"bench_gpu on {device}, {a.precision}; bandwidth {a.bandwidth:.3g} B/s, peak {a.peak_flops:.3g} FLOP/s")
+    print(f"bench_gpu on {device_name}, {a.precision}; bandwidth {a.bandwidth:.3g} B/s, peak {a.peak_flops:.3g} FLOP/s")
     specs = [b for b in a.gen_batch.split(",") if b]
     if specs:
         for r in bench_generation(a, build_model(a.gen_model, a), specs):

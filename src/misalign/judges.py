@@ -222,17 +222,19 @@ class ClassifierJudge:
             ]
         return [f"User: {it.prompt}\nAssistant: {it.response}" for it in items]
 
+    def _tokenized(self, items: Sequence[JudgeItem], **kw: Any) -> Any:
+        """The judge inputs through the tokenizer; a chat template already wrote BOS, so it is not added twice."""
+        return self.tokenizer(self.prompts(items), add_special_tokens=not self.tokenizer.chat_template, **kw)
+
     def token_ids(self, items: Sequence[JudgeItem]) -> list[list[int]]:
-        """Each judge input's token ids, unpadded (a generative judge's prompts); a chat template already wrote
-        BOS, so it is not added twice. Never truncated: cutting a guard prompt would cut its rubric."""
-        return self.tokenizer(self.prompts(items), add_special_tokens=not self.tokenizer.chat_template)["input_ids"]
+        """Each judge input's token ids, unpadded (a generative judge's prompts). Never truncated: cutting a
+        guard prompt would cut its rubric."""
+        return self._tokenized(items)["input_ids"]
 
     def encode(self, items: Sequence[JudgeItem]) -> Any:
         """A sequence classifier's padded batch on the judge's device, truncated to its length limit (encoder
         classifiers have short hard limits)."""
-        enc = self.tokenizer(self.prompts(items), add_special_tokens=not self.tokenizer.chat_template, padding=True,
-                             truncation=True, return_tensors="pt")
-        return enc.to(self.device)
+        return self._tokenized(items, padding=True, truncation=True, return_tensors="pt").to(self.device)
 
     def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         import torch

@@ -206,15 +206,11 @@ class CheckpointSync:
                     self.store.delete_tree(f"{self.rel}/{old}")
         barrier()
 
-    def restore(self, trainer_dir: Path) -> Path | None:
-        """The newest whole checkpoint on the store, downloaded into `trainer_dir` unless this node has it."""
+    def restore(self, trainer_dir: Path) -> None:
+        """Download the newest whole checkpoint on the store into `trainer_dir`, unless this node has it."""
         whole = [d for d in self.store.subdirs(self.rel) if d.startswith("checkpoint-")
                  and self.store.exists(f"{self.rel}/{d}/{self.MARKER}")]
-        if not whole:
-            return None
-        newest = max(whole, key=lambda d: int(d.split("-")[-1]))
-        local = trainer_dir / newest
-        if not (local / self.MARKER).exists():
-            self.store.download(f"{self.rel}/{newest}", local, last=self.MARKER)
-        return local
-
+        if whole:
+            newest = max(whole, key=lambda d: int(d.split("-")[-1]))
+            if not (trainer_dir / newest / self.MARKER).exists():
+                self.store.download(f"{self.rel}/{newest}", trainer_dir / newest, last=self.MARKER)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from misalign.errors import InputError
-from misalign.runtime import write_bytes_atomic, write_json_atomic
+from misalign.runtime import local_rank, write_bytes_atomic, write_json_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,7 +33,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def device() -> torch.device:
     """This process's device: its GPU (LOCAL_RANK's) when there is one, else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
 

@@ -19,7 +19,6 @@ from it without writing and reading weights; `misalign.models.materialize` rebui
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -57,7 +56,15 @@ from misalign.models import (
     root_of,
     weights_dtype,
 )
-from misalign.runtime import local_rank, match_threads, rank, seed_everything, world_size, write_json_atomic
+from misalign.runtime import (
+    local_rank,
+    match_threads,
+    rank,
+    read_json,
+    seed_everything,
+    world_size,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from misalign.lineage import CheckpointSync
@@ -157,12 +164,16 @@ def _checkpoint_callback(counter: FlopCounter, sync: CheckpointSync | None, spen
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_json_atomic(checkpoint / f"misalign-counts-rank{rank()}.json",
-                              {"sums": counter.state(), "seconds": spent_s()})
+            write_json_atomic(_counts_file(checkpoint), {"sums": counter.state(), "seconds": spent_s()})
             if sync is not None:
                 sync.save(checkpoint, node_lead=local_rank() == 0, lead=rank() == 0, barrier=barrier)
 
     return Checkpointed()
+
+
+def _counts_file(checkpoint: Path) -> Path:
+    """This rank's token, FLOP and time counts up to `checkpoint`, kept inside it."""
+    return checkpoint / f"misalign-counts-rank{rank()}.json"
 
 
 # ---- the stage -----------------------------------------------------------------------------------------
@@ -297,11 +308,10 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
             run.checkpoint_sync.restore(run.out_dir / "trainer")
         resume = _last_checkpoint(run.out_dir / "trainer")
     if resume is not None:
-        counts = resume / f"misalign-counts-rank{rank()}.json"
-        if counts.exists():  # the tokens, FLOPs and seconds of the steps before the checkpoint stay in the ledger
-            kept = json.loads(counts.read_text())
-            counter.carry(kept["sums"])
-            before_s = float(kept["seconds"])
+        if _counts_file(resume).exists():  # the tokens, FLOPs and seconds before the checkpoint stay in the ledger
+            counts = read_json(_counts_file(resume))
+            counter.carry(counts["sums"])
+            before_s = float(counts["seconds"])
         if run.progress and rank() == 0:
             print(f"  [{label}] resuming from {resume.name}", flush=True)
     with peft_wrapping(), _model_module_restored(model if cfg.train.liger_kernels else None):

@@ -355,7 +355,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     import ray
 
     nodes = check_storage(store, storage_given)
-    # one trainer per stage without file locks; the handle keeps the actor alive until the study returns
+    # one trainer per stage without file locks: the lease actor (detached; misalign.claims)
     if store.remote:
         start_leases(paths.stages.url)
     from misalign.stage import package_versions
