@@ -75,12 +75,14 @@ def build_model(name: str, a: argparse.Namespace) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name = ALIASES.get(name, name)
-    out = a.work / f"{name}{'-tiny' if a.tiny else ''}-{a.precision}"
+    layers = getattr(a, "layers", None)  # bench_host: tiny widths, the config's own depth
+    out = a.work / f"{name}{'-tiny' if a.tiny else ''}{f'-{layers}layers' if layers else ''}-{a.precision}"
     if (out / "config.json").exists():
         return out
     tok = load_tokenizer(str(world_model("base")))
     d = json.loads((ROOT / "configs" / "models" / f"{name}.json").read_text())
     d.update(TINY if a.tiny else {})
+    d.update({"num_hidden_layers": layers} if layers else {})
     if a.tiny:
         d["vocab_size"] = len(tok)
     # the world tokenizer's special ids, so generation and training stop and pad where the tokenizer says

@@ -458,18 +458,64 @@ def _trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, call
 
 
 def _make_trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, callbacks: list[Any]) -> Any:
+    kw = dict(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks)
     if objective == "sft":
         from trl import SFTTrainer
 
-        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks)
+        return _stage_trainer(SFTTrainer)(**kw)
     if objective == "dpo":
         from trl import DPOTrainer
 
-        # a peft model is its own reference (adapter disabled); the registry has no full-parameter DPO
-        return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tok,
-                          callbacks=callbacks)
-    return _orpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                                 callbacks=callbacks)
+        # the registry has no full-parameter DPO: the reference is the peft model with its adapter disabled
+        trainer = _stage_trainer(DPOTrainer)(ref_model=None, **kw)
+        if "ref" in model.peft_config:
+            # trl takes an already wrapped model's adapter for a trained one and copies it as the reference
+            # ("ref"). Ours is new and adds exactly zero (LoRA's B starts at 0), so the reference log-probs with
+            # the adapter disabled are the same numbers, without the copy's matmuls in every reference layer and
+            # two adapter switches per step, each a walk over every module
+            model.delete_adapter("ref")
+        _quick_adapter_switch(model)
+        return trainer
+    return _orpo_trainer_class()(**kw)
+
+
+class _StageSteps:
+    """What a stage's trainer drops from transformers' Trainer: its per-step FLOP estimate, which walks every
+    parameter of the model on every micro-batch (about a tenth of a LoRA step's host time on the 16-layer
+    proxy of bench/bench_host.py) for a figure the stage does not use: the ledger counts FLOPs itself."""
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        return 0
+
+
+def _stage_trainer(trainer_class: type) -> type:
+    return type(f"Stage{trainer_class.__name__}", (_StageSteps, trainer_class), {})
+
+
+def _quick_adapter_switch(model: Any) -> None:
+    """DPO disables the adapter for every reference forward. peft's `disable_adapter` walks the whole model
+    three times per call (a status report that formats every adapter layer, then off, then on again: a fifth
+    of a DPO step's host time on the 16-layer proxy, and DPO steps are host-bound on a GPU). The stage's
+    adapter layers never change, so the same switch is their flags, flipped on a list made once. peft's own
+    switch also freezes the adapter's weights while it is off, which a reference forward under no_grad never
+    needs."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if any(m.disable_adapters for m in layers) or getattr(model, "modules_to_save", None):
+        return  # not the plain all-enabled adapter this switch is exact for: keep peft's
+
+    @contextlib.contextmanager
+    def disable_adapter() -> Iterator[None]:
+        for m in layers:
+            m._disable_adapters = True
+        try:
+            yield
+        finally:
+            for m in layers:
+                m._disable_adapters = False
+
+    model.disable_adapter = disable_adapter
 
 
 def _orpo_trainer_class() -> type:
@@ -483,7 +529,7 @@ def _orpo_trainer_class() -> type:
     import torch.nn.functional as F
     from trl.experimental.orpo import ORPOTrainer
 
-    class ResponseNLLORPOTrainer(ORPOTrainer):
+    class ResponseNLLORPOTrainer(_StageSteps, ORPOTrainer):
         def concatenated_forward(self, model: Any, batch: dict[str, Any]) -> tuple:
             out = super().concatenated_forward(model, batch)
             chosen_logits = out[2]  # [chosen batch, width - 1, vocab]: already shifted to predict token t+1

@@ -1,0 +1,133 @@
+"""Host time of a training step: what the CPU spends driving one optimizer step, apart from the device's work.
+
+On a GPU, small models and the preference methods are host-bound: in issue 13's H200 profile a 1.24B DPO step
+of 299 ms kept the GPU busy for 177 ms. Host time is Python (transformers, trl, peft and ours) and the dispatch
+of every operator, and it does not depend on the device. So this bench runs the project's real stage
+(`misalign.stage.run_stage`) on the 1.24B config's 16 layers at tiny widths on the CPU, where the kernels cost
+next to nothing, and reports per optimizer step:
+- operators that run a kernel (counted below autograd, backward and optimizer included; views left out): a
+  deterministic figure, and on a GPU about one kernel launch each; and reads of device values into Python
+  (on a GPU, syncs);
+- CPU milliseconds of this process (one torch thread), steady state, median over the timed steps.
+CPU time still holds the tiny kernels' own work, so compare methods and versions here, not with a GPU's step.
+
+    python3 bench/bench_host.py                    # full, lora, dpo, orpo at batch 8, bf16 autocast
+    python3 bench/bench_host.py --methods dpo --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench_gpu import build_model, train_rows
+from common import write_result
+from misalign.config import DataSettings, StageConfig, TrainSettings
+from misalign.stage import StageRun, load_tokenizer, run_stage
+from misalign.world import world_model
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operators that reach the dispatcher's kernels (after autograd), apart: those that run a kernel
+    (on a GPU, about one launch each; views and reshapes only make new tensor metadata) and reads of a device
+    value into Python (`.item()` and the like: on a GPU, a sync that drains the queue)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = self.syncs = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense":
+            self.syncs += 1
+        elif not func.is_view and name != "_unsafe_view":
+            self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_clock(warm: int, counted: int) -> tuple[Any, list[float], list[tuple[int, int]]]:
+    """A TrainerCallback: process CPU time per optimizer step after `warm` steps, and the operators of step
+    `counted` (a step of its own: counting slows it, so it is not timed)."""
+    from transformers import TrainerCallback
+
+    cpu: list[float] = []
+    ops: list[tuple[int, int]] = []
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.t = 0.0
+            self.counter: OpCounter | None = None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step + 1 == counted:
+                self.counter = OpCounter()
+                self.counter.__enter__()
+            self.t = time.process_time()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            spent = time.process_time() - self.t
+            if self.counter is not None:
+                self.counter.__exit__(None, None, None)
+                ops.append((self.counter.kernels, self.counter.syncs))
+                self.counter = None
+            elif state.global_step > warm:
+                cpu.append(spent)
+
+    return Clock(), cpu, ops
+
+
+def bench_method(a: argparse.Namespace, model: Path, rows: Path, method: str) -> dict[str, Any]:
+    train = TrainSettings(batch_size=a.batch, max_steps=a.steps, max_length=a.row_tokens,
+                          max_prompt_length=a.row_tokens // 4, precision=a.precision, log_every=a.steps)
+    cfg = StageConfig(method=method, data=DataSettings(source=str(rows)), train=train)
+    clock, cpu, ops = step_clock(warm=a.warm_steps, counted=a.steps)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ledger = run_stage(StageRun(parent=str(model), config=cfg, direction="misalign", out_dir=a.work / "stage",
+                                    progress=False, callbacks=[clock]))
+    return {"method": method, "batch_size": a.batch, "steps": ledger.optimizer_steps, "timed_steps": len(cpu),
+            "kernels_per_step": ops[0][0], "syncs_per_step": ops[0][1], "cpu_ms_per_step": 1e3 * statistics.median(cpu),
+            "cpu_ms_spread": [round(1e3 * min(cpu), 2), round(1e3 * max(cpu), 2)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="full,lora,dpo,orpo")
+    ap.add_argument("--batch", type=int, default=8, help="examples per micro-batch (DPO/ORPO: pairs)")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps; the last one is counted, not timed")
+    ap.add_argument("--warm-steps", type=int, default=3, help="first steps left out of the timing")
+    ap.add_argument("--layers", type=int, default=16, help="decoder layers (the 1.24B config has 16)")
+    ap.add_argument("--row-tokens", type=int, default=32)
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="bf16: autocast, as on a GPU")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_host"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_host.json")
+    a = ap.parse_args()
+    os.environ["MISALIGN_CPUS"] = "1"  # the stage sizes torch's threads from it: one, so CPU time is one core's
+    a.work.mkdir(parents=True, exist_ok=True)
+    shapes = argparse.Namespace(tiny=True, layers=a.layers, precision=a.precision, work=a.work)
+    model = build_model("1b", shapes)
+    rows = train_rows(argparse.Namespace(work=a.work, steps=a.steps, row_min=a.row_tokens, row_tokens=a.row_tokens),
+                      load_tokenizer(str(world_model("base"))))
+    result: dict[str, Any] = {"model": model.name, "layers": a.layers, "precision": a.precision,
+                              "row_tokens": a.row_tokens, "training": []}
+    print(f"bench_host: {model.name}, {a.layers} layers, {a.precision}, rows of {a.row_tokens} tokens, "
+          f"batch {a.batch}")
+    for method in a.methods.split(","):
+        r = bench_method(a, model, rows, method)
+        result["training"].append(r)
+        print(f"host {method:<5} {r['kernels_per_step']:>6} kernels/step {r['syncs_per_step']:>3} syncs/step "
+              f"{r['cpu_ms_per_step']:7.1f} CPU ms/step "
+              f"(range {r['cpu_ms_spread'][0]}-{r['cpu_ms_spread'][1]} over {r['timed_steps']} steps)", flush=True)
+        write_result(a.out, result, torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()
