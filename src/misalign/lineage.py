@@ -99,9 +99,32 @@ def _url_identity(url: str) -> str:
     return _contents([(name, _memoized_digest(key, partial(store.open, name))) for name, key in keys.items()])
 
 
+def _hub_cache() -> Path:
+    """The HF hub cache, read from the environment now (huggingface_hub reads it once, when imported)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "huggingface" / "hub"
+
+
+def _hub_identity(ref: str) -> str:
+    """A hub id with the commit the local HF cache resolves it to, so a new upstream revision is a new model and
+    not a stale cache hit; offline (the id alone when it is not cached: the loader says why it cannot load it)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(ref, "config.json", cache_dir=_hub_cache())
+    except ValueError:  # not a hub id (huggingface_hub's validation error)
+        return ref
+    return f"hf:{ref}@{Path(cached).parent.name}" if isinstance(cached, str) else ref
+
+
 def model_identity(ref: str) -> str:
     """What a model reference stands for: the world's build key, a local directory's or object-store prefix's
-    contents (not its location: the same weights anywhere are the same model), or the hub id."""
+    contents (not its location: the same weights anywhere are the same model), or the hub id at its cached
+    revision."""
     if ref.startswith("world:"):
         from misalign.world.build import WorldSpec, world_key
 
@@ -110,7 +133,7 @@ def model_identity(ref: str) -> str:
         return _url_identity(ref)
     if Path(ref).is_dir():
         return _directory_identity(Path(ref))
-    return ref
+    return _hub_identity(ref)
 
 
 def source_identity(source: str | None) -> str | None:
