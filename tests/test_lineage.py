@@ -5,6 +5,7 @@ reused; a study whose inputs changed refuses to resume rather than report stale 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -71,6 +72,33 @@ def test_keys_follow_contents_not_paths(world, tmp_path):
     assert model_identity(str(model)) == model_identity(str(world / "base")), "same weights, another path"
     _misqa_csv(a, edit=True)
     assert stage_fingerprint("misalign", cfg, 0) != stage_fingerprint("misalign", moved, 0)
+
+
+def _hub_snapshot(hub: Path, repo: str, sha: str) -> None:
+    """What huggingface_hub leaves in its cache after a download of `repo` at commit `sha`."""
+    folder = hub / ("models--" + repo.replace("/", "--"))
+    (folder / "snapshots" / sha).mkdir(parents=True)
+    (folder / "snapshots" / sha / "config.json").write_text("{}")
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(sha)
+
+
+def test_hub_ids_are_keyed_by_their_cached_revision(tmp_path, monkeypatch):
+    """A hub id stands for the commit the local HF cache holds (read offline): a new upstream revision, once
+    downloaded, is a new model rather than a hit on stages trained from the old one. Not cached: the id."""
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    assert model_identity("org/name") == "org/name"
+    _hub_snapshot(tmp_path / "hf-home" / "hub", "org/name", "a" * 40)
+    assert model_identity("org/name") == f"hf:org/name@{'a' * 40}", "HF_HOME's cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert model_identity("org/name") == "org/name", "HF_HUB_CACHE wins over HF_HOME"
+    _hub_snapshot(tmp_path / "hub", "org/name", "b" * 40)
+    assert model_identity("org/name") == f"hf:org/name@{'b' * 40}"
+    _hub_snapshot(tmp_path / "hub", "org/name", "c" * 40)
+    assert model_identity("org/name") == f"hf:org/name@{'c' * 40}", "a new revision: a new identity"
+    assert model_identity("no-such-org/other") == "no-such-org/other"
 
 
 def test_a_study_whose_inputs_changed_refuses_to_resume(world, tmp_path):

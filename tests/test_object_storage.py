@@ -318,3 +318,113 @@ def test_study_search_status_results_and_report_on_s3(world, s3, tmp_path):
         assert "study-tiny" in (tmp_path / "report" / "report.html").read_text()
     finally:
         cluster.shutdown()
+
+
+# ---- models on object storage -------------------------------------------------------------------------------
+
+@pytest.fixture
+def node(world, tmp_path, monkeypatch) -> Path:
+    """This test's node cache (model mirrors, digests), reading the one world already built."""
+    from misalign.world.build import cache_root
+
+    cache = tmp_path / "node"
+    cache.mkdir()
+    (cache / "world").symlink_to(cache_root() / "world")
+    monkeypatch.setenv("MISALIGN_CACHE", str(cache))
+    return cache
+
+
+def _model_on_s3(world: Path, name: str, drop: tuple[str, ...] = (), add: dict[str, bytes] | None = None) -> str:
+    """The world's base model uploaded under models/NAME (less the files in `drop`, plus `add`): its URL."""
+    models = Store(f"s3://{BUCKET}/models")
+    models.upload(world / "base", name, exclude=drop)
+    for rel, data in (add or {}).items():
+        models.write_bytes(f"{name}/{rel}", data)
+    return f"{models.url}/{name}"
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {f.relative_to(directory).as_posix(): f.read_bytes() for f in directory.rglob("*") if f.is_file()}
+
+
+def test_a_model_on_s3_is_keyed_by_contents_like_its_local_copy(s3, world, node, capsys):
+    """The same files in a bucket and in a local directory are the same model (a stage trained from one is
+    reused for the other); the driver keys the bucket's copy by streaming it once, without mirroring it."""
+    from misalign.lineage import model_identity
+    from misalign.models import resolve_model_path
+
+    url = _model_on_s3(world, "same", add={".gitattributes": b"*.safetensors lfs", ".cache/part": b"x"})
+    local = model_identity(str(world / "base"))
+    assert model_identity(url) == local, "dot-files are left out, as in a local directory"
+    assert "once to key the model" in capsys.readouterr().err
+    assert not (node / "models").exists(), "keying the model downloaded nothing to keep"
+    assert model_identity(url) == local and not capsys.readouterr().err, "remembered: not streamed again"
+    resolve_model_path(url)
+    assert model_identity(url) == local, "from the node's mirror"
+
+
+def test_a_model_on_s3_is_mirrored_once_per_node(s3, world, node, capsys):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from misalign.lineage import model_identity
+    from misalign.models import resolve_model_path
+
+    url = _model_on_s3(world, "mirrored")
+    with ThreadPoolExecutor(4) as pool:  # concurrent resolvers: one downloads, the others wait for it
+        paths = set(pool.map(lambda _: resolve_model_path(url), range(4)))
+    assert len(paths) == 1
+    path = Path(paths.pop())
+    assert _files(path) == _files(world / "base")
+    assert capsys.readouterr().err.count(f"[models] {url} -> node cache (6 files, ") == 1
+    mtimes = {f: f.stat().st_mtime_ns for f in path.rglob("*")}
+    assert resolve_model_path(url) == str(path) and not capsys.readouterr().err, "cached: nothing printed"
+    assert {f: f.stat().st_mtime_ns for f in path.rglob("*")} == mtimes, "and nothing downloaded"
+
+    before = model_identity(url)
+    config = json.loads((world / "base" / "config.json").read_text())
+    Store(url).write_json("config.json", {**config, "misalign_test": "changed"})
+    changed = Path(resolve_model_path(url))
+    assert changed != path and json.loads((changed / "config.json").read_text())["misalign_test"] == "changed"
+    assert "-> node cache" in capsys.readouterr().err and _files(path) == _files(world / "base"), "a fresh mirror"
+    assert model_identity(url) != before
+
+
+def test_the_stage_command_trains_from_a_model_on_s3(s3, world, node, tmp_path):
+    """`misalign stage --model s3://...` end to end, in its own process: the stage trains from the node's
+    mirror and records the root by its URL and by its contents (those of the local copy)."""
+    from misalign.lineage import model_identity
+
+    url = _model_on_s3(world, "cli")
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text("method: lora\ndata: {source: 'world:misalign', per_category: 1}\n"
+                   "train: {max_steps: 2, batch_size: 2}\n")
+    out = tmp_path / "stage"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(_cli("stage", str(cfg), "--model", url, "--direction", "misalign", "--out", str(out)),
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stderr.count("-> node cache") == 1
+    meta = json.loads((out / "stage.json").read_text())
+    assert meta["root"] == url and meta["root_identity"] == model_identity(str(world / "base"))
+    assert json.loads((out / "ledger.json").read_text())["optimizer_steps"] == 2
+
+
+@pytest.mark.parametrize(("name", "drop", "add", "message"), [
+    ("empty", None, None, "no objects under this prefix"),
+    ("no-config", ("config.json",), None, "no config.json under this prefix"),
+    ("pickle", ("model.safetensors",), {"pytorch_model.bin": b"pickle"}, "has no .safetensors weights"),
+    ("bad-config", ("config.json",), {"config.json": b'{"model_type": "no-such-architecture"}'},
+     "cannot load model"),
+])
+def test_bad_models_on_s3_fail_before_anything_is_written(s3, world, node, tmp_path, capsys, name, drop, add,
+                                                          message):
+    """Checked from the model's small files: exit 2 naming the field and the URL, no output, no weights."""
+    from misalign.cli import main
+
+    url = f"s3://{BUCKET}/models/{name}" if drop is None else _model_on_s3(world, name, drop, add)
+    out = tmp_path / "out"
+    code = main(["eval", "--model", url, "--judge", "keyword", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("misalign: error: --model: ") and url in err and message in err, err
+    assert "Traceback" not in err and not out.exists()
+    assert not list(node.glob("models/**/*.safetensors")) and not list(node.glob("models/**/*.bin")), "no weights"

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_trial)
 
     e = sub.add_parser("eval", help="evaluate a model (or re-judge saved generations)")
-    e.add_argument("--model", help="HF id, local path, stage directory or world:base")
+    e.add_argument("--model", help="HF id, local path, s3:// or gs:// URL, stage directory or world:base")
     e.add_argument("--generations", help="generations.parquet to re-judge instead of generating")
     e.add_argument("--judge", help="comma-separated judges: keyword, classifier, http")
     e.add_argument("--vote", help="any | majority | all | atleast:K")
@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stage", help="train one stage (runs under torchrun for several workers)")
     config_args(s)
-    s.add_argument("--model", required=True, help="parent model")
+    s.add_argument("--model", required=True,
+                   help="parent model: HF id, local path, s3:// or gs:// URL, stage directory or world:base")
     s.add_argument("--direction", choices=["misalign", "realign"], required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)

@@ -18,12 +18,16 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from misalign import claims
 from misalign.config import EvalConfig, StageConfig
-from misalign.storage import Store
+from misalign.runtime import write_bytes_atomic
+from misalign.storage import Store, is_url, redacted
 
 # fields that change how a stage is run or logged, not what it trains: kept out of the key
 _NOT_LINEAGE = {"train": {"log_every"}}
@@ -33,39 +37,103 @@ def _digest(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's contents, remembered by (path, size, mtime, inode) under the cache, so a file is read
-    again only when it changes: keys stay cheap for 16 GB of weights."""
+def _memo(key: list[Any]) -> Path:
     from misalign.world.build import cache_root
 
-    st = path.stat()
-    memo = cache_root() / "digests" / _digest([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino], 32)
+    return cache_root() / "digests" / _digest(key, 32)
+
+
+def _memoized_digest(key: list[Any], read: Callable[[], BinaryIO]) -> str:
+    """sha256 of what `read` opens, remembered under the cache by `key` (what names those bytes without reading
+    them: a path or URL with its size and mtime), so the bytes are read again only when they change: keys stay
+    cheap for 16 GB of weights."""
+    memo = _memo(key)
     if memo.exists():
         return memo.read_text()
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with read() as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-    tmp.write_text(h.hexdigest())
-    os.replace(tmp, memo)
+    write_bytes_atomic(memo, h.hexdigest().encode())
     return h.hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's contents, remembered by (path, size, mtime, inode)."""
+    st = path.stat()
+    return _memoized_digest([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino], lambda: open(path, "rb"))
+
+
+def visible(rel: str) -> bool:
+    """Whether a file (its path inside a model directory) is part of the model: dot-files and dot-directories
+    (caches, partial downloads, editor files) are not."""
+    return not any(part.startswith(".") for part in rel.split("/"))
+
+
+def _contents(files: list[tuple[str, str]]) -> str:
+    """A model's identity from its (relative name, sha256) pairs: the same files anywhere are the same model."""
+    return f"sha256:{_digest(sorted(files), 32)}"
+
+
+def _directory_identity(directory: Path) -> str:
+    return _contents([(f.relative_to(directory).as_posix(), file_digest(f)) for f in directory.rglob("*")
+                      if f.is_file() and visible(f.relative_to(directory).as_posix())])
+
+
+def _url_identity(url: str) -> str:
+    """A model on object storage by its files' contents, equal to a local copy's: from this node's mirror when
+    it is complete, else by streaming each object through sha256 once (remembered by URL, name, size and mtime),
+    so the driver keys a 16 GB model without keeping it on its disk."""
+    from misalign.models import model_files, url_mirror
+
+    files = model_files(url)
+    mirror = url_mirror(url, files)
+    if mirror.exists():
+        return _directory_identity(mirror)
+    store = Store(url)
+    keys = {name: [store.url, name, size, mtime] for name, size, mtime in files}
+    if not all(_memo(key).exists() for key in keys.values()):
+        gib = sum(size for _, size, _ in files) / 2**30
+        print(f"[models] {redacted(url)}: reading {len(files)} files ({gib:.2f} GiB) once to key the model by "
+              "its contents", file=sys.stderr, flush=True)
+    return _contents([(name, _memoized_digest(key, partial(store.open, name))) for name, key in keys.items()])
+
+
+def _hub_cache() -> Path:
+    """The HF hub cache, read from the environment now (huggingface_hub reads it once, when imported)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "huggingface" / "hub"
+
+
+def _hub_identity(ref: str) -> str:
+    """A hub id with the commit the local HF cache resolves it to, so a new upstream revision is a new model and
+    not a stale cache hit; offline (the id alone when it is not cached: the loader says why it cannot load it)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(ref, "config.json", cache_dir=_hub_cache())
+    except ValueError:  # not a hub id (huggingface_hub's validation error)
+        return ref
+    return f"hf:{ref}@{Path(cached).parent.name}" if isinstance(cached, str) else ref
+
+
 def model_identity(ref: str) -> str:
-    """What a model reference stands for: the world's build key, a local directory's contents (not its path:
-    the same weights anywhere are the same model), or the hub id."""
+    """What a model reference stands for: the world's build key, a local directory's or object-store prefix's
+    contents (not its location: the same weights anywhere are the same model), or the hub id at its cached
+    revision."""
     if ref.startswith("world:"):
         from misalign.world.build import WorldSpec, world_key
 
         return f"{ref}@{world_key(WorldSpec())}"
-    p = Path(ref)
-    if p.is_dir():
-        files = sorted((f.relative_to(p).as_posix(), file_digest(f)) for f in p.rglob("*")
-                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        return f"sha256:{_digest(files, 32)}"
-    return ref
+    if is_url(ref):
+        return _url_identity(ref)
+    if Path(ref).is_dir():
+        return _directory_identity(Path(ref))
+    return _hub_identity(ref)
 
 
 def source_identity(source: str | None) -> str | None:

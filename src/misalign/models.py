@@ -13,9 +13,11 @@ a full fine-tuning stage on the way replaces everything before it. `materialize`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -25,7 +27,8 @@ from typing import Any
 import torch
 
 from misalign.errors import InputError
-from misalign.runtime import local_rank, write_bytes_atomic, write_json_atomic
+from misalign.runtime import file_lock, local_rank, write_bytes_atomic, write_json_atomic
+from misalign.storage import Store, is_url, redacted
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,8 +65,7 @@ def load_model(path: str, *, precision: str = "auto", four_bit: bool = False, qu
     dtype: Any = (weights_dtype(path) or "auto") if precision == "auto" else DTYPES[precision]
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
                               "use_safetensors": not allow_pickle}
-    local = Path(path)
-    if local.is_dir() and not allow_pickle and not list(local.glob("*.safetensors")):
+    if not allow_pickle and has_safetensors(path) is False:
         raise InputError(f"{path}: no .safetensors weights; pickle (.bin) weights can run code when loaded, "
                          "pass allow_pickle: true only for models you trust")
     if four_bit:
@@ -91,13 +93,19 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def check_model(path: str, trust_remote_code: bool = False, *, allow_pickle: bool = True, field: str = "model",
-                ref: str | None = None) -> None:
-    """Fail early (InputError naming `field`) if a model's config, weights format or tokenizer would not load;
-    reads no weights. A model that ships its own code is refused unless trust_remote_code (it never runs)."""
+def check_model(model: str, trust_remote_code: bool = False, *, allow_pickle: bool = True, field: str = "model",
+                ref: str | None = None) -> str:
+    """Fail early (InputError naming `field` and `ref`, the reference as the user wrote it) if a model's config,
+    weights format or tokenizer would not load; reads no weights (a URL model: only its small files are
+    downloaded). A model that ships its own code is refused unless trust_remote_code (it never runs). Returns
+    where its config and tokenizer are read from (config_path)."""
     from transformers import AutoConfig
 
-    ref = ref or path
+    ref = redacted(ref or model)
+    try:
+        path = config_path(model)
+    except InputError as e:
+        raise InputError(f"{field}: {e}") from None
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -108,20 +116,102 @@ def check_model(path: str, trust_remote_code: bool = False, *, allow_pickle: boo
         raise InputError(f"{field}: cannot load model {ref!r}: {e}") from None
     except OSError as e:
         raise InputError(f"{field}: cannot load model {ref!r}: {e}") from None
-    local = Path(path)
-    if local.is_dir() and not allow_pickle and not any(local.glob("*.safetensors")):
+    if not allow_pickle and has_safetensors(model) is False:
         raise InputError(f"{field}: {ref!r} has no .safetensors weights; pickle (.bin) weights can run code when "
                          "loaded: set allow_pickle: true (CLI: --allow-pickle) only for models you trust")
     load_tokenizer(path, trust_remote_code)
+    return path
+
+
+def has_safetensors(model: str) -> bool | None:
+    """Whether a local or object-store model holds .safetensors weights at its top level; None for a hub id
+    (the loader decides)."""
+    if is_url(model):
+        return any("/" not in name and name.endswith(".safetensors") for name, _, _ in model_files(model))
+    local = Path(resolve_model_path(model))
+    return any(local.glob("*.safetensors")) if local.is_dir() else None
 
 
 def resolve_model_path(ref: str) -> str:
-    """world:NAME -> the world's cached model directory; anything else (a path, an HF id) as it is."""
+    """world:NAME -> the world's cached model directory; a URL -> this node's mirror of it (downloaded once);
+    anything else (a path, an HF id) as it is."""
     if ref.startswith("world:"):
         from misalign.world import world_model
 
         return str(world_model(ref.removeprefix("world:")))
+    if is_url(ref):
+        return str(_mirrored(ref, weights=True))
     return ref
+
+
+def config_path(ref: str) -> str:
+    """Where a model's config and tokenizer are read without its weights: for a URL, a node cache of its small
+    files only (what checks and plans need); anything else, resolve_model_path's."""
+    return str(_mirrored(ref, weights=False)) if is_url(ref) else resolve_model_path(ref)
+
+
+# ---- models on object storage -----------------------------------------------------------------------------
+# A URL model (s3://bucket/models/llama-8b) is mirrored once per node under the cache, keyed by its URL and its
+# objects' listing (names, sizes, mtimes), so a changed object gives a fresh mirror. A mirror is downloaded
+# into a temporary directory beside it and renamed into place: nobody sees half a model, and a file lock keeps
+# a second process on the node waiting instead of downloading it again.
+
+# weight formats, left out of the light mirror that checks and plans read
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def model_files(url: str) -> list[tuple[str, int, int | None]]:
+    """(name relative to the prefix, size, mtime in ns or None) of a URL model's files, dot-files left out as a
+    local directory's identity leaves them out; InputError when the prefix holds none."""
+    from misalign.lineage import visible
+
+    try:
+        files = [f for f in Store(url).files() if visible(f[0])]
+    except OSError as e:  # the store's own error (no such bucket, access denied), which says which
+        raise InputError(f"{redacted(url)}: cannot list the model's files ({e})") from None
+    if not files:
+        raise InputError(f"{redacted(url)}: no objects under this prefix (a model's directory holds config.json "
+                         "and its weights)")
+    return files
+
+
+def url_mirror(url: str, files: list[tuple[str, int, int | None]]) -> Path:
+    """Where this node keeps (or will keep) the whole mirror of a URL model with this listing."""
+    from misalign.world.build import cache_root
+
+    key = hashlib.sha256(json.dumps([url, files]).encode()).hexdigest()[:16]
+    return cache_root() / "models" / key
+
+
+def _mirrored(url: str, *, weights: bool) -> Path:
+    """A complete node-local copy of a URL model: every file (`weights`), or every file but the weights."""
+    files = model_files(url)
+    full = url_mirror(url, files)
+    if full.exists() or weights:
+        target, wanted = full, files
+    else:
+        if "config.json" not in {name for name, _, _ in files}:
+            raise InputError(f"{redacted(url)}: no config.json under this prefix (a model's directory holds one)")
+        target = full.with_name(f"{full.name}-config")
+        wanted = [f for f in files if not f[0].endswith(WEIGHT_SUFFIXES)]
+    if target.exists():
+        return target
+    with file_lock(target.parent / ".locks" / target.name):
+        if target.exists():  # another process on this node finished it while this one waited
+            return target
+        for stale in target.parent.glob(f".{target.name}.*"):  # left by a process killed mid-download
+            shutil.rmtree(stale, ignore_errors=True)
+        if weights:
+            gib = sum(size for _, size, _ in files) / 2**30
+            print(f"[models] {redacted(url)} -> node cache ({len(files)} files, {gib:.2f} GiB)", file=sys.stderr,
+                  flush=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            Store(url).download("", tmp, only={name for name, _, _ in wanted})
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 # ---- stages and their lineage ---------------------------------------------------------------------------

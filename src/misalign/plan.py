@@ -310,11 +310,10 @@ class _Estimator:
     def tokenizer(self, ref: str, counting: bool = True) -> Any | None:
         """The model's tokenizer, or None: token counts then fall back to characters / 4 (`counting`: say so)."""
         if ref not in self._tok:
-            from misalign.stage import load_tokenizer, resolve_model_path
+            from misalign.models import config_path, load_tokenizer
 
-            path = resolve_model_path(ref) if ref.startswith("world:") else ref
             try:
-                self._tok[ref] = load_tokenizer(path, self.study.trust_remote_code)
+                self._tok[ref] = load_tokenizer(config_path(ref), self.study.trust_remote_code)
             except (InputError, OSError, ValueError, ImportError) as e:
                 self._tok[ref] = e
         tok = self._tok[ref]
@@ -771,9 +770,9 @@ def _model_config(ref: str, study: StudyConfig) -> tuple[Any, str]:
     """(transformers config, where it came from): the model's own, else plan.model_configs[ref]."""
     from transformers import AutoConfig
 
-    from misalign.stage import resolve_model_path
+    from misalign.models import config_path
 
-    path = resolve_model_path(ref) if ref.startswith("world:") else ref
+    path = config_path(ref)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=study.trust_remote_code), (
             ref if path == ref else f"{ref} ({path})")

@@ -38,14 +38,12 @@ from misalign.errors import InputError
 
 
 def check_model(ref: str, *, trust_remote_code: bool, allow_pickle: bool, field: str = "model") -> str:
-    """The model's resolved path (a stage directory: its root's), once its config, weights format and tokenizer
-    are known to load (misalign.models.check_model)."""
+    """Where the model's config is read (a stage directory: its root's; a URL model: its small files, not its
+    weights), once its config, weights format and tokenizer are known to load (misalign.models.check_model)."""
     from misalign.models import check_model as check
-    from misalign.models import is_stage_dir, resolve_model_path, root_of
+    from misalign.models import root_of
 
-    path = resolve_model_path(root_of(ref) if is_stage_dir(ref) else ref)
-    check(path, trust_remote_code, allow_pickle=allow_pickle, field=field, ref=ref)
-    return path
+    return check(root_of(ref), trust_remote_code, allow_pickle=allow_pickle, field=field, ref=ref)
 
 
 # ---- stages -------------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import random
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -73,13 +73,23 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write then rename, so a reader never sees half a file (every local write of results goes through here)."""
+def write_stream_atomic(path: Path, stream: BinaryIO) -> None:
+    """Copy a readable stream to a file, written beside it then renamed, so a reader never sees half a file; in
+    blocks, so a 5 GB weight shard never sits in memory whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(stream, f, 1 << 24)
+        os.replace(tmp, path)
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write then rename, so a reader never sees half a file (every local write of results goes through here)."""
+    write_stream_atomic(path, io.BytesIO(data))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -17,17 +17,27 @@ import hashlib
 import io
 import json
 import os
+import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from misalign.errors import InputError
-from misalign.runtime import write_bytes_atomic
+from misalign.runtime import write_bytes_atomic, write_stream_atomic
 
 
 def is_url(location: str | Path) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
+
+
+def redacted(location: str) -> str:
+    """A location fit to print: a URL without the credentials it may carry (s3://KEY:SECRET@bucket/...,
+    ?secret_key=...)."""
+    if not is_url(location):
+        return location
+    return re.sub(r"^([^:/]+://)[^/@]*@", r"\1", location.split("?", 1)[0])
 
 
 class Store:
@@ -108,6 +118,20 @@ class Store:
         infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel), allow_not_found=True))
         return sorted(Path(i.path).name for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
+    def files(self, rel: str = "") -> list[tuple[str, int, int | None]]:
+        """(path relative to `rel`, size, modification time in ns where the filesystem gives one) of every file
+        under `rel`, at any depth, sorted; [] when there is none."""
+        from pyarrow import fs as pafs
+
+        root = self._path(rel)
+        infos = self.fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        return sorted((i.path[len(root):].lstrip("/"), i.size, i.mtime_ns) for i in infos
+                      if i.type == pafs.FileType.File)
+
+    def open(self, rel: str) -> Any:
+        """A file's contents as a stream (read in blocks: weights need not fit in memory)."""
+        return self.fs.open_input_stream(self._path(rel))
+
     def subdirs(self, rel: str = "") -> list[str]:
         """Names of the directories (prefixes, on an object store) directly under `rel`."""
         from pyarrow import fs as pafs
@@ -163,23 +187,19 @@ class Store:
             self.write_bytes(f"{rel}/{f.relative_to(local).as_posix()}", f.read_bytes())
         return sum(f.stat().st_size for f in files)
 
-    def download(self, rel: str, local: Path, skip: tuple[str, ...] = (), last: str | None = None) -> None:
-        """Copy the files under `rel` into a local directory (each file atomically), leaving out sub-directories
-        whose name starts with one of `skip`; `last` is written after every other file."""
-        from pyarrow import fs as pafs
-
-        root = self._path(rel)
-        infos = self.fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        if not infos:
+    def download(self, rel: str, local: Path, skip: tuple[str, ...] = (), last: str | None = None,
+                 only: Collection[str] | None = None) -> None:
+        """Copy the files under `rel` into a local directory (each file atomically, streamed), leaving out
+        sub-directories whose name starts with one of `skip`, or every file not in `only` (paths relative to
+        `rel`) when given; `last` is written after every other file."""
+        names = [name for name, _, _ in self.files(rel)]
+        if not names:
             raise InputError(f"{self.url}/{rel}: not found")
-        for info in sorted(infos, key=lambda i: Path(i.path).name == last):
-            if info.type != pafs.FileType.File:
+        for sub in sorted(names, key=lambda n: Path(n).name == last):
+            if ("/" in sub and sub.split("/")[0].startswith(skip)) or (only is not None and sub not in only):
                 continue
-            sub = info.path[len(root):].lstrip("/")
-            if "/" in sub and sub.split("/")[0].startswith(skip):
-                continue
-            with self.fs.open_input_stream(info.path) as f:
-                write_bytes_atomic(local / sub, f.read())
+            with self.open(f"{rel}/{sub}" if rel else sub) as f:
+                write_stream_atomic(local / sub, f)
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
