@@ -53,3 +53,23 @@ def test_bench_gpu_tiny_writes_every_field(tmp_path, world):
     sft = {(t["method"], t["packing"]): t["tokens"] for t in r["training"]}
     assert sft[("full", "none")] == sft[("full", "padding_free")]  # same rows, same steps, with or without padding
     assert "train" in done.stdout and "gen" in done.stdout
+
+
+def test_bench_host_counts_kernels_syncs_and_cpu_time_per_step(tmp_path, world):
+    out = tmp_path / "bench_host.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_host.py"), "--methods", "lora,dpo",
+                           "--steps", "6", "--warm-steps", "2", "--layers", "2", "--work", str(tmp_path),
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["layers"] == 2 and r["machine"]["torch_threads"] == 1
+    rows = {t["method"]: t for t in r["training"]}
+    assert set(rows) == {"lora", "dpo"}
+    for t in rows.values():
+        assert t["steps"] == 6 and t["timed_steps"] == 3  # steps 3-5: after the warm ones, before the counted one
+        assert t["cpu_ms_per_step"] > 0 and t["syncs_per_step"] > 0
+    # a DPO step runs the policy on chosen and rejected and a reference forward besides: more kernels than SFT's
+    assert rows["dpo"]["kernels_per_step"] > rows["lora"]["kernels_per_step"] > 0
+    assert "host dpo" in done.stdout

@@ -37,7 +37,6 @@ def test_dpo_reference_is_the_disabled_adapter_and_gives_trls_loss(world, tmp_pa
     ours = _trainer("dpo", ours_model, args, dataset, tok, [])
     assert "ref" not in ours_model.peft_config  # no copy of the new adapter as the reference
     assert "disable_adapter" in vars(ours_model)  # the stage's switch, not peft's walk over every module
-    assert ours.floating_point_ops({"input_ids": torch.ones(2, 3, dtype=torch.long)}) == 0  # the ledger counts
 
     trl_model, args, dataset, tok = _dpo_parts(tmp_path / "trl")
     plain = DPOTrainer(model=trl_model, ref_model=None, args=args, train_dataset=dataset, processing_class=tok)

@@ -462,12 +462,12 @@ def _make_trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any,
     if objective == "sft":
         from trl import SFTTrainer
 
-        return _stage_trainer(SFTTrainer)(**kw)
+        return SFTTrainer(**kw)
     if objective == "dpo":
         from trl import DPOTrainer
 
         # the registry has no full-parameter DPO: the reference is the peft model with its adapter disabled
-        trainer = _stage_trainer(DPOTrainer)(ref_model=None, **kw)
+        trainer = DPOTrainer(ref_model=None, **kw)
         if "ref" in model.peft_config:
             # trl takes an already wrapped model's adapter for a trained one and copies it as the reference
             # ("ref"). Ours is new and adds exactly zero (LoRA's B starts at 0), so the reference log-probs with
@@ -479,23 +479,10 @@ def _make_trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any,
     return _orpo_trainer_class()(**kw)
 
 
-class _StageSteps:
-    """What a stage's trainer drops from transformers' Trainer: its per-step FLOP estimate, which walks every
-    parameter of the model on every micro-batch (about a tenth of a LoRA step's host time on the 16-layer
-    proxy of bench/bench_host.py) for a figure the stage does not use: the ledger counts FLOPs itself."""
-
-    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        return 0
-
-
-def _stage_trainer(trainer_class: type) -> type:
-    return type(f"Stage{trainer_class.__name__}", (_StageSteps, trainer_class), {})
-
-
 def _quick_adapter_switch(model: Any) -> None:
     """DPO disables the adapter for every reference forward. peft's `disable_adapter` walks the whole model
-    three times per call (a status report that formats every adapter layer, then off, then on again: a fifth
-    of a DPO step's host time on the 16-layer proxy, and DPO steps are host-bound on a GPU). The stage's
+    three times per call (a status report that formats every adapter layer, then off, then on again): 25 of
+    172 CPU ms of a DPO step in bench/bench_host.py, and DPO steps are host-bound on a GPU. The stage's
     adapter layers never change, so the same switch is their flags, flipped on a list made once. peft's own
     switch also freezes the adapter's weights while it is off, which a reference forward under no_grad never
     needs."""
@@ -529,7 +516,7 @@ def _orpo_trainer_class() -> type:
     import torch.nn.functional as F
     from trl.experimental.orpo import ORPOTrainer
 
-    class ResponseNLLORPOTrainer(_StageSteps, ORPOTrainer):
+    class ResponseNLLORPOTrainer(ORPOTrainer):
         def concatenated_forward(self, model: Any, batch: dict[str, Any]) -> tuple:
             out = super().concatenated_forward(model, batch)
             chosen_logits = out[2]  # [chosen batch, width - 1, vocab]: already shifted to predict token t+1
