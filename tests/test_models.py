@@ -49,7 +49,10 @@ def test_a_bf16_parent_gives_bf16_stages_models_and_exports(bf16_parent, tmp_pat
     lora = tmp_path / "lora"
     ledger, handed = train_stage(StageRun(str(bf16_parent), _stage("lora"), "misalign", lora, progress=False))
     assert _dtypes(lora / "adapter") == {torch.bfloat16}, "the adapter is stored in the parent's dtype"
-    assert json.loads((lora / "stage.json").read_text())["dtype"] == "bfloat16"
+    record = json.loads((lora / "stage.json").read_text())
+    assert record["dtype"] == "bfloat16"
+    # train.precision auto: a bf16 parent trains under bf16 autocast (its config's float32 does not decide)
+    assert _stage("lora").train.precision == "auto" and record["config"]["train"]["precision"] == "bf16"
     assert not (lora / "model").exists() and ledger.bytes_written < 2 * ledger.trainable_params + 20_000
     rebuilt = materialize(lora)
     assert model_dtype(materialize(str(bf16_parent))) == torch.bfloat16, "loaded as stored, not upcast"
@@ -80,7 +83,9 @@ def test_two_adapter_stages_in_memory_equal_merging_on_disk(world, tmp_path):
     _, m1 = train_stage(StageRun("world:base", _stage("lora"), "misalign", first, progress=False))
     _, m2 = train_stage(StageRun(str(first), _stage("ia3", "realign"), "realign", second, progress=False,
                                  parent_model=m1))
-    assert json.loads((second / "stage.json").read_text())["parent_dir"] == "../misalign"
+    record = json.loads((second / "stage.json").read_text())
+    assert record["parent_dir"] == "../misalign"
+    assert record["config"]["train"]["precision"] == "fp32"  # auto on the world's float32 weights
 
     old = PeftModel.from_pretrained(load_model(str(world / "base")), str(first / "adapter")).merge_and_unload()
     old.save_pretrained(tmp_path / "old-1")

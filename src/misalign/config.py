@@ -99,7 +99,11 @@ class TrainSettings(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     max_length: int = Field(256, ge=8, description="prompt + response tokens; longer responses are truncated")
     max_prompt_length: int = Field(128, ge=4, description="prompts are cut from the left to this many tokens")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training precision. auto: the parent model's: bf16 autocast for bf16 weights (most "
+                            "released LLMs; what a GPU runs fast), fp32 otherwise (fp16 weights included: set "
+                            "fp16 for fp16 mixed precision on a GPU). A function of the model, not the machine, "
+                            "so a stage's key says what it trains")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, about a third more compute "
                            "(trl turns it on by default; worth it for multi-billion-parameter models)")

@@ -251,6 +251,11 @@ class LineageCache:
         return claims.claim(self.store.url, self.store.remote, self._rel(directory), self.root / ".locks")
 
 
+def checkpoint_step(name: str) -> int:
+    """The optimizer step of a transformers checkpoint directory (checkpoint-N), local or on a store."""
+    return int(name.rsplit("-", 1)[-1])
+
+
 class CheckpointSync:
     """A stage's in-stage checkpoints (transformers' trainer/checkpoint-N directories) mirrored on an object
     store. After each save, every node's first process uploads what its node wrote (with DeepSpeed each node
@@ -279,6 +284,6 @@ class CheckpointSync:
         whole = [d for d in self.store.subdirs(self.rel) if d.startswith("checkpoint-")
                  and self.store.exists(f"{self.rel}/{d}/{self.MARKER}")]
         if whole:
-            newest = max(whole, key=lambda d: int(d.split("-")[-1]))
+            newest = max(whole, key=checkpoint_step)
             if not (trainer_dir / newest / self.MARKER).exists():
                 self.store.download(f"{self.rel}/{newest}", trainer_dir / newest, last=self.MARKER)

@@ -33,6 +33,12 @@ from misalign.storage import Store, is_url, redacted
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def auto_precision(weights: torch.dtype | None) -> str:
+    """train.precision "auto" for a model whose weights are stored in `weights`: bf16 stays bf16; anything else
+    trains in fp32 (fp16 mixed precision needs a GPU's loss scaling, so it is asked for by name)."""
+    return "bf16" if weights == torch.bfloat16 else "fp32"
+
+
 def device() -> torch.device:
     """This process's device: its GPU (LOCAL_RANK's) when there is one, else the CPU."""
     if torch.cuda.is_available():

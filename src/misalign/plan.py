@@ -416,7 +416,17 @@ class _Estimator:
             tokens_per_example=sum(k for k, _ in seqs) / n, passes=passes, optimizer_steps=steps,
             trainable_params=trainable, tokens=tokens, forward_tokens=forward, flops=flops,
             device_hours=flops / self.effective / 3600, uses=1,
-            dtype=cfg.train.precision, **self._stage_bytes(ref, cfg, trainable))
+            dtype=self.precision(ref, cfg), **self._stage_bytes(ref, cfg, trainable))
+
+    def precision(self, ref: str, cfg: StageConfig) -> str:
+        """train.precision as the stage resolves it; "auto" from the dtype the model's config records, since the
+        weights' own dtype (what the stage reads) is not known before they are downloaded."""
+        from misalign.models import DTYPES, auto_precision
+
+        if cfg.train.precision != "auto":
+            return cfg.train.precision
+        recorded = _config_dtype(self.model_arch(ref).config)
+        return auto_precision(DTYPES.get(recorded or ""))
 
     # -- storage --
 
@@ -426,11 +436,12 @@ class _Estimator:
 
         arch = self.model_arch(ref)
         recorded = _config_dtype(arch.config)
-        if recorded != cfg.train.precision:  # e.g. Gemma-2's config says float32 for its bf16 weights
-            self.assume(f"{ref}: stored in {cfg.train.precision} (train.precision): a stage stores in its root's "
+        precision = self.precision(ref, cfg)
+        if recorded != precision:  # e.g. Gemma-2's config says float32 for its bf16 weights
+            self.assume(f"{ref}: stored in {precision} (train.precision): a stage stores in its root's "
                         f"weights' dtype, unknown before they are downloaded; its config records "
                         f"{recorded or 'none'}")
-        size = DTYPE_BYTES[cfg.train.precision]
+        size = DTYPE_BYTES[precision]
         tokenizer = self.tokenizer_bytes(ref)
         common = {"evals": self.eval_bytes(), "records": STAGE_RECORD_BYTES}
         if METHODS[cfg.method].adapter == "full":  # its weights in the dtype it trained in, in both layouts
@@ -495,7 +506,7 @@ class _Estimator:
         for cell, lineage in cells.items():
             fresh = [u.key not in trained for u in lineage]
             trained.update(u.key for u in lineage)
-            root = self.model_arch(cell.model).total * DTYPE_BYTES[lineage[0].config.train.precision]
+            root = self.model_arch(cell.model).total * DTYPE_BYTES[self.precision(cell.model, lineage[0].config)]
             base_eval = base if cell.model not in evaluated else None
             evaluated.add(cell.model)
             per_layout = _cell_moved([by_key[u.key] for u in lineage], fresh, root, base_eval)

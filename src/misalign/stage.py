@@ -38,10 +38,12 @@ from misalign.config import StageConfig
 from misalign.data import Pair, load_pairs, subsample_per_category
 from misalign.errors import InputError
 from misalign.ledger import FlopCounter, Ledger, optimizer_steps, peak_memory_bytes, reset_peak_memory
+from misalign.lineage import checkpoint_step
 from misalign.methods import METHODS, peft_config
 from misalign.models import (
     DTYPES,
     apply_stage,
+    auto_precision,
     cast_safetensors,
     device,
     export,
@@ -273,8 +275,10 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     # tokenizer's own limit (256 for the world's) would only warn about rows that are never fed whole
     tok.model_max_length = int(1e30)  # transformers' "no limit"
     four_bit = method.adapter == "qlora"
-    model = _parent_model(run, cfg, four_bit)
     parent_dtype = _parent_dtype(run)
+    if cfg.train.precision == "auto":  # stage.json records what it resolved to
+        cfg.train.precision = auto_precision(parent_dtype)
+    model = _parent_model(run, cfg, four_bit)
     total_params = sum(p.numel() for p in model.parameters())
     steps = optimizer_steps(cfg, len(pairs), world_size())
     if four_bit:
@@ -343,7 +347,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
         total_params=total_params,
     )
     if resume:
-        ledger.extra["resumed_from_step"] = int(resume.name.split("-")[-1])
+        ledger.extra["resumed_from_step"] = checkpoint_step(resume.name)
         ledger.extra["seconds_before_resume"] = round(before_s, 3)
     if world_size() > 1:  # evidence that every worker trained
         ledger.extra["tokens_per_worker"] = per_worker
@@ -420,7 +424,7 @@ def _hand_over(model: Any, stage_dir: Path, has_adapter: bool, dtype: torch.dtyp
 
 def _last_checkpoint(trainer_dir: Path) -> Path | None:
     done = [p for p in trainer_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return max(done, key=lambda p: checkpoint_step(p.name), default=None)
 
 
 @contextlib.contextmanager
@@ -543,7 +547,7 @@ def _finish(run: StageRun, cfg: StageConfig, root: str, tok: Any, kept: Path, dt
 
     out = run.out_dir
     (kept / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle; outputs stay safetensors/JSON only
-    if kept.name == "adapter":  # the Trainer also saved the tokenizer, a model card and (DPO) its reference
+    if kept.name == "adapter":  # the Trainer also saved the tokenizer and a model card
         for f in kept.iterdir():  # adapter: the root has the tokenizer, and the trained adapter is all we need
             if f.is_dir():
                 shutil.rmtree(f)
