@@ -86,14 +86,14 @@ def step_clock(warm: int, counted: int) -> tuple[Any, list[float], list[tuple[in
 
 
 def bench_method(a: argparse.Namespace, model: Path, rows: Path, method: str) -> dict[str, Any]:
-    train = TrainSettings(batch_size=a.batch, max_steps=a.steps, max_length=a.row_tokens,
+    train = TrainSettings(batch_size=a.batch, grad_accum=a.grad_accum, max_steps=a.steps, max_length=a.row_tokens,
                           max_prompt_length=a.row_tokens // 4, precision=a.precision, log_every=a.steps)
     cfg = StageConfig(method=method, data=DataSettings(source=str(rows)), train=train)
     clock, cpu, ops = step_clock(warm=a.warm_steps, counted=a.steps)
     with contextlib.redirect_stdout(io.StringIO()):
         ledger = run_stage(StageRun(parent=str(model), config=cfg, direction="misalign", out_dir=a.work / "stage",
                                     progress=False, callbacks=[clock]))
-    return {"method": method, "batch_size": a.batch, "steps": ledger.optimizer_steps, "timed_steps": len(cpu),
+    return {"method": method, "batch_size": a.batch, "grad_accum": a.grad_accum, "steps": ledger.optimizer_steps, "timed_steps": len(cpu),
             "kernels_per_step": ops[0][0], "syncs_per_step": ops[0][1], "cpu_ms_per_step": 1e3 * statistics.median(cpu),
             "cpu_ms_spread": [round(1e3 * min(cpu), 2), round(1e3 * max(cpu), 2)]}
 
@@ -102,6 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="full,lora,dpo,orpo")
     ap.add_argument("--batch", type=int, default=8, help="examples per micro-batch (DPO/ORPO: pairs)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps; the last one is counted, not timed")
     ap.add_argument("--warm-steps", type=int, default=3, help="first steps left out of the timing")
     ap.add_argument("--layers", type=int, default=16, help="decoder layers (the 1.24B config has 16)")
@@ -119,7 +120,7 @@ def main() -> None:
     result: dict[str, Any] = {"model": model.name, "layers": a.layers, "precision": a.precision,
                               "row_tokens": a.row_tokens, "training": []}
     print(f"bench_host: {model.name}, {a.layers} layers, {a.precision}, rows of {a.row_tokens} tokens, "
-          f"batch {a.batch}")
+          f"batch {a.batch} x {a.grad_accum} micro-batches per step")
     for method in a.methods.split(","):
         r = bench_method(a, model, rows, method)
         result["training"].append(r)
