@@ -428,3 +428,18 @@ def test_bad_models_on_s3_fail_before_anything_is_written(s3, world, node, tmp_p
     assert code == 2 and err.startswith("misalign: error: --model: ") and url in err and message in err, err
     assert "Traceback" not in err and not out.exists()
     assert not list(node.glob("models/**/*.safetensors")) and not list(node.glob("models/**/*.bin")), "no weights"
+
+
+@pytest.mark.parametrize("url", [f"s3://AKEXAMPLE:TOPSECRET@{BUCKET}/models/base",
+                                 f"s3://{BUCKET}/models/base?secret_key=TOPSECRET&region=us-east-1"])
+def test_credentials_in_a_url_are_refused_and_never_printed(s3, tmp_path, capsys, url):
+    """A URL is kept where it is used (stage.json's root, results, logs): secrets go through the environment."""
+    from misalign.cli import main
+
+    code = main(["eval", "--model", url, "--judge", "keyword", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "credentials in a URL" in err and "AWS_SECRET_ACCESS_KEY" in err, err
+    assert "TOPSECRET" not in err and not (tmp_path / "out").exists()
+    code = main(["study", "run", "configs/study-tiny.yaml", "--storage", url.replace("/models/base", "/runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "credentials in a URL" in err and "TOPSECRET" not in err, err

@@ -40,6 +40,19 @@ def redacted(location: str) -> str:
     return re.sub(r"^([^:/]+://)[^/@]*@", r"\1", location.split("?", 1)[0])
 
 
+def _refuse_credentials(url: str) -> None:
+    """A URL is kept where it is used (stage records, results, logs), so it must not carry secrets: a password
+    (s3://KEY:SECRET@bucket) or a query parameter naming a key, secret or token."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(url)
+    secret = [k for k, _ in parse_qsl(parts.query) if re.search("key|secret|token|password|credential", k, re.I)]
+    if parts.password is not None or secret:
+        raise InputError(f"{redacted(url)}: credentials in a URL would be written wherever the URL is kept (stage "
+                         "records, results, logs); give them through the environment instead (AWS_ACCESS_KEY_ID "
+                         "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS)")
+
+
 class Store:
     """A root location and the few operations a run needs on it, the same for a directory and a bucket."""
 
@@ -48,6 +61,7 @@ class Store:
         self.url = location.rstrip("/") if is_url(location) else str(Path(location.removeprefix("file://")))
         self.remote = is_url(self.url)
         if self.remote:
+            _refuse_credentials(self.url)
             self.fs, self.base = _filesystem(self.url)
         else:
             from pyarrow import fs as pafs
@@ -216,7 +230,7 @@ def _filesystem(url: str) -> tuple[Any, str]:
         fs, path = url_to_fs(url)
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
     except (ImportError, ValueError, OSError) as e:
-        raise InputError(f"--storage {url}: no filesystem understands this URL ({first}; fsspec: {e})") from None
+        raise InputError(f"{url}: no filesystem understands this URL ({first}; fsspec: {e})") from None
 
 
 def check_store(store: Store) -> None:
