@@ -237,6 +237,21 @@ def test_paper_bytes_moved_per_cell(paper):
     assert set(d["storage"]) == {"new", "new_unshared", "old", "old_unshared"} and set(d["moved"]) == {"new", "old"}
 
 
+def test_precision_auto_is_read_from_the_weights_or_said_to_come_from_the_config(world, paper):
+    """auto is the parent's dtype: read from the world's weights (float32), and for the paper's models, whose
+    weights are not here, from their configs (bfloat16; Gemma-2's says float32), with the assumption said."""
+    assert all(s.dtype == "fp32" for s in estimate(load_config(
+        "configs/study-tiny.yaml", schema=StudyConfig, overrides=["attack.train.precision=auto"])).stages)
+    study, _ = paper
+    auto = estimate(load_config("configs/study-paper.yaml", schema=StudyConfig, overrides=[
+        "attack.train.precision=auto", "defense.train.precision=auto"]))
+    dtypes = {s.model: s.dtype for s in auto.stages}
+    assert dtypes == {m: "fp32" if "gemma" in m else "bf16" for m in study.models}
+    said = "\n".join(auto.assumptions)
+    assert "gemma-2-9b-it: train.precision auto taken as fp32, from the dtype its config records (fp32)" in said
+    assert "Llama-3.1-8B-Instruct: train.precision auto taken as bf16" in said
+
+
 def test_tiny_adapter_bytes_are_trainable_params_in_fp32(tiny):
     _, p = tiny
     total = {m.model: m.total_params for m in p.models}

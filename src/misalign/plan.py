@@ -238,6 +238,7 @@ class _Estimator:
         self._trainable: dict[str, dict[str, int]] = {}
         self._items: Any = _UNREAD
         self._tok_bytes: dict[str, float] = {}
+        self._auto_precision: dict[str, str] = {}
 
     def assume(self, text: str) -> None:
         self.assumptions.setdefault(text, None)
@@ -419,14 +420,21 @@ class _Estimator:
             dtype=self.precision(ref, cfg), **self._stage_bytes(ref, cfg, trainable))
 
     def precision(self, ref: str, cfg: StageConfig) -> str:
-        """train.precision as the stage resolves it; "auto" from the dtype the model's config records, since the
-        weights' own dtype (what the stage reads) is not known before they are downloaded."""
-        from misalign.models import DTYPES, auto_precision
-
+        """train.precision as the stage resolves it: "auto" from the weights' dtype where they are on this disk
+        (the world, a local directory), else from the dtype the model's config records, said as an assumption."""
         if cfg.train.precision != "auto":
             return cfg.train.precision
-        recorded = _config_dtype(self.model_arch(ref).config)
-        return auto_precision(DTYPES.get(recorded or ""))
+        if ref not in self._auto_precision:
+            from misalign.models import DTYPES, auto_precision, config_path, weights_dtype
+
+            stored = weights_dtype(config_path(ref))
+            if stored is None:
+                recorded = _config_dtype(self.model_arch(ref).config)
+                stored = DTYPES.get(recorded or "")
+                self.assume(f"{ref}: train.precision auto taken as {auto_precision(stored)}, from the dtype its "
+                            f"config records ({recorded or 'none'}); the stage takes its weights' dtype")
+            self._auto_precision[ref] = auto_precision(stored)
+        return self._auto_precision[ref]
 
     # -- storage --
 
@@ -437,7 +445,7 @@ class _Estimator:
         arch = self.model_arch(ref)
         recorded = _config_dtype(arch.config)
         precision = self.precision(ref, cfg)
-        if recorded != precision:  # e.g. Gemma-2's config says float32 for its bf16 weights
+        if recorded != precision and cfg.train.precision != "auto":  # Gemma-2's config: float32, for bf16 weights
             self.assume(f"{ref}: stored in {precision} (train.precision): a stage stores in its root's "
                         f"weights' dtype, unknown before they are downloaded; its config records "
                         f"{recorded or 'none'}")
