@@ -103,3 +103,41 @@ def test_two_adapter_stages_in_memory_equal_merging_on_disk(world, tmp_path):
     assert in_memory == generate(old, tok, prompts, max_new_tokens=24, batch_size=12)
     base = generate(materialize("world:base"), tok, prompts, max_new_tokens=24, batch_size=12)
     assert in_memory != base, "the stages changed the model (else the comparison shows nothing)"
+
+
+def test_a_hub_model_pinned_to_a_revision_loads_that_snapshot(world, tmp_path, monkeypatch, capsys):
+    """ORG/NAME@REVISION (a commit, or a branch or tag the HF cache records) loads that snapshot on every node
+    and is keyed by its commit; a revision that is not there is an input error before anything runs."""
+    import shutil
+
+    from misalign.lineage import model_identity
+    from misalign.models import config_path, resolve_model_path
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(world / "base", repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    snapshot = str(repo / "snapshots" / sha)
+    assert resolve_model_path("org/tiny@main") == resolve_model_path(f"org/tiny@{sha}") == snapshot
+    assert config_path("org/tiny@main") == snapshot
+    assert model_identity("org/tiny@main") == model_identity(f"org/tiny@{sha}") == f"hf:org/tiny@{sha}"
+
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text("method: lora\ndata: {source: 'world:misalign', per_category: 1}\n"
+                   "train: {max_steps: 1, batch_size: 2}\n")
+    assert main(["stage", str(cfg), "--model", "org/tiny@main", "--direction", "misalign",
+                 "--out", str(tmp_path / "stage")]) == 0
+    meta = json.loads((tmp_path / "stage" / "stage.json").read_text())
+    assert meta["root"] == "org/tiny@main" and meta["root_identity"] == f"hf:org/tiny@{sha}"
+    assert model_dtype(materialize(tmp_path / "stage")) == torch.float32  # rebuilt from the same snapshot
+    capsys.readouterr()
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "org/tiny@v2", "--judge", "keyword", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "org/tiny@v2: this revision is not in the local HF cache" in err and "Traceback" not in err, err
+    assert not out.exists()

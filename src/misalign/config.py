@@ -292,7 +292,8 @@ class EvalConfig(_Strict):
 class TrialConfig(_Strict):
     """`misalign trial`: base eval, then R rounds of misalign -> eval -> realign -> eval."""
 
-    model: str = Field("world:base", description="HF id, local path, s3:// or gs:// URL, or world:base")
+    model: str = Field("world:base", description="HF id (ORG/NAME@REVISION pins a revision), local path, s3:// or "
+                                                  "gs:// URL, or world:base")
     seed: int = Field(0, description="seeds data subsampling, initialization order and training (driver and workers)")
     rounds: int = Field(1, ge=1, description="misalign -> realign rounds, each from the previous merged model")
     attack: StageConfig = Field(description="the misalignment stage (trains on the misaligned responses)")
@@ -409,7 +410,8 @@ class StudyConfig(_Strict):
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="study name (its directory)")
-    models: list[str] = Field(min_length=1, description="HF ids, local paths, s3:// or gs:// URLs, or world:base")
+    models: list[str] = Field(min_length=1, description="HF ids (ORG/NAME@REVISION pins a revision), local paths, "
+                                                        "s3:// or gs:// URLs, or world:base")
     seeds: list[int] = Field([0], min_length=1, description="seeds swept (data subsample, init, training)")
     rounds: int = Field(1, ge=1, description="misalign -> realign rounds per cell")
     attack: StudySide = Field(description="the misalignment side of the grid")

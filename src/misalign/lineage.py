@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -99,26 +100,22 @@ def _url_identity(url: str) -> str:
     return _contents([(name, _memoized_digest(key, partial(store.open, name))) for name, key in keys.items()])
 
 
-def _hub_cache() -> Path:
-    """The HF hub cache, read from the environment now (huggingface_hub reads it once, when imported)."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "huggingface" / "hub"
-
-
 def _hub_identity(ref: str) -> str:
-    """A hub id with the commit the local HF cache resolves it to, so a new upstream revision is a new model and
-    not a stale cache hit; offline (the id alone when it is not cached: the loader says why it cannot load it)."""
+    """A hub id with the commit the local HF cache resolves it to (or the commit it is pinned to: ORG/NAME@SHA),
+    so a new upstream revision is a new model and not a stale cache hit; offline (the id alone when it is not
+    cached: the loader says why it cannot load it)."""
     from huggingface_hub import try_to_load_from_cache
 
+    from misalign.models import hub_cache, pinned_revision
+
+    repo, revision = pinned_revision(ref) or (ref, None)
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return f"hf:{repo}@{revision}"
     try:
-        cached = try_to_load_from_cache(ref, "config.json", cache_dir=_hub_cache())
+        cached = try_to_load_from_cache(repo, "config.json", cache_dir=hub_cache(), revision=revision)
     except ValueError:  # not a hub id (huggingface_hub's validation error)
         return ref
-    return f"hf:{ref}@{Path(cached).parent.name}" if isinstance(cached, str) else ref
+    return f"hf:{repo}@{Path(cached).parent.name}" if isinstance(cached, str) else ref
 
 
 def model_identity(ref: str) -> str:

@@ -131,29 +131,78 @@ def check_model(model: str, trust_remote_code: bool = False, *, allow_pickle: bo
 
 def has_safetensors(model: str) -> bool | None:
     """Whether a local or object-store model holds .safetensors weights at its top level; None for a hub id
-    (the loader decides)."""
+    whose files are not all here (the loader decides: it takes safetensors only unless allow_pickle)."""
     if is_url(model):
         return any("/" not in name and name.endswith(".safetensors") for name, _, _ in model_files(model))
+    if pinned_revision(model):  # its small files only: a sharded model's index says, else the loader decides
+        light = Path(config_path(model))
+        return True if any(light.glob("*.safetensors*")) else None
     local = Path(resolve_model_path(model))
     return any(local.glob("*.safetensors")) if local.is_dir() else None
 
 
 def resolve_model_path(ref: str) -> str:
-    """world:NAME -> the world's cached model directory; a URL -> this node's mirror of it (downloaded once);
-    anything else (a path, an HF id) as it is."""
+    """world:NAME -> the world's cached model directory; a URL -> this node's mirror of it (downloaded once); a
+    pinned hub id ORG/NAME@REVISION -> its snapshot in the HF cache (downloaded if missing and the hub is
+    reachable); anything else (a path, an HF id) as it is."""
     if ref.startswith("world:"):
         from misalign.world import world_model
 
         return str(world_model(ref.removeprefix("world:")))
     if is_url(ref):
         return str(_mirrored(ref, weights=True))
-    return ref
+    pinned = pinned_revision(ref)
+    return _hub_snapshot(*pinned, weights=True) if pinned else ref
 
 
 def config_path(ref: str) -> str:
-    """Where a model's config and tokenizer are read without its weights: for a URL, a node cache of its small
-    files only (what checks and plans need); anything else, resolve_model_path's."""
-    return str(_mirrored(ref, weights=False)) if is_url(ref) else resolve_model_path(ref)
+    """Where a model's config and tokenizer are read without its weights: for a URL or a pinned hub id, a copy
+    of its small files only (what checks and plans need); anything else, resolve_model_path's."""
+    if is_url(ref):
+        return str(_mirrored(ref, weights=False))
+    pinned = pinned_revision(ref)
+    return _hub_snapshot(*pinned, weights=False) if pinned else resolve_model_path(ref)
+
+
+# ---- hub models pinned to a revision ----------------------------------------------------------------------
+# `meta-llama/Llama-3.1-8B-Instruct@0e9e39f2...` (a commit, or a branch or tag) loads that revision on every
+# node: an unpinned id loads whatever the hub serves when a node first downloads it, so two nodes could train
+# two revisions under one key. Pinned models load from their snapshot directory, never asking the hub again.
+
+# files a pinned snapshot never needs: the original checkpoints some repos ship beside their HF weights
+_HUB_SKIP = ["original/*", "*.pth", "*.pt", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "*.tflite"]
+
+
+def pinned_revision(ref: str) -> tuple[str, str] | None:
+    """(repo id, revision) of ORG/NAME@REVISION; None for any other reference (a local path wins)."""
+    if ref.count("@") != 1 or ref.startswith("world:") or is_url(ref) or Path(ref).exists():
+        return None
+    repo, revision = ref.split("@")
+    return (repo, revision) if repo.count("/") == 1 and revision else None
+
+
+def hub_cache() -> Path:
+    """The HF hub cache, read from the environment now (huggingface_hub reads it once, when imported)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "huggingface" / "hub"
+
+
+def _hub_snapshot(repo: str, revision: str, *, weights: bool) -> str:
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    skip = _HUB_SKIP + ([] if weights else [f"*{suffix}" for suffix in WEIGHT_SUFFIXES])
+    try:
+        return snapshot_download(repo, revision=revision, cache_dir=hub_cache(), ignore_patterns=skip,
+                                 local_files_only=offline)
+    except Exception as e:  # noqa: BLE001 (huggingface_hub's own errors say why: no such revision, offline, ...)
+        where = "in the local HF cache (HF_HUB_OFFLINE is set)" if offline else "on the hub or in the local cache"
+        raise InputError(f"{repo}@{revision}: this revision is not {where} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]})") from None
 
 
 # ---- models on object storage -----------------------------------------------------------------------------
