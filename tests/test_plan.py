@@ -250,6 +250,10 @@ def test_precision_auto_is_read_from_the_weights_or_said_to_come_from_the_config
     said = "\n".join(auto.assumptions)
     assert "gemma-2-9b-it: train.precision auto taken as fp32, from the dtype its config records (fp32)" in said
     assert "Llama-3.1-8B-Instruct: train.precision auto taken as bf16" in said
+    # the shipped config names its models by unpinned hub ids: the plan says what that means on several nodes
+    assert any("hub ids without a revision (meta-llama/Llama-3.1-8B-Instruct, " in n for n in auto.notes)
+    assert not any("without a revision" in n for n in estimate(load_config(
+        "configs/study-tiny.yaml", schema=StudyConfig)).notes)
 
 
 def test_tiny_adapter_bytes_are_trainable_params_in_fp32(tiny):

@@ -253,6 +253,11 @@ class _Estimator:
         models = list(dict.fromkeys(study.models))
         for m in models:  # an unreadable model config fails here, before any data is read
             self.model_arch(m)
+        judged = [str(j.options["model"]) for j in study.eval.judges if j.options.get("model")]
+        unpinned = [m for m in dict.fromkeys(models + judged) if _is_unpinned_hub_id(m)]
+        if unpinned:
+            self.notes.append(f"hub ids without a revision ({', '.join(unpinned)}): each node loads what the hub "
+                              "serves when it first downloads one; ORG/NAME@REVISION pins it for every node")
         counts: dict[str, int] = {}
         for u in uses:
             counts[u.key] = counts.get(u.key, 0) + 1
@@ -747,6 +752,13 @@ def _cell_moved(lineage: list[StagePlan], fresh: list[bool], root: float,
         read_old += parent * (1 + merges) + s.stored_old.model()
         parent = s.stored_old.model()
     return (read_new, written_new), (read_old, written_old)
+
+
+def _is_unpinned_hub_id(ref: str) -> bool:
+    from misalign.models import pinned_revision
+    from misalign.storage import is_url
+
+    return not (ref.startswith("world:") or is_url(ref) or Path(ref).exists() or pinned_revision(ref))
 
 
 def _config_dtype(config: Any) -> str | None:
