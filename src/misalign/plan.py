@@ -253,7 +253,8 @@ class _Estimator:
         models = list(dict.fromkeys(study.models))
         for m in models:  # an unreadable model config fails here, before any data is read
             self.model_arch(m)
-        judged = [str(j.options["model"]) for j in study.eval.judges if j.name == "classifier" and j.options.get("model")]
+        judged = [str(j.options["model"]) for j in study.eval.judges
+                  if j.name == "classifier" and j.options.get("model")]
         unpinned = [m for m in dict.fromkeys(models + judged) if _is_unpinned_hub_id(m)]
         if unpinned:
             self.notes.append(f"hub ids without a revision ({', '.join(unpinned)}): each node loads what the hub "
