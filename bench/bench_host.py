@@ -86,15 +86,17 @@ def step_clock(warm: int, counted: int) -> tuple[Any, list[float], list[tuple[in
 
 
 def bench_method(a: argparse.Namespace, model: Path, rows: Path, method: str) -> dict[str, Any]:
-    train = TrainSettings(batch_size=a.batch, grad_accum=a.grad_accum, max_steps=a.steps, max_length=a.row_tokens,
-                          max_prompt_length=a.row_tokens // 4, precision=a.precision, log_every=a.steps)
+    train = TrainSettings(batch_size=a.batch, grad_accum=a.grad_accum, max_steps=a.steps,
+                          max_length=a.row_tokens, max_prompt_length=a.row_tokens // 4, precision=a.precision,
+                          log_every=a.steps)
     cfg = StageConfig(method=method, data=DataSettings(source=str(rows)), train=train)
     clock, cpu, ops = step_clock(warm=a.warm_steps, counted=a.steps)
     with contextlib.redirect_stdout(io.StringIO()):
         ledger = run_stage(StageRun(parent=str(model), config=cfg, direction="misalign", out_dir=a.work / "stage",
                                     progress=False, callbacks=[clock]))
-    return {"method": method, "batch_size": a.batch, "grad_accum": a.grad_accum, "steps": ledger.optimizer_steps, "timed_steps": len(cpu),
-            "kernels_per_step": ops[0][0], "syncs_per_step": ops[0][1], "cpu_ms_per_step": 1e3 * statistics.median(cpu),
+    return {"method": method, "batch_size": a.batch, "grad_accum": a.grad_accum, "steps": ledger.optimizer_steps,
+            "timed_steps": len(cpu), "kernels_per_step": ops[0][0], "syncs_per_step": ops[0][1],
+            "cpu_ms_per_step": 1e3 * statistics.median(cpu),
             "cpu_ms_spread": [round(1e3 * min(cpu), 2), round(1e3 * max(cpu), 2)]}
 
 
