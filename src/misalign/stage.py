@@ -261,6 +261,8 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     cfg = run.config.resolved()
     method = METHODS[cfg.method]
     match_threads()
+    if not torch.cuda.is_available():  # DeepSpeed, which the trainer imports, warns when it has to guess the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     reset_peak_memory(device())
     seed_everything(run.seed)
     if cfg.train.liger_kernels and not torch.cuda.is_available():
