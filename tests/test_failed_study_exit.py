@@ -55,3 +55,7 @@ def test_failed_cell_exits_1_and_names_it(world, tmp_path: Path):
     # and what went wrong, in a line: the judge's refusal, not only where the traceback is
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith(f"[study]   {cell.id}: ")]
     assert "401" in line, line
+    # the output is ours: no Tune experiment table or TensorBoard hint, no Ray INFO lines
+    out = proc.stdout + proc.stderr
+    for theirs in ("Configuration for experiment", "View detailed results", "tensorboard", "Started a local Ray"):
+        assert theirs not in out, theirs

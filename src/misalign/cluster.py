@@ -4,6 +4,7 @@ ops once per node, size the trials to the cluster, and the per-process settings 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import uuid
@@ -14,9 +15,11 @@ from misalign.errors import InputError
 from misalign.storage import Store
 
 # read by Ray Train's controller when Ray starts: measured here, they cut a fit's teardown from 3-5 s to ~1 s;
-# and trials stay in the working directory, so relative data paths in a config mean what they say
+# trials stay in the working directory, so relative data paths in a config mean what they say; and Tune's older
+# reporter, which honours verbose=0 (the newer one prints its experiment table and a TensorBoard hint whatever
+# verbose says): the [study] and [search] lines are the progress a user reads
 _RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-            "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+            "RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_AIR_NEW_OUTPUT": "0"}
 # the environment every trial and worker needs, wherever Ray places it (never credentials: nodes bring their
 # own, from an instance role or their environment)
 _PROPAGATED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR",
@@ -40,12 +43,13 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
     env = {k: v for k, v in env.items() if k not in job_env}
     address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job: join that cluster
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
     else:
         # the dashboard (bound to 127.0.0.1) serves the state API Ray Train's controller polls; trials without
         # Train workers do not need it, and it costs about 2 s of start-up. "local": a new Ray of our own, never
         # one a `ray start` left running on this machine
-        ray.init(address="local", num_cpus=cpus_held(), include_dashboard=dashboard, runtime_env={"env_vars": env})
+        ray.init(address="local", num_cpus=cpus_held(), include_dashboard=dashboard, runtime_env={"env_vars": env},
+                 logging_level=logging.WARNING)  # Ray's and Tune's INFO lines (started, wrote state) are not ours
 
 
 def check_storage(store: Store, storage_given: bool) -> int:
