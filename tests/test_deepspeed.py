@@ -52,3 +52,22 @@ def test_qlora_with_zero3_is_refused(tmp_path):
     cfg.write_text('method: qlora\ndata: {source: "world:misalign"}\ndeepspeed: {zero_stage: 3}\n')
     rc = main(["stage", str(cfg), "--model", "world:base", "--direction", "misalign", "--out", str(tmp_path / "o")])
     assert rc == 2 and not (tmp_path / "o").exists()
+
+
+def test_dpo_with_zero3_on_two_workers(world, tmp_path):
+    """DPO's reference forward (the adapter switched off by the stage, not peft's walk) under ZeRO-3's
+    partitioned weights, on 2 workers: every worker counts its reference tokens."""
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text('method: dpo\ndata: {source: "world:realign", per_category: 2}\n'
+                   "train: {max_steps: 3, batch_size: 2}\ndeepspeed: {zero_stage: 3}\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+         "-m", "misalign.cli", "stage", str(cfg), "--model", "world:base", "--direction", "realign",
+         "--out", str(out)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["workers"] == 2 and ledger["extra"]["zero_stage"] == 3 and ledger["optimizer_steps"] == 3
+    # one reference forward of every training row (chosen and rejected), on both workers
+    assert ledger["ref_tokens"] == ledger["tokens"] > 0 and all(t > 0 for t in ledger["extra"]["tokens_per_worker"])
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
