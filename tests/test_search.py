@@ -53,6 +53,9 @@ def attack_search(world, tmp_path_factory):
     second = _run(args)
     out, _ = second.communicate(timeout=600)
     assert second.returncode == 0, out[-4000:]
+    # the output is ours: no Optuna INFO lines ("Using an existing study"), no Ray log-deduplication hints
+    for theirs in ("existing study", "A new study created", "Ray deduplicates", "Configuration for experiment"):
+        assert theirs not in out, theirs
     answer = json.loads((root / "answer.json").read_text())
     return root, answer, done_before, ledgers_before
 

@@ -123,6 +123,9 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def quiet_libraries() -> None:
     """Our progress lines say what runs; the libraries' per-map and per-load progress bars only add noise."""
+    # Ray folds equal lines of different cells into one, with a hint of its own; each cell's lines are its own.
+    # Read when ray is imported, so set here, before any import of it
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import datasets
     import transformers
 

@@ -228,7 +228,7 @@ def _searcher(cfg: SearchConfig, storage: Any, first_run: bool = True) -> Any:
 
 
 def optuna_storage(cfg: SearchConfig, paths: SearchPaths) -> Any:
-
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines ("A new study created") are not ours
     url = cfg.storage or f"sqlite:///{paths.optuna_db}"
     return optuna.storages.RDBStorage(url)
 
