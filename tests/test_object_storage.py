@@ -443,3 +443,20 @@ def test_credentials_in_a_url_are_refused_and_never_printed(s3, tmp_path, capsys
     code = main(["study", "run", "configs/study-tiny.yaml", "--storage", url.replace("/models/base", "/runs")])
     err = capsys.readouterr().err
     assert code == 2 and "credentials in a URL" in err and "TOPSECRET" not in err, err
+
+
+def test_an_object_rewritten_during_the_download_never_enters_the_mirror(s3, world, node, monkeypatch):
+    """A node's mirror is keyed by the listing it was downloaded for: a file rewritten between the listing and
+    the download fails the download (the trial's retry lists again) instead of filing new bytes under the old
+    key."""
+    import misalign.models as models
+
+    url = _model_on_s3(world, "moving")
+    listing = models.model_files(url)
+    config = json.loads((world / "base" / "config.json").read_text())
+    Store(url).write_json("config.json", {**config, "misalign_test": "rewritten after the listing"})
+    monkeypatch.setattr(models, "model_files", lambda _: listing)  # the listing taken before the rewrite
+    with pytest.raises(RuntimeError, match="config.json changed while this node downloaded the model"):
+        models.resolve_model_path(url)
+    assert not models.url_mirror(url, listing).exists()
+    assert not list(models.url_mirror(url, listing).parent.glob(".*.*")), "no half-downloaded directory is left"

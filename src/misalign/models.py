@@ -263,6 +263,11 @@ def _mirrored(url: str, *, weights: bool) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         try:
             Store(url).download("", tmp, only={name for name, _, _ in wanted})
+            # the mirror is keyed by the listing: an object rewritten since then must not enter it under that key
+            changed = [name for name, size, _ in wanted if (tmp / name).stat().st_size != size]
+            if changed:
+                raise RuntimeError(f"{redacted(url)}: {', '.join(changed[:5])} changed while this node downloaded "
+                                   "the model; run again once the model's files stay put")
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
