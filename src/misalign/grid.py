@@ -71,9 +71,11 @@ class StageUse:
 def stage_uses(study: StudyConfig) -> list[StageUse]:
     """Every stage every cell runs, with its lineage key (the same key = the same stage, trained once)."""
     uses: list[StageUse] = []
+    # once per model, not per cell: a bucket's model is keyed by listing its objects
+    identity = {m: model_identity(m) for m in dict.fromkeys(study.models)}
     for cell in cells(study):
         trial = cell.trial_config(study)
-        for r, phase, stage, key in trial_stages(model_identity(cell.model), study.rounds, trial.attack.resolved(),
+        for r, phase, stage, key in trial_stages(identity[cell.model], study.rounds, trial.attack.resolved(),
                                                  trial.defense.resolved(), cell.seed):
             uses.append(StageUse(cell, r, phase, stage, key))
     return uses

@@ -19,7 +19,6 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from misalign.errors import InputError
@@ -166,8 +165,9 @@ class ClassifierJudge:
             raise InputError(f"ClassifierJudge kind={kind!r}; expected 'auto', 'generative' or 'sequence'")
         if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"ClassifierJudge batch_size must be >= 1 or 'auto', got {batch_size!r}")
-        path = Path(model)
-        if path.is_dir() and not allow_pickle and not any(path.glob("*.safetensors")):
+        from misalign.models import has_safetensors
+
+        if not allow_pickle and has_safetensors(model) is False:
             raise InputError(
                 f"judge model {model} has no .safetensors weights; pickle weights (.bin) can run code "
                 "when loaded, pass allow_pickle=True only if you trust them"

@@ -122,20 +122,21 @@ def check_model(model: str, trust_remote_code: bool = False, *, allow_pickle: bo
         raise InputError(f"{field}: cannot load model {ref!r}: {e}") from None
     except OSError as e:
         raise InputError(f"{field}: cannot load model {ref!r}: {e}") from None
-    if not allow_pickle and has_safetensors(model) is False:
+    if not allow_pickle and has_safetensors(model, path) is False:
         raise InputError(f"{field}: {ref!r} has no .safetensors weights; pickle (.bin) weights can run code when "
                          "loaded: set allow_pickle: true (CLI: --allow-pickle) only for models you trust")
     load_tokenizer(path, trust_remote_code)
     return path
 
 
-def has_safetensors(model: str) -> bool | None:
+def has_safetensors(model: str, config_dir: str | None = None) -> bool | None:
     """Whether a local or object-store model holds .safetensors weights at its top level; None for a hub id
-    whose files are not all here (the loader decides: it takes safetensors only unless allow_pickle)."""
+    whose files are not all here (the loader decides: it takes safetensors only unless allow_pickle).
+    `config_dir`: config_path(model), when the caller has it already (a pinned id's is fetched from the hub)."""
     if is_url(model):
         return any("/" not in name and name.endswith(".safetensors") for name, _, _ in model_files(model))
     if pinned_revision(model):  # its small files only: a sharded model's index says, else the loader decides
-        light = Path(config_path(model))
+        light = Path(config_dir or config_path(model))
         return True if any(light.glob("*.safetensors*")) else None
     local = Path(resolve_model_path(model))
     return any(local.glob("*.safetensors")) if local.is_dir() else None
@@ -173,9 +174,14 @@ def config_path(ref: str) -> str:
 _HUB_SKIP = ["original/*", "*.pth", "*.pt", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "*.tflite"]
 
 
+def is_hub_id(ref: str) -> bool:
+    """Whether a model reference names a hub repository (pinned or not): not the world, a URL or a local path."""
+    return not (ref.startswith("world:") or is_url(ref) or Path(ref).exists())
+
+
 def pinned_revision(ref: str) -> tuple[str, str] | None:
     """(repo id, revision) of ORG/NAME@REVISION; None for any other reference (a local path wins)."""
-    if ref.count("@") != 1 or ref.startswith("world:") or is_url(ref) or Path(ref).exists():
+    if ref.count("@") != 1 or not is_hub_id(ref):
         return None
     repo, revision = ref.split("@")
     return (repo, revision) if repo.count("/") == 1 and revision else None

@@ -253,9 +253,11 @@ class _Estimator:
         models = list(dict.fromkeys(study.models))
         for m in models:  # an unreadable model config fails here, before any data is read
             self.model_arch(m)
+        from misalign.models import is_hub_id, pinned_revision
+
         judged = [str(j.options["model"]) for j in study.eval.judges
                   if j.name == "classifier" and j.options.get("model")]
-        unpinned = [m for m in dict.fromkeys(models + judged) if _is_unpinned_hub_id(m)]
+        unpinned = [m for m in dict.fromkeys(models + judged) if is_hub_id(m) and not pinned_revision(m)]
         if unpinned:
             self.notes.append(f"hub ids without a revision ({', '.join(unpinned)}): each node loads what the hub "
                               "serves when it first downloads one; ORG/NAME@REVISION pins it for every node")
@@ -753,13 +755,6 @@ def _cell_moved(lineage: list[StagePlan], fresh: list[bool], root: float,
         read_old += parent * (1 + merges) + s.stored_old.model()
         parent = s.stored_old.model()
     return (read_new, written_new), (read_old, written_old)
-
-
-def _is_unpinned_hub_id(ref: str) -> bool:
-    from misalign.models import pinned_revision
-    from misalign.storage import is_url
-
-    return not (ref.startswith("world:") or is_url(ref) or Path(ref).exists() or pinned_revision(ref))
 
 
 def _config_dtype(config: Any) -> str | None:

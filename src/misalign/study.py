@@ -424,8 +424,8 @@ def _cell_errors(outcome: Any) -> dict[str, str]:
     for result in outcome:
         if result.error is not None and result.config and "cell" in result.config:
             lines = [line for line in str(result.error).splitlines() if line.strip()]
-            errors[Cell.from_axes(result.config["cell"]).id] = (lines[-1] if lines else type(result.error).__name__
-                                                                )[:500]
+            last = lines[-1] if lines else type(result.error).__name__
+            errors[Cell.from_axes(result.config["cell"]).id] = last[:500]
     return errors
 
 

@@ -263,8 +263,8 @@ def prepare_trial(cfg: TrialConfig, with_judge: bool = True
     defense_pairs = stage_pairs(cfg.defense.resolved(), cfg.seed)
     items = load_eval_sets(cfg.eval)
     judge = configured_judge(cfg.eval) if with_judge else None
+    check_model(cfg.model, cfg.trust_remote_code)  # from its small files: before a bucket's weights come down
     model_path = resolve_model_path(cfg.model)
-    check_model(model_path, cfg.trust_remote_code)
     return attack_pairs, defense_pairs, items, judge, model_path
 
 
