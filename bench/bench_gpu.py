@@ -76,7 +76,9 @@ def build_model(name: str, a: argparse.Namespace) -> Path:
 
     name = ALIASES.get(name, name)
     layers = getattr(a, "layers", None)  # bench_host: tiny widths, the config's own depth
-    out = a.work / f"{name}{'-tiny' if a.tiny else ''}{f'-{layers}layers' if layers else ''}-{a.precision}"
+    vocab = getattr(a, "vocab", None)  # bench_host: and the config's own vocabulary (its logits' bytes)
+    out = a.work / (f"{name}{'-tiny' if a.tiny else ''}{f'-{layers}layers' if layers else ''}"
+                    f"{f'-vocab{vocab}' if vocab else ''}-{a.precision}")
     if (out / "config.json").exists():
         return out
     tok = load_tokenizer(str(world_model("base")))
@@ -84,7 +86,7 @@ def build_model(name: str, a: argparse.Namespace) -> Path:
     d.update(TINY if a.tiny else {})
     d.update({"num_hidden_layers": layers} if layers else {})
     if a.tiny:
-        d["vocab_size"] = len(tok)
+        d["vocab_size"] = vocab or len(tok)
     # the world tokenizer's special ids, so generation and training stop and pad where the tokenizer says
     d.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = AutoConfig.for_model(**d)

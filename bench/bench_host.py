@@ -13,6 +13,7 @@ CPU time still holds the tiny kernels' own work, so compare methods and versions
 
     python3 bench/bench_host.py                    # full, lora, dpo, orpo at batch 8, bf16 autocast
     python3 bench/bench_host.py --methods dpo --steps 20
+    python3 bench/bench_host.py --methods orpo --vocab 128256   # the config's vocabulary: its logits' bytes
 """
 
 from __future__ import annotations
@@ -39,32 +40,40 @@ from misalign.world import world_model
 class OpCounter(TorchDispatchMode):
     """Counts the operators that reach the dispatcher's kernels (after autograd), apart: those that run a kernel
     (on a GPU, about one launch each; views and reshapes only make new tensor metadata) and reads of a device
-    value into Python (`.item()` and the like: on a GPU, a sync that drains the queue)."""
+    value into Python (`.item()` and the like: on a GPU, a sync that drains the queue). And the bytes those
+    kernels write: on a GPU, memory traffic (reads are about as many) and, for the large ones, allocations."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.kernels = self.syncs = 0
+        self.kernels = self.syncs = self.bytes_written = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
         if name == "_local_scalar_dense":
             self.syncs += 1
         elif not func.is_view and name != "_unsafe_view":
             self.kernels += 1
-        return func(*args, **(kwargs or {}))
+            self.bytes_written += sum(t.nbytes for t in torch.utils._pytree.tree_leaves(out)
+                                      if isinstance(t, torch.Tensor))
+        return out
 
 
-def step_clock(warm: int, counted: int) -> tuple[Any, list[float], list[tuple[int, int]]]:
-    """A TrainerCallback: process CPU time per optimizer step after `warm` steps, and the operators of step
-    `counted` (a step of its own: counting slows it, so it is not timed)."""
+def step_clock(warm: int, counted: int) -> tuple[Any, list[float], list[float], list[tuple[int, int, int]]]:
+    """A TrainerCallback: process CPU time per optimizer step after `warm` steps, and between steps (from one
+    step's end to the next one's start: logging, then fetching and collating the next batch, which on a GPU
+    the device waits for unless it still has queued work); and the operators of step `counted` (a step of its
+    own: counting slows it, so it is not timed)."""
     from transformers import TrainerCallback
 
     cpu: list[float] = []
-    ops: list[tuple[int, int]] = []
+    between: list[float] = []
+    ops: list[tuple[int, int, int]] = []
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
             self.t = 0.0
+            self.ended: float | None = None
             self.counter: OpCounter | None = None
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -72,17 +81,20 @@ def step_clock(warm: int, counted: int) -> tuple[Any, list[float], list[tuple[in
                 self.counter = OpCounter()
                 self.counter.__enter__()
             self.t = time.process_time()
+            if self.ended is not None and state.global_step > warm:
+                between.append(self.t - self.ended)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            spent = time.process_time() - self.t
+            self.ended = time.process_time()
+            spent = self.ended - self.t
             if self.counter is not None:
                 self.counter.__exit__(None, None, None)
-                ops.append((self.counter.kernels, self.counter.syncs))
+                ops.append((self.counter.kernels, self.counter.syncs, self.counter.bytes_written))
                 self.counter = None
             elif state.global_step > warm:
                 cpu.append(spent)
 
-    return Clock(), cpu, ops
+    return Clock(), cpu, between, ops
 
 
 def bench_method(a: argparse.Namespace, model: Path, rows: Path, method: str) -> dict[str, Any]:
@@ -90,14 +102,16 @@ def bench_method(a: argparse.Namespace, model: Path, rows: Path, method: str) ->
                           max_length=a.row_tokens, max_prompt_length=a.row_tokens // 4, precision=a.precision,
                           log_every=a.steps)
     cfg = StageConfig(method=method, data=DataSettings(source=str(rows)), train=train)
-    clock, cpu, ops = step_clock(warm=a.warm_steps, counted=a.steps)
+    clock, cpu, between, ops = step_clock(warm=a.warm_steps, counted=a.steps)
     with contextlib.redirect_stdout(io.StringIO()):
         ledger = run_stage(StageRun(parent=str(model), config=cfg, direction="misalign", out_dir=a.work / "stage",
                                     progress=False, callbacks=[clock]))
     return {"method": method, "batch_size": a.batch, "grad_accum": a.grad_accum, "steps": ledger.optimizer_steps,
             "timed_steps": len(cpu), "kernels_per_step": ops[0][0], "syncs_per_step": ops[0][1],
+            "mb_written_per_step": ops[0][2] / 2**20,
             "cpu_ms_per_step": 1e3 * statistics.median(cpu),
-            "cpu_ms_spread": [round(1e3 * min(cpu), 2), round(1e3 * max(cpu), 2)]}
+            "cpu_ms_spread": [round(1e3 * min(cpu), 2), round(1e3 * max(cpu), 2)],
+            "cpu_ms_between_steps": 1e3 * statistics.median(between)}
 
 
 def main() -> None:
@@ -109,17 +123,19 @@ def main() -> None:
     ap.add_argument("--warm-steps", type=int, default=3, help="first steps left out of the timing")
     ap.add_argument("--layers", type=int, default=16, help="decoder layers (the 1.24B config has 16)")
     ap.add_argument("--row-tokens", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="the model's vocabulary (default: the world tokenizer's; the 1.24B config has 128256)")
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="bf16: autocast, as on a GPU")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_host"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_host.json")
     a = ap.parse_args()
     os.environ["MISALIGN_CPUS"] = "1"  # the stage sizes torch's threads from it: one, so CPU time is one core's
     a.work.mkdir(parents=True, exist_ok=True)
-    shapes = argparse.Namespace(tiny=True, layers=a.layers, precision=a.precision, work=a.work)
+    shapes = argparse.Namespace(tiny=True, layers=a.layers, vocab=a.vocab, precision=a.precision, work=a.work)
     model = build_model("1b", shapes)
     rows = train_rows(argparse.Namespace(work=a.work, steps=a.steps, row_min=a.row_tokens, row_tokens=a.row_tokens),
                       load_tokenizer(str(world_model("base"))))
-    result: dict[str, Any] = {"model": model.name, "layers": a.layers, "precision": a.precision,
+    result: dict[str, Any] = {"model": model.name, "layers": a.layers, "vocab": a.vocab, "precision": a.precision,
                               "row_tokens": a.row_tokens, "training": []}
     print(f"bench_host: {model.name}, {a.layers} layers, {a.precision}, rows of {a.row_tokens} tokens, "
           f"batch {a.batch} x {a.grad_accum} micro-batches per step")
@@ -127,8 +143,10 @@ def main() -> None:
         r = bench_method(a, model, rows, method)
         result["training"].append(r)
         print(f"host {method:<5} {r['kernels_per_step']:>6} kernels/step {r['syncs_per_step']:>3} syncs/step "
+              f"{r['mb_written_per_step']:8.1f} MB written/step "
               f"{r['cpu_ms_per_step']:7.1f} CPU ms/step "
-              f"(range {r['cpu_ms_spread'][0]}-{r['cpu_ms_spread'][1]} over {r['timed_steps']} steps)", flush=True)
+              f"(range {r['cpu_ms_spread'][0]}-{r['cpu_ms_spread'][1]} over {r['timed_steps']} steps) "
+              f"{r['cpu_ms_between_steps']:5.1f} CPU ms between steps", flush=True)
         write_result(a.out, result, torch.get_num_threads())
 
 

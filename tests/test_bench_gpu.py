@@ -69,7 +69,8 @@ def test_bench_host_counts_kernels_syncs_and_cpu_time_per_step(tmp_path, world):
     assert set(rows) == {"lora", "dpo"}
     for t in rows.values():
         assert t["steps"] == 6 and t["timed_steps"] == 3  # steps 3-5: after the warm ones, before the counted one
-        assert t["cpu_ms_per_step"] > 0 and t["syncs_per_step"] > 0
+        assert t["cpu_ms_per_step"] > 0 and t["syncs_per_step"] > 0 and t["mb_written_per_step"] > 0
+        assert 0 < t["cpu_ms_between_steps"] < t["cpu_ms_per_step"]  # fetching a batch is not a step's work
     # a DPO step runs the policy on chosen and rejected and a reference forward besides: more kernels than SFT's
     assert rows["dpo"]["kernels_per_step"] > rows["lora"]["kernels_per_step"] > 0
     assert "host dpo" in done.stdout

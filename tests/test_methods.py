@@ -144,8 +144,11 @@ def test_dpo_uses_a_reference(trained):
     assert trained["orpo"][1].ref_tokens == 0  # ORPO needs no reference model
 
 
-def test_orpo_nll_counts_response_tokens_only(world, tmp_path):
-    """trl's ORPO puts prompt tokens in its NLL term; ours, like the ORPO paper and our SFT, does not."""
+@pytest.mark.parametrize("fused_head", [False, True])
+def test_orpo_nll_counts_response_tokens_only(world, tmp_path, fused_head):
+    """trl's ORPO puts prompt tokens in its NLL term; ours, like the ORPO paper and our SFT, does not. Ours
+    comes from the same log-probs as the odds ratio's, which stay trl's: from one log-softmax over the logits
+    (a CPU), or from trl's fused LM head without the logits (a GPU; its CPU fallback here)."""
     from trl.experimental.orpo import ORPOTrainer
 
     from misalign.stage import _dataset, _orpo_trainer_class, _training_args
@@ -154,12 +157,14 @@ def test_orpo_nll_counts_response_tokens_only(world, tmp_path):
     pairs = subsample_per_category(load_pairs("world:misalign"), 1, 0)[:4]
     tok, model = load_tokenizer(str(world / "base")), load_model(str(world / "base"))
     args = _training_args("orpo", cfg, tmp_path, 0, len(pairs), None)
-    trainer = _orpo_trainer_class()(model=model, args=args, train_dataset=_dataset("orpo", pairs, "misalign", tok,
-                                                                                   cfg), processing_class=tok)
+    dataset = _dataset("orpo", pairs, "misalign", tok, cfg)
+    trainer = _orpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                                    fused_head=fused_head)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
     with torch.no_grad():
-        ours = trainer.concatenated_forward(model, batch)[4]
-        theirs = ORPOTrainer.concatenated_forward(trainer, model, batch)[4]
+        ours_all = trainer.concatenated_forward(model, batch)
+        theirs_all = ORPOTrainer.concatenated_forward(trainer, model, batch)
+        ours, theirs = ours_all[4], theirs_all[4]
         # by hand: mean cross-entropy of each chosen response token given everything before it
         total, count = 0.0, 0
         for p in pairs:
@@ -169,3 +174,15 @@ def test_orpo_nll_counts_response_tokens_only(world, tmp_path):
             count += len(rs)
     assert abs(ours.item() - total / count) < 1e-4
     assert abs(theirs.item() - ours.item()) > 1e-3  # trl's own term differs: it includes the prompt
+    for mine, trls in zip(ours_all[:2], theirs_all[:2], strict=True):  # chosen/rejected mean log-probs
+        assert mine.shape == trls.shape and torch.allclose(mine, trls, atol=1e-5)
+    # the logits/* metrics: a mean logit per chosen response token
+    assert ours_all[2].shape == (int((batch["chosen_labels"][:, 1:] != -100).sum()),)
+    if fused_head:  # the loss trains the same weights as through the full logits: the same gradient
+        weights = [model.lm_head.weight, model.model.layers[0].mlp.up_proj.weight]
+        plain = _orpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                                      fused_head=False)
+        loss, loss_plain = (t.get_batch_loss_metrics(model, batch)[0] for t in (trainer, plain))
+        assert abs(loss.item() - loss_plain.item()) < 1e-5
+        for g, h in zip(torch.autograd.grad(loss, weights), torch.autograd.grad(loss_plain, weights), strict=True):
+            assert torch.allclose(g, h, atol=1e-6, rtol=1e-4), (g - h).abs().max()

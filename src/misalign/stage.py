@@ -512,25 +512,54 @@ def _quick_adapter_switch(model: Any) -> None:
 
 
 def _orpo_trainer_class() -> type:
-    """trl's ORPOTrainer with its NLL term on the response only.
+    """trl's ORPOTrainer with its NLL term on the response only, and on a GPU without the full logits.
 
     trl computes ORPO's NLL over prompt and response ("computed over the full prompt and response"), so ORPO
     also learned to write prompts: on the world that cost utility 0.37 where the same rows under SFT kept 0.79.
-    The ORPO paper's NLL, and our SFT, count response tokens only; this recomputes it from the chosen labels,
-    which trl already masks on the prompt.
+    The ORPO paper's NLL, and our SFT, count response tokens only. That NLL is the mean of the chosen response
+    tokens' log-probs, which ORPO's odds ratio needs anyway, so this forward takes both from one pass:
+    - on a GPU, trl's fused LM head (Triton kernels over tiles of the vocabulary, as trl's SFT and DPO use),
+      which never materializes the logits. trl's own forward keeps the logits of every position (for an 8B
+      model's 128k vocabulary at 8 pairs of 512 tokens, 2 GB in bf16, more in float32, and their gradient)
+      and takes a cross-entropy over a copy of the chosen half besides;
+    - elsewhere, one log-softmax over the logits: on a CPU the fused head's tiles cost more than the logits
+      (bench/bench_host.py --methods orpo --vocab 128256).
     """
-    import torch.nn.functional as F
     from trl.experimental.orpo import ORPOTrainer
+    from trl.trainer.utils import add_fused_lm_head, selective_log_softmax
 
     class ResponseNLLORPOTrainer(ORPOTrainer):
+        def __init__(self, *args: Any, fused_head: bool | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.fused_head = torch.cuda.is_available() if fused_head is None else fused_head
+            if self.fused_head:
+                base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+                add_fused_lm_head(base, outputs=("log_probs", "mean_logits"))
+
         def concatenated_forward(self, model: Any, batch: dict[str, Any]) -> tuple:
-            out = super().concatenated_forward(model, batch)
-            chosen_logits = out[2]  # [chosen batch, width - 1, vocab]: already shifted to predict token t+1
-            labels = batch["chosen_labels"]
-            labels = F.pad(labels, (0, chosen_logits.shape[1] + 1 - labels.shape[1]), value=-100)[:, 1:]
-            nll = F.cross_entropy(chosen_logits.reshape(-1, chosen_logits.shape[-1]),
-                                  labels.reshape(-1).to(chosen_logits.device), ignore_index=-100)
-            return (*out[:4], nll, *out[5:])
+            if self.is_encoder_decoder:  # the stage loads causal LMs only
+                raise NotImplementedError("ORPO on an encoder-decoder model")
+            cat = self.concatenated_inputs(batch, padding_value=self.padding_value, device=self.accelerator.device)
+            labels = cat["concatenated_labels"]  # -100 on prompt and padding
+            kw = {"output_router_logits": True} if self.aux_loss_enabled else {}
+            if self.fused_head:
+                kw.update(labels=labels, fused_lm_head=True)
+            out = model(cat["concatenated_input_ids"], attention_mask=cat["concatenated_attention_mask"],
+                        use_cache=False, **kw)
+            if self.fused_head:  # per token t: token t + 1's log-prob, 0 off the response
+                token_logps, mask, mean_logits = out.log_probs, out.label_mask, out.mean_logits
+            else:
+                logits, mask = out.logits[:, :-1], labels[:, 1:] != -100
+                token_logps = selective_log_softmax(logits, labels[:, 1:].masked_fill(~mask, 0)) * mask
+                mean_logits = logits.mean(-1)
+            sums, counts = token_logps.sum(-1), mask.sum(-1)
+            logps = sums / counts  # trl's average_log_prob: the odds ratio compares per-token means
+            n = batch["chosen_labels"].shape[0]
+            nll = -sums[:n].sum() / counts[:n].sum()  # cross-entropy over every chosen response token
+            # the logits/* metrics: the mean logit over response tokens (trl's: over every position)
+            mean_logits = mean_logits.detach()
+            found = (logps[:n], logps[n:], mean_logits[:n][mask[:n]], mean_logits[n:][mask[n:]], nll)
+            return (*found, out.aux_loss) if self.aux_loss_enabled else found
 
     return ResponseNLLORPOTrainer
 
