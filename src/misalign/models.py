@@ -330,7 +330,11 @@ def apply_stage(model: Any, stage_dir: Path) -> Any:
     the parent's dtype."""
     from peft import PeftModel
 
-    with peft_wrapping():
+    with peft_wrapping(), warnings.catch_warnings():
+        # an AdaLoRA adapter keeps its rank pattern under peft's own keys (`...q_proj.lora_E`), which peft's
+        # check for patterns that match no module does not know: it warned about every key of every such load
+        warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match",
+                                category=RuntimeWarning)
         wrapped = PeftModel.from_pretrained(model, str(stage_dir / "adapter"))
     return inference_ready(wrapped.merge_and_unload())
 

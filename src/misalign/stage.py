@@ -329,7 +329,12 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     if rank() == 0:
         shutil.rmtree(kept, ignore_errors=True)
     # save_model gathers ZeRO-3 partitions; every rank must call it
-    trainer.save_model(str(kept))
+    with warnings.catch_warnings():
+        if method.adapter == "adalora":
+            # AdaLoRA prunes some modules to rank 0, whose saved A and B have a zero dimension; peft takes any
+            # such tensor for a ZeRO-3 shard saved ungathered, and the advice it prints does not apply
+            warnings.filterwarnings("ignore", message=r"Adapter .* LoRA tensor\(s\) have invalid shape")
+        trainer.save_model(str(kept))
     # one collective: every rank's (tokens, ref tokens, flops, peak memory); sums, max and the per-worker list
     node = os.environ.get("MISALIGN_NODE") or os.uname().nodename  # Ray sets the Ray node id
     ranks = _gather_over_ranks((counter.tokens, counter.ref_tokens, counter.flops, peak_memory_bytes(device()),
