@@ -460,3 +460,36 @@ def test_an_object_rewritten_during_the_download_never_enters_the_mirror(s3, wor
         models.resolve_model_path(url)
     assert not models.url_mirror(url, listing).exists()
     assert not list(models.url_mirror(url, listing).parent.glob(".*.*")), "no half-downloaded directory is left"
+
+
+def test_the_cache_lists_mirrors_and_prunes_the_unused_ones(s3, world, node, capsys):
+    """`misalign cache` says what the node keeps and for which URL; `prune --older-than DAYS` removes the model
+    mirrors no run used for that long, and a run that needs one again downloads it again."""
+    from misalign.cache import record
+    from misalign.cli import main
+    from misalign.lineage import LineageCache
+    from misalign.models import resolve_model_path
+
+    old_url, new_url = _model_on_s3(world, "old"), _model_on_s3(world, "new")
+    old, new = Path(resolve_model_path(old_url)), Path(resolve_model_path(new_url))
+    stages = LineageCache(Store(f"s3://{BUCKET}/cached-study"))  # a study's stages on the bucket
+    stages.stage_dir("a-stage").mkdir(parents=True)  # this node's copy of one
+    capsys.readouterr()
+    assert main(["cache", "--json"]) == 0
+    listed = {e["source"]: e for e in json.loads(capsys.readouterr().out)["entries"]}
+    assert listed[old_url]["kind"] == "model mirror" and listed[old_url]["path"] == f"models/{old.name}"
+    assert listed[old_url]["bytes"] == sum(f.stat().st_size for f in (world / "base").iterdir() if f.is_file())
+    assert listed[f"s3://{BUCKET}/cached-study"]["kind"] == "object-store copy"
+
+    week_ago = time.time() - 8 * 86400
+    os.utime(record(old), (week_ago, week_ago))
+    assert main(["cache", "prune", "--older-than", "7", "--dry-run"]) == 0
+    assert "would remove 1 model mirrors" in capsys.readouterr().out and old.exists()
+    assert main(["cache", "prune", "--older-than", "7"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {old} (" in out and "removed 1 model mirrors unused for 7 days" in out
+    assert not old.exists() and not record(old).exists() and new.exists()
+    assert not list(old.parent.glob(f".{old.name}*")), "nothing half-removed is left"
+    assert resolve_model_path(old_url) == str(old) and _files(old) == _files(world / "base"), "downloaded again"
+    assert main(["cache", "prune", "--older-than", "7"]) == 0 and new.exists() and old.exists(), "both in use"
+    assert main(["cache", "prune"]) == 2 and "--older-than DAYS" in capsys.readouterr().err

@@ -286,9 +286,44 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a search directory or URL whose answer to include (repeatable)")
     rp.set_defaults(func=_report)
 
+    c = sub.add_parser("cache", help="this node's cache (MISALIGN_CACHE): list it, or prune unused model mirrors")
+    c.add_argument("action", nargs="?", choices=["list", "prune"], default="list")
+    c.add_argument("--older-than", type=float, metavar="DAYS", help="prune: model mirrors unused for this long")
+    c.add_argument("--dry-run", action="store_true", help="prune: say what would be removed, remove nothing")
+    c.add_argument("--json", action="store_true", help="list as JSON")
+    c.set_defaults(func=_cache)
+
     m = sub.add_parser("methods", help="list the fine-tuning methods")
     m.set_defaults(func=_methods)
     return p
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from misalign.cache import describe, entries, prune
+    from misalign.plan_render import size_text
+    from misalign.world.build import cache_root
+
+    root = cache_root()
+    if args.action == "prune":
+        if args.older_than is None or args.older_than < 0:
+            raise InputError("misalign cache prune: --older-than DAYS (0 or more) is required: model mirrors "
+                             "unused for that many days are removed")
+        removed = prune(args.older_than, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        for e in removed:
+            print(f"[cache] {verb} {e.path} ({size_text(e.bytes)}, {e.source})")
+        print(f"[cache] {verb} {len(removed)} model mirrors unused for {args.older_than:g} days: "
+              f"{size_text(sum(e.bytes for e in removed))}")
+        return 0
+    found = entries()
+    if args.json:
+        print(json.dumps({"root": str(root), "entries": [describe(e, root) for e in found]}, indent=2))
+        return 0
+    print(f"[cache] {root}: {size_text(sum(e.bytes for e in found))} in {len(found)} entries")
+    for e in found:
+        d = describe(e, root)
+        print(f"  {e.kind:<18} {size_text(e.bytes):>9}  used {d['last_used']}  {d['path']}  {e.source}".rstrip())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,6 +194,10 @@ class LineageCache:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.root = store.mirror  # this node's copy: the directory itself for a directory store
+        if store.remote:
+            from misalign.cache import note_use
+
+            note_use(self.root, redacted(store.url))  # what `misalign cache` says this copy is
 
     def stage_dir(self, key: str) -> Path:
         return self.root / key

@@ -255,10 +255,14 @@ def _mirrored(url: str, *, weights: bool) -> Path:
             raise InputError(f"{redacted(url)}: no config.json under this prefix (a model's directory holds one)")
         target = full.with_name(f"{full.name}-config")
         wanted = [f for f in files if not f[0].endswith(WEIGHT_SUFFIXES)]
+    from misalign.cache import note_use
+
     if target.exists():
+        note_use(target, redacted(url), files=len(wanted))  # `misalign cache prune` removes long-unused ones
         return target
     with file_lock(target.parent / ".locks" / target.name):
         if target.exists():  # another process on this node finished it while this one waited
+            note_use(target, redacted(url), files=len(wanted))
             return target
         for stale in target.parent.glob(f".{target.name}.*"):  # left by a process killed mid-download
             shutil.rmtree(stale, ignore_errors=True)
@@ -275,6 +279,7 @@ def _mirrored(url: str, *, weights: bool) -> Path:
                 raise RuntimeError(f"{redacted(url)}: {', '.join(changed[:5])} changed while this node downloaded "
                                    "the model; run again once the model's files stay put")
             os.replace(tmp, target)
+            note_use(target, redacted(url), files=len(wanted))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -1,0 +1,109 @@
+"""The node cache (MISALIGN_CACHE, default ~/.cache/misalign): what it holds, and pruning unused model mirrors.
+
+A node keeps, under the cache root:
+- models/: mirrors of models on object storage, one per version of the bucket's files (an 8B model is 16 GB,
+  and every changed listing is a new mirror beside the old ones);
+- stores/: this node's copies of object-store study directories (the stages it read or wrote);
+  each of these two kinds has a record beside it: its URL, and (its mtime) its last use by a run;
+- world/, digests/ (memoized sha256 of model weights), torch_extensions/ (compiled DeepSpeed ops).
+
+`misalign cache` lists them with their sizes and last use; `misalign cache prune --older-than DAYS` removes the
+model mirrors no run has used for that long. A run that needs one again downloads it again; study results and
+stages live in the study's storage, never only here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from misalign.runtime import file_lock, write_bytes_atomic
+
+MIRRORS = "models"
+_KINDS = {MIRRORS: "model mirror", "stores": "object-store copy", "world": "world", "digests": "digests",
+          "torch_extensions": "compiled ops"}
+_WHOLE = {"digests", "torch_extensions"}  # listed as one entry each: many small files, nothing to choose among
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    path: Path
+    bytes: int
+    last_used: float  # epoch seconds
+    source: str = ""  # a model mirror's URL
+
+
+def record(entry: Path) -> Path:
+    """The record beside a model mirror or store copy: its URL; its mtime is the entry's last use."""
+    return entry.with_name(entry.name + ".json")
+
+
+def note_use(entry: Path, url: str, **details: object) -> None:
+    """Record that a run uses `entry` now (the URL must be redacted)."""
+    path = record(entry)
+    if path.exists():
+        os.utime(path)
+    else:
+        write_bytes_atomic(path, json.dumps({"url": url, **details}).encode())
+
+
+def _tree(path: Path) -> tuple[int, float]:
+    """Bytes under path and the newest mtime there (symlinks are not followed)."""
+    size, newest = 0, path.lstat().st_mtime
+    for f in [path] if not path.is_dir() or path.is_symlink() else path.rglob("*"):
+        st = f.lstat()
+        size += st.st_size if f.is_file() and not f.is_symlink() else 0
+        newest = max(newest, st.st_mtime)
+    return size, newest
+
+
+def entries(root: Path | None = None) -> list[Entry]:
+    from misalign.world.build import cache_root
+
+    root = root or cache_root()
+    found: list[Entry] = []
+    for sub, kind in _KINDS.items():
+        top = root / sub
+        if not top.is_dir() or top.is_symlink():  # a test node's world links to the machine's: not this cache's
+            continue
+        paths = [top] if sub in _WHOLE else [p for p in sorted(top.iterdir())
+                                             if p.is_dir() and not p.name.startswith(".")]
+        for path in paths:
+            size, last = _tree(path)
+            source = ""
+            if record(path).exists():
+                source, last = json.loads(record(path).read_text())["url"], record(path).stat().st_mtime
+            found.append(Entry(kind, path, size, last, source))
+    return found
+
+
+def prune(older_than_days: float, dry_run: bool = False, root: Path | None = None) -> list[Entry]:
+    """Remove the model mirrors unused for `older_than_days` (under the lock their download takes, so never one
+    being written); what was (or, `dry_run`, would be) removed."""
+    cutoff = time.time() - older_than_days * 86400
+    removed = []
+    for e in entries(root):
+        if e.kind != _KINDS[MIRRORS] or e.last_used >= cutoff:
+            continue
+        removed.append(e)
+        if dry_run:
+            continue
+        with file_lock(e.path.parent / ".locks" / e.path.name):
+            if record(e.path).exists() and record(e.path).stat().st_mtime >= cutoff:
+                removed.pop()  # used while this ran
+                continue
+            gone = e.path.with_name(f".{e.path.name}.pruned")  # a download of this key clears it if we die here
+            os.replace(e.path, gone)
+            record(e.path).unlink(missing_ok=True)
+            shutil.rmtree(gone)
+    return removed
+
+
+def describe(e: Entry, root: Path) -> dict[str, object]:
+    return {**asdict(e), "path": str(e.path.relative_to(root)),
+            "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))}
