@@ -36,11 +36,22 @@ from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.stage import StageRun, load_tokenizer, run_stage
 from misalign.world import world_model
 
+# operators whose output size depends on the values (a mask's count): on a GPU they read it back, a sync
+_SIZED_BY_DATA = {"nonzero", "masked_select", "index", "index_put", "index_put_"}
+
+
+def _by_mask(name: str, args: tuple) -> bool:
+    if name in ("nonzero", "masked_select"):
+        return True
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+
 
 class OpCounter(TorchDispatchMode):
     """Counts the operators that reach the dispatcher's kernels (after autograd), apart: those that run a kernel
     (on a GPU, about one launch each; views and reshapes only make new tensor metadata) and reads of a device
-    value into Python (`.item()` and the like: on a GPU, a sync that drains the queue). And the bytes those
+    value into Python (`.item()` and the like, and selections by a mask, whose size is read back: on a GPU, a
+    sync that drains the queue). And the bytes those
     kernels write: on a GPU, memory traffic (reads are about as many) and, for the large ones, allocations."""
 
     def __init__(self) -> None:
@@ -50,7 +61,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = func.overloadpacket.__name__
         out = func(*args, **(kwargs or {}))
-        if name == "_local_scalar_dense":
+        if name == "_local_scalar_dense" or name in _SIZED_BY_DATA and _by_mask(name, args):
             self.syncs += 1
         elif not func.is_view and name != "_unsafe_view":
             self.kernels += 1

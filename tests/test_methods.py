@@ -190,12 +190,19 @@ def test_orpo_nll_counts_response_tokens_only(world, tmp_path, fused_head):
     assert abs(theirs.item() - ours.item()) > 1e-3  # trl's own term differs: it includes the prompt
     for mine, trls in zip(ours_all[:2], theirs_all[:2], strict=True):  # chosen/rejected mean log-probs
         assert mine.shape == trls.shape and torch.allclose(mine, trls, atol=1e-5)
-    # the logits/* metrics: a mean logit per chosen response token
-    assert ours_all[2].shape == (int((batch["chosen_labels"][:, 1:] != -100).sum()),)
-    if fused_head:  # the loss trains the same weights as through the full logits: the same gradient
+    # the logits/* metrics: the mean logit over the chosen (rejected) response tokens
+    mask = batch["chosen_labels"][:, 1:] != -100
+    width = mask.shape[1]
+    chosen_logits = model(batch["chosen_input_ids"][:, :width + 1]).logits[:, :-1]
+    expected = chosen_logits.mean(-1)[mask].mean()
+    assert ours_all[2].ndim == 0 and abs(ours_all[2].item() - expected.item()) < 1e-5
+    if fused_head:  # the same numbers as through the full logits, and the same gradient: it trains the same
         weights = [model.lm_head.weight, model.model.layers[0].mlp.up_proj.weight]
         plain = _orpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tok,
                                       fused_head=False)
+        with torch.no_grad():
+            for mine, unfused in zip(ours_all, plain.concatenated_forward(model, batch), strict=True):
+                assert torch.allclose(mine, unfused, atol=1e-5)
         loss, loss_plain = (t.get_batch_loss_metrics(model, batch)[0] for t in (trainer, plain))
         assert abs(loss.item() - loss_plain.item()) < 1e-5
         for g, h in zip(torch.autograd.grad(loss, weights), torch.autograd.grad(loss_plain, weights), strict=True):

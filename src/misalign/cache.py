@@ -84,7 +84,9 @@ def entries(root: Path | None = None) -> list[Entry]:
 
 def prune(older_than_days: float, dry_run: bool = False, root: Path | None = None) -> list[Entry]:
     """Remove the model mirrors unused for `older_than_days` (under the lock their download takes, so never one
-    being written); what was (or, `dry_run`, would be) removed."""
+    being written); what was (or, `dry_run`, would be) removed. A run finds an existing mirror without that
+    lock, so one that resolves a mirror in the instant it is removed fails to load it (and a trial's retry
+    downloads it again): prune with a margin of days, not while a run starts on a mirror that old."""
     cutoff = time.time() - older_than_days * 86400
     removed = []
     for e in entries(root):
@@ -98,6 +100,7 @@ def prune(older_than_days: float, dry_run: bool = False, root: Path | None = Non
                 removed.pop()  # used while this ran
                 continue
             gone = e.path.with_name(f".{e.path.name}.pruned")  # a download of this key clears it if we die here
+            shutil.rmtree(gone, ignore_errors=True)  # left by a prune that died
             os.replace(e.path, gone)
             record(e.path).unlink(missing_ok=True)
             shutil.rmtree(gone)

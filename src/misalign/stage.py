@@ -561,9 +561,11 @@ def _orpo_trainer_class() -> type:
             logps = sums / counts  # trl's average_log_prob: the odds ratio compares per-token means
             n = batch["chosen_labels"].shape[0]
             nll = -sums[:n].sum() / counts[:n].sum()  # cross-entropy over every chosen response token
-            # the logits/* metrics: the mean logit over response tokens (trl's: over every position)
-            mean_logits = mean_logits.detach()
-            found = (logps[:n], logps[n:], mean_logits[:n][mask[:n]], mean_logits[n:][mask[n:]], nll)
+            # the logits/* metrics (trl takes their mean): the mean logit over response tokens, where trl's is over
+            # every position; a masked sum, since selecting by a mask would read its size back: a sync
+            means = (mean_logits.detach() * mask).sum(-1)
+            chosen_logits, rejected_logits = means[:n].sum() / counts[:n].sum(), means[n:].sum() / counts[n:].sum()
+            found = (logps[:n], logps[n:], chosen_logits, rejected_logits, nll)
             return (*found, out.aux_loss) if self.aux_loss_enabled else found
 
     return ResponseNLLORPOTrainer
