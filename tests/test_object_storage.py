@@ -464,7 +464,7 @@ def test_an_object_rewritten_during_the_download_never_enters_the_mirror(s3, wor
 
 def test_the_cache_lists_mirrors_and_prunes_the_unused_ones(s3, world, node, capsys):
     """`misalign cache` says what the node keeps and for which URL; `prune --older-than DAYS` removes the model
-    mirrors no run used for that long, and a run that needs one again downloads it again."""
+    mirrors and store copies no run used for that long, and a run that needs one again downloads it again."""
     from misalign.cache import record
     from misalign.cli import main
     from misalign.lineage import LineageCache
@@ -482,13 +482,14 @@ def test_the_cache_lists_mirrors_and_prunes_the_unused_ones(s3, world, node, cap
     assert listed[f"s3://{BUCKET}/cached-study"]["kind"] == "object-store copy"
 
     week_ago = time.time() - 8 * 86400
-    os.utime(record(old), (week_ago, week_ago))
+    for unused in (old, stages.root):
+        os.utime(record(unused), (week_ago, week_ago))
     assert main(["cache", "prune", "--older-than", "7", "--dry-run"]) == 0
-    assert "would remove 1 model mirrors" in capsys.readouterr().out and old.exists()
+    assert "would remove 2 entries" in capsys.readouterr().out and old.exists() and stages.root.exists()
     assert main(["cache", "prune", "--older-than", "7"]) == 0
     out = capsys.readouterr().out
-    assert f"removed {old} (" in out and "removed 1 model mirrors unused for 7 days" in out
-    assert not old.exists() and not record(old).exists() and new.exists()
+    assert f"removed {old} (" in out and "removed 2 entries unused for 7 days" in out
+    assert not old.exists() and not record(old).exists() and new.exists() and not stages.root.exists()
     assert not list(old.parent.glob(f".{old.name}*")), "nothing half-removed is left"
     assert resolve_model_path(old_url) == str(old) and _files(old) == _files(world / "base"), "downloaded again"
     assert main(["cache", "prune", "--older-than", "7"]) == 0 and new.exists() and old.exists(), "both in use"

@@ -1,4 +1,4 @@
-"""The node cache (MISALIGN_CACHE, default ~/.cache/misalign): what it holds, and pruning unused model mirrors.
+"""The node cache (MISALIGN_CACHE, default ~/.cache/misalign): what it holds, and pruning what runs no longer use.
 
 A node keeps, under the cache root:
 - models/: mirrors of models on object storage, one per version of the bucket's files (an 8B model is 16 GB,
@@ -8,8 +8,8 @@ A node keeps, under the cache root:
 - world/, digests/ (memoized sha256 of model weights), torch_extensions/ (compiled DeepSpeed ops).
 
 `misalign cache` lists them with their sizes and last use; `misalign cache prune --older-than DAYS` removes the
-model mirrors no run has used for that long. A run that needs one again downloads it again; study results and
-stages live in the study's storage, never only here.
+model mirrors and store copies no run has used for that long. A run that needs one again downloads again what
+it reads: models stay in their bucket, and a study's stages and results in its storage, never only here.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from misalign.runtime import file_lock, write_bytes_atomic
 
-MIRRORS = "models"
-_KINDS = {MIRRORS: "model mirror", "stores": "object-store copy", "world": "world", "digests": "digests",
+_KINDS = {"models": "model mirror", "stores": "object-store copy", "world": "world", "digests": "digests",
           "torch_extensions": "compiled ops"}
+PRUNED = {_KINDS["models"], _KINDS["stores"]}  # what prune removes: copies of what a bucket keeps
 _WHOLE = {"digests", "torch_extensions"}  # listed as one entry each: many small files, nothing to choose among
 
 
@@ -83,14 +83,13 @@ def entries(root: Path | None = None) -> list[Entry]:
 
 
 def prune(older_than_days: float, dry_run: bool = False, root: Path | None = None) -> list[Entry]:
-    """Remove the model mirrors unused for `older_than_days` (under the lock their download takes, so never one
-    being written); what was (or, `dry_run`, would be) removed. A run finds an existing mirror without that
-    lock, so one that resolves a mirror in the instant it is removed fails to load it (and a trial's retry
-    downloads it again): prune with a margin of days, not while a run starts on a mirror that old."""
+    """Remove the model mirrors and store copies unused for `older_than_days`; what was (or, `dry_run`, would
+    be) removed. A model mirror goes under the lock its download takes, so never one being written. A run finds
+    an existing mirror or copy without a lock, so prune with a margin of days beyond the longest trial."""
     cutoff = time.time() - older_than_days * 86400
     removed = []
     for e in entries(root):
-        if e.kind != _KINDS[MIRRORS] or e.last_used >= cutoff:
+        if e.kind not in PRUNED or e.last_used >= cutoff:
             continue
         removed.append(e)
         if dry_run:

@@ -286,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a search directory or URL whose answer to include (repeatable)")
     rp.set_defaults(func=_report)
 
-    c = sub.add_parser("cache", help="this node's cache (MISALIGN_CACHE): list it, or prune unused model mirrors")
+    c = sub.add_parser("cache", help="this node's cache (MISALIGN_CACHE): list it, or prune what runs no longer use")
     c.add_argument("action", nargs="?", choices=["list", "prune"], default="list")
-    c.add_argument("--older-than", type=float, metavar="DAYS", help="prune: model mirrors unused for this long")
+    c.add_argument("--older-than", type=float, metavar="DAYS", help="prune: model mirrors and store copies unused for this long")
     c.add_argument("--dry-run", action="store_true", help="prune: say what would be removed, remove nothing")
     c.add_argument("--json", action="store_true", help="list as JSON")
     c.set_defaults(func=_cache)
@@ -306,13 +306,13 @@ def _cache(args: argparse.Namespace) -> int:
     root = cache_root()
     if args.action == "prune":
         if args.older_than is None or args.older_than < 0:
-            raise InputError("misalign cache prune: --older-than DAYS (0 or more) is required: model mirrors "
-                             "unused for that many days are removed")
+            raise InputError("misalign cache prune: --older-than DAYS (0 or more) is required: model mirrors and "
+                             "store copies unused for that many days are removed")
         removed = prune(args.older_than, dry_run=args.dry_run)
         verb = "would remove" if args.dry_run else "removed"
         for e in removed:
             print(f"[cache] {verb} {e.path} ({size_text(e.bytes)}, {e.source})")
-        print(f"[cache] {verb} {len(removed)} model mirrors unused for {args.older_than:g} days: "
+        print(f"[cache] {verb} {len(removed)} entries unused for {args.older_than:g} days: "
               f"{size_text(sum(e.bytes for e in removed))}")
         return 0
     found = entries()
