@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,11 +54,15 @@ def note_use(entry: Path, url: str, **details: object) -> None:
 
 
 def _tree(path: Path) -> tuple[int, float]:
-    """Bytes under path and the newest mtime there (symlinks are not followed)."""
+    """Bytes under path and the newest mtime there (symlinks are not followed). A running study writes and
+    renames files in its copy meanwhile: one gone before it is read is left out."""
     size, newest = 0, path.lstat().st_mtime
     for f in [path] if not path.is_dir() or path.is_symlink() else path.rglob("*"):
-        st = f.lstat()
-        size += st.st_size if f.is_file() and not f.is_symlink() else 0
+        try:
+            st = f.lstat()
+        except FileNotFoundError:
+            continue
+        size += st.st_size if stat.S_ISREG(st.st_mode) else 0
         newest = max(newest, st.st_mtime)
     return size, newest
 
