@@ -48,11 +48,11 @@ def _by_mask(name: str, args: tuple) -> bool:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the operators that reach the dispatcher's kernels (after autograd), apart: those that run a kernel
-    (on a GPU, about one launch each; views and reshapes only make new tensor metadata) and reads of a device
-    value into Python (`.item()` and the like, and selections by a mask, whose size is read back: on a GPU, a
-    sync that drains the queue). And the bytes those
-    kernels write: on a GPU, memory traffic (reads are about as many) and, for the large ones, allocations."""
+    """Counts the operators that reach the dispatcher's kernels (after autograd): those that run a kernel (on a
+    GPU, about one launch each; views and reshapes only make new tensor metadata) and the bytes they write (on
+    a GPU, memory traffic, reads being about as many, and for the large ones allocations); and apart, reads of
+    a device value into Python (`.item()` and the like) and selections by a mask, whose size is read back: on
+    a GPU, each is a sync that drains the queue."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,9 +61,12 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = func.overloadpacket.__name__
         out = func(*args, **(kwargs or {}))
-        if name == "_local_scalar_dense" or name in _SIZED_BY_DATA and _by_mask(name, args):
+        if name == "_local_scalar_dense":
             self.syncs += 1
-        elif not func.is_view and name != "_unsafe_view":
+            return out
+        if name in _SIZED_BY_DATA and _by_mask(name, args):
+            self.syncs += 1
+        if not func.is_view and name != "_unsafe_view":
             self.kernels += 1
             self.bytes_written += sum(t.nbytes for t in torch.utils._pytree.tree_leaves(out)
                                       if isinstance(t, torch.Tensor))
