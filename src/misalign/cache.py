@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from misalign.runtime import file_lock, write_bytes_atomic
+from misalign.storage import Store, redacted
 
 _KINDS = {"models": "model mirror", "stores": "object-store copy", "world": "world", "digests": "digests",
           "torch_extensions": "compiled ops"}
@@ -51,6 +52,12 @@ def note_use(entry: Path, url: str, **details: object) -> None:
         os.utime(path)
     else:
         write_bytes_atomic(path, json.dumps({"url": url, **details}).encode())
+
+
+def note_store_use(store: Store) -> None:
+    """Record that a run uses this node's copy of an object store (a directory store is its own copy)."""
+    if store.remote:
+        note_use(store.mirror, redacted(store.url))
 
 
 def _tree(path: Path) -> tuple[int, float]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from misalign import claims
+from misalign.cache import note_store_use
 from misalign.config import EvalConfig, StageConfig
 from misalign.runtime import write_bytes_atomic
 from misalign.storage import Store, is_url, redacted
@@ -194,10 +195,7 @@ class LineageCache:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.root = store.mirror  # this node's copy: the directory itself for a directory store
-        if store.remote:
-            from misalign.cache import note_use
-
-            note_use(self.root, redacted(store.url))  # what `misalign cache` says this copy is
+        note_store_use(store)  # what `misalign cache` says this node's copy is, and when a run last used it
 
     def stage_dir(self, key: str) -> Path:
         return self.root / key

@@ -39,6 +39,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from misalign.budget import BUDGETS, money, stage_budget
+from misalign.cache import note_store_use
 from misalign.config import SearchConfig, TrialConfig
 from misalign.errors import InputError
 from misalign.results import BASE, DEVICE_S, MISALIGN, PHASE, REALIGN, REUSED, UNSAFETY, UTILITY
@@ -327,6 +328,7 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
     if paths.stages.remote:
         start_leases(paths.stages.url)
     paths.optuna_db.parent.mkdir(parents=True, exist_ok=True)
+    note_store_use(paths.store)  # what `misalign cache` says this node's copy is, and when a run last used it
     if paths.store.remote and not cfg.storage:
         if not resuming:  # a new search: a copy this node kept of an older one under the same URL is stale
             paths.optuna_db.unlink(missing_ok=True)
