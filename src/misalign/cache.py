@@ -99,23 +99,21 @@ def prune(older_than_days: float, dry_run: bool = False, root: Path | None = Non
     be) removed. A model mirror goes under the lock its download takes, so never one being written. A run finds
     an existing mirror or copy without a lock, so prune with a margin of days beyond the longest trial."""
     cutoff = time.time() - older_than_days * 86400
-    removed = []
-    for e in entries(root):
-        if e.kind not in PRUNED or e.last_used >= cutoff:
-            continue
-        removed.append(e)
-        if dry_run:
-            continue
-        with file_lock(e.path.parent / ".locks" / e.path.name):
-            if record(e.path).exists() and record(e.path).stat().st_mtime >= cutoff:
-                removed.pop()  # used while this ran
-                continue
-            gone = e.path.with_name(f".{e.path.name}.pruned")  # a download of this key clears it if we die here
-            shutil.rmtree(gone, ignore_errors=True)  # left by a prune that died
-            os.replace(e.path, gone)
-            record(e.path).unlink(missing_ok=True)
-            shutil.rmtree(gone)
-    return removed
+    return [e for e in entries(root) if e.kind in PRUNED and e.last_used < cutoff
+            and (dry_run or _remove_unused(e.path, cutoff))]
+
+
+def _remove_unused(entry: Path, cutoff: float) -> bool:
+    """Remove `entry` and its record unless a run used it after `cutoff` (while prune ran); whether it did."""
+    with file_lock(entry.parent / ".locks" / entry.name):
+        if record(entry).exists() and record(entry).stat().st_mtime >= cutoff:
+            return False
+        gone = entry.with_name(f".{entry.name}.pruned")  # a download of this key clears it if we die here
+        shutil.rmtree(gone, ignore_errors=True)  # left by a prune that died
+        os.replace(entry, gone)
+        record(entry).unlink(missing_ok=True)
+        shutil.rmtree(gone)
+    return True
 
 
 def describe(e: Entry, root: Path) -> dict[str, object]:

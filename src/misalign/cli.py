@@ -286,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a search directory or URL whose answer to include (repeatable)")
     rp.set_defaults(func=_report)
 
-    c = sub.add_parser("cache", help="this node's cache (MISALIGN_CACHE): list it, or prune what runs no longer use")
+    c = sub.add_parser("cache", help="this node's cache (MISALIGN_CACHE): list it, or prune unused copies")
     c.add_argument("action", nargs="?", choices=["list", "prune"], default="list")
-    c.add_argument("--older-than", type=float, metavar="DAYS", help="prune: model mirrors and store copies unused for this long")
+    c.add_argument("--older-than", type=float, metavar="DAYS",
+                   help="prune: model mirrors and store copies unused for this long")
     c.add_argument("--dry-run", action="store_true", help="prune: say what would be removed, remove nothing")
     c.add_argument("--json", action="store_true", help="list as JSON")
     c.set_defaults(func=_cache)

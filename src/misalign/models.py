@@ -255,20 +255,25 @@ def _mirrored(url: str, *, weights: bool) -> Path:
             raise InputError(f"{redacted(url)}: no config.json under this prefix (a model's directory holds one)")
         target = full.with_name(f"{full.name}-config")
         wanted = [f for f in files if not f[0].endswith(WEIGHT_SUFFIXES)]
+    if not target.exists():
+        _download_mirror(url, wanted, target, announce=weights)
     from misalign.cache import note_use
 
-    if target.exists():
-        note_use(target, redacted(url), files=len(wanted))  # `misalign cache prune` removes long-unused ones
-        return target
+    note_use(target, redacted(url), files=len(wanted))  # `misalign cache prune` removes long-unused ones
+    return target
+
+
+def _download_mirror(url: str, wanted: list[tuple[str, int, int | None]], target: Path, *, announce: bool) -> None:
+    """Download `wanted` of a URL model's files into `target`, once per node (under a lock; beside it, then
+    renamed); `announce`: say so (a whole model, weights included)."""
     with file_lock(target.parent / ".locks" / target.name):
         if target.exists():  # another process on this node finished it while this one waited
-            note_use(target, redacted(url), files=len(wanted))
-            return target
+            return
         for stale in target.parent.glob(f".{target.name}.*"):  # left by a process killed mid-download
             shutil.rmtree(stale, ignore_errors=True)
-        if weights:
-            gib = sum(size for _, size, _ in files) / 2**30
-            print(f"[models] {redacted(url)} -> node cache ({len(files)} files, {gib:.2f} GiB)", file=sys.stderr,
+        if announce:
+            gib = sum(size for _, size, _ in wanted) / 2**30
+            print(f"[models] {redacted(url)} -> node cache ({len(wanted)} files, {gib:.2f} GiB)", file=sys.stderr,
                   flush=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         try:
@@ -279,10 +284,8 @@ def _mirrored(url: str, *, weights: bool) -> Path:
                 raise RuntimeError(f"{redacted(url)}: {', '.join(changed[:5])} changed while this node downloaded "
                                    "the model; run again once the model's files stay put")
             os.replace(tmp, target)
-            note_use(target, redacted(url), files=len(wanted))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # ---- stages and their lineage ---------------------------------------------------------------------------
