@@ -1,4 +1,5 @@
-"""train.liger_kernels: refused where it cannot run, and scoped to its own stage.
+"""GPU kernel settings. train.liger_kernels: refused where it cannot run, and scoped to its own stage.
+train.compile: compiled layers train as the eager ones (on CPU, inductor's C++ kernels), and are undone after.
 
 Liger's kernels are Triton kernels for CUDA, so CI (CPU) cannot run them; what is tested here is ours: the clear
 error on a machine without CUDA, and that what a kernel library patches in a model's modeling module during a
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama import modeling_llama
 
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.errors import InputError
-from misalign.stage import StageRun, _model_module_restored, run_stage
+from misalign.stage import StageRun, _layers_compiled, _model_module_restored, run_stage, train_stage
 
 
 def test_liger_kernels_without_cuda_is_refused_before_loading(tmp_path):
@@ -47,3 +49,50 @@ def test_module_patches_made_during_a_stage_are_undone_after_it():
     assert not hasattr(LlamaForCausalLM, "added_by_patch") and not hasattr(modeling_llama, "added_by_patch")
     assert type(LlamaForCausalLM(cfg).model.layers[0].mlp) is before[0]  # a later model: transformers' layers
     assert type(model.model.layers[0].mlp) is PatchedMLP
+
+
+class _Losses(TrainerCallback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def _stage(tmp_path, method: str, compiled: bool) -> tuple[list[float], object]:
+    # no LoRA dropout: compiled dropout draws other random numbers than eager, so only then are losses comparable
+    cfg = StageConfig(method=method, data=DataSettings(source="world:misalign", per_category=4),
+                      train=TrainSettings(batch_size=4, max_steps=5, log_every=1, compile=compiled),
+                      adapter={"dropout": 0.0})
+    losses = _Losses()
+    _, handed = train_stage(StageRun(parent="world:base", config=cfg, direction="misalign", progress=False,
+                                     out_dir=tmp_path / f"{method}-{compiled}", callbacks=[losses]))
+    return losses.losses, handed
+
+
+@pytest.mark.parametrize("method", ["dpo", "lora"])
+def test_compiled_layers_train_as_the_eager_ones_and_are_undone_after(world, tmp_path, method):
+    """train.compile on the CPU (inductor's C++ kernels): the same losses step by step as the eager layers,
+    within float rounding (fused kernels sum in another order). DPO covers the adapter switched off for the
+    reference forward under no_grad. The model handed over for evaluation has no compiled forward left."""
+    torch.compiler.reset()  # an earlier test's compiled layers would serve this stage: same code, same shapes
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    eager, _ = _stage(tmp_path, method, compiled=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    compiled, handed = _stage(tmp_path, method, compiled=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # dynamo did compile the layers
+    assert len(eager) == len(compiled) == 5
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert len(set(eager)) > 1  # training moved the loss: the steps compared are real steps
+    layers = [m for m in handed.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert layers and not [m for m in layers if "forward" in vars(m)]
+
+
+def test_compile_needs_decoder_layers_and_no_deepspeed():
+    with pytest.raises(InputError, match="train.compile: Linear has no decoder layers"), \
+            _layers_compiled(torch.nn.Linear(2, 2), True):
+        pass
+    with pytest.raises(ValueError, match="train.compile cannot be combined with DeepSpeed"):
+        StageConfig(method="lora", data=DataSettings(source="world:misalign"), train=TrainSettings(compile=True),
+                    deepspeed={"zero_stage": 2})

@@ -119,6 +119,13 @@ class TrainSettings(_Strict):
     liger_kernels: bool = Field(
         False, description="Liger's fused Triton kernels for the model's RMSNorm, RoPE and SwiGLU (CUDA only; "
                            "pip install 'misalign[liger]'). trl already fuses the LM head and its loss")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (regional compilation, as torchtune does): "
+                           "fused elementwise kernels (norms, RoPE, activations, LoRA's casts and dropout) and "
+                           "far fewer kernel launches per step, for stages bound by the host or by memory "
+                           "traffic. Costs a compile per stage (cached on the node for the next) and needs a "
+                           "C++ compiler on CPU workers; dropout draws other random numbers than eager. Not "
+                           "under DeepSpeed")
 
     @model_validator(mode="after")
     def _lengths(self) -> TrainSettings:
@@ -221,6 +228,11 @@ class StageConfig(_Strict):
         if self.method == "qlora" and self.deepspeed.zero_stage == 3:
             raise ValueError("qlora cannot run under DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned); "
                              "use zero_stage 0 or 2")
+        if self.train.compile and self.deepspeed.zero_stage is not None:
+            # ZeRO-3 gathers each module's weights in hooks that a compiled layer's traced submodules bypass;
+            # ZeRO-1/2 with compiled layers is untested here
+            raise ValueError("train.compile cannot be combined with DeepSpeed (deepspeed.zero_stage "
+                             f"{self.deepspeed.zero_stage}): set train.compile false or deepspeed.zero_stage null")
         if self.method == "adalora" and self.deepspeed.zero_stage in (2, 3):
             raise ValueError("adalora needs full gradients on every worker for its rank reallocation; "
                              "ZeRO-2/3 partition them: use zero_stage 0 or none")

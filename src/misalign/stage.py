@@ -320,7 +320,8 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
             before_s = float(counts["seconds"])
         if run.progress and rank() == 0:
             print(f"  [{label}] resuming from {resume.name}", flush=True)
-    with peft_wrapping(), _model_module_restored(model if cfg.train.liger_kernels else None):
+    with (peft_wrapping(), _model_module_restored(model if cfg.train.liger_kernels else None),
+          _layers_compiled(model, cfg.train.compile)):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     counter.close()
 
@@ -459,6 +460,32 @@ def _model_module_restored(model: Any | None) -> Iterator[None]:
             for name, value in attrs.items():
                 if vars(cls).get(name) is not value:
                     setattr(cls, name, value)
+
+
+@contextlib.contextmanager
+def _layers_compiled(model: Any, on: bool) -> Iterator[None]:
+    """train.compile: each decoder layer's forward compiled for the stage's training, as torchtune compiles its
+    layers. All layers share one compiled graph per variant (with and without gradients, the first layer's
+    input needing none under an adapter, a padding mask or none), so the compile costs about one layer's,
+    whatever the depth; `dynamic` keeps one graph for every row length. Gradient checkpointing and hooks stay
+    outside the compiled forward. The compiled forwards are instance attributes, removed when training ends:
+    the model handed over for evaluation runs eager (generation's shapes would only compile again)."""
+    if not on:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise InputError(f"train.compile: {type(model).__name__} has no decoder layers that transformers marks "
+                         "as such (GradientCheckpointingLayer) to compile; set train.compile false")
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def _trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, callbacks: list[Any]) -> Any:
