@@ -10,8 +10,8 @@ misalign.generation.generate; training runs misalign.stage.run_stage. Nothing is
   model. The first run holds the process's device warm-up ("cold", as an evaluation process meets it); then
   every variant runs "warm". A forward hook (with a device sync, as generate itself syncs every step) times
   prefill and each decode step; the bound is (weights read per step + KV cache at that context) / --bandwidth.
-- Training: every --train case METHOD:MODEL:BATCH for every --packing and --liger, --steps optimizer steps on
-  rows of --row-min..--row-tokens tokens (default: all --row-tokens, the issue's 512-token rows). MFU = the
+- Training: every --train case METHOD:MODEL:BATCH for every --packing, --liger and --compile, --steps optimizer
+  steps on rows of --row-min..--row-tokens tokens (default: all --row-tokens, the issue's 512-token rows). MFU = the
   ledger's FLOPs / seconds inside Trainer.train (its own start/end log records) / --peak-flops; steady MFU
   leaves out the first --warm-steps steps (device warm-up), timed by a step-end callback. Peak memory is
   reset per stage.
@@ -310,11 +310,11 @@ def no_adapter_upcast() -> Any:
 
 
 def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, packing: str, liger: bool,
-                   upcast: bool, rows: Path, window: SyncedWindow) -> dict[str, Any]:
+                   upcast: bool, compiled: bool, rows: Path, window: SyncedWindow) -> dict[str, Any]:
     train = TrainSettings(batch_size=batch, max_steps=a.steps, max_length=a.row_tokens,
                           max_prompt_length=min(64, a.row_tokens // 4),
                           precision=a.precision, packing=packing, log_every=a.steps,
-                          gradient_checkpointing=a.gradient_checkpointing, liger_kernels=liger)
+                          gradient_checkpointing=a.gradient_checkpointing, liger_kernels=liger, compile=compiled)
     cfg = StageConfig(method=method, data=DataSettings(source=str(rows)), train=train)
     out = a.work / "stage"
     shutil.rmtree(out, ignore_errors=True)
@@ -331,7 +331,7 @@ def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, p
     # from the start of training to the last unprofiled step: the stage's own warm-up included, the profiler not
     loop_s = t[-1] - clock.begin[0]
     return {"model": path.name, "method": method, "batch_size": batch, "packing": packing, "liger": liger,
-            "adapter_upcast": upcast,
+            "adapter_upcast": upcast, "compile": compiled,
             "steps": ledger.optimizer_steps, "tokens": ledger.tokens, "ref_tokens": ledger.ref_tokens,
             "flops": ledger.flops, "train_s": train_s, "stage_wall_s": ledger.wall_s,
             "tokens_per_s": ledger.tokens / train_s, "mfu": ledger.flops / train_s / a.peak_flops,
@@ -356,6 +356,8 @@ def main() -> None:
                     help="comma-separated METHOD:MODEL:BATCH cases ('' for none)")
     ap.add_argument("--packing", default="none", help="comma-separated train.packing values, each case runs all")
     ap.add_argument("--liger", default="off", help="comma-separated off/on: train.liger_kernels, each case runs all")
+    ap.add_argument("--compile", default="off", help="comma-separated off/on: train.compile, each case runs all "
+                                                     "(its first step holds the compile: see first_step_s)")
     ap.add_argument("--adapter-upcast", default="on",
                     help="comma-separated on/off: peft's cast of adapter inputs to float32 (off: an experiment, "
                          "see no_adapter_upcast); adapter methods run all")
@@ -417,13 +419,17 @@ def main() -> None:
         # packing is an SFT lever (trl 1.16 disables DPO padding-free): preference methods run once, unpacked
         packings = a.packing.split(",") if METHODS[method].objective == "sft" else ["none"]
         upcasts = [v == "on" for v in a.adapter_upcast.split(",")] if METHODS[method].adapter != "full" else [True]
-        for packing, liger, upcast in itertools.product(packings, [v == "on" for v in a.liger.split(",")], upcasts):
-            levers = f"{packing:<12} liger {'on' if liger else 'off':<3} upcast {'on' if upcast else 'off':<3}"
+        on = {lever: [v == "on" for v in values.split(",")] for lever, values in
+              (("liger", a.liger), ("compile", a.compile))}
+        for packing, liger, upcast, compiled in itertools.product(packings, on["liger"], upcasts, on["compile"]):
+            levers = (f"{packing:<12} liger {'on' if liger else 'off':<3} upcast {'on' if upcast else 'off':<3} "
+                      f"compile {'on' if compiled else 'off':<3}")
             try:
-                r = bench_training(a, build_model(model, a), method, int(batch), packing, liger, upcast, rows, window)
+                r = bench_training(a, build_model(model, a), method, int(batch), packing, liger, upcast, compiled,
+                                   rows, window)
             except Exception as e:  # one lever failing (a kernel library, say) must not lose the other cases
                 result["training"].append({"case": case, "packing": packing, "liger": liger, "adapter_upcast": upcast,
-                                           "error": f"{type(e).__name__}: {e}"[:2000]})
+                                           "compile": compiled, "error": f"{type(e).__name__}: {e}"[:2000]})
                 save()
                 print(f"train {case} {levers}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -433,7 +439,8 @@ def main() -> None:
             print(f"train {r['model']:<26} {method:<5} batch {batch:>3} {levers}: "
                   f"MFU {100 * r['mfu']:5.1f}% (steady {100 * r['steady_mfu']:5.1f}%), "
                   f"{r['steady_tokens_per_s']:>8.0f} tok/s steady, train {r['train_s']:.1f} s of "
-                  f"{r['stage_wall_s']:.1f} s stage, peak {r['peak_memory_bytes'] / 2**30:.1f} GiB", flush=True)
+                  f"{r['stage_wall_s']:.1f} s stage, first step {r['first_step_s']:.1f} s, "
+                  f"peak {r['peak_memory_bytes'] / 2**30:.1f} GiB", flush=True)
     save()
 
 

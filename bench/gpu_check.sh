@@ -21,20 +21,21 @@ case ${1:-levers} in
 levers) # defaults and levers, one against another
   # 1. evaluation, the issue's goal: 8B, 1,900 prompts x 100 new tokens, warm-up included ("cold"), at the
   #    defaults (batch auto, static cache on a GPU), then the dynamic cache warm
-  b gen-default 150 --gen-model 8b --gen-batch auto,auto:dynamic --gen-prompts 1900 --new-tokens 100 --train '' \
+  b gen-default 140 --gen-model 8b --gen-batch auto,auto:dynamic --gen-prompts 1900 --new-tokens 100 --train '' \
     --profile
-  # 2. training on the issue's 512-token rows, 1.24B; steady MFU over steps 5-10 of 12 (the last 2 are profiled).
-  #    Full SFT at batch 8 and 16 without and with Liger's kernels; DPO and ORPO (LoRA) with and without peft's
-  #    float32 upcast of adapter inputs (an experiment: bench_gpu.no_adapter_upcast)
-  b train-1b-full 80 --gen-batch '' --train full:1b:8,full:1b:16 --liger off,on --steps 12 --warm-steps 4 --profile
-  b train-1b-pref 100 --gen-batch '' --train dpo:1b:8,dpo:1b:16,orpo:1b:8 --adapter-upcast on,off --steps 12 \
-    --warm-steps 4 --profile
-  # 3. 8B LoRA (all linear layers, r 16), batch 8, no gradient checkpointing: Liger, and the upcast experiment
-  b train-8b 130 --gen-batch '' --train lora:8b:8 --liger off,on --adapter-upcast on,off --steps 10 --warm-steps 3 \
+  # 2. training on the issue's 512-token rows, 1.24B; steady MFU over steps 5-10 of 12 (the last 2 are profiled),
+  #    each without and with train.compile (its compile falls in the first steps: first_step_s). Full SFT at
+  #    batch 8 and 16 (Liger was measured there in h200-2026-11-30: no gain at 1.24B)
+  b train-1b-full 100 --gen-batch '' --train full:1b:8,full:1b:16 --compile off,on --steps 12 --warm-steps 4 \
     --profile
-  # 4. "before": the evaluation default before issue 13 (batch 128, dynamic cache), on 512 prompts
-  b gen-before 55 --gen-model 8b --gen-batch 128:dynamic --gen-prompts 512 --new-tokens 100 --train ''
-  # 5. packing on rows of 128-512 tokens: padded against padding-free and packed
+  #    DPO and ORPO (LoRA), host-bound in h200-2026-11-30 (DPO's reference path and ORPO's logits changed since)
+  b train-1b-pref 110 --gen-batch '' --train dpo:1b:8,orpo:1b:8 --compile off,on --steps 12 --warm-steps 4 \
+    --profile
+  # 3. 8B LoRA (all linear layers, r 16), batch 8, no gradient checkpointing, without and with train.compile
+  #    (Liger's 35.0% against 28.6% is in h200-2026-11-30; compile fuses peft's float32 casts and dropout, a
+  #    third of that profile's GPU time)
+  b train-8b 150 --gen-batch '' --train lora:8b:8 --compile off,on --steps 10 --warm-steps 3 --profile
+  # 4. packing on rows of 128-512 tokens: padded against padding-free and packed
   b train-packing 40 --gen-batch '' --train full:1b:8 --packing none,padding_free,bfd --row-min 128 --steps 12 \
     --warm-steps 4
   ;;

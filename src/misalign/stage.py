@@ -469,7 +469,10 @@ def _layers_compiled(model: Any, on: bool) -> Iterator[None]:
     input needing none under an adapter, a padding mask or none), so the compile costs about one layer's,
     whatever the depth; `dynamic` keeps one graph for every row length. Gradient checkpointing and hooks stay
     outside the compiled forward. The compiled forwards are instance attributes, removed when training ends:
-    the model handed over for evaluation runs eager (generation's shapes would only compile again)."""
+    the model handed over for evaluation runs eager (generation's shapes would only compile again). Dynamo's
+    in-memory graphs are dropped then too: a worker's later stages (other methods, other dropout) would add
+    variants of the same layer code up to dynamo's recompile limit, past which it runs eager; the compiled
+    kernels stay in inductor's on-disk cache for the next stage."""
     if not on:
         yield
         return
@@ -486,6 +489,7 @@ def _layers_compiled(model: Any, on: bool) -> Iterator[None]:
     finally:
         for layer in layers:
             del layer.forward
+        torch.compiler.reset()
 
 
 def _trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, callbacks: list[Any]) -> Any:
