@@ -15,6 +15,7 @@ CPU time still holds the tiny kernels' own work, so compare methods and versions
     python3 bench/bench_host.py --methods dpo --steps 20
     python3 bench/bench_host.py --methods orpo --vocab 128256   # the config's vocabulary: its logits' bytes
     python3 bench/bench_host.py --batch 1 --compile   # train.compile (its first steps compile: --warm-steps)
+    python3 bench/bench_host.py --walks --methods full,lora   # the Trainer's walks of the model, per call
 """
 
 from __future__ import annotations
@@ -131,6 +132,45 @@ def bench_method(a: argparse.Namespace, model: Path, rows: Path, method: str) ->
             "cpu_ms_between_steps": 1e3 * statistics.median(between)}
 
 
+def bench_walks(model_path: Path, method: str) -> dict[str, Any]:
+    """ms per call of the Trainer's per-step walks of the whole model (`model.train()` and its FLOP log's
+    parameter count on every micro-batch, `model.zero_grad()` on every optimizer step): transformers' own,
+    then the stage's lists made once (`stage._module_walks_once`). Best of 5 rounds of 200 calls."""
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from misalign.methods import METHODS, peft_config
+    from misalign.models import load_model
+    from misalign.stage import _module_walks_once
+
+    cfg = StageConfig(method=method, data=DataSettings(source="world:misalign")).resolved()
+    model = load_model(str(model_path), precision="fp32")
+    adapter = peft_config(METHODS[method], cfg, model, 10)
+    model = get_peft_model(model, adapter) if adapter is not None else model
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(model_path.parent / "walks"), report_to=[],
+                                                          use_cpu=True))
+    batch = {"input_ids": torch.ones(1, 32, dtype=torch.long)}
+
+    def ms(call: Any) -> float:
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(200):
+                call()
+            best = min(best, (time.perf_counter() - start) / 200)
+        return 1e3 * best
+
+    def walks() -> dict[str, float]:
+        return {"train": ms(model.train), "zero_grad": ms(model.zero_grad),
+                "flops": ms(lambda: trainer.floating_point_ops(batch))}
+
+    walked = walks()
+    with _module_walks_once(trainer):
+        once = walks()
+    return {"method": method, "modules": len(list(model.modules())), "ms_per_call_walked": walked,
+            "ms_per_call_once": once}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="full,lora,dpo,orpo")
@@ -144,6 +184,8 @@ def main() -> None:
                     help="the model's vocabulary (default: the world tokenizer's; the 1.24B config has 128256)")
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="bf16: autocast, as on a GPU")
     ap.add_argument("--compile", action="store_true", help="train.compile: compiled decoder layers")
+    ap.add_argument("--walks", action="store_true",
+                    help="instead of training: time the Trainer's per-step walks of the model (bench_walks)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_host"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_host.json")
     a = ap.parse_args()
@@ -157,6 +199,15 @@ def main() -> None:
                               "row_tokens": a.row_tokens, "training": []}
     print(f"bench_host: {model.name}, {a.layers} layers, {a.precision}, rows of {a.row_tokens} tokens, "
           f"batch {a.batch} x {a.grad_accum} micro-batches per step")
+    if a.walks:
+        for method in a.methods.split(","):
+            r = bench_walks(model, method)
+            result["training"].append(r)
+            w, o = r["ms_per_call_walked"], r["ms_per_call_once"]
+            print(f"walks {method:<5} {r['modules']:>5} modules, ms per call (Trainer's -> lists made once): " +
+                  ", ".join(f"{k} {w[k]:.3f} -> {o[k]:.3f}" for k in w), flush=True)
+        write_result(a.out, result, torch.get_num_threads())
+        return
     for method in a.methods.split(","):
         r = bench_method(a, model, rows, method)
         result["training"].append(r)

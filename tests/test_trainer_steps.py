@@ -1,5 +1,6 @@
 """What the stage changes in trl's trainers to cut host time per step (issue 13; bench/bench_host.py measures
-it) changes no number: DPO's reference log-probs and loss are those of trl's own reference path."""
+it) changes no number: DPO's reference log-probs and loss are those of trl's own reference path, and the
+Trainer's per-step walks of the model, made on lists taken once, do what its own walks do."""
 
 from __future__ import annotations
 
@@ -7,12 +8,22 @@ import contextlib
 
 import torch
 from peft import get_peft_model
+from transformers import TrainerCallback
 from trl import DPOTrainer
 
-from misalign.config import DataSettings, StageConfig
+from misalign import stage
+from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.methods import METHODS, peft_config
 from misalign.models import load_model, load_tokenizer, resolve_model_path
-from misalign.stage import _dataset, _trainer, _training_args, stage_pairs
+from misalign.stage import (
+    StageRun,
+    _dataset,
+    _module_walks_once,
+    _trainer,
+    _training_args,
+    run_stage,
+    stage_pairs,
+)
 
 
 def _dpo_parts(tmp_path):
@@ -67,3 +78,43 @@ def test_dpo_reference_is_the_disabled_adapter_and_gives_trls_loss(world, tmp_pa
     layers = [m for m in ours_model.modules() if hasattr(m, "_disable_adapters")]
     assert layers and not any(m._disable_adapters for m in layers)
     assert all(p.requires_grad for n, p in ours_model.named_parameters() if "lora_" in n)
+
+
+def test_module_walks_made_once_do_what_the_trainers_walks_do(world, tmp_path):
+    """The Trainer's per-step walks of the whole model (train mode, zero_grad, its FLOP log's parameter count)
+    on lists made once: every module switched, every gradient cleared, the same FLOP count; undone after."""
+    model, args, dataset, tok = _dpo_parts(tmp_path)
+    trainer = _trainer("dpo", model, args, dataset, tok, [])
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    expected_flops = type(trainer).floating_point_ops(trainer, batch)
+    with _module_walks_once(trainer):
+        assert trainer.floating_point_ops(batch) == expected_flops > 0
+        model.eval()  # Module.eval calls self.train(False): the instance's
+        assert not any(m.training for m in model.modules())
+        model.train()
+        assert all(m.training for m in model.modules())
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        model.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+    assert not {"train", "zero_grad"} & set(vars(model)) and "floating_point_ops" not in vars(trainer)
+
+
+def test_a_stage_trains_the_same_with_the_walks_made_once(world, tmp_path, monkeypatch):
+    def losses(out: str) -> list[float]:
+        seen: list[float] = []
+
+        class Losses(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                seen.extend([logs["loss"]] if logs and "loss" in logs else [])
+
+        cfg = StageConfig(method="lora", data=DataSettings(source="world:misalign", per_category=4),
+                          train=TrainSettings(batch_size=2, grad_accum=2, max_steps=4, log_every=1))
+        run_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=tmp_path / out,
+                           progress=False, callbacks=[Losses()]))
+        return seen
+
+    once = losses("once")
+    monkeypatch.setattr(stage, "_module_walks_once", lambda trainer: contextlib.nullcontext())
+    walked = losses("walked")  # the Trainer's own walks
+    assert len(once) == 4 and once == walked  # dropout included: the same random draws, the same numbers
