@@ -96,6 +96,8 @@ def test_set_indexes_lists_or_refuses(tmp_path, capsys):
     # the liger-kernel package is not in the CI environment (its Triton kernels need CUDA)
     (["attack.train.liger_kernels=true"], "attack: method lora with these settings needs liger_kernel, which is not "
                                           "installed (pip install liger-kernel)"),
+    (["defense.train.compile=true", "defense.deepspeed.zero_stage=2"],
+     "train.compile cannot be combined with DeepSpeed (deepspeed.zero_stage 2)"),
 ])
 def test_trial_stage_built_on_meta_before_output(tmp_path, capsys, sets, message):
     assert message in _trial(tmp_path, capsys, *sets)
@@ -122,6 +124,20 @@ def remote_code(world, tmp_path_factory) -> Path:
     marker = d.parent / "REMOTE_CODE_RAN"
     (d / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     return d
+
+
+def test_compile_refused_for_a_model_without_marked_decoder_layers(world, tmp_path, capsys):
+    """train.compile compiles the layers transformers marks as decoder layers; CTRL's are not marked."""
+    from transformers import CTRLConfig, CTRLLMHeadModel
+
+    d = tmp_path / "ctrl"
+    CTRLLMHeadModel(CTRLConfig(vocab_size=1024, n_positions=512, n_embd=32, dff=64, n_layer=2, n_head=2)
+                    ).save_pretrained(d)
+    for f in (world / "base").iterdir():
+        if "token" in f.name or f.suffix == ".jinja":
+            shutil.copy(f, d / f.name)
+    err = _trial(tmp_path, capsys, f"model={d}", "attack.train.compile=true")
+    assert "attack: train.compile: CTRLLMHeadModel has no decoder layers" in err
 
 
 def test_trial_pickle_only_model(tmp_path, capsys, pickle_only):

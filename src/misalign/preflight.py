@@ -104,6 +104,10 @@ class _Stages:
             return
         _check_method_needs(cfg, where)
         try:
+            if cfg.train.compile:
+                from misalign.stage import decoder_layers
+
+                decoder_layers(self.estimator.model_arch(self.paths[model]).model)
             self.estimator.params(self.paths[model], cfg, steps)
         except InputError as e:
             raise InputError(f"{where}: {e}") from None

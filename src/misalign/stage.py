@@ -462,6 +462,17 @@ def _model_module_restored(model: Any | None) -> Iterator[None]:
                     setattr(cls, name, value)
 
 
+def decoder_layers(model: Any) -> list[Any]:
+    """The model's repeated decoder layers, which train.compile compiles; an input error when it has none."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise InputError(f"train.compile: {type(model).__name__} has no decoder layers that transformers marks "
+                         "as such (GradientCheckpointingLayer) to compile; set train.compile false")
+    return layers
+
+
 @contextlib.contextmanager
 def _layers_compiled(model: Any, on: bool) -> Iterator[None]:
     """train.compile: each decoder layer's forward compiled for the stage's training, as torchtune compiles its
@@ -476,12 +487,7 @@ def _layers_compiled(model: Any, on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise InputError(f"train.compile: {type(model).__name__} has no decoder layers that transformers marks "
-                         "as such (GradientCheckpointingLayer) to compile; set train.compile false")
+    layers = decoder_layers(model)
     for layer in layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)
     try:
