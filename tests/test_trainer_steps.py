@@ -1,10 +1,13 @@
 """What the stage changes in trl's trainers to cut host time per step (issue 13; bench/bench_host.py measures
 it) changes no number: DPO's reference log-probs and loss are those of trl's own reference path, and the
-Trainer's per-step walks of the model, made on lists taken once, do what its own walks do."""
+Trainer's per-step walks of the model, made on lists taken once, do what its own walks do; and without the
+NaN filter's syncs a diverged step shows in the log."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+from pathlib import Path
 
 import torch
 from peft import get_peft_model
@@ -100,21 +103,30 @@ def test_module_walks_made_once_do_what_the_trainers_walks_do(world, tmp_path):
     assert not {"train", "zero_grad"} & set(vars(model)) and "floating_point_ops" not in vars(trainer)
 
 
+def _logged_losses(out: Path, **train: object) -> list[float]:
+    seen: list[float] = []
+
+    class Losses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.extend([logs["loss"]] if logs and "loss" in logs else [])
+
+    cfg = StageConfig(method=str(train.pop("method", "lora")),
+                      data=DataSettings(source="world:misalign", per_category=4),
+                      train=TrainSettings(batch_size=2, max_steps=4, log_every=1, **train))
+    run_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=out, progress=False,
+                       callbacks=[Losses()]))
+    return seen
+
+
 def test_a_stage_trains_the_same_with_the_walks_made_once(world, tmp_path, monkeypatch):
-    def losses(out: str) -> list[float]:
-        seen: list[float] = []
-
-        class Losses(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kw):
-                seen.extend([logs["loss"]] if logs and "loss" in logs else [])
-
-        cfg = StageConfig(method="lora", data=DataSettings(source="world:misalign", per_category=4),
-                          train=TrainSettings(batch_size=2, grad_accum=2, max_steps=4, log_every=1))
-        run_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=tmp_path / out,
-                           progress=False, callbacks=[Losses()]))
-        return seen
-
-    once = losses("once")
+    once = _logged_losses(tmp_path / "once", grad_accum=2)
     monkeypatch.setattr(stage, "_module_walks_once", lambda trainer: contextlib.nullcontext())
-    walked = losses("walked")  # the Trainer's own walks
+    walked = _logged_losses(tmp_path / "walked", grad_accum=2)  # the Trainer's own walks
     assert len(once) == 4 and once == walked  # dropout included: the same random draws, the same numbers
+
+
+def test_a_diverged_step_shows_in_the_logged_loss(world, tmp_path):
+    """transformers would log a NaN step as the window's mean so far, reading every loss back to check (two
+    device syncs per micro-batch); the stage logs what happened."""
+    losses = _logged_losses(tmp_path / "s", method="full", lr=1e8, max_grad_norm=1e30)
+    assert len(losses) == 4 and math.isfinite(losses[0]) and math.isnan(losses[-1])

@@ -210,6 +210,9 @@ def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_exa
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
         deepspeed=_deepspeed_config(cfg), max_length=t.max_length, use_liger_kernel=t.liger_kernels,
         warmup_steps=_warmup_steps(cfg, n_examples),
+        # the filter reads every micro-batch's loss back (two device syncs) only to leave a NaN or inf out of
+        # the logged mean; a diverged stage should show in its progress lines, and a GPU should not wait
+        logging_nan_inf_filter=False,
     )
     from transformers import TrainingArguments
 
