@@ -141,3 +141,31 @@ def test_a_hub_model_pinned_to_a_revision_loads_that_snapshot(world, tmp_path, m
     err = capsys.readouterr().err
     assert "org/tiny@v2: this revision is not in the local HF cache" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_an_unreachable_hub_means_the_local_cache_at_once(world, tmp_path):
+    """Without HF_HUB_OFFLINE on a machine that cannot reach the hub, huggingface_hub retried every request with
+    backoff (and printed each retry) before it fell back to the cache: minutes per command. The CLI tries one
+    connection first and goes offline when it fails: a cached hub id trains at once, and says why."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(world / "base", repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text("method: lora\ndata: {source: 'world:misalign', per_category: 1}\n"
+                   "train: {max_steps: 1, batch_size: 2}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "misalign.cli", "stage", str(cfg), "--model", "org/tiny",
+                           "--direction", "misalign", "--out", str(tmp_path / "stage")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "127.0.0.1:9 is unreachable" in done.stderr and "HF_HUB_OFFLINE=1" in done.stderr
+    assert "Retrying" not in done.stderr + done.stdout, done.stderr[-3000:]
+    assert json.loads((tmp_path / "stage" / "stage.json").read_text())["root_identity"] == f"hf:org/tiny@{sha}"

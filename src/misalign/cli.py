@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from misalign.errors import EXIT_INPUT_ERROR, InputError
-from misalign.runtime import quiet_libraries
+from misalign.runtime import offline_without_hub, quiet_libraries
 from misalign.storage import Store, is_url
 
 EXIT_FAILED = 1  # the input was fine, the run was not: failed study cells, a judge that could not answer
@@ -330,6 +330,8 @@ def _cache(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits with code 2 on bad arguments
+    if args.command not in ("cache", "methods", "report"):  # the commands that never load from the hub
+        offline_without_hub()
     quiet_libraries()
     from misalign.judges import JudgeUnavailable
 

@@ -121,6 +121,31 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def offline_without_hub(timeout_s: float = 3.0) -> None:
+    """On a machine that cannot reach the hub and has no HF_HUB_OFFLINE set (an air-gapped cluster, say),
+    huggingface_hub retries every request with backoff before it falls back to the local cache, and prints each
+    retry: `misalign study plan configs/study-paper.yaml` took 6 minutes and printed 75 retry lines. One
+    connection attempt decides instead: if the hub (HF_ENDPOINT) cannot be reached, HF_HUB_OFFLINE and
+    HF_DATASETS_OFFLINE are set for this process and what it starts, and hub ids load from the local cache at
+    once, as they would have after the retries. Must run before huggingface_hub is imported (it reads them
+    then)."""
+    import socket
+    import sys
+    from urllib.parse import urlparse
+
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError as e:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        print(f"misalign: {url.netloc} is unreachable ({e.strerror or e}): hub ids load from the local cache "
+              "(HF_HUB_OFFLINE=1; set it yourself to skip this check)", file=sys.stderr)
+
+
 def quiet_libraries() -> None:
     """Our progress lines say what runs; the libraries' per-map and per-load progress bars only add noise."""
     # Ray folds equal lines of different cells into one, with a hint of its own; each cell's lines are its own.
