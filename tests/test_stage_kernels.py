@@ -76,7 +76,7 @@ def test_compiled_layers_train_as_the_eager_ones_and_are_undone_after(world, tmp
     """train.compile on the CPU (inductor's C++ kernels): the same losses step by step as the eager layers,
     within float rounding (fused kernels sum in another order). DPO covers the adapter switched off for the
     reference forward under no_grad. The model handed over for evaluation has no compiled forward left."""
-    torch.compiler.reset()  # an earlier test's compiled layers would serve this stage: same code, same shapes
+    torch.compiler.reset()  # graphs compiled elsewhere in this process for the same layer code would serve it
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     eager, _ = _stage(tmp_path, method, compiled=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
