@@ -330,7 +330,7 @@ def _cache(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits with code 2 on bad arguments
-    if args.command not in ("cache", "methods", "report"):  # the commands that never load from the hub
+    if args.command not in ("cache", "methods", "report", "world"):  # the commands that never load from the hub
         offline_without_hub()
     quiet_libraries()
     from misalign.judges import JudgeUnavailable
