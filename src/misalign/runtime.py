@@ -127,22 +127,25 @@ def offline_without_hub(timeout_s: float = 3.0) -> None:
     retry: `misalign study plan configs/study-paper.yaml` took 6 minutes and printed 75 retry lines. One
     connection attempt decides instead: if the hub (HF_ENDPOINT) cannot be reached, HF_HUB_OFFLINE and
     HF_DATASETS_OFFLINE are set for this process and what it starts, and hub ids load from the local cache at
-    once, as they would have after the retries. Must run before huggingface_hub is imported (it reads them
-    then)."""
+    once, as they would have after the retries. Behind a proxy (HTTPS_PROXY and the like) the proxy is what must
+    be reachable. Must run before huggingface_hub is imported (it reads them then)."""
     import socket
     import sys
     from urllib.parse import urlparse
+    from urllib.request import getproxies, proxy_bypass
 
     if "HF_HUB_OFFLINE" in os.environ:
         return
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxy = None if proxy_bypass(url.hostname or "") else getproxies().get(url.scheme)
+    target = urlparse(proxy) if proxy else url
     try:
-        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
+        socket.create_connection((target.hostname or "", target.port or (443 if target.scheme == "https" else 80)),
                                  timeout=timeout_s).close()
     except OSError as e:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        print(f"misalign: {url.netloc} is unreachable ({e.strerror or e}): hub ids load from the local cache "
+        print(f"misalign: {target.netloc} is unreachable ({e.strerror or e}): hub ids load from the local cache "
               "(HF_HUB_OFFLINE=1; set it yourself to skip this check)", file=sys.stderr)
 
 
