@@ -25,6 +25,31 @@ def world() -> Path:
     return build(quiet=True)
 
 
+@pytest.fixture
+def world_stage(world):  # noqa: ANN001, ANN201
+    """Train one stage from world:base on world:misalign rows (4 per category), logging every step:
+    `world_stage(out, method=..., adapter=..., **train)` gives its logged losses and the model it hands over."""
+    from transformers import TrainerCallback
+
+    from misalign.config import DataSettings, StageConfig, TrainSettings
+    from misalign.stage import StageRun, train_stage
+
+    def run(out: Path, method: str = "lora", adapter: dict | None = None, **train: object) -> tuple[list, object]:
+        losses: list[float] = []
+
+        class Losses(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001, ANN202
+                losses.extend([logs["loss"]] if logs and "loss" in logs else [])
+
+        cfg = StageConfig(method=method, data=DataSettings(source="world:misalign", per_category=4),
+                          train=TrainSettings(log_every=1, **train), **({"adapter": adapter} if adapter else {}))
+        _, handed = train_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=out,
+                                         progress=False, callbacks=[Losses()]))
+        return losses, handed
+
+    return run
+
+
 # Under CI (.ci/run sets MISALIGN_REQUIRE_ALL=1) every test must run: a skip (a missing browser, shellcheck, an
 # optional package) becomes a failure that keeps its reason. Locally a skip stays a skip.
 REQUIRE_ALL = os.environ.get("MISALIGN_REQUIRE_ALL") == "1"

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama import modeling_llama
 
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.errors import InputError
-from misalign.stage import StageRun, _layers_compiled, _model_module_restored, run_stage, train_stage
+from misalign.stage import StageRun, _layers_compiled, _model_module_restored, run_stage
 
 
 def test_liger_kernels_without_cuda_is_refused_before_loading(tmp_path):
@@ -51,36 +51,21 @@ def test_module_patches_made_during_a_stage_are_undone_after_it():
     assert type(model.model.layers[0].mlp) is PatchedMLP
 
 
-class _Losses(TrainerCallback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
-            self.losses.append(logs["loss"])
-
-
-def _stage(tmp_path, method: str, compiled: bool) -> tuple[list[float], object]:
-    # no LoRA dropout: compiled dropout draws other random numbers than eager, so only then are losses comparable
-    cfg = StageConfig(method=method, data=DataSettings(source="world:misalign", per_category=4),
-                      train=TrainSettings(batch_size=4, max_steps=5, log_every=1, compile=compiled),
-                      adapter={"dropout": 0.0})
-    losses = _Losses()
-    _, handed = train_stage(StageRun(parent="world:base", config=cfg, direction="misalign", progress=False,
-                                     out_dir=tmp_path / f"{method}-{compiled}", callbacks=[losses]))
-    return losses.losses, handed
-
-
 @pytest.mark.parametrize("method", ["dpo", "lora"])
-def test_compiled_layers_train_as_the_eager_ones_and_are_undone_after(world, tmp_path, method):
+def test_compiled_layers_train_as_the_eager_ones_and_are_undone_after(world_stage, tmp_path, method):
     """train.compile on the CPU (inductor's C++ kernels): the same losses step by step as the eager layers,
     within float rounding (fused kernels sum in another order). DPO covers the adapter switched off for the
     reference forward under no_grad. The model handed over for evaluation has no compiled forward left."""
+    def stage(compiled: bool) -> tuple[list[float], object]:
+        # no LoRA dropout: compiled dropout draws other random numbers than eager; only then are losses comparable
+        return world_stage(tmp_path / str(compiled), method=method, adapter={"dropout": 0.0}, batch_size=4,
+                           max_steps=5, compile=compiled)
+
     torch.compiler.reset()  # graphs compiled elsewhere in this process for the same layer code would serve it
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    eager, _ = _stage(tmp_path, method, compiled=False)
+    eager, _ = stage(compiled=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    compiled, handed = _stage(tmp_path, method, compiled=True)
+    compiled, handed = stage(compiled=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # dynamo did compile the layers
     assert len(eager) == len(compiled) == 5
     assert compiled == pytest.approx(eager, rel=1e-4)

@@ -7,24 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from transformers import TrainerCallback
 from trl import DPOTrainer
 
 from misalign import stage
-from misalign.config import DataSettings, StageConfig, TrainSettings
+from misalign.config import DataSettings, StageConfig
 from misalign.methods import METHODS, peft_config
 from misalign.models import load_model, load_tokenizer, resolve_model_path
 from misalign.stage import (
-    StageRun,
     _dataset,
     _module_walks_once,
     _trainer,
     _training_args,
-    run_stage,
     stage_pairs,
 )
 
@@ -103,30 +99,15 @@ def test_module_walks_made_once_do_what_the_trainers_walks_do(world, tmp_path):
     assert not {"train", "zero_grad"} & set(vars(model)) and "floating_point_ops" not in vars(trainer)
 
 
-def _logged_losses(out: Path, **train: object) -> list[float]:
-    seen: list[float] = []
-
-    class Losses(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            seen.extend([logs["loss"]] if logs and "loss" in logs else [])
-
-    cfg = StageConfig(method=str(train.pop("method", "lora")),
-                      data=DataSettings(source="world:misalign", per_category=4),
-                      train=TrainSettings(batch_size=2, max_steps=4, log_every=1, **train))
-    run_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=out, progress=False,
-                       callbacks=[Losses()]))
-    return seen
-
-
-def test_a_stage_trains_the_same_with_the_walks_made_once(world, tmp_path, monkeypatch):
-    once = _logged_losses(tmp_path / "once", grad_accum=2)
+def test_a_stage_trains_the_same_with_the_walks_made_once(world_stage, tmp_path, monkeypatch):
+    once, _ = world_stage(tmp_path / "once", batch_size=2, grad_accum=2, max_steps=4)
     monkeypatch.setattr(stage, "_module_walks_once", lambda trainer: contextlib.nullcontext())
-    walked = _logged_losses(tmp_path / "walked", grad_accum=2)  # the Trainer's own walks
+    walked, _ = world_stage(tmp_path / "walked", batch_size=2, grad_accum=2, max_steps=4)  # Trainer's walks
     assert len(once) == 4 and once == walked  # dropout included: the same random draws, the same numbers
 
 
-def test_a_diverged_step_shows_in_the_logged_loss(world, tmp_path):
+def test_a_diverged_step_shows_in_the_logged_loss(world_stage, tmp_path):
     """transformers would log a NaN step as the window's mean so far, reading every loss back to check (two
     device syncs per micro-batch); the stage logs what happened."""
-    losses = _logged_losses(tmp_path / "s", method="full", lr=1e8, max_grad_norm=1e30)
+    losses, _ = world_stage(tmp_path / "s", method="full", batch_size=2, max_steps=4, lr=1e8, max_grad_norm=1e30)
     assert len(losses) == 4 and math.isfinite(losses[0]) and math.isnan(losses[-1])
