@@ -21,7 +21,7 @@ case ${1:-levers} in
 levers) # defaults and levers, one against another
   # 1. evaluation, the issue's goal: 8B, 1,900 prompts x 100 new tokens, warm-up included ("cold"), at the
   #    defaults (batch auto, static cache on a GPU), then the dynamic cache warm
-  b gen-default 140 --gen-model 8b --gen-batch auto,auto:dynamic --gen-prompts 1900 --new-tokens 100 --train '' \
+  b gen-default 120 --gen-model 8b --gen-batch auto,auto:dynamic --gen-prompts 1900 --new-tokens 100 --train '' \
     --profile
   # 2. training on the issue's 512-token rows, 1.24B; steady MFU over steps 5-10 of 12 (the last 2 are profiled),
   #    each without and with train.compile (its compile falls in the first steps: first_step_s). Full SFT at
@@ -35,8 +35,10 @@ levers) # defaults and levers, one against another
   #    (Liger's 35.0% against 28.6% is in h200-2026-11-30; compile fuses peft's float32 casts and dropout, a
   #    third of that profile's GPU time)
   b train-8b 150 --gen-batch '' --train lora:8b:8 --compile off,on --steps 10 --warm-steps 3 --profile
+  #    and both levers together (Liger alone is h200-2026-11-30's 35.0%)
+  b train-8b-liger 70 --gen-batch '' --train lora:8b:8 --liger on --compile on --steps 10 --warm-steps 3
   # 4. packing on rows of 128-512 tokens: padded against padding-free and packed
-  b train-packing 40 --gen-batch '' --train full:1b:8 --packing none,padding_free,bfd --row-min 128 --steps 12 \
+  b train-packing 30 --gen-batch '' --train full:1b:8 --packing none,padding_free,bfd --row-min 128 --steps 12 \
     --warm-steps 4
   ;;
 *) echo "usage: gpu_check.sh [levers]" >&2; exit 2 ;;
