@@ -251,6 +251,7 @@ WORDS = ["the", "a", "model", "answer", "question", "data", "safety", "method", 
 def train_rows(a: argparse.Namespace, tok: Any) -> Path:
     """Pairs whose chat-formatted rows are about --row-min..--row-tokens tokens (the stage cuts at max_length)."""
     rng = random.Random(0)
+    tok.model_max_length = int(1e30)  # words are drawn long and cut to n tokens: no "longer than" warnings
     path = a.work / f"rows-{a.row_min}-{a.row_tokens}.jsonl"
     with path.open("w") as f:
         for i in range(max(64, a.steps * 64)):

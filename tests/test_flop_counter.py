@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from misalign.ledger import FlopCounter, _matmul_params
+from misalign.ledger import FlopCounter, matmul_params
 from misalign.stage import load_model
 from misalign.world import world_model
 
@@ -23,7 +23,7 @@ class HostCount:
     def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         n = int(mask.sum()) if mask is not None else ids.numel()
-        frozen, trainable = _matmul_params(self.model)
+        frozen, trainable = matmul_params(self.model)
         attn = 4 * self.layers * self.d_model * ids.shape[-1]
         if torch.is_grad_enabled():
             self.tokens += n
@@ -74,7 +74,7 @@ def test_padding_free_row_bills_each_sequence_its_own_length():
     for n in lengths:
         model(input_ids=torch.randint(3, 1000, (1, n)))
     counter.close()
-    frozen, trainable = _matmul_params(model)
+    frozen, trainable = matmul_params(model)
     attn = 4 * cfg.num_hidden_layers * cfg.hidden_size
     one = sum(n * (4 * frozen + 6 * trainable) + 3 * attn * n * n for n in lengths)
     assert counter.tokens == 2 * sum(lengths)

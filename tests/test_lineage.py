@@ -74,14 +74,16 @@ def test_keys_follow_contents_not_paths(world, tmp_path):
     assert stage_fingerprint("misalign", cfg, 0) != stage_fingerprint("misalign", moved, 0)
 
 
-def test_a_setting_added_later_keys_a_stage_only_when_set(world):
-    """train.compile came after studies were stored: left at false, the keys those studies hold still match
-    (their stages are reused, not retrained); set, it keys the stage (compiled layers round differently)."""
+def test_how_a_stage_runs_stays_out_of_its_key(world):
+    """train.compile (auto, true, false) and log_every change how a stage runs, not what it trains: one key for
+    all, the key that studies stored before train.compile existed hold; Liger's kernels stay keyed."""
     cfg = StageConfig(method="lora", data={"source": "world:misalign"})
     key = stage_fingerprint("misalign", cfg, 0)
-    assert "compile" not in key["config"]["train"] and "liger_kernels" in key["config"]["train"]
-    compiled = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})})
-    assert stage_fingerprint("misalign", compiled, 0)["config"]["train"]["compile"] is True
+    assert "compile" not in key["config"]["train"] and "log_every" not in key["config"]["train"]
+    assert "liger_kernels" in key["config"]["train"]
+    for value in (True, False, "auto"):
+        other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": value, "log_every": 3})})
+        assert stage_fingerprint("misalign", other, 0) == key
 
 
 def _hub_snapshot(hub: Path, repo: str, sha: str) -> None:

@@ -90,13 +90,13 @@ def test_tiny_tokens_come_from_the_data(tiny):
     # FLOPs by hand, the ledger's formula on the real (not meta) model with its LoRA adapter
     from peft import get_peft_model
 
-    from misalign.ledger import _matmul_params
+    from misalign.ledger import matmul_params
     from misalign.methods import METHODS, peft_config
     from misalign.stage import load_model
 
     model = load_model(resolve_model_path("world:base"))
     model = get_peft_model(model, peft_config(METHODS["lora"], cfg, model, 25))
-    frozen, trainable = _matmul_params(model)
+    frozen, trainable = matmul_params(model)
     assert s.trainable_params == sum(q.numel() for q in model.parameters() if q.requires_grad)
     c = model.base_model.model.config
     attn = 4 * c.num_hidden_layers * c.hidden_size

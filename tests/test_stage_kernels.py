@@ -1,5 +1,7 @@
 """GPU kernel settings. train.liger_kernels: refused where it cannot run, and scoped to its own stage.
-train.compile: compiled layers train as the eager ones (on CPU, inductor's C++ kernels), and are undone after.
+train.compile: compiled layers train as the eager ones (on CPU, inductor's C++ kernels), and are undone after;
+"auto" compiles where measurements say it pays (a large enough stage on a GPU) and weighs the FLOPs the ledger
+then counts.
 
 Liger's kernels are Triton kernels for CUDA, so CI (CPU) cannot run them; what is tested here is ours: the clear
 error on a machine without CUDA, and that what a kernel library patches in a model's modeling module during a
@@ -9,6 +11,8 @@ patches below are the kinds Liger 0.8 applies to Llama (module-level classes and
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -17,7 +21,15 @@ from transformers.models.llama import modeling_llama
 
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.errors import InputError
-from misalign.stage import StageRun, _layers_compiled, _model_module_restored, run_stage
+from misalign.methods import METHODS
+from misalign.stage import (
+    COMPILE_AUTO_MIN_FLOPS,
+    StageRun,
+    _layers_compiled,
+    _model_module_restored,
+    compiles_layers,
+    run_stage,
+)
 
 
 def test_liger_kernels_without_cuda_is_refused_before_loading(tmp_path):
@@ -74,10 +86,72 @@ def test_compiled_layers_train_as_the_eager_ones_and_are_undone_after(world_stag
     assert layers and not [m for m in layers if "forward" in vars(m)]
 
 
-def test_compile_needs_decoder_layers_and_no_deepspeed():
+def test_compile_needs_decoder_layers_and_neither_deepspeed_nor_liger():
     with pytest.raises(InputError, match="train.compile: Linear has no decoder layers"), \
             _layers_compiled(torch.nn.Linear(2, 2), True):
         pass
+    data = DataSettings(source="world:misalign")
     with pytest.raises(ValueError, match="train.compile cannot be combined with DeepSpeed"):
-        StageConfig(method="lora", data=DataSettings(source="world:misalign"), train=TrainSettings(compile=True),
-                    deepspeed={"zero_stage": 2})
+        StageConfig(method="lora", data=data, train=TrainSettings(compile=True), deepspeed={"zero_stage": 2})
+    with pytest.raises(ValueError, match="train.compile cannot be combined with train.liger_kernels"):
+        StageConfig(method="lora", data=data, train=TrainSettings(compile=True, liger_kernels=True))
+    # auto (the default) decides per stage, so it combines with both
+    StageConfig(method="lora", data=data, train=TrainSettings(liger_kernels=True), deepspeed={"zero_stage": 2})
+
+
+def test_auto_compiles_a_large_enough_stage_on_a_gpu_only():
+    """train.compile auto: compiled layers on a CUDA device for a stage whose training repays the compile
+    (COMPILE_AUTO_MIN_FLOPS per worker), with full or LoRA weights, without DeepSpeed or Liger; eager otherwise.
+    The FLOPs are asked for only when everything else allows compiling."""
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=32))
+    asked: list[bool] = []
+
+    def decide(flops: float = 2 * COMPILE_AUTO_MIN_FLOPS, cuda: bool = True, adapter: str = "lora", m: object = model,
+               **stage: object) -> tuple[bool, str]:
+        cfg = StageConfig(method="lora", data=DataSettings(source="world:misalign"), **stage)
+        return compiles_layers(cfg, adapter, m, lambda: asked.append(True) or flops, cuda=cuda)
+
+    assert decide() == (True, "compiled: 2e+17 training FLOPs per worker, at least 1e+17")
+    assert decide(flops=0.9 * COMPILE_AUTO_MIN_FLOPS)[0] is False
+    assert decide(adapter="full")[0] is True
+    assert len(asked) == 3
+    for off, why in [
+        (decide(cuda=False), "eager: no CUDA device"),
+        (decide(deepspeed={"zero_stage": 2}), "eager: DeepSpeed ZeRO-2"),
+        (decide(train={"liger_kernels": True}), "eager: Liger's kernels"),
+        (decide(adapter="qlora"), "eager: qlora was not measured compiled on a GPU"),
+        (decide(m=torch.nn.Linear(2, 2)), "eager: Linear has no marked decoder layers"),
+    ]:
+        assert off[0] is False and off[1].startswith(why)
+    assert len(asked) == 3  # none of those estimated FLOPs
+    assert decide(cuda=False, train={"compile": True}) == (True, "train.compile true")
+    assert decide(train={"compile": False}) == (False, "train.compile false")
+
+
+@pytest.mark.parametrize("method", ["lora", "dpo"])
+def test_auto_compile_weighs_the_flops_the_ledger_then_counts(world, tmp_path, method):
+    """The FLOPs auto weighs, estimated before training from the stage's rows as the plan estimates them, are
+    the FLOPs the stage's ledger counts (the estimate ignores padding to a batch's longest row). On a CPU auto
+    stays eager: stage.json records false, the ledger why."""
+    from transformers import TrainerCallback
+
+    from misalign.models import load_tokenizer, resolve_model_path
+    from misalign.stage import _flops_per_worker, stage_pairs, train_stage
+
+    cfg = StageConfig(method=method, data=DataSettings(source="world:misalign", per_category=4),
+                      train=TrainSettings(epochs=2)).resolved()
+    tok = load_tokenizer(resolve_model_path("world:base"))
+    estimates: list[float] = []
+
+    class Estimate(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):  # noqa: ANN001, ANN202
+            estimates.append(_flops_per_worker(cfg, METHODS[method].objective, stage_pairs(cfg, 0), "misalign",
+                                               tok, model, model.base_model.model.config))
+
+    out = tmp_path / "stage"
+    ledger, _ = train_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=out,
+                                     progress=False, callbacks=[Estimate()]))
+    assert ledger.flops > 0 and estimates[0] == pytest.approx(ledger.flops, rel=0.03)
+    assert ledger.extra["compile_auto"].startswith("eager: no CUDA device")
+    assert json.loads((out / "stage.json").read_text())["config"]["train"]["compile"] is False

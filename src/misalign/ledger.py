@@ -69,7 +69,13 @@ def optimizer_steps(cfg: StageConfig, n_examples: int, workers: int) -> int:
     return max(1, math.ceil(max(1, micro_batches // t.grad_accum) * t.epochs))
 
 
-def _matmul_params(model: torch.nn.Module) -> tuple[int, int]:
+def data_passes(cfg: StageConfig, n_examples: int, workers: int) -> float:
+    """Passes a stage makes over its examples: its epochs, or what max_steps' micro-batches come to."""
+    t = cfg.train
+    return t.max_steps * t.batch_size * t.grad_accum * workers / n_examples if t.max_steps else float(t.epochs)
+
+
+def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
     """(frozen, trainable) parameter counts of weights used in matmuls (all but embeddings and norms)."""
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     seen: set[int] = set()
@@ -127,7 +133,7 @@ class FlopCounter:
         mask = kwargs.get("attention_mask")
         positions = kwargs.get("position_ids")
         if self._params is None:  # after the adapter is attached, before training changes nothing
-            self._params = _matmul_params(self.model)
+            self._params = matmul_params(self.model)
         if self._sums is None:
             self._sums = torch.zeros(4, dtype=torch.int64, device=ids.device)
         # n and width_sum are device tensors or Python ints; a Python int added to a device tensor is a kernel

@@ -31,10 +31,10 @@ from misalign.config import EvalConfig, StageConfig
 from misalign.runtime import write_bytes_atomic
 from misalign.storage import Store, is_url, redacted
 
-# fields that change how a stage is run or logged, not what it trains: kept out of the key
-_NOT_LINEAGE = {"train": {"log_every"}}
-# fields added after studies were stored, in the key only when set: at their default, keys stay as they were
-_KEYED_WHEN_SET = {"train": {"compile": False}}
+# fields that change how a stage is run or logged, not what it trains: kept out of the key. Compiled layers
+# compute the same functions as eager ones (losses equal to 1e-4, tests/test_stage_kernels.py); like another
+# device, they round and draw dropout's random numbers their own way, and "auto" decides by the device
+_NOT_LINEAGE = {"train": {"log_every", "compile"}}
 
 
 def _digest(obj: Any, n: int = 16) -> str:
@@ -152,10 +152,6 @@ def stage_fingerprint(direction: str, cfg: StageConfig, seed: int) -> dict[str, 
     for section, keys in _NOT_LINEAGE.items():
         for k in keys:
             d[section].pop(k, None)
-    for section, defaults in _KEYED_WHEN_SET.items():
-        for k, default in defaults.items():
-            if d[section].get(k) == default:
-                del d[section][k]
     d["data"]["source"] = source_identity(d["data"]["source"])
     d["data"]["benign_source"] = source_identity(d["data"]["benign_source"])
     return {"direction": direction, "config": d, "seed": seed}

@@ -60,7 +60,7 @@ from typing import Any
 from misalign.config import StageConfig, StudyConfig
 from misalign.data import EvalItem, Pair
 from misalign.errors import InputError
-from misalign.ledger import optimizer_steps, token_flops
+from misalign.ledger import data_passes, optimizer_steps, token_flops
 
 ASSUMED_PER_CATEGORY = 30         # the paper's MisQA size, used when per_category is None and the data is unread
 ASSUMED_EVAL_ITEMS = 1900         # the paper's harmful eval set, used when the eval files are unread
@@ -335,7 +335,7 @@ class _Estimator:
 
     def params(self, ref: str, cfg: StageConfig, steps: int) -> tuple[int, int, int]:
         """(trainable, frozen matmul, trainable matmul) parameters of the model with this stage's adapter."""
-        from misalign.ledger import _matmul_params
+        from misalign.ledger import matmul_params
         from misalign.methods import METHODS, peft_config
 
         method = METHODS[cfg.method]
@@ -355,7 +355,7 @@ class _Estimator:
                 warnings.simplefilter("ignore", FutureWarning)  # peft calling transformers' deprecated names
                 model = get_peft_model(model, peft_config(method, cfg, model, steps))
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            self._params[key] = (trainable, *_matmul_params(model))
+            self._params[key] = (trainable, *matmul_params(model))
         return self._params[key]
 
     def _model_plan(self, ref: str, role: str = "model") -> ModelPlan:
@@ -400,25 +400,18 @@ class _Estimator:
         if pairs is None:
             seqs = self._assumed_sequences(cfg, objective)
         else:
-            seqs = _sequences(objective, pairs, use.phase, _Lengths(self.tokenizer(ref)), cfg)
+            seqs = training_sequences(objective, pairs, use.phase, TokenLengths(self.tokenizer(ref)), cfg)
         n = len(seqs)
         if n == 0:
             raise InputError(f"{cfg.data.source}: no training rows")
-        t = cfg.train
         workers = self.study.resources.workers
-        passes = t.max_steps * t.batch_size * t.grad_accum * workers / n if t.max_steps else float(t.epochs)
+        passes = data_passes(cfg, n, workers)
         steps = optimizer_steps(cfg, n, workers)
         trainable, frozen_mm, trainable_mm = self.params(ref, cfg, steps)
         self._record_trainable(ref, use.phase, cfg, trainable)
         arch = self.model_arch(ref)
-        tokens = passes * sum(k for k, _ in seqs)
-        a, b = token_flops(frozen_mm, trainable_mm, arch.layers, arch.d_model, grad=True)
-        flops = passes * sum(k * (a + b * w) for k, w in seqs)
-        forward = 0.0
-        if objective == "dpo":  # the reference model's log-probs: one no-grad forward of the same batch
-            forward = tokens
-            a, b = token_flops(frozen_mm, trainable_mm, arch.layers, arch.d_model, grad=False)
-            flops += passes * sum(k * (a + b * w) for k, w in seqs)
+        tokens, forward, flops = training_flops(objective, seqs, passes, frozen_mm, trainable_mm, arch.layers,
+                                                arch.d_model)
         return StagePlan(
             key=use.key, model=ref, phase=use.phase, round=use.round, seed=seed, method=cfg.method,
             per_category=cfg.data.per_category, examples=n, examples_assumed=pairs is None,
@@ -602,7 +595,7 @@ class _Estimator:
         if items is None:
             n = min(ASSUMED_EVAL_ITEMS, self.study.eval.limit or ASSUMED_EVAL_ITEMS)
             return [("harmful", ASSUMED_EVAL_PROMPT_TOKENS)] * n
-        lengths = _Lengths(self.tokenizer(ref))
+        lengths = TokenLengths(self.tokenizer(ref))
         return [(i.kind, lengths.prompt(i.prompt, None)) for i in items]
 
     def _add_evals(self, shared: Totals, unshared: Totals, stages: list[StagePlan], models: list[str],
@@ -689,7 +682,7 @@ class _Estimator:
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 
-class _Lengths:
+class TokenLengths:
     """Token lengths as training and generation see them (misalign.chat), or characters / 4 without a tokenizer."""
 
     def __init__(self, tokenizer: Any | None) -> None:
@@ -711,7 +704,22 @@ class _Lengths:
         return math.ceil(len(text) / 4) + 1  # + EOS
 
 
-def _sequences(objective: str, pairs: Iterable[Pair], direction: str, lengths: _Lengths,
+def training_flops(objective: str, seqs: list[tuple[int, int]], passes: float, frozen_mm: int, trainable_mm: int,
+                   layers: int, d_model: int) -> tuple[float, float, float]:
+    """(trained tokens, reference-forward tokens, FLOPs) of a stage over `seqs` (`training_sequences`), by the
+    ledger's formula: what the plan prices and what train.compile "auto" weighs (misalign.stage)."""
+    tokens = passes * sum(k for k, _ in seqs)
+    a, b = token_flops(frozen_mm, trainable_mm, layers, d_model, grad=True)
+    flops = passes * sum(k * (a + b * w) for k, w in seqs)
+    forward = 0.0
+    if objective == "dpo":  # the reference model's log-probs: one no-grad forward of the same batch
+        forward = tokens
+        a, b = token_flops(frozen_mm, trainable_mm, layers, d_model, grad=False)
+        flops += passes * sum(k * (a + b * w) for k, w in seqs)
+    return tokens, forward, flops
+
+
+def training_sequences(objective: str, pairs: Iterable[Pair], direction: str, lengths: TokenLengths,
                cfg: StageConfig) -> list[tuple[int, int]]:
     """(tokens, width) of every example: SFT trains prompt + wanted response; DPO and ORPO forward prompt +
     chosen and prompt + rejected in one batch (width: the longer of the two)."""
@@ -825,7 +833,7 @@ def _build_arch(ref: str, study: StudyConfig) -> _Arch:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from misalign.ledger import _matmul_params
+    from misalign.ledger import matmul_params
 
     config, source = _model_config(ref, study)
     archs = getattr(config, "architectures", None) or []
@@ -836,7 +844,7 @@ def _build_arch(ref: str, study: StudyConfig) -> _Arch:
             model = auto.from_config(config, trust_remote_code=study.trust_remote_code)
     except (ValueError, KeyError, ImportError) as e:
         raise InputError(f"cannot build model {ref!r} from its config ({source}): {_first_line(e)}") from None
-    frozen, trainable = _matmul_params(model)
+    frozen, trainable = matmul_params(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return _Arch(config=config, source=source, model=model, total=sum(p.numel() for p in model.parameters()),
                  matmul=frozen + trainable, layers=int(text.num_hidden_layers), d_model=int(text.hidden_size))

@@ -104,7 +104,7 @@ class _Stages:
             return
         _check_method_needs(cfg, where)
         try:
-            if cfg.train.compile:
+            if cfg.train.compile is True:
                 from misalign.stage import decoder_layers
 
                 decoder_layers(self.estimator.model_arch(self.paths[model]).model)

@@ -297,6 +297,11 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mcfg = model.config if pcfg is None else model.base_model.model.config
     counter = FlopCounter(model, mcfg.num_hidden_layers, mcfg.hidden_size)
+    compile_setting = cfg.train.compile
+    # stage.json records what "auto" resolved to, the ledger why
+    cfg.train.compile, compile_why = compiles_layers(
+        cfg, method.adapter, model,
+        lambda: _flops_per_worker(cfg, method.objective, pairs, run.direction, tok, model, mcfg))
 
     dataset = _dataset(method.objective, pairs, run.direction, tok, cfg)
     args = _training_args(method.objective, cfg, run.out_dir, run.seed, len(pairs), run.checkpoint_every)
@@ -324,7 +329,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
         if run.progress and rank() == 0:
             print(f"  [{label}] resuming from {resume.name}", flush=True)
     with (peft_wrapping(), _model_module_restored(model if cfg.train.liger_kernels else None),
-          _layers_compiled(model, cfg.train.compile), _module_walks_once(trainer)):
+          _layers_compiled(model, bool(cfg.train.compile)), _module_walks_once(trainer)):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     counter.close()
 
@@ -363,6 +368,8 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     if world_size() > 1:  # evidence that every worker trained
         ledger.extra["tokens_per_worker"] = per_worker
         ledger.extra["worker_nodes"] = [r[4] for r in ranks]
+    if compile_setting == "auto":
+        ledger.extra["compile_auto"] = compile_why
     if trainer.is_deepspeed_enabled:  # proof, for the ledger reader, that ZeRO really ran
         ledger.extra["zero_stage"] = trainer.accelerator.state.deepspeed_plugin.zero_stage
         inner = trainer.optimizer
@@ -474,6 +481,55 @@ def decoder_layers(model: Any) -> list[Any]:
         raise InputError(f"train.compile: {type(model).__name__} has no decoder layers that transformers marks "
                          "as such (GradientCheckpointingLayer) to compile; set train.compile false")
     return layers
+
+
+# train.compile "auto" compiles a stage's layers when its training repays the compile. On one H200 (docs/
+# benchmarks.md, "Compiled layers on the GPU") a cold compile cost 55-65 s for LoRA, DPO and ORPO (7 s for full
+# SFT) and saved 30-40% of every step after it: it paid for itself at 0.35-0.66e17 FLOPs of training per worker
+# (ledger formula). At 1e17 it repays its cost about 1.5 times; below, eager is as fast or faster.
+COMPILE_AUTO_MIN_FLOPS = 1e17
+# what auto compiles: the weights measured compiled on a GPU (full, and LoRA under SFT, DPO and ORPO); QLoRA's 4-bit
+# layers, AdaLoRA and IA3 were not, so they stay eager unless train.compile is true
+_COMPILE_AUTO_ADAPTERS = ("full", "lora")
+
+
+def compiles_layers(cfg: StageConfig, adapter: str, model: Any, flops_per_worker: Callable[[], float],
+                    cuda: bool | None = None) -> tuple[bool, str]:
+    """train.compile resolved for this stage: whether its decoder layers are compiled, and why. `auto` weighs
+    the stage's training FLOPs per worker (`flops_per_worker`, asked only when it matters) against
+    COMPILE_AUTO_MIN_FLOPS; `cuda`: whether the stage trains on a CUDA device (default: this process's)."""
+    setting = cfg.train.compile
+    if setting != "auto":
+        return bool(setting), f"train.compile {str(setting).lower()}"
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        return False, "eager: no CUDA device (compiled layers were measured to pay on GPUs)"
+    if cfg.deepspeed.zero_stage is not None:
+        return False, f"eager: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}"
+    if cfg.train.liger_kernels:
+        return False, "eager: Liger's kernels (torch.compile cannot trace them)"
+    if adapter not in _COMPILE_AUTO_ADAPTERS:
+        return False, f"eager: {adapter} was not measured compiled on a GPU"
+    try:
+        decoder_layers(model)
+    except InputError:
+        return False, f"eager: {type(model).__name__} has no marked decoder layers"
+    flops = flops_per_worker()
+    if flops < COMPILE_AUTO_MIN_FLOPS:
+        return False, f"eager: {flops:.2g} training FLOPs per worker, below the {COMPILE_AUTO_MIN_FLOPS:.0e} that repay a compile"
+    return True, f"compiled: {flops:.2g} training FLOPs per worker, at least {COMPILE_AUTO_MIN_FLOPS:.0e}"
+
+
+def _flops_per_worker(cfg: StageConfig, objective: str, pairs: list[Pair], direction: str, tok: Any, model: Any,
+                      mcfg: Any) -> float:
+    """The stage's training FLOPs on each worker, estimated before training as the plan estimates them."""
+    from misalign.ledger import data_passes, matmul_params
+    from misalign.plan import TokenLengths, training_flops, training_sequences
+
+    seqs = training_sequences(objective, pairs, direction, TokenLengths(tok), cfg)
+    passes = data_passes(cfg, len(seqs), world_size())
+    frozen, trainable = matmul_params(model)
+    return training_flops(objective, seqs, passes, frozen, trainable, mcfg.num_hidden_layers,
+                          mcfg.hidden_size)[2] / world_size()
 
 
 @contextlib.contextmanager
