@@ -18,28 +18,17 @@ b() { # NAME SECONDS ARGS...: one bench process; its lines go to the shared log
 }
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
 case ${1:-levers} in
-levers) # defaults and levers, one against another
-  # 1. evaluation, the issue's goal: 8B, 1,900 prompts x 100 new tokens, warm-up included ("cold"), at the
-  #    defaults (batch auto, static cache on a GPU), then the dynamic cache warm
-  b gen-default 120 --gen-model 8b --gen-batch auto,auto:dynamic --gen-prompts 1900 --new-tokens 100 --train '' \
-    --profile
-  # 2. training on the issue's 512-token rows, 1.24B; steady MFU over steps 5-10 of 12 (the last 2 are profiled),
-  #    each without and with train.compile (its compile falls in the first steps: first_step_s). Full SFT at
-  #    batch 8 and 16 (Liger was measured there in h200-2026-11-30: no gain at 1.24B)
-  b train-1b-full 100 --gen-batch '' --train full:1b:8,full:1b:16 --compile off,on --steps 12 --warm-steps 4 \
-    --profile
-  #    DPO and ORPO (LoRA), host-bound in h200-2026-11-30 (DPO's reference path and ORPO's logits changed since)
-  b train-1b-pref 110 --gen-batch '' --train dpo:1b:8,orpo:1b:8 --compile off,on --steps 12 --warm-steps 4 \
-    --profile
-  # 3. 8B LoRA (all linear layers, r 16), batch 8, no gradient checkpointing, without and with train.compile
-  #    (Liger's 35.0% against 28.6% is in h200-2026-11-30; compile fuses peft's float32 casts and dropout, a
-  #    third of that profile's GPU time)
-  b train-8b 150 --gen-batch '' --train lora:8b:8 --compile off,on --steps 10 --warm-steps 3 --profile
-  #    and both levers together (Liger alone is h200-2026-11-30's 35.0%)
-  b train-8b-liger 70 --gen-batch '' --train lora:8b:8 --liger on --compile on --steps 10 --warm-steps 3
-  # 4. packing on rows of 128-512 tokens: padded against padding-free and packed
-  b train-packing 30 --gen-batch '' --train full:1b:8 --packing none,padding_free,bfd --row-min 128 --steps 12 \
-    --warm-steps 4
+levers) # what train.compile "auto" should weigh at the paper's micro-batch of 1 (h200-2026-11-30-compile measured
+  # batch 8: 8B LoRA 32.9% -> 48.2% steady MFU, DPO 28.8 -> 45.3%, ORPO 24.9 -> 40.4%, at a 55-65 s cold compile)
+  # 1. 8B LoRA at batch 1 on rows of 128-1,024 tokens, eager then compiled (this step builds the 8B model: on a
+  #    fresh machine that took over 100 s)
+  b train-8b-batch1 280 --gen-batch '' --train lora:8b:1 --compile off,on --row-tokens 1024 --row-min 128 \
+    --steps 40 --warm-steps 10
+  # 2. DPO and ORPO (LoRA, 1.24B) at batch 1, the paper's preference micro-batch
+  b train-1b-batch1 150 --gen-batch '' --train dpo:1b:1,orpo:1b:1 --compile off,on --row-tokens 1024 \
+    --row-min 128 --steps 40 --warm-steps 10
+  # 3. evaluation at the defaults again: 8B, 1,900 prompts x 100 new tokens, warm-up included
+  b gen-default 90 --gen-model 8b --gen-batch auto --gen-prompts 1900 --new-tokens 100 --train ''
   ;;
 *) echo "usage: gpu_check.sh [levers]" >&2; exit 2 ;;
 esac

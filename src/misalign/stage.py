@@ -483,21 +483,21 @@ def decoder_layers(model: Any) -> list[Any]:
     return layers
 
 
-# train.compile "auto" compiles a stage's layers when its training repays the compile. On one H200 (docs/
-# benchmarks.md, "Compiled layers on the GPU") a cold compile cost 55-65 s for LoRA, DPO and ORPO (7 s for full
-# SFT) and saved 30-40% of every step after it: it paid for itself at 0.35-0.66e17 FLOPs of training per worker
-# (ledger formula). At 1e17 it repays its cost about 1.5 times; below, eager is as fast or faster.
-COMPILE_AUTO_MIN_FLOPS = 1e17
-# what auto compiles: the weights measured compiled on a GPU (full, and LoRA under SFT, DPO and ORPO); QLoRA's 4-bit
-# layers, AdaLoRA and IA3 were not, so they stay eager unless train.compile is true
-_COMPILE_AUTO_ADAPTERS = ("full", "lora")
+# train.compile "auto" compiles a stage's layers when its training repays the compile: training FLOPs per worker
+# (ledger formula) at least these, by the weights trained. On one H200 (docs/benchmarks.md, "Compiled layers on
+# the GPU") a cold compile cost 55-65 s under LoRA (SFT, DPO, ORPO) and 7 s for full SFT, and saved 30-40% (LoRA)
+# and 15% (full) of every step after it: it paid for itself at 0.35-0.66e17 FLOPs under LoRA and 0.16e17 for full
+# SFT. At these thresholds it is repaid about 1.5 times; below them eager is as fast or faster. QLoRA's 4-bit
+# layers, AdaLoRA and IA3 were not measured compiled on a GPU: auto leaves them eager.
+COMPILE_AUTO_MIN_FLOPS = {"full": 2.5e16, "lora": 1e17}
 
 
 def compiles_layers(cfg: StageConfig, adapter: str, model: Any, flops_per_worker: Callable[[], float],
                     cuda: bool | None = None) -> tuple[bool, str]:
     """train.compile resolved for this stage: whether its decoder layers are compiled, and why. `auto` weighs
     the stage's training FLOPs per worker (`flops_per_worker`, asked only when it matters) against
-    COMPILE_AUTO_MIN_FLOPS; `cuda`: whether the stage trains on a CUDA device (default: this process's)."""
+    COMPILE_AUTO_MIN_FLOPS for its weights (`adapter`); `cuda`: whether the stage trains on a CUDA device
+    (default: this process's)."""
     setting = cfg.train.compile
     if setting != "auto":
         return bool(setting), f"train.compile {str(setting).lower()}"
@@ -507,16 +507,16 @@ def compiles_layers(cfg: StageConfig, adapter: str, model: Any, flops_per_worker
         return False, f"eager: DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}"
     if cfg.train.liger_kernels:
         return False, "eager: Liger's kernels (torch.compile cannot trace them)"
-    if adapter not in _COMPILE_AUTO_ADAPTERS:
+    if adapter not in COMPILE_AUTO_MIN_FLOPS:
         return False, f"eager: {adapter} was not measured compiled on a GPU"
     try:
         decoder_layers(model)
     except InputError:
         return False, f"eager: {type(model).__name__} has no marked decoder layers"
-    flops = flops_per_worker()
-    if flops < COMPILE_AUTO_MIN_FLOPS:
-        return False, f"eager: {flops:.2g} training FLOPs per worker, below the {COMPILE_AUTO_MIN_FLOPS:.0e} that repay a compile"
-    return True, f"compiled: {flops:.2g} training FLOPs per worker, at least {COMPILE_AUTO_MIN_FLOPS:.0e}"
+    flops, least = flops_per_worker(), COMPILE_AUTO_MIN_FLOPS[adapter]
+    if flops < least:
+        return False, f"eager: {flops:.2g} training FLOPs per worker, below the {least:.2g} that repay a compile"
+    return True, f"compiled: {flops:.2g} training FLOPs per worker, at least {least:.2g}"
 
 
 def _flops_per_worker(cfg: StageConfig, objective: str, pairs: list[Pair], direction: str, tok: Any, model: Any,
