@@ -64,20 +64,24 @@ def test_module_patches_made_during_a_stage_are_undone_after_it():
 
 
 @pytest.mark.parametrize("method", ["dpo", "lora"])
-def test_compiled_layers_train_as_the_eager_ones_and_are_undone_after(world_stage, tmp_path, method):
+def test_compiled_layers_train_as_the_eager_ones_and_are_undone_after(world_stage, tmp_path, capsys, method):
     """train.compile on the CPU (inductor's C++ kernels): the same losses step by step as the eager layers,
     within float rounding (fused kernels sum in another order). DPO covers the adapter switched off for the
-    reference forward under no_grad. The model handed over for evaluation has no compiled forward left."""
+    reference forward under no_grad. The model handed over for evaluation has no compiled forward left. The
+    progress lines say the layers compile, so that a first step of a minute does not look hung."""
     def stage(compiled: bool) -> tuple[list[float], object]:
         # no LoRA dropout: compiled dropout draws other random numbers than eager; only then are losses comparable
         return world_stage(tmp_path / str(compiled), method=method, adapter={"dropout": 0.0}, batch_size=4,
-                           max_steps=5, compile=compiled)
+                           max_steps=5, compile=compiled, progress=True)
 
     torch.compiler.reset()  # graphs compiled elsewhere in this process for the same layer code would serve it
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     eager, _ = stage(compiled=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert "compiling" not in capsys.readouterr().out
     compiled, handed = stage(compiled=True)
+    assert (f"[misalign {method}] compiling its decoder layers (train.compile true): the first step holds the "
+            "compile") in capsys.readouterr().out
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # dynamo did compile the layers
     assert len(eager) == len(compiled) == 5
     assert compiled == pytest.approx(eager, rel=1e-4)

@@ -328,6 +328,9 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
             before_s = float(counts["seconds"])
         if run.progress and rank() == 0:
             print(f"  [{label}] resuming from {resume.name}", flush=True)
+    if cfg.train.compile and run.progress and rank() == 0:  # else a first step of a minute would look hung
+        print(f"  [{label}] compiling its decoder layers ({compile_why}): the first step holds the compile",
+              flush=True)
     with (peft_wrapping(), _model_module_restored(model if cfg.train.liger_kernels else None),
           _layers_compiled(model, bool(cfg.train.compile)), _module_walks_once(trainer)):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
