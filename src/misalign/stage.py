@@ -221,6 +221,10 @@ def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_exa
     common["activation_checkpointing" if renamed else "gradient_checkpointing"] = t.gradient_checkpointing
     if world_size() > 1 and not torch.cuda.is_available():
         common["ddp_backend"] = "gloo"
+    # every trainable parameter takes part in every forward (adapters and full weights alike): transformers'
+    # default (True, without gradient checkpointing) costs DDP a walk of the autograd graph per micro-batch,
+    # and torch warns about it on every worker
+    common["ddp_find_unused_parameters"] = False
     if objective == "sft":
         from trl import SFTConfig
 
