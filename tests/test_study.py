@@ -69,7 +69,7 @@ def shared_study(world, tmp_path_factory):
     cfg = StudyConfig.model_validate(d)
     paths = Dirs(tmp_path_factory.mktemp("study") / cfg.name)
     try:
-        results = run_study(cfg, paths.study)
+        results = run_study(cfg, paths.study).results
     finally:
         ray.shutdown()
     return cfg, paths, results
@@ -231,7 +231,7 @@ def test_two_node_trial_survives_a_killed_worker(world, tmp_path):
             run_study(cfg, paths.study, address=cluster.address, storage_given=False)
         watcher = threading.Thread(target=_kill_a_training_worker_after_a_checkpoint, args=(paths, killed))
         watcher.start()
-        results = run_study(cfg, paths.study, address=cluster.address, storage_given=True)
+        results = run_study(cfg, paths.study, address=cluster.address, storage_given=True).results
         watcher.join()
     finally:
         ray.shutdown()

@@ -13,7 +13,8 @@ from misalign.errors import EXIT_INPUT_ERROR, InputError
 from misalign.runtime import offline_without_hub, quiet_libraries
 from misalign.storage import Store, is_url
 
-EXIT_FAILED = 1  # the input was fine, the run was not: failed study cells, a judge that could not answer
+EXIT_FAILED = 1  # the input was fine, the run was not: failed study cells or search trials, a judge that failed
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C or SIGTERM before the run could end on its own (128 + SIGINT)
 
 
 def _world(args: argparse.Namespace) -> int:
@@ -119,16 +120,17 @@ def _study(args: argparse.Namespace) -> int:
             print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan))
             return 0
         paths = StudyPaths(_under(args.storage, cfg.name))
-        run_study(cfg, paths, address=args.address, storage_given=args.storage is not None)  # validates first
+        run = run_study(cfg, paths, address=args.address, storage_given=args.storage is not None)  # validates first
         from misalign.grid import cells
 
-        failed = [c.id for c in cells(cfg) if not paths.cell_done(c.id)]
-        if failed:  # CI and job wrappers must see a failed study as a failure
-            print(f"misalign: {len(failed)} of {len(cells(cfg))} cells failed after "
-                  f"{cfg.max_failures} retries: {', '.join(failed)} (their errors: {paths.tune.url}); rerun to "
-                  "retry them", file=sys.stderr)
-            return EXIT_FAILED
-        return 0
+        n = len(cells(cfg))
+        if run.failed:  # CI and job wrappers must see a failed study as a failure
+            print(f"misalign: {len(run.failed)} of {n} cells failed after {cfg.max_failures} retries: "
+                  f"{', '.join(run.failed)} (their errors: {paths.tune.url}); rerun to retry them", file=sys.stderr)
+        if run.unfinished:
+            print(f"misalign: {len(run.unfinished)} of {n} cells unfinished: the run was stopped; rerun the same "
+                  "command to resume", file=sys.stderr)
+        return EXIT_FAILED if run.failed else EXIT_INTERRUPTED if run.unfinished else 0
     paths = StudyPaths(Store(args.target))
     if args.action == "status":
         status = read_status(paths)
@@ -178,6 +180,11 @@ def _search(args: argparse.Namespace) -> int:
           (f"cheapest feasible {cfg.kind}: {best['params']} at {best['budget']:.3g} {answer['budget_kind']}: "
            f"unsafety {best['unsafety']:.3f}, utility {best['utility']:.3f}" if best else
            f"no feasible {cfg.kind} found (tau {cfg.tau}); see {paths.trials}"))
+    if answer["trials"] < cfg.trials:  # the answer above is from the finished trials only
+        print(f"misalign: {answer['trials']} of {cfg.trials} trials finished; the others failed after "
+              f"{cfg.max_failures} retries or the run was stopped: rerun the same command to continue",
+              file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -343,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     except JudgeUnavailable as e:  # the endpoint is named in the message; nothing of the evaluation was written
         print(f"misalign: judge failed: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM to a study or search (misalign.cluster), outside Tune's run
+        print("misalign: stopped; what finished is kept (results and stages are written atomically), and a "
+              "rerun of the same command resumes", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 import uuid
 from typing import Any
 
@@ -50,6 +52,15 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
         # one a `ray start` left running on this machine
         ray.init(address="local", num_cpus=cpus_held(), include_dashboard=dashboard, runtime_env={"env_vars": env},
                  logging_level=logging.WARNING)  # Ray's and Tune's INFO lines (started, wrote state) are not ours
+    _sigterm_stops_like_ctrl_c()
+
+
+def _sigterm_stops_like_ctrl_c() -> None:
+    """A SIGTERM (a scheduler ending the job, `kill`, a preempted head node) stops a study or search as Ctrl-C
+    does: Tune ends the running trials and saves its state, and the command says what is unfinished (a rerun
+    resumes). ray.init leaves Ray's own handler in place, which aborts the driver with a stack dump (exit 134)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
 def check_storage(store: Store, storage_given: bool) -> int:

@@ -1,6 +1,6 @@
 """`misalign study run`: the grid of cells as a Ray Tune experiment, stages shared through the lineage cache.
 
-    run_study(StudyConfig, StudyPaths, address) -> results table
+    run_study(StudyConfig, StudyPaths, address) -> StudyRun (results table, failed and unfinished cells)
 
 Life cycle: validate every cell's data, eval sets, judges and models (bad input exits 2 before anything runs);
 write or check the study directory (the same config and the same inputs, by contents, to resume); start or
@@ -337,9 +337,19 @@ def _logger_callbacks(cfg: StudyConfig) -> list[Any]:
 
 # ---- the study --------------------------------------------------------------------------------------------
 
+@dataclass
+class StudyRun:
+    """What a run of a study left: the results table (also STUDY/results.parquet), the cells that failed after
+    their retries, and the cells left unfinished because the run was stopped (Ctrl-C, SIGTERM)."""
+
+    results: pd.DataFrame
+    failed: list[str]
+    unfinished: list[str]
+
+
 def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None,
-              storage_given: bool = False) -> pd.DataFrame:
-    """Run (or resume) the study; returns the results table (also STUDY/results.parquet)."""
+              storage_given: bool = False) -> StudyRun:
+    """Run (or resume) the study."""
     from ray import tune
 
     t0 = time.time()
@@ -409,13 +419,18 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     print(f"[study] done in {time.time() - t0:.0f}s: {len(grid) - len(missing)}/{len(grid)} cells, "
           f"{len(results)} rows -> {paths.results}; stages trained {cost['stages_trained']}, reused "
           f"{cost['stages_reused']} (saved {cost['device_s_saved']:.0f} device-s)", flush=True)
-    if missing:
-        print(f"[study] {len(missing)} cell(s) failed after retries: {', '.join(missing)}; rerun to retry them",
+    errors = _cell_errors(outcome)
+    failed = [c for c in missing if c in errors]
+    unfinished = [c for c in missing if c not in errors]  # stopped before they ended, never failed
+    if failed:
+        print(f"[study] {len(failed)} cell(s) failed after retries: {', '.join(failed)}; rerun to retry them",
               flush=True)
-        for cell_id, error in _cell_errors(outcome).items():
-            if cell_id in missing:
-                print(f"[study]   {cell_id}: {error}", flush=True)
-    return results
+        for cell_id in failed:
+            print(f"[study]   {cell_id}: {errors[cell_id]}", flush=True)
+    if unfinished:
+        print(f"[study] {len(unfinished)} cell(s) unfinished, the run was stopped: {', '.join(unfinished)}; "
+              "rerun the same command to resume", flush=True)
+    return StudyRun(results, failed, unfinished)
 
 
 def _cell_errors(outcome: Any) -> dict[str, str]:
