@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 
 # set before datasets/transformers are imported anywhere: they read these at import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,7 +12,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/misalign/torch_extensions"))
+# DeepSpeed's ops, built once per virtual environment: a build records its Python's include paths, so two
+# checkouts' environments sharing one directory rebuilt each other's ops (about a minute of the suite each time)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(
+    f"~/.cache/misalign/torch_extensions/venv-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))
 
 from pathlib import Path  # noqa: E402
 
