@@ -164,6 +164,17 @@ def test_paper_assumed_numbers_are_flagged(paper):
     json.dumps(p.to_dict())  # --json
 
 
+def test_paper_stages_that_compile_on_gpus(paper):
+    """train.compile auto, as a GPU worker resolves it: the stages whose training FLOPs repay a compile (the DPO
+    defenses at 50 per category under LoRA, the full attacks at 30), and the plan says how many."""
+    _, p = paper
+    compiled = {(s.phase, s.method, s.per_category) for s in p.stages if s.compiled_on_gpu}
+    assert compiled == {("realign", "dpo", 50), ("misalign", "full", 30)}
+    assert all(s.flops >= 1e17 for s in p.stages if s.compiled_on_gpu and s.method == "dpo")
+    n = sum(s.compiled_on_gpu for s in p.stages)
+    assert n == 60 and f"on GPU workers {n} of {len(p.stages)} unique stages compile" in "\n".join(p.notes)
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 
 def test_unreadable_model_config_is_an_input_error(paper):

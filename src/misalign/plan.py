@@ -177,6 +177,7 @@ class StagePlan:
     dtype: str                  # what its adapter or weights are stored in (train.precision)
     stored: Bytes               # what it keeps in the new layout, its evaluation included
     stored_old: Bytes           # the same in the old layout (a float32 merged copy per adapter stage)
+    compiled_on_gpu: bool = False  # train.compile as a CUDA worker resolves it (misalign.stage.compiles_layers)
 
 
 @dataclass
@@ -281,6 +282,11 @@ class _Estimator:
         self._eval_notes(shared["eval"].runs, unshared["eval"].runs)
         storage = self._storage(uses, stages, models, len(cells))
         moved = self._moved(uses, {s.key: s for s in stages})
+        compiled = sum(s.compiled_on_gpu for s in stages)
+        if compiled:
+            self.notes.append(f"train.compile: on GPU workers {compiled} of {len(stages)} unique stages compile "
+                              "their decoder layers, the others train eager (auto compiles a stage whose training "
+                              "repays a compile of up to a minute: misalign.stage.COMPILE_AUTO_MIN_FLOPS)")
         self.notes += [
             "device-hours = FLOPs / (peak x MFU); decoding usually reaches a lower MFU than training, so the "
             "eval hours are optimistic",
@@ -412,13 +418,17 @@ class _Estimator:
         arch = self.model_arch(ref)
         tokens, forward, flops = training_flops(objective, seqs, passes, frozen_mm, trainable_mm, arch.layers,
                                                 arch.d_model)
+        from misalign.stage import compiles_layers
+
+        compiled, _ = compiles_layers(cfg, METHODS[cfg.method].adapter, arch.model, lambda: flops / workers,
+                                      cuda=True)
         return StagePlan(
             key=use.key, model=ref, phase=use.phase, round=use.round, seed=seed, method=cfg.method,
             per_category=cfg.data.per_category, examples=n, examples_assumed=pairs is None,
             tokens_per_example=sum(k for k, _ in seqs) / n, passes=passes, optimizer_steps=steps,
             trainable_params=trainable, tokens=tokens, forward_tokens=forward, flops=flops,
             device_hours=flops / self.effective / 3600, uses=1,
-            dtype=self.precision(ref, cfg), **self._stage_bytes(ref, cfg, trainable))
+            dtype=self.precision(ref, cfg), **self._stage_bytes(ref, cfg, trainable), compiled_on_gpu=compiled)
 
     def precision(self, ref: str, cfg: StageConfig) -> str:
         """train.precision as the stage resolves it: "auto" from the weights' dtype where they are on this disk
