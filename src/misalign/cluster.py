@@ -59,8 +59,15 @@ def _sigterm_stops_like_ctrl_c() -> None:
     """A SIGTERM (a scheduler ending the job, `kill`, a preempted head node) stops a study or search as Ctrl-C
     does: Tune ends the running trials and saves its state, and the command says what is unfinished (a rerun
     resumes). ray.init leaves Ray's own handler in place, which aborts the driver with a stack dump (exit 134)."""
+    def stop(signum: int, frame: Any) -> None:
+        on_interrupt = signal.getsignal(signal.SIGINT)
+        if callable(on_interrupt):  # Tune's during its run (a graceful stop), else Python's (KeyboardInterrupt)
+            on_interrupt(signal.SIGINT, frame)
+        else:  # SIGINT ignored, as in a script's background job
+            raise KeyboardInterrupt
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+        signal.signal(signal.SIGTERM, stop)
 
 
 def check_storage(store: Store, storage_given: bool) -> int:

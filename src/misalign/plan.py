@@ -730,7 +730,7 @@ def training_flops(objective: str, seqs: list[tuple[int, int]], passes: float, f
 
 
 def training_sequences(objective: str, pairs: Iterable[Pair], direction: str, lengths: TokenLengths,
-               cfg: StageConfig) -> list[tuple[int, int]]:
+                       cfg: StageConfig) -> list[tuple[int, int]]:
     """(tokens, width) of every example: SFT trains prompt + wanted response; DPO and ORPO forward prompt +
     chosen and prompt + rejected in one batch (width: the longer of the two)."""
     from misalign.stage import _target  # which response a direction trains toward, as training decides it
