@@ -21,7 +21,6 @@ from transformers.models.llama import modeling_llama
 
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.errors import InputError
-from misalign.methods import METHODS
 from misalign.stage import (
     COMPILE_AUTO_MIN_FLOPS,
     StageRun,
@@ -105,29 +104,29 @@ def test_compile_needs_decoder_layers_and_neither_deepspeed_nor_liger():
 
 def test_auto_compiles_a_large_enough_stage_on_a_gpu_only():
     """train.compile auto: compiled layers on a CUDA device for a stage whose training repays the compile
-    (COMPILE_AUTO_MIN_FLOPS per worker, by the weights trained), with full or LoRA weights, without DeepSpeed or Liger; eager otherwise.
-    The FLOPs are asked for only when everything else allows compiling."""
+    (COMPILE_AUTO_MIN_FLOPS per worker, by the weights its method trains), with full or LoRA weights, without
+    DeepSpeed or Liger; eager otherwise. The FLOPs are asked for only when everything else allows compiling."""
     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=32))
     asked: list[bool] = []
 
-    def decide(flops: float = 2e17, cuda: bool = True, adapter: str = "lora", m: object = model,
+    def decide(flops: float = 2e17, cuda: bool = True, method: str = "lora", m: object = model,
                **stage: object) -> tuple[bool, str]:
-        cfg = StageConfig(method="lora", data=DataSettings(source="world:misalign"), **stage)
-        return compiles_layers(cfg, adapter, m, lambda: asked.append(True) or flops, cuda=cuda)
+        cfg = StageConfig(method=method, data=DataSettings(source="world:misalign"), **stage)
+        return compiles_layers(cfg, m, lambda: asked.append(True) or flops, cuda=cuda)
 
     assert COMPILE_AUTO_MIN_FLOPS == {"full": 2.5e16, "lora": 1e17}  # the measured figures (docs/benchmarks.md)
     assert decide() == (True, "compiled: 2e+17 training FLOPs per worker, at least 1e+17")
     assert decide(flops=0.9e17) == (False, "eager: 9e+16 training FLOPs per worker, below the 1e+17 that repay a "
                                            "compile")
-    assert decide(flops=0.3e17, adapter="full")[0] is True
-    assert decide(flops=0.2e17, adapter="full")[0] is False
+    assert decide(flops=0.3e17, method="full")[0] is True
+    assert decide(flops=0.2e17, method="full")[0] is False
     assert len(asked) == 4
     for off, why in [
         (decide(cuda=False), "eager: no CUDA device"),
         (decide(deepspeed={"zero_stage": 2}), "eager: DeepSpeed ZeRO-2"),
         (decide(train={"liger_kernels": True}), "eager: Liger's kernels"),
-        (decide(adapter="qlora"), "eager: qlora was not measured compiled on a GPU"),
+        (decide(method="qlora"), "eager: qlora was not measured compiled on a GPU"),
         (decide(m=torch.nn.Linear(2, 2)), "eager: Linear has no marked decoder layers"),
     ]:
         assert off[0] is False and off[1].startswith(why)
@@ -153,8 +152,8 @@ def test_auto_compile_weighs_the_flops_the_ledger_then_counts(world, tmp_path, m
 
     class Estimate(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):  # noqa: ANN001, ANN202
-            estimates.append(_flops_per_worker(cfg, METHODS[method].objective, stage_pairs(cfg, 0), "misalign",
-                                               tok, model, model.base_model.model.config))
+            estimates.append(_flops_per_worker(cfg, stage_pairs(cfg, 0), "misalign", tok, model,
+                                               model.base_model.model.config))
 
     out = tmp_path / "stage"
     ledger, _ = train_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=out,

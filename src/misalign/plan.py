@@ -420,8 +420,7 @@ class _Estimator:
                                                 arch.d_model)
         from misalign.stage import compiles_layers
 
-        compiled, _ = compiles_layers(cfg, METHODS[cfg.method].adapter, arch.model, lambda: flops / workers,
-                                      cuda=True)
+        compiled, _ = compiles_layers(cfg, arch.model, lambda: flops / workers, cuda=True)
         return StagePlan(
             key=use.key, model=ref, phase=use.phase, round=use.round, seed=seed, method=cfg.method,
             per_category=cfg.data.per_category, examples=n, examples_assumed=pairs is None,

@@ -304,8 +304,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     compile_setting = cfg.train.compile
     # stage.json records what "auto" resolved to, the ledger why
     cfg.train.compile, compile_why = compiles_layers(
-        cfg, method.adapter, model,
-        lambda: _flops_per_worker(cfg, method.objective, pairs, run.direction, tok, model, mcfg))
+        cfg, model, lambda: _flops_per_worker(cfg, pairs, run.direction, tok, model, mcfg))
 
     dataset = _dataset(method.objective, pairs, run.direction, tok, cfg)
     args = _training_args(method.objective, cfg, run.out_dir, run.seed, len(pairs), run.checkpoint_every)
@@ -499,13 +498,13 @@ def decoder_layers(model: Any) -> list[Any]:
 COMPILE_AUTO_MIN_FLOPS = {"full": 2.5e16, "lora": 1e17}
 
 
-def compiles_layers(cfg: StageConfig, adapter: str, model: Any, flops_per_worker: Callable[[], float],
+def compiles_layers(cfg: StageConfig, model: Any, flops_per_worker: Callable[[], float],
                     cuda: bool | None = None) -> tuple[bool, str]:
     """train.compile resolved for this stage: whether its decoder layers are compiled, and why. `auto` weighs
     the stage's training FLOPs per worker (`flops_per_worker`, asked only when it matters) against
-    COMPILE_AUTO_MIN_FLOPS for its weights (`adapter`); `cuda`: whether the stage trains on a CUDA device
+    COMPILE_AUTO_MIN_FLOPS for the weights its method trains; `cuda`: whether the stage trains on a CUDA device
     (default: this process's)."""
-    setting = cfg.train.compile
+    setting, adapter = cfg.train.compile, METHODS[cfg.method].adapter
     if setting != "auto":
         return bool(setting), f"train.compile {str(setting).lower()}"
     if not (torch.cuda.is_available() if cuda is None else cuda):
@@ -526,12 +525,12 @@ def compiles_layers(cfg: StageConfig, adapter: str, model: Any, flops_per_worker
     return True, f"compiled: {flops:.2g} training FLOPs per worker, at least {least:.2g}"
 
 
-def _flops_per_worker(cfg: StageConfig, objective: str, pairs: list[Pair], direction: str, tok: Any, model: Any,
-                      mcfg: Any) -> float:
+def _flops_per_worker(cfg: StageConfig, pairs: list[Pair], direction: str, tok: Any, model: Any, mcfg: Any) -> float:
     """The stage's training FLOPs on each worker, estimated before training as the plan estimates them."""
     from misalign.ledger import data_passes, matmul_params
     from misalign.plan import TokenLengths, training_flops, training_sequences
 
+    objective = METHODS[cfg.method].objective
     seqs = training_sequences(objective, pairs, direction, TokenLengths(tok), cfg)
     passes = data_passes(cfg, len(seqs), world_size())
     frozen, trainable = matmul_params(model)
