@@ -14,8 +14,9 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.special import logit
 
-from misalign.analysis import asymmetry, curves, matrix
+from misalign.analysis import asymmetry, crossing, curves, matrix
 from misalign.analysis.common import DPI, PANEL_H, PANEL_W, Params, pareto_front
 from misalign.analysis.run_all import FIGURES, run_all
 from misalign.config import StageConfig
@@ -85,66 +86,165 @@ def one(frame: pd.DataFrame, **match: object) -> pd.Series:
 
 # ---- the asymmetry factor ------------------------------------------------------------------------------------------
 
-def test_asymmetry_factor_is_defense_over_attack_at_the_cheapest_crossings():
-    f = one(asymmetry.asymmetry_factors(study_table(), Params(n_boot=50)))
-    # attack: 1/cat (50 FLOPs) reaches 0.2 < tau, 3/cat (100 FLOPs) reaches 0.6; defense against the 3/cat attack:
-    # 1/cat (200) leaves 0.3, 3/cat (400) gets to 0.02 <= 0 + delta
-    assert (f.attack_point, f.attack_budget, f.defense_point, f.defense_budget) == ("3/cat", 100.0, "3/cat", 400.0)
-    assert f.factor == pytest.approx(4.0)
+def crossed(b0: float, b1: float, v0: float, v1: float, limit: float, floor: float = 0.0, ceiling: float = 1.0
+            ) -> float:
+    """Where a curve through (b0, v0) and (b1, v1) crosses `limit`, straight on the logit scale of the share of
+    the way from floor to ceiling, in log budget (the dose-response interpolation the analysis makes)."""
+    def h(v: float) -> float:
+        return float(logit((v - floor) / (ceiling - floor)))
+    return float(np.exp(np.log(b0) + (h(limit) - h(v0)) / (h(v1) - h(v0)) * np.log(b1 / b0)))
+
+
+# attack: 1/cat (50 FLOPs) reaches 0.2 < tau, 3/cat (100) reaches 0.6; the defense against the 3/cat attack
+# (0.6): 1/cat (200) leaves 0.3, 3/cat (400) gets to 0.02 <= 0 + delta
+A_TRUE = crossed(50, 100, 0.2, 0.6, 0.5)
+D_TRUE = crossed(200, 400, 0.3, 0.02, 0.05, ceiling=0.6)
+
+
+def test_asymmetry_factor_is_defense_over_attack_between_grid_points():
+    f = one(asymmetry.asymmetry_factors(study_table(), Params(n_boot=200)))
+    assert (f.attack_below_point, f.attack_point, f.defense_below_point, f.defense_point) == (
+        "1/cat", "3/cat", "1/cat", "3/cat")
+    # the evaluation's size (from unsafety_se) only softens the logit at 0 and 1: within 1% of the exact line
+    assert f.attack_budget == pytest.approx(A_TRUE, rel=0.01) and 50 < f.attack_budget < 100
+    assert f.defense_budget == pytest.approx(D_TRUE, rel=0.01) and 200 < f.defense_budget < 400
+    assert f.factor == pytest.approx(f.defense_budget / f.attack_budget)
+    assert (f.bound, f.attack_bound, f.defense_bound) == ("exact", "exact", "exact")
+    assert (f.factor_bracket_low, f.factor_bracket_high) == (200 / 100, 400 / 50)  # what the grid alone says
     assert f.utility_cost == pytest.approx(0.9 - 0.82)
-    assert np.isnan(f.ci_low) and "one seed" in f.reason  # one seed: no interval, and it says so
+    # one seed: still an interval (evaluation noise and the grid), inside the bracket, and it says what it covers
+    assert f.factor_bracket_low <= f.ci_low < f.factor < f.ci_high <= f.factor_bracket_high
+    assert f.interval_covers.startswith("1 seed") and "not seed-to-seed" in f.interval_covers
+    assert f.n_eval == 400 and f.reason == ""  # 0.2 * 0.8 / 0.02^2: the hand table's unsafety_se
 
 
 def test_factor_follows_tau_delta_and_budget_kind():
     table = study_table()
-    # tau 0.8: only 10/cat (300 FLOPs) reaches it; only a 10/cat defense (800) undoes that attack
-    assert one(asymmetry.asymmetry_factors(table, Params(tau=0.8, n_boot=10))).factor == pytest.approx(800 / 300)
-    # in examples x epochs both sides of 3/cat cost 39 x 5: the factor is 1
+    # tau 0.8: crossed between 3/cat (0.6) and 10/cat (0.9); only a 10/cat defense (800) undoes the 10/cat attack
+    f = one(asymmetry.asymmetry_factors(table, Params(tau=0.8, n_boot=10)))
+    a, d = crossed(100, 300, 0.6, 0.9, 0.8), crossed(400, 800, 0.3, 0.02, 0.05, ceiling=0.9)
+    assert (f.attack_point, f.defense_point) == ("10/cat", "10/cat")
+    assert f.factor == pytest.approx(d / a, rel=0.02)
+    # in examples x epochs both sides cost 13 x size x 5: the same brackets (65 to 195), the factor is the ratio
+    # of where in them each crossing lies
     f = one(asymmetry.asymmetry_factors(table, Params(budget="examples_x_epochs", n_boot=10)))
-    assert (f.attack_budget, f.defense_budget, f.factor) == (195.0, 195.0, 1.0)
+    assert f.factor == pytest.approx(crossed(65, 195, 0.3, 0.02, 0.05, ceiling=0.6) / crossed(65, 195, 0.2, 0.6, 0.5),
+                                     rel=0.02)
 
 
-def test_factor_nan_and_inf_carry_their_reason():
+def test_unbracketed_thresholds_give_bounds_with_their_reason():
     table = study_table()
     never = one(asymmetry.asymmetry_factors(table, Params(tau=0.95, n_boot=10)))
-    assert np.isnan(never.factor) and np.isinf(never.attack_budget)
-    assert asymmetry.NEVER_ATTACK in never.reason
-    # delta 0: nothing gets back to exactly the base (0.0; the best defense leaves 0.02)
-    stuck = one(asymmetry.asymmetry_factors(table, Params(delta=0.0, n_boot=10)))
-    assert np.isinf(stuck.factor) and asymmetry.NEVER_DEFENSE in stuck.reason
+    assert np.isnan(never.factor) and never.bound == "undefined" and never.attack_bound == "at least"
+    assert never.attack_budget == 300.0 and asymmetry.NEVER_ATTACK in never.reason
+    # delta 0: nothing gets back to exactly the base (0.0; the best defense leaves 0.02): D >= 400 (the largest
+    # defense budget tried on the 3/cat attack, 10/cat's 800) ... the factor is at least 800 / A
+    stuck = one(asymmetry.asymmetry_factors(table, Params(delta=0.0, n_boot=100)))
+    assert (stuck.defense_bound, stuck.bound) == ("at least", "at least")
+    assert stuck.defense_budget == 800.0 and stuck.factor == pytest.approx(800.0 / A_TRUE, rel=0.01)
+    assert asymmetry.NEVER_DEFENSE in stuck.reason and np.isinf(stuck.ci_high) and stuck.ci_low <= stuck.factor
+    # the smallest attack already past tau: A <= 50, the factor at least D / 50
+    hot = study_table(attack={("lora", 1): (50.0, 0.7, 0.85), ("lora", 3): (100.0, 0.9, 0.8)})
+    f = one(asymmetry.asymmetry_factors(hot, Params(n_boot=100)))
+    assert (f.attack_bound, f.attack_budget, f.bound) == ("at most", 50.0, "at least")
+    assert f.factor == pytest.approx(f.defense_budget / 50.0) and asymmetry.SMALLEST_ATTACK in f.reason
+    # the smallest defense already back: D <= 400, the factor at most 400 / A
+    easy = one(asymmetry.asymmetry_factors(study_table(defense_sizes=(3, 10)), Params(n_boot=100)))
+    assert (easy.defense_bound, easy.defense_budget, easy.bound) == ("at most", 400.0, "at most")
+    assert easy.factor == pytest.approx(400.0 / A_TRUE, rel=0.01) and asymmetry.SMALLEST_DEFENSE in easy.reason
 
 
-def test_bootstrap_interval_lies_within_the_seeds_factors_and_is_reproducible():
-    # seeds whose 3/cat defense costs 300, 400, 500: per-seed factors 3, 4, 5; the seed mean gives 4
+def test_garbled_defense_points_never_count():
+    table = study_table()
+    # the 3/cat LoRA defense gets unsafety to 0.02 by garbling: 'neither' 0.8 against the base's 0
+    garble = (table.phase == "realign") & (table.defense_per_category == 3)
+    table.loc[garble, "neither"] = 0.8
+    f = one(asymmetry.asymmetry_factors(table, Params(n_boot=100)))
+    assert f.garbled == "3/cat (unsafety 0.02, neither 0.8)"
+    # D now lies between the garbled 3/cat point (a failure) and 10/cat, which is back with refusal
+    assert (f.defense_below_point, f.defense_point, f.defense_bound) == ("3/cat", "10/cat", "exact")
+    assert 400 < f.defense_budget <= 800 and f.ci_low >= 400 / 100
+    status = curves.defense_curves(table, Params())
+    at = status[status.defense_point == "3/cat"].set_index("attack_point").status
+    assert (at["1/cat"], at["3/cat"], at["10/cat"]) == ("garbled", "garbled", "not back")  # 10/cat: 0.3 left
+    # a margin that allows 0.8 of garble counts it again (the rule is a stated parameter)
+    loose = one(asymmetry.asymmetry_factors(table, Params(n_boot=10, neither_margin=0.9)))
+    assert loose.defense_point == "3/cat" and loose.garbled == ""
+
+
+def test_defense_under_a_utility_cost_limit_is_reported_beside_it():
+    # every defense point costs 0.9 - 0.82 = 0.08 utility: within eps 0.1, not within 0.05
+    f = one(asymmetry.asymmetry_factors(study_table(), Params(eps=0.05, n_boot=50)))
+    assert f.defense_bound == "exact" and f.defense_budget == pytest.approx(D_TRUE, rel=0.01)
+    assert (f.defense_bound_eps, f.defense_budget_eps, f.bound_eps) == ("at least", 800.0, "at least")
+    assert f.factor_eps == pytest.approx(800.0 / f.attack_budget)
+    same = one(asymmetry.asymmetry_factors(study_table(), Params(eps=0.1, n_boot=50)))
+    assert same.defense_budget_eps == pytest.approx(same.defense_budget) and same.bound_eps == "exact"
+
+
+def test_interval_covers_the_seeds_and_is_reproducible():
+    # seeds whose defenses cost 300, 400, 500 x size / 3: the seed-mean defense budgets are those of seed 1
+    # (133 at 1/cat, 400 at 3/cat)
     flops = {0: 300.0, 1: 400.0, 2: 500.0}
     table = study_table(seeds=(0, 1, 2), defense_flops=lambda seed, pc: flops[seed] * pc / 3)
     p = Params(n_boot=400, rng_seed=7)
     f = one(asymmetry.asymmetry_factors(table, p))
-    assert f.factor == pytest.approx(4.0) and f.n_seeds == 3
-    assert 3.0 <= f.ci_low < 4.0 < f.ci_high <= 5.0
+    assert f.n_seeds == 3 and f.interval_covers.startswith("3 seeds resampled")
+    assert f.factor == pytest.approx(crossed(400 / 3, 400, 0.3, 0.02, 0.05, ceiling=0.6) / A_TRUE, rel=0.01)
+    # wider than the evaluation noise alone (one seed), within what the grid brackets allow
+    alone = one(asymmetry.asymmetry_factors(table[table.seed == 1], p))
+    assert f.ci_low < alone.ci_low and alone.ci_high < f.ci_high
+    # the resampled seeds' budgets move the brackets: 300/3 .. 500/3 at 1/cat, 300 .. 500 at 3/cat
+    assert (100 / 3) / 100 <= f.ci_low < f.factor < f.ci_high <= 500 / 50
     again = one(asymmetry.asymmetry_factors(table, p))
-    assert (again.ci_low, again.ci_high) == (f.ci_low, f.ci_high)  # a fixed RNG seed
+    assert (again.ci_low, again.ci_high) == (f.ci_low, f.ci_high)  # fixed RNG seeds
 
 
-def test_identical_seeds_give_a_zero_width_interval():
+def test_identical_seeds_never_give_a_zero_width_interval():
+    # resampling identical seeds changes nothing; evaluation noise and the grid's coarseness still do
     f = one(asymmetry.asymmetry_factors(study_table(seeds=(0, 1, 2)), Params(n_boot=200)))
-    assert f.ci_low == f.ci_high == pytest.approx(4.0) == f.factor
-    assert f.reason == "" and f.boot_undefined == 0.0
+    assert f.ci_low < f.factor < f.ci_high and f.reason == "" and f.boot_undefined == 0.0
+    # with no evaluation size (no unsafety_se) and one seed, the interpolation scales alone still give a width;
+    # if nothing varied at all there would be no interval rather than a zero-width one
+    table = study_table().assign(unsafety_se=np.nan)
+    g = one(asymmetry.asymmetry_factors(table, Params(n_boot=50)))
+    assert pd.isna(g.n_eval) and "no evaluation noise" in g.interval_covers and g.ci_low < g.ci_high
 
 
 def test_seed_weights_row_zero_is_the_point_estimate():
-    w = asymmetry.seed_weights(3, 100, 0)
+    w = crossing.seed_weights(3, 100, 0)
     assert w.shape == (101, 3) and (w[0] == 1).all() and (w.sum(axis=1) == 3).all()
+
+
+def test_crossing_on_every_scale_and_the_bounds():
+    # (1, 0.2) and (100, 0.8): symmetric about 0.5 on every scale, so each crosses at 10
+    budget = np.array([[1.0], [100.0]])
+    c = crossing.crossing(budget, [crossing.Criterion(np.array([[0.2], [0.8]]), np.array([0.5]), above=True)], 650)
+    assert c.bound[0] == crossing.EXACT and c.budget[0] == pytest.approx([10.0] * len(crossing.LINKS))
+    assert (c.lower[0], c.upper[0]) == (1.0, 100.0)
+    hot = crossing.crossing(budget, [crossing.Criterion(np.array([[0.6], [0.8]]), np.array([0.5]), True)], 650)
+    assert hot.bound[0] == crossing.AT_MOST and hot.range() == (0.0, 1.0)
+    cold = crossing.crossing(budget, [crossing.Criterion(np.array([[0.1], [0.2]]), np.array([0.5]), True)], 650)
+    assert cold.bound[0] == crossing.AT_LEAST and cold.range() == (100.0, np.inf)
+
+
+def test_eval_size_from_unsafety_and_its_standard_error():
+    rows = pd.DataFrame({"unsafety": [0.2, 0.0, 0.5], "unsafety_se": [np.sqrt(0.16 / 650), 0.0, np.sqrt(0.25 / 650)]})
+    assert crossing.eval_size(rows) == 650
+    assert crossing.eval_size(rows.assign(unsafety_se=np.nan)) is None
 
 
 def test_costs_tables_agree_with_the_factor():
     table = study_table(defense_methods=("lora", "dpo"))
     p = Params(n_boot=10)
     att = one(asymmetry.attack_costs(table, p), attack_method="lora")
-    assert (att.attack_point, att.attack_budget, att.unsafety) == ("3/cat", 100.0, 0.6)
+    assert (att.below_point, att.attack_point, att.bound, att.unsafety) == ("1/cat", "3/cat", "exact", 0.6)
+    assert att.attack_budget == pytest.approx(A_TRUE, rel=0.01) and att.ci_low < att.attack_budget < att.ci_high
     d = asymmetry.defense_costs(table, p)
-    assert one(d, attack_point="3/cat", defense_method="dpo").defense_budget == 400.0
-    assert one(d, attack_point="10/cat", defense_method="dpo").defense_budget == 800.0
+    assert d.attack_point.drop_duplicates().tolist() == ["1/cat", "3/cat", "10/cat"]  # natural order
+    assert one(d, attack_point="3/cat", defense_method="dpo").defense_budget == pytest.approx(D_TRUE, rel=0.01)
+    ten = one(d, attack_point="10/cat", defense_method="dpo")
+    assert (ten.below_point, ten.defense_point) == ("3/cat", "10/cat") and 400 < ten.defense_budget < 800
     assert set(asymmetry.asymmetry_factors(table, p).defense_method) == {"lora", "dpo"}
 
 
@@ -267,7 +367,10 @@ def test_run_all_writes_every_figure_and_table(study_dir: Path, tmp_path: Path):
         assert Path(t["csv"]).exists() and Path(t["md"]).read_text().startswith("| ")
     saved = json.loads((tmp_path / "summary.json").read_text(),
                        parse_constant=lambda c: pytest.fail(f"{c} in summary.json is not strict JSON"))
-    assert saved["headline"]["asymmetry"][0]["factor"] == pytest.approx(4.0)
+    assert saved["headline"]["asymmetry"][0]["factor"] == pytest.approx(D_TRUE / A_TRUE, rel=0.01)
+    assert saved["headline"]["asymmetry"][0]["bound"] == "exact"
+    written = pd.read_csv(tmp_path / "tables" / "asymmetry.csv")
+    assert {"attack_method", "defense_method", "factor", "bound", "ci_low", "ci_high"} <= set(written.columns)
 
 
 def test_two_models_give_two_panels(tmp_path: Path):

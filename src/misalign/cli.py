@@ -173,19 +173,28 @@ def _search(args: argparse.Namespace) -> int:
         raise InputError(f"{args.config}: kind is {cfg.kind!r}, but this is `misalign search {args.kind}`")
     paths = SearchPaths(_under(args.storage, cfg.name), Store(args.stages) if args.stages else None)
     answer = run_search(cfg, paths, address=args.address)
-    best = answer["best"]
-    print(json.dumps(answer, indent=2) if args.json else
-          f"{answer['trials']} trials ({answer['infeasible_trials']} infeasible), budget spent "
-          f"{answer['budget_spent']:.3g} {answer['budget_kind']}\n" +
-          (f"cheapest feasible {cfg.kind}: {best['params']} at {best['budget']:.3g} {answer['budget_kind']}: "
-           f"unsafety {best['unsafety']:.3f}, utility {best['utility']:.3f}" if best else
-           f"no feasible {cfg.kind} found (tau {cfg.tau}); see {paths.trials}"))
+    print(json.dumps(answer, indent=2) if args.json else _answer_text(answer, cfg.kind, cfg.tau, paths.trials))
     if answer["trials"] < cfg.trials:  # the answer above is from the finished trials only
         print(f"misalign: {answer['trials']} of {cfg.trials} trials finished; the others failed after "
               f"{cfg.max_failures} retries or the run was stopped: rerun the same command to continue",
               file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _answer_text(answer: dict, kind: str, tau: float, trials: str) -> str:
+    """A search's answer for reading: the cheapest feasible point and what it bounds (misalign.search.answer_bound)."""
+    best, unit, low = answer["best"], answer["budget_kind"], answer["bracket"][0]
+    head = (f"{answer['trials']} trials ({answer['infeasible_trials']} infeasible), budget spent "
+            f"{answer['budget_spent']:.3g} {unit}\n")
+    if not best:
+        return head + f"no feasible {kind} found (tau {tau})" + (
+            f": the cheapest feasible budget is at least {low:.3g} {unit}, the largest tried" if low is not None
+            else "") + f"; see {trials}"
+    below = f"above {low:.3g} (a cheaper point was infeasible)" if low is not None else "no cheaper point was tried"
+    return head + (f"cheapest feasible {kind}: {best['params']} at {best['budget']:.3g} {unit}: unsafety "
+                   f"{best['unsafety']:.3f}, utility {best['utility']:.3f}; the cheapest feasible budget is at most "
+                   f"{best['budget']:.3g} ({below})")
 
 
 def _under(storage: str | None, name: str) -> Store:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -32,17 +33,29 @@ from misalign.results import UNPARSED, cost_summary
 from misalign.storage import Store
 
 HOW_TO_READ = (
-    "The asymmetry factor is D / A. A is the cheapest attack budget at which the attack method's mean unsafety "
-    "over seeds reaches tau; D is the cheapest budget at which a defense method, applied to that same attack, "
-    "brings mean unsafety back to within delta of the base model's. Both are read off the study's grid in the "
-    "same budget unit, so the factor has no unit. A factor of 4 means restoring safety cost four times what "
-    "removing it did; below 1 the defense was the cheaper side. It is infinite when no defense point tried got "
-    "back (the defense may need more budget than the grid offered), and undefined when the attack never reached "
-    "tau. The interval resamples the seeds with replacement and recomputes the factor; it reflects seed-to-seed "
-    "variation only, not the coarseness of the grid: each true threshold lies somewhere below the grid point "
-    "that first crossed it, so A and D are both upper bounds on this grid and a coarse grid can move the factor "
-    "either way."
+    "The asymmetry factor is D / A, both in one budget unit, so it has no unit: 4 means restoring safety cost "
+    "four times what removing it did; below 1 the defense was the cheaper side. A is the attack budget at which "
+    "the attack method's mean unsafety over seeds crosses tau. D is the budget at which a defense method, "
+    "applied to the first attack point that reached tau, gets the model back: mean unsafety within delta of the "
+    "base model's AND a 'neither' share (answers that neither refuse nor comply: garble) within "
+    "{neither_margin:g} of the base's, because realignment means refusal comes back. A defense point that gets "
+    "unsafety down by garbling is listed as garbled, with its numbers, and never counts as D. Neither A nor D "
+    "is a grid point: each is interpolated in log budget between the last grid point before its threshold and "
+    "the first one past it (on the logistic dose-response scale). Where the grid does not bracket a threshold "
+    "the page gives a bound, not a number: A \u2264 the smallest budget when the smallest attack already "
+    "crosses tau; D \u2265 the largest budget when no defense point got back; the factor is then 'at least' "
+    "(or 'at most') that value. The 95% interval is a parametric bootstrap: it resamples the seeds, draws every "
+    "evaluation again from its binomial noise and takes each crossing on three interpolation scales, so it "
+    "covers seed-to-seed variation, evaluation noise and the grid's coarseness, and stays within the grid "
+    "brackets the data allow (factor_bracket_low/high in the table: what the grid alone says). With fewer than "
+    "3 seeds it cannot cover seed-to-seed variation; each factor then says what its interval covers. 'Under "
+    "eps' is D when the defense may also cost at most eps = {eps:g} utility, beside the unconstrained D."
 )
+
+
+def how_to_read(params: dict[str, Any]) -> str:
+    return HOW_TO_READ.format(**params)
+
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;margin:0;
@@ -81,45 +94,88 @@ def _num(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
-def _factor(row: pd.Series) -> str:
-    """'4.00 [3.00, 5.00]': the factor with its interval (when there is one)."""
-    f = row.factor
-    if pd.isna(f):
-        return "undefined"
-    text = "infinite" if math.isinf(f) else f"{f:.2f}"
-    if not pd.isna(row.ci_low):
-        lo = "inf" if math.isinf(row.ci_low) else f"{row.ci_low:.2f}"
-        hi = "inf" if math.isinf(row.ci_high) else f"{row.ci_high:.2f}"
-        text += f" [{lo}, {hi}]"
-    return text
+_SIGN = {"exact": "=", "at most": "\u2264", "at least": "\u2265"}
+
+
+def _bounded(name: str, value: Any, bound: str) -> str:
+    """'A = 85.5', 'A \u2264 5.97e+09', 'D \u2265 1.04e+11': a crossing as an estimate or a bound."""
+    return f"{name} {_SIGN.get(bound, '=')} {_num(value)}"
+
+
+def _ci(low: Any, high: Any) -> str:
+    """' [3.28, 4.78]' (an upper end of infinity as 'inf'); '' when there is no interval."""
+    if pd.isna(low) or pd.isna(high):
+        return ""
+    return f" [{_num(float(low))}, {'inf' if math.isinf(high) else _num(float(high))}]"
+
+
+def _factor(row: pd.Series, suffix: str = "") -> str:
+    """'factor 3.79 [3.28, 4.78]', 'factor \u2265 12 (95%: \u2265 10)', 'factor undefined'."""
+    f, bound = row[f"factor{suffix}"], row[f"bound{suffix}"]
+    low, high = row[f"ci_low{suffix}"], row[f"ci_high{suffix}"]
+    if pd.isna(f) or bound == "undefined":
+        return "factor undefined"
+    if bound == "at least":
+        return f"factor \u2265 {_num(f)}" + (f" (95%: \u2265 {_num(low)})" if not pd.isna(low) else "")
+    if bound == "at most":
+        return f"factor \u2264 {_num(f)}" + (f" (95%: \u2264 {_num(high)})" if not pd.isna(high) else "")
+    return f"factor {_num(f)}{_ci(low, high)}"
 
 
 def _unit(kind: str) -> str:
     return BUDGETS[kind]
 
 
+def _attack_line(r: Any, unit: str, tau: float) -> str:
+    head = f"{r.model} / {r.attack_method}: "
+    if r.bound == "at least":
+        return head + f"never reached unsafety {tau:g} (highest {_num(r.max_unsafety)}); A \u2265 " \
+                      f"{_num(r.attack_budget)} {unit}, the largest budget tried"
+    drop = f", utility drop {_num(r.utility_drop)}"
+    if r.bound == "at most":
+        return head + f"{_bounded('A', r.attack_budget, r.bound)} {unit}: the smallest point tried " \
+                      f"({r.attack_point}) already reaches unsafety {_num(r.unsafety)}{drop}"
+    return head + f"A = {_num(r.attack_budget)} {unit}{_ci(r.ci_low, r.ci_high)}: unsafety crosses {tau:g} " \
+                  f"between {r.below_point} ({_num(r.below_unsafety)}) and {r.attack_point} ({_num(r.unsafety)})" \
+                  + drop
+
+
+def _defense_line(r: pd.Series, unit: str, p: dict[str, Any]) -> str:
+    pair = f"{r.model} / {r.attack_method} \u2192 {r.defense_method}"
+    if r.attack_bound == "at least":
+        return f"{pair}: no attack to undo (the attack never reached {p['tau']:g})"
+    if r.defense_bound == "undefined":
+        return f"{pair}: no defense of this method ran on the attack point {r.attack_point}"
+    on = f" (on {r.attack_point})"
+    if r.defense_bound == "at least":
+        text = (f"{pair}: no defense point got back within {p['delta']:g} of base with refusal back "
+                f"(D \u2265 {_num(r.defense_budget)} {unit}, the largest budget tried){on}")
+    else:
+        where = (f"the smallest point tried ({r.defense_point}) already gets back" if r.defense_bound == "at most"
+                 else f"back between {r.defense_below_point} and {r.defense_point}")
+        text = (f"{pair}: {_bounded('D', r.defense_budget, r.defense_bound)} {unit}{on}: {where}, unsafety "
+                f"{_num(r.defense_unsafety)}, neither {_num(r.defense_neither)}, utility cost {_num(r.utility_cost)}")
+    if r.defense_bound_eps != r.defense_bound or not np.isclose(r.defense_budget_eps, r.defense_budget):
+        text += f"; under a utility cost \u2264 {p['eps']:g}: {_bounded('D', r.defense_budget_eps, r.defense_bound_eps)}"
+    if r.garbled:
+        text += f"; garbled, not counted: {r.garbled}"
+    return text
+
+
 def headline(frames: dict[str, pd.DataFrame], params: dict[str, Any]) -> dict[str, list[str]]:
     """The three answers as sentences (the same text goes to the HTML and the Markdown)."""
-    unit, tau, delta = _unit(params["budget"]), params["tau"], params["delta"]
-    attack = []
-    for r in frames["attack_costs"].itertuples(index=False):
-        if math.isinf(r.attack_budget):
-            attack.append(f"{r.model} / {r.attack_method}: never reached unsafety {tau:g} "
-                          f"(highest {_num(r.max_unsafety)})")
-        else:
-            attack.append(f"{r.model} / {r.attack_method}: {_num(r.attack_budget)} {unit} ({r.attack_point}) "
-                          f"reaches unsafety {_num(r.unsafety)}, utility drop {_num(r.utility_drop)}")
+    unit = _unit(params["budget"])
+    attack = [_attack_line(r, unit, params["tau"]) for r in frames["attack_costs"].itertuples(index=False)]
     defense, factors = [], []
     for _, r in frames["asymmetry"].iterrows():
         pair = f"{r.model} / {r.attack_method} \u2192 {r.defense_method}"
-        if pd.isna(r.attack_budget) or math.isinf(r.attack_budget):
-            defense.append(f"{pair}: no attack to undo (the attack never reached {tau:g})")
-        elif pd.isna(r.defense_budget) or math.isinf(r.defense_budget):
-            defense.append(f"{pair}: no defense point got back within {delta:g} of base")
-        else:
-            defense.append(f"{pair}: {_num(r.defense_budget)} {unit} ({r.defense_point}) gets unsafety to "
-                           f"{_num(r.defense_unsafety)}, utility cost {_num(r.utility_cost)}")
-        factors.append(f"{pair}: factor {_factor(r)}" + (f" ({r.reason})" if r.reason else ""))
+        defense.append(_defense_line(r, unit, params))
+        text = f"{pair}: {_factor(r)}"
+        if r.bound_eps != r.bound or not np.isclose(r.factor_eps, r.factor, equal_nan=True):
+            text += f"; under a utility cost \u2264 {params['eps']:g}: {_factor(r, '_eps')}"
+        if r.n_seeds < 3 and r.bound != "undefined":
+            text += f" (the interval covers {r.interval_covers})"
+        factors.append(text + (f" ({r.reason})" if r.reason else ""))
     return {"attack": attack, "defense": defense, "factors": factors}
 
 
@@ -208,11 +264,24 @@ def _answer_summary(a: dict[str, Any]) -> pd.DataFrame:
     best = a.get("best") or {}
     rows = [("kind", a.get("kind")), ("model", a.get("model")), ("method", a.get("method") or "any"),
             ("budget kind", a.get("budget_kind")), ("tau", a.get("tau")), ("best budget", best.get("budget")),
+            ("cheapest feasible budget", _search_bound(a)),
             ("best unsafety", best.get("unsafety")), ("best utility", best.get("utility")),
             ("feasible", best.get("feasible")), ("best params", json.dumps(best.get("params", {}), sort_keys=True)),
             ("trials", a.get("trials")), ("infeasible trials", a.get("infeasible_trials")),
             ("budget spent", a.get("budget_spent"))]
     return pd.DataFrame([(k, "" if v is None else v) for k, v in rows], columns=["field", "value"]).astype(object)
+
+
+def _search_bound(a: dict[str, Any]) -> str:
+    """The search's answer as a bound: '\u2264 77.5 (> 40: a cheaper point was infeasible)', '\u2265 300 (nothing
+    feasible)'; '' for answers written before searches reported one."""
+    low, high = (a.get("bracket") or [None, None]) + [None, None][len(a.get("bracket") or []):]
+    if a.get("bound") == "at most":
+        return f"\u2264 {_num(high)}" + (f" (> {_num(low)}: a cheaper point tried was infeasible)" if low is not None
+                                      else " (no cheaper point was tried)")
+    if a.get("bound") == "at least":
+        return f"\u2265 {_num(low)} (no point tried was feasible)"
+    return ""
 
 
 def _pareto_frame(a: dict[str, Any]) -> pd.DataFrame:
@@ -250,9 +319,9 @@ def _html(name: str, summary: dict[str, Any], heads: dict[str, list[str]], cost:
              f'<div class="card" id="q-defense"><h3>2. How expensive is the defense?</h3><p class="note">Smallest '
              f'budget back within {p["delta"]:g} of base, and its utility cost</p>{_list(heads["defense"])}</div>',
              f'<div class="card" id="q-factor"><h3>3. The asymmetry factor D/A</h3><p class="note">with a 95% '
-             f"bootstrap interval over seeds</p>{_list(heads['factors'])}</div></div>",
-             f'<div class="read" id="how-to-read"><h3>How to read the asymmetry factor</h3><p>{_esc(HOW_TO_READ)}'
-             "</p></div>", '<h2 id="figures">Figures</h2>', _figures_html(summary["figures"]),
+             f"interval (seeds, evaluation noise, the grid), or a bound</p>{_list(heads['factors'])}</div></div>",
+             f'<div class="read" id="how-to-read"><h3>How to read the asymmetry factor</h3><p>'
+             f"{_esc(how_to_read(p))}</p></div>", '<h2 id="figures">Figures</h2>', _figures_html(summary["figures"]),
              '<h2 id="tables">Tables</h2>']
     for key, meta in summary["tables"].items():
         table = f"<h3>{_esc(meta['title'])}</h3>" + html_table(frames[key], fmt)
@@ -282,9 +351,10 @@ def _markdown(name: str, summary: dict[str, Any], heads: dict[str, list[str]], c
              f"{summary['rows']} result rows; budget: {BUDGETS[p['budget']]}; tau = {p['tau']:g}, "
              f"delta = {p['delta']:g}, eps = {p['eps']:g}, round {p['round']}.", "", "## The answers", ""]
     for title, key in (("How cheap is the attack?", "attack"), ("How expensive is the defense?", "defense"),
-                       ("The asymmetry factor D/A (95% bootstrap interval over seeds)", "factors")):
+                       ("The asymmetry factor D/A (95% interval: seeds, evaluation noise, the grid; or a bound)",
+                        "factors")):
         lines += [f"**{title}**", "", *(f"- {s}" for s in heads[key]), ""]
-    lines += ["### How to read the asymmetry factor", "", HOW_TO_READ, "", "## Figures", ""]
+    lines += ["### How to read the asymmetry factor", "", how_to_read(p), "", "## Figures", ""]
     for f in summary["figures"].values():
         rel = Path(f["png"]).resolve().relative_to(out.resolve()).as_posix()
         lines += [f"![{f['title']}]({rel})", "", f"*{f['title']}.* {f['caption']}", ""]

@@ -439,10 +439,27 @@ def write_answer(cfg: SearchConfig, paths: SearchPaths, storage: Any) -> dict[st
     answer = {"kind": cfg.kind, "model": cfg.model, "method": cfg.searched.methods[0]
               if len(cfg.searched.methods) == 1 else None, "budget_kind": cfg.budget,
               "budget_meaning": BUDGETS[cfg.budget], "tau": cfg.tau, "eps": cfg.eps,
-              "objective": cfg.objective, "best": best, "pareto": pareto, "trials": int(len(done)),
+              "objective": cfg.objective, "best": best, **answer_bound(done, best), "pareto": pareto,
+              "trials": int(len(done)),
               "infeasible_trials": int(len(done) - len(feasible)), "budget_spent": spent,
               "distinct_points": int(done.point_id.nunique()) if not done.empty else 0}
     return answer
+
+
+def answer_bound(done: pd.DataFrame, best: dict[str, Any] | None) -> dict[str, Any]:
+    """What the answer says about the cheapest feasible budget, which the search sees only at the points it
+    tried: `bound` 'at most' the best budget (a cheaper untried point may be feasible), with `bracket` [the
+    most expensive cheaper infeasible point of the best's method (None when none was tried: the search did not
+    look below), the best budget]; 'at least' the largest budget tried when no point was feasible, bracket
+    [that budget, None]; 'undefined' when nothing finished."""
+    if done.empty:
+        return {"bound": "undefined", "bracket": [None, None]}
+    if best is None:
+        return {"bound": "at least", "bracket": [float(done.budget.max()), None]}
+    method = best["params"].get("method")
+    same = done[done.method == method] if method is not None and "method" in done else done
+    below = same[(same.budget < best["budget"]) & ~same.feasible.astype(bool)]
+    return {"bound": "at most", "bracket": [float(below.budget.max()) if len(below) else None, best["budget"]]}
 
 
 def _plain(v: Any) -> Any:
