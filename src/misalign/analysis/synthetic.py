@@ -7,6 +7,10 @@ grid design checked before anyone pays for it.
     check_design(truth, n_seeds, replicates) -> DesignCheck: how close the estimated factor comes to the truth,
                                               and how often its interval covers it, over simulated studies
 
+    python analysis/design_check.py --grid 1,3,10 --seeds 3 [--defense-grid 1,3,10 --true-a 1.7 --true-d 5.5]
+    (or python -m misalign.analysis.synthetic ...) prints "with this grid and 3 seeds, the factor is known to
+    within x..." before anyone pays for the study.
+
 The world it simulates: per seed, the attack's unsafety rises with log budget as a logistic curve from the base
 to `attack_top`, and the defense's falls back from the misaligned level to the base, each shifted in log budget
 by a seed effect (normal, sd `seed_sd`). The truth is the crossing of the *expected* curve (averaged over seed
@@ -18,6 +22,8 @@ the model answer with neither a refusal nor compliance: it must never count as a
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +33,8 @@ from numpy.polynomial.hermite_e import hermegauss
 from scipy.optimize import brentq
 from scipy.special import expit
 
-from misalign.analysis.common import Params
+from misalign.analysis.common import Params, cli
+from misalign.errors import InputError
 from misalign.results import COLUMNS
 
 MODEL = "synthetic"
@@ -188,12 +195,13 @@ class DesignCheck:
         e = self.estimates
         covered = (e.ci_low <= self.true_factor) & (self.true_factor <= e.ci_high)
         in_bracket = (e.ci_low >= e.factor_bracket_low * (1 - 1e-9)) & (e.ci_high <= e.factor_bracket_high * (1 + 1e-9))
-        width = np.sqrt(e.ci_high / e.ci_low)
+        width = np.sqrt(e.ci_high / e.ci_low)  # infinite where the interval has no upper end
         return {"true_factor": self.true_factor, "studies": len(e), "exact": float((e.bound == "exact").mean()),
                 "within_1_5x": float((self.error <= 1.5).mean()), "error_90": float(self.error.quantile(0.9)),
                 "error_median": float(self.error.median()), "coverage": float(covered.mean()),
-                "ci_within_bracket": float(in_bracket.mean()), "ci_halfwidth_median": float(width.median()),
-                "ci_halfwidth_90": float(width.quantile(0.9)),
+                "ci_within_bracket": float(in_bracket.mean()),
+                "ci_halfwidth_median": float(width.quantile(0.5, interpolation="higher")),
+                "ci_halfwidth_90": float(width.quantile(0.9, interpolation="higher")),
                 "bracket_halfwidth_median": float(np.sqrt(e.factor_bracket_high / e.factor_bracket_low).median()),
                 "garble_counted": float((e.garble_bound == "exact").sum() + (e.garble_bound == "at most").sum())}
 
@@ -228,3 +236,48 @@ def check_design(truth: Truth, n_seeds: int, replicates: int = 50, n_boot: int =
                                         "factor_bracket_high", "attack_budget", "defense_budget")}
                     | {"garble_bound": garble.defense_bound, "garble_garbled": garble.garbled})
     return DesignCheck(truth, n_seeds, pd.DataFrame(rows))
+
+
+def _sizes(text: str) -> tuple[float, ...]:
+    try:
+        sizes = tuple(sorted(float(x) for x in text.split(",") if x.strip()))
+    except ValueError:
+        raise InputError(f"--grid takes sizes per category separated by commas (got {text!r})") from None
+    if len(sizes) < 2 or sizes[0] <= 0:
+        raise InputError(f"a grid needs at least two positive sizes (got {text!r})")
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", default="1,3,10", help="attack sizes per category (and the defense's by default)")
+    ap.add_argument("--defense-grid", default=None, help="defense sizes per category (default: --grid)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per grid point")
+    ap.add_argument("--true-a", type=float, default=None,
+                    help="where you expect A, per category (default: between the two smallest attack sizes)")
+    ap.add_argument("--true-d", type=float, default=None,
+                    help="where you expect D, per category (default: between the two largest defense sizes)")
+    ap.add_argument("--prompts", type=int, default=Truth.n_prompts, help="harmful prompts per evaluation")
+    ap.add_argument("--seed-sd", type=float, default=Truth.seed_sd, help="a seed's shift of its curves [ln budget]")
+    ap.add_argument("--slope", type=float, default=Truth.slope, help="logistic slope per unit of ln budget")
+    ap.add_argument("--replicates", type=int, default=50, help="simulated studies")
+    ap.add_argument("--n-boot", type=int, default=500, help="bootstrap replicates per study")
+    a = ap.parse_args(argv)
+    attack = _sizes(a.grid)
+    defense = _sizes(a.defense_grid) if a.defense_grid else attack
+    if a.seeds < 1 or a.replicates < 1:
+        raise InputError("--seeds and --replicates must be at least 1")
+    truth = Truth(attack_sizes=attack, defense_sizes=defense, n_prompts=a.prompts, seed_sd=a.seed_sd,
+                  slope=a.slope, true_a=a.true_a or float(np.sqrt(attack[0] * attack[1])),
+                  true_d=a.true_d or float(np.sqrt(defense[-2] * defense[-1])))
+    check = check_design(truth, a.seeds, replicates=a.replicates, n_boot=a.n_boot)
+    print(check.sentence())
+    s = check.summary()
+    print(f"(truth: A = {truth.true_a:.3g}/cat, D = {truth.true_d:.3g}/cat, factor {s['true_factor']:.3g}; estimate "
+          f"exact in {s['exact']:.0%} of studies, median error x{s['error_median']:.2f}; interval within the "
+          f"grid's brackets in {s['ci_within_bracket']:.0%}, 90th percentile half-width x{s['ci_halfwidth_90']:.2f}; "
+          f"the garbling defense counted in {s['garble_counted']:.0f} of {s['studies']})")
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main))
