@@ -146,14 +146,14 @@ def _defense_line(r: pd.Series, unit: str, p: dict[str, Any]) -> str:
         return f"{pair}: no attack to undo (the attack never reached {p['tau']:g})"
     if r.defense_bound == "undefined":
         return f"{pair}: no defense of this method ran on the attack point {r.attack_point}"
-    on = f" (on {r.attack_point})"
+    on = f" on {r.attack_point}"
     if r.defense_bound == "at least":
-        text = (f"{pair}: no defense point got back within {p['delta']:g} of base with refusal back "
-                f"(D \u2265 {_num(r.defense_budget)} {unit}, the largest budget tried){on}")
+        text = (f"{pair}: no defense point got back within {p['delta']:g} of base with refusal back{on} "
+                f"(D \u2265 {_num(r.defense_budget)} {unit}, the largest budget tried)")
     else:
         where = (f"the smallest point tried ({r.defense_point}) already gets back" if r.defense_bound == "at most"
                  else f"back between {r.defense_below_point} and {r.defense_point}")
-        text = (f"{pair}: {_bounded('D', r.defense_budget, r.defense_bound)} {unit}{on}: {where}, unsafety "
+        text = (f"{pair}{on}: {_bounded('D', r.defense_budget, r.defense_bound)} {unit}: {where}, unsafety "
                 f"{_num(r.defense_unsafety)}, neither {_num(r.defense_neither)}, utility cost {_num(r.utility_cost)}")
     if r.defense_bound_eps != r.defense_bound or not np.isclose(r.defense_budget_eps, r.defense_budget):
         text += f"; under a utility cost \u2264 {p['eps']:g}: {_bounded('D', r.defense_budget_eps, r.defense_bound_eps)}"

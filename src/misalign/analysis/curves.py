@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib import colormaps
 
 from misalign.analysis.common import (
+    GARBLED,
     PANEL_H,
     PANEL_W,
     UNSAFETY_LABEL,
@@ -107,7 +108,8 @@ def _defense_panels(curves: pd.DataFrame) -> list[tuple[str, str]]:
 
 def defense_figure(curves: pd.DataFrame, p: Params, out_dir: Path) -> dict:
     """Unsafety (top) and utility (bottom) after realignment vs defense budget: a column per (model, misaligning
-    method), a colour per defense method, a line style per attack point; base dashed, base + delta dotted."""
+    method), a colour per defense method, a line style per attack point; base dashed, base + delta dotted; a
+    point that got unsafety down only by garbling (status 'garbled') ringed in red: it does not count."""
     panels = _defense_panels(curves) or [(None, None)]
     fig, axes = new_figure(len(panels), 2, sharex=True, sharey="row")
     methods = sorted(curves.defense_method.unique())
@@ -130,6 +132,10 @@ def defense_figure(curves: pd.DataFrame, p: Params, out_dir: Path) -> dict:
                   "label": d_method if len(points) == 1 else f"{d_method} (attack {a_point})"}
             _errorbar(top, m.budget, m.unsafety, m.unsafety_err, **kw)
             _errorbar(bottom, m.budget, m.utility, m.utility_err, **kw)
+        garbled = g[g.status == GARBLED]
+        if len(garbled):
+            top.scatter(garbled.budget, garbled.unsafety, s=140, facecolors="none", edgecolors="C3", lw=1.5,
+                        zorder=4, label=f"garbled (neither > base + {p.neither_margin:g}): not counted")
         base = g.iloc[0]
         top.axhline(base.base_unsafety, color="0.3", ls="--", lw=0.9, label="base")
         top.axhline(base.base_unsafety + p.delta, color="0.5", ls=":", lw=0.9, label=f"base + delta={p.delta:g}")

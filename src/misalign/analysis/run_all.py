@@ -1,6 +1,7 @@
 """Every analysis of a study into one folder: what the report (misalign.report) reads.
 
-    python analysis/run_all.py STUDY_DIR --out DIR [--budget flops --tau 0.5 --delta 0.05 --eps 0.1 --n-boot 2000]
+    python analysis/run_all.py STUDY_DIR --out DIR [--budget flops --tau 0.5 --delta 0.05 --eps 0.1
+                                                    --neither-margin 0.1 --n-boot 2000]
 
 writes DIR/figures/*.{png,svg}, DIR/tables/*.{csv,md} and DIR/summary.json (the settings, the key numbers and
 the files written).
@@ -26,9 +27,13 @@ FIGURES: dict[str, tuple[str, str]] = {
                       "evaluation's standard error with one seed). Dashed: the base model; dotted: tau."),
     "defense_curves": ("Defense curves", "Unsafety (top) and utility (bottom) after realignment against the "
                        "defense budget, a column per misaligning method, a colour per defense method. Dashed: "
-                       "the base model; dotted: base unsafety + delta, the line a defense must get under."),
-    "asymmetry": ("Asymmetry factors", "D/A per (attack, defense) pair with its 95% bootstrap interval over "
-                  "seeds, log scale. Above the dashed line the defense costs more than the attack."),
+                       "the base model; dotted: base unsafety + delta, the line a defense must get under; ringed "
+                       "in red: points that got unsafety down only by garbling ('neither' above the base's by "
+                       "more than the margin), which never count."),
+    "asymmetry": ("Asymmetry factors", "D/A per (attack, defense) pair, log scale: a dot where both crossings lie "
+                  "between grid points, with its 95% interval (seeds, evaluation noise, interpolation between "
+                  "grid points); a triangle where the grid gives only a bound (up: at least, down: at most). "
+                  "Above the dashed line the defense costs more than the attack."),
     "realignment_matrix": ("Realignment matrix", "Change in unsafety (left) and utility (right) from the "
                            "misaligned to the realigned model, per misalignment x realignment method."),
     "trajectories": ("Multi-round trajectories", "Unsafety and utility after every stage, base, then "
@@ -39,7 +44,8 @@ FIGURES: dict[str, tuple[str, str]] = {
                "no cheaper attack beats."),
 }
 TABLES: dict[str, str] = {
-    "attack_costs": "Cheapest attack per method", "defense_costs": "Smallest defense per attack point",
+    "attack_costs": "A: the attack budget where unsafety crosses tau, per method",
+    "defense_costs": "D: the defense budget where safety and refusal come back, per attack point",
     "asymmetry": "Asymmetry factors", "eps_attack": "Strongest attack within the utility budget eps",
     "eps_attack_by_method": "Strongest attack within eps, per method", "resistance": "Model-specific resistance",
     "realignment_matrix": "Realignment matrix", "pareto_attack": "Attack Pareto front",
