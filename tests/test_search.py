@@ -70,6 +70,9 @@ def test_finds_the_cheapest_feasible_attack_and_keeps_infeasible_trials(attack_s
     assert set(done.per_category) == {1, 10}
     assert answer["infeasible_trials"] >= 1 and not done[done.per_category == 1].feasible.any()
     assert answer["best"]["params"] == {"per_category": 10} and answer["best"]["unsafety"] >= 0.5
+    # 1/cat was tried and failed: the cheapest feasible budget lies above it, at most the best
+    assert answer["bound"] == "at most" and answer["bracket"][1] == answer["best"]["budget"]
+    assert answer["bracket"][0] == pytest.approx(done[done.per_category == 1].budget.max())
     feasible = done[done.feasible.astype(bool)]
     assert answer["best"]["budget"] == pytest.approx(feasible.budget.min())
     # the Optuna study lives in a real database beside the search, constraints recorded as user attributes
@@ -187,3 +190,17 @@ def test_trials_an_interrupted_run_left_running_are_marked_failed(tmp_path):
     running = study.ask()
     assert _finished_trials(cfg, storage) == 1
     assert study.trials[running.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_answer_says_what_it_bounds():
+    """The search sees the cheapest feasible budget only at the points it tried: at most the best one, above the
+    most expensive cheaper infeasible point of the same method; at least the largest tried when none was feasible."""
+    from misalign.search import answer_bound
+
+    done = pd.DataFrame({"method": ["lora", "lora", "full", "lora"], "budget": [10.0, 40.0, 60.0, 80.0],
+                         "feasible": [False, False, False, True]})
+    best = {"params": {"method": "lora"}, "budget": 80.0}
+    assert answer_bound(done, best) == {"bound": "at most", "bracket": [40.0, 80.0]}  # full's 60 is not lora's
+    assert answer_bound(done[done.budget >= 60], best) == {"bound": "at most", "bracket": [None, 80.0]}
+    assert answer_bound(done[~done.feasible], None) == {"bound": "at least", "bracket": [60.0, None]}
+    assert answer_bound(done.iloc[:0], None)["bound"] == "undefined"
