@@ -73,7 +73,7 @@ def test_unknown_method(tmp_path, capsys):
 def test_negative_per_category(tmp_path, capsys):
     cfg = _with(tmp_path, lambda c: c["attack"]["data"].__setitem__("per_category", -3))
     err = _fails(capsys, tmp_path, cfg)
-    assert "attack.data.per_category: Input should be greater than or equal to 1 (got -3)" in err
+    assert "attack.data.per_category: Input should be greater than 0 (got -3)" in err
 
 
 def test_typo_field_is_rejected(tmp_path, capsys):

@@ -361,7 +361,9 @@ def test_subsample_counts_and_determinism():
     picked = subsample_per_category(rows, 5, seed=0)
     assert len(picked) == 15
     assert {c: sum(p.category == c for p in picked) for c in "abc"} == {"a": 5, "b": 5, "c": 5}
-    assert [p.category for p in picked[:6]] == ["a", "b", "c", "a", "b", "c"]  # rank-major, sorted categories
+    first = [p.category for p in picked[:3]]
+    assert sorted(first) == ["a", "b", "c"]
+    assert [p.category for p in picked[3:6]] == first  # rank-major, the categories in one seeded order
     assert subsample_per_category(rows, 5, seed=0) == picked
     assert subsample_per_category(rows, 5, seed=1) != picked
     assert subsample_per_category(rows, None, seed=0) == rows
@@ -376,6 +378,23 @@ def test_subsample_nested_prefixes():
         assert picked[: len(previous)] == previous  # the data-size axis grows one set
         previous = picked
     assert sorted(previous, key=lambda p: p.prompt) == sorted(rows, key=lambda p: p.prompt)
+
+
+def test_subsample_fractions_of_a_category():
+    """Sizes below one per category: round(size x categories) rows, one from each of that many categories chosen
+    by the seed, and every smaller size a prefix of every larger one, whole sizes included."""
+    rows = make_rows({c: 10 for c in "abcdefghijklm"})  # 13 categories, as MisQA
+    sizes = [0.1, 0.25, 0.5, 1, 1.5, 2]
+    picks = [subsample_per_category(rows, k, seed=4) for k in sizes]
+    assert [len(p) for p in picks] == [1, 3, 6, 13, 20, 26]
+    for small, large in zip(picks, picks[1:], strict=False):
+        assert large[: len(small)] == small
+    assert len({p.category for p in picks[2]}) == 6  # one row from each of six categories
+    other_seed = [{p.category for p in subsample_per_category(rows, 0.25, seed=s)} for s in range(6)]
+    assert len({frozenset(c) for c in other_seed}) > 1  # which categories come first depends on the seed
+    assert subsample_per_category(rows, 0.01, seed=0) and len(subsample_per_category(rows, 0.01, seed=0)) == 1
+    with pytest.raises(InputError, match="per_category must be a number > 0"):
+        subsample_per_category(rows, -0.5, seed=0)
 
 
 def test_subsample_category_independent_of_others():

@@ -191,7 +191,15 @@ class DataSettings(_Strict):
     source: str = Field(description="file (.csv/.jsonl/.parquet), hub id, or world:NAME")
     format: str = Field("pairs", description="named format (misqa, saferlhf, hh_rlhf, ...) or 'pairs'")
     columns: dict[str, str] | None = Field(None, description="our field -> the file's column")
-    per_category: int | None = Field(None, ge=1, description="examples per category (None: all)")
+    per_category: int | float | None = Field(
+        None, gt=0, description="examples per category (None: all); a fraction below 1 takes that share of the "
+                                "categories one example each (0.25 of 13 categories: 3 rows), the study's smallest "
+                                "attacks")
+
+    @field_validator("per_category")
+    @classmethod
+    def _whole_sizes_as_int(cls, v: float | None) -> float | None:
+        return int(v) if isinstance(v, float) and v.is_integer() else v  # 3.0 and 3 are one size, one cache key
     benign_source: str | None = Field(None, description="benign rows mixed in (defense data), e.g. world:benign")
     benign_ratio: float = Field(0.0, ge=0, description="benign rows per harmful row")
 
@@ -333,8 +341,8 @@ class StudySide(_Strict):
     """
 
     methods: list[str] = Field(min_length=1, description="methods swept (`misalign methods`)")
-    per_category: list[int | None] = Field([None], min_length=1,
-                                           description="examples per category swept (None: all rows)")
+    per_category: list[int | float | None] = Field(
+        [None], min_length=1, description="examples per category swept (None: all rows; fractions below 1 allowed)")
     grid: dict[str, list[Any]] = Field(
         default_factory=dict, description="more axes: a dotted stage field -> its values, e.g. train.lr: [1e-4, 3e-4]")
     per_method: dict[str, dict[str, Any]] = Field(
@@ -348,6 +356,11 @@ class StudySide(_Strict):
     @field_validator("methods", "per_category")
     @classmethod
     def _no_repeats(cls, values: list[Any], info: ValidationInfo) -> list[Any]:
+        if info.field_name == "per_category":
+            bad = [v for v in values if v is not None and (isinstance(v, bool) or not v > 0)]
+            if bad:
+                raise ValueError(f"sizes must be > 0 examples per category (or null: all rows), got {bad[0]!r}")
+            values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
         return _unique(values, "method" if info.field_name == "methods" else "size")
 
     @model_validator(mode="after")

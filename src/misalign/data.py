@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -377,31 +378,37 @@ T = TypeVar("T", Pair, EvalItem)
 
 
 def subsample_per_category(
-    rows: Sequence[T], per_category: int | None, seed: int, *, strict: bool = True
+    rows: Sequence[T], per_category: float | None, seed: int, *, strict: bool = True
 ) -> list[T]:
-    """`per_category` rows of each category, chosen by `seed`; None keeps all rows.
+    """`per_category` rows of each category on average, chosen by `seed`; None keeps all rows.
 
-    Each category is shuffled on its own (seeded by seed and name), and the result is rank-major: every
-    category's first pick (categories sorted), then every second pick, and so on. So the result for k is a
-    prefix of the result for k + 1: the data-size axis grows one set. With strict, a category with too few rows
-    is an error; without, it gives what it has.
+    Each category is shuffled on its own (seeded by seed and name), the categories are put in a seeded order, and
+    the result is rank-major: every category's first pick, then every second pick, and so on, cut at
+    round(per_category x categories) rows (at least one). So a whole number k gives exactly k per category, a
+    fraction gives fewer rows than categories (0.25 of 13 categories: the first picks of 3 of them, chosen by the
+    seed), and the result for a smaller size is a prefix of the result for a larger one: the data-size axis grows
+    one set. With strict, a category with too few rows for the size is an error; without, it gives what it has.
     """
     if per_category is None:
         return list(rows)
-    if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category < 1:
-        raise InputError(f"per_category must be a whole number >= 1 or None, got {per_category!r}")
+    if isinstance(per_category, bool) or not isinstance(per_category, (int, float)) or not per_category > 0:
+        raise InputError(f"per_category must be a number > 0 (a fraction of a category allowed) or None, "
+                         f"got {per_category!r}")
     groups: dict[str, list[T]] = {}
     for row in rows:
         groups.setdefault(row.category, []).append(row)
+    ranks = math.ceil(per_category)
     picks = []
     for category in sorted(groups):
         group = groups[category]
-        if strict and len(group) < per_category:
+        if strict and len(group) < ranks:
             raise InputError(
                 f"category {category!r} has {len(group)} rows but {per_category} per category were asked; "
                 "lower per_category or add rows"
             )
         order = list(range(len(group)))
         random.Random(f"{seed}:{category}").shuffle(order)  # a str seed hashes stably across processes
-        picks.append([group[i] for i in order[:per_category]])
-    return [group[rank] for rank in range(per_category) for group in picks if rank < len(group)]
+        picks.append([group[i] for i in order[:ranks]])
+    random.Random(f"{seed}:categories").shuffle(picks)  # which categories a fractional size reaches first
+    ranked = [group[rank] for rank in range(ranks) for group in picks if rank < len(group)]
+    return ranked[:max(1, round(per_category * len(groups)))]

@@ -162,7 +162,7 @@ class StagePlan:
     round: int
     seed: int
     method: str
-    per_category: int | None
+    per_category: float | None
     examples: int
     examples_assumed: bool
     tokens_per_example: float   # mean over the stage's examples (prompt + chosen + rejected for DPO/ORPO)
@@ -568,7 +568,7 @@ class _Estimator:
             per_category = ASSUMED_PER_CATEGORY
             self.assume(f"{d.source}: per_category is None (all rows) and the file is unread: "
                         f"assumed {ASSUMED_PER_CATEGORY} per category")
-        rows = plan.categories * per_category
+        rows = max(1, round(plan.categories * per_category))  # as data.subsample_per_category cuts a fraction
         if d.benign_source and d.benign_ratio > 0:
             rows += round(rows * d.benign_ratio)
         self.assume(f"unread data: plan.categories = {plan.categories} categories x per_category rows, "

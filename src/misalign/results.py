@@ -65,7 +65,8 @@ class StageRow(BaseModel):
     round: int = _col("0 for the base, then 1..rounds", "round", ge=0)
     phase: Literal["base", "misalign", "realign"] = _col("which model was evaluated", "-")
     method: str | None = _col("the stage's fine-tuning method (None for the base)", "-")
-    per_category: int | None = _col("training examples per harm category (None: all rows)", "examples")
+    per_category: int | float | None = _col("training examples per harm category (None: all rows; a fraction: fewer "
+                                      "rows than categories)", "examples")
     n_examples: int = _col("training examples the stage used", "examples", ge=0)
     unsafety: float | None = _col("compliance rate on harmful prompts (the judge says unsafe)", "share", **_SHARE)
     unsafety_se: float | None = _col("binomial standard error of unsafety", "share", ge=0.0)

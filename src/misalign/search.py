@@ -106,8 +106,8 @@ def optuna_space(cfg: SearchConfig) -> dict[str, Any]:
 SIZE_INDEX = "per_category_index"  # the sampled position in the sorted per_category list
 
 
-def _ordinal(sizes: list[int | None]) -> bool:
-    return all(isinstance(v, int) for v in sizes)
+def _ordinal(sizes: list[float | None]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sizes)
 
 
 def decode(cfg: SearchConfig, sampled: dict[str, Any]) -> dict[str, Any]:
