@@ -126,9 +126,10 @@ def _link(v: np.ndarray, kind: str, n: float, floor: np.ndarray | float, ceiling
     log((k + 1/2) / (n - k + 1/2)), finite at 0 and 1; 'dose' the same of (v - floor) / (ceiling - floor)."""
     if kind == "share":
         return v
-    if kind == "dose":
+    if kind == "dose":  # without a usable floor and ceiling (no base rows, a start below the base): plain logit
+        usable = np.isfinite(floor) & np.isfinite(ceiling) & (np.asarray(ceiling) > np.asarray(floor))
         with np.errstate(invalid="ignore", divide="ignore"):
-            v = (v - floor) / (ceiling - floor)
+            v = np.where(usable, (v - floor) / (ceiling - floor), v)
     return logit((np.clip(v, 0, 1) * n + 0.5) / (n + 1))
 
 
