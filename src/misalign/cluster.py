@@ -12,7 +12,7 @@ import threading
 import uuid
 from typing import Any
 
-from misalign.config import StudyConfig
+from misalign.config import ResourceSettings, StudyConfig
 from misalign.errors import InputError
 from misalign.storage import Store
 
@@ -144,17 +144,121 @@ def on_every_node(task: Any, nodes: list[dict[str, Any]], *args: Any) -> list[An
 
 
 def max_concurrent(cfg: StudyConfig) -> int:
-    """Trials the cluster holds at once: Tune must not start trials whose Train workers cannot be placed."""
-    import ray
-
+    """Trials at once: Tune must not start trials whose Train workers cannot be placed. On an autoscaling
+    cluster, what it can grow to (a cluster that starts with no workers would otherwise run one trial at a time)."""
     r = cfg.resources
     if r.max_concurrent:
         return r.max_concurrent
-    have = ray.cluster_resources()
-    fits = int(have.get("CPU", 0) // (r.workers * r.cpus_per_worker))
-    if r.gpus_per_worker:
-        fits = min(fits, int(have.get("GPU", 0) // (r.workers * r.gpus_per_worker)))
-    return max(1, fits)
+    largest = autoscaler_limits()
+    if largest is None:
+        return max(1, trials_fit([(n["Resources"], 1) for n in alive_nodes()], r.workers, r.cpus_per_worker,
+                                 r.gpus_per_worker))
+    fits = trials_fit(largest, r.workers, r.cpus_per_worker, r.gpus_per_worker)
+    if fits < 1:  # a type with no declared resources (the launcher fills them in), or none that fits a trial
+        raise InputError(f"no node type this cluster's autoscaler may launch declares the resources a trial asks "
+                         f"for ({trial_asks(r)}): set resources.max_concurrent to the trials the study may run at once")
+    return fits
+
+
+def trial_asks(r: ResourceSettings) -> str:
+    """What one trial asks the cluster for, in words."""
+    return (f"{r.workers} worker(s) x {r.cpus_per_worker:g} CPU"
+            + (f" + {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else ""))
+
+
+def trials_fit(nodes: list[tuple[dict[str, float], int]], workers: int, cpus: float, gpus: float) -> int:
+    """Trials of `workers` x (cpus, gpus) that nodes (resources, count) hold, a worker never split across two."""
+    per_node = [(int(res.get("CPU", 0) // cpus) if not gpus else
+                 min(int(res.get("CPU", 0) // cpus), int(res.get("GPU", 0) // gpus)), count) for res, count in nodes]
+    return sum(fit * count for fit, count in per_node) // workers
+
+
+def autoscaler_limits() -> list[tuple[dict[str, float], int]] | None:
+    """The node types an autoscaler may launch, as (resources, most nodes), head included; None where no
+    autoscaler manages the cluster (a local Ray, `ray start` by hand). InputError where one does but its limits
+    cannot be read: then resources.max_concurrent must say how wide the study may go."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()  # autoscaler v2 (KubeRay's default) publishes its config in the GCS
+    if config is not None and config.node_group_configs:
+        return _node_groups(config)
+    report = _autoscaler_report()
+    if report is None:
+        return None
+    # v1 publishes no limits, only its status: read them from its config file when the driver runs where the
+    # autoscaler does (cluster.yaml's and the RayJob's driver run on the head)
+    launcher = _monitor_config(report.get("monitor_pid"))
+    if launcher is None:
+        raise InputError(_UNREADABLE)
+    return launcher_limits(launcher)
+
+
+def _node_groups(config: Any) -> list[tuple[dict[str, float], int]]:
+    """An autoscaler v2 ClusterConfig's node groups as (resources, most nodes)."""
+    groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs]
+    if any(count < 0 for _, count in groups):
+        raise InputError(_UNBOUNDED)
+    return groups
+
+
+_UNREADABLE = ("this Ray cluster is autoscaled, and its autoscaler's limits cannot be read from here (Ray's "
+               "autoscaler v1 publishes none, and this driver is not on the head node): set resources.max_concurrent "
+               "to the trials the cluster holds at its largest (e.g. cluster.yaml: 8 GPU workers x 4 GPUs / "
+               "gpus_per_worker), or the study runs as many trials as the nodes it has now hold")
+_UNBOUNDED = ("this Ray cluster's autoscaler has a node group without a maximum: set resources.max_concurrent to "
+              "the trials the study may run at once")
+
+
+def _autoscaler_report() -> dict[str, Any] | None:
+    """The autoscaler's last status, when a real one (not Ray's read-only stand-in, which every head runs and
+    which names each node type node_<node id>) manages the cluster."""
+    import ray
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+    if not raw:
+        return None
+    status = json.loads(raw)
+    report = status.get("autoscaler_report") or {}
+    types = {*(report.get("node_type_mapping") or {}).values(), *(report.get("pending_launches") or {})}
+    readonly = {f"node_{n['NodeID']}" for n in ray.nodes()}
+    return status if types - readonly else None
+
+
+def _monitor_config(pid: int | None) -> dict[str, Any] | None:
+    """The cluster config the autoscaler process `pid` was started with, if it runs on this machine."""
+    import psutil
+    import yaml
+
+    try:
+        args = psutil.Process(pid).cmdline() if pid else []
+    except (psutil.Error, ValueError):
+        return None
+    paths = [a.split("=", 1)[1] for a in args if a.startswith("--autoscaling-config=")]
+    if not paths or not any("monitor" in a for a in args):
+        return None
+    try:
+        with open(os.path.expanduser(paths[0])) as f:
+            return yaml.safe_load(f)
+    except OSError:
+        return None
+
+
+def launcher_limits(config: dict[str, Any]) -> list[tuple[dict[str, float], int]]:
+    """A cluster launcher config's node types as (resources, most nodes): each type's max_workers (the head
+    type once), all worker types together at most the cluster's max_workers, the types that hold the most
+    first (what an autoscaler asked for that much would launch)."""
+    types = config.get("available_node_types", {})
+    head = config.get("head_node_type")
+    cap = config.get("max_workers", sum(t.get("max_workers", 0) for n, t in types.items() if n != head))
+    out = [(types[head].get("resources", {}), 1)] if head in types else []
+    workers = sorted(((t.get("resources", {}), t.get("max_workers", 0)) for n, t in types.items() if n != head),
+                     key=lambda rc: (rc[0].get("GPU", 0), rc[0].get("CPU", 0)), reverse=True)
+    for res, count in workers:
+        out.append((res, min(count, cap)))
+        cap -= out[-1][1]
+    return out
 
 
 def hold_assigned_resources(default_cpus: float) -> None:

@@ -43,6 +43,7 @@ from misalign.cluster import (
     needs_deepspeed_ops,
     prebuild_deepspeed_ops,
     single_process_group_env,
+    trial_asks,
     tune_storage,
 )
 from misalign.config import EvalConfig, ResourceSettings, StudyConfig, TrialConfig
@@ -267,8 +268,7 @@ def _study_progress_callback(paths: StudyPaths, total: int, resources: ResourceS
     from ray import tune
 
     timeout_s = resources.start_timeout_s
-    asks = (f"{resources.workers} worker(s) x {resources.cpus_per_worker:g} CPU"
-            + (f" + {resources.gpus_per_worker:g} GPU" if resources.gpus_per_worker else ""))
+    asks = trial_asks(resources)
 
     class StudyProgress(tune.Callback):
         """The live view: status.json after every trial event, one line per finished or failed trial."""
@@ -386,8 +386,9 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
                        else {"cpu": 0, "memory": 2**20})
     trainable = tune.with_resources(trainable, trial_resources)
     done_before = sum(paths.cell_done(c.id) for c in grid)
+    at_once = max_concurrent(cfg)  # on an autoscaling cluster, what it can grow to
     print(f"[study] {cfg.name}: {len(grid)} cells ({done_before} done before this run), "
-          f"{len(unique_stages(stage_uses(cfg)))} unique stages -> {store.url}", flush=True)
+          f"{len(unique_stages(stage_uses(cfg)))} unique stages, up to {at_once} at once -> {store.url}", flush=True)
     where = tune_storage(store)
     tune_dir = f"{where['storage_path']}/tune"
     fs = where.get("storage_filesystem")
@@ -397,7 +398,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
         tuner = tune.Tuner(
             trainable,
             param_space={"cell": tune.grid_search([c.axes for c in grid])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg), reuse_actors=True,
+            tune_config=tune.TuneConfig(max_concurrent_trials=at_once, reuse_actors=True,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name="tune", **where, failure_config=tune.FailureConfig(max_failures=cfg.max_failures),

@@ -1,0 +1,208 @@
+"""A study on Ray's own autoscaler: the fake multi-node provider launches and terminates node processes on this
+machine as a cloud provider launches instances. The head holds no trial (CPU 0, as in cluster.yaml), so every
+trial waits for a worker node the autoscaler adds; the study (on S3, moto on loopback) must widen to the
+cluster's largest size, finish every cell, give the nodes back, and agree with a static cluster's run.
+
+Ray's AutoscalingCluster cannot be used: it reads a fake_multi_node/example.yaml the wheel lacks, and its start
+and shutdown run `ray stop --force`, which kills every Ray on the machine (other tests', other users'). The head
+here runs in a session of its own, on its own ports and temp dir, and is stopped by that session alone."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from misalign.cluster import launcher_limits, trials_fit
+from misalign.storage import Store
+from test_object_storage import BUCKET, _cli, _free_port, s3  # noqa: F401 (s3: the fixture, used by name)
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_WORKERS = 2
+IDLE_MINUTES = 0.1
+
+
+# ---- the autoscaler's limits, read as an autoscaler would use them (no cluster needed) -------------------------
+
+def test_cluster_yaml_limits_give_the_study_its_full_width():
+    """cluster.yaml: 2 on-demand + 6 spot g6e.12xlarge (4 GPUs, 48 CPUs), at most 8 workers: 32 one-GPU trials,
+    8 four-GPU ones; the CPU head holds none. A cap below the types' sum keeps the types that hold the most."""
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    limits = launcher_limits(config)
+    assert trials_fit(limits, workers=1, cpus=8, gpus=1) == 32
+    assert trials_fit(limits, workers=4, cpus=8, gpus=1) == 8
+    assert trials_fit(limits, workers=1, cpus=1, gpus=0) == 8 * 48
+    config["max_workers"] = 3
+    config["available_node_types"]["gpu-spot"]["resources"] = {"CPU": 48, "GPU": 8}
+    assert trials_fit(launcher_limits(config), workers=1, cpus=8, gpus=1) == 3 * 6  # 3 spot nodes, 6 by CPU
+
+
+def test_autoscaler_v2_limits_are_read_from_its_published_config():
+    """KubeRay's autoscaler (v2) publishes its node groups in the GCS as a ClusterConfig: the same arithmetic."""
+    from ray.core.generated import autoscaler_pb2
+
+    from misalign.cluster import _node_groups
+
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 0}, max_count=1),
+        autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 48, "GPU": 4}, max_count=3)])
+    assert trials_fit(_node_groups(config), workers=1, cpus=4, gpus=2) == 6
+
+
+# ---- the fake autoscaling cluster --------------------------------------------------------------------------
+
+def _session_pids(sid: int) -> list[int]:
+    """The processes of session `sid`: the head, its autoscaler and every node the autoscaler launched."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.getsid(int(entry)) == sid:
+                pids.append(int(entry))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+@pytest.fixture
+def autoscaling_cluster(s3, tmp_path) -> Iterator[str]:  # noqa: F811 (the fixture imported above)
+    """A head with no CPUs and one worker type of 1 CPU, min 0, max MAX_WORKERS, idle timeout IDLE_MINUTES, under
+    Ray's autoscaler (v1: the v2 monitor needs the missing example.yaml). Yields the GCS address."""
+    port = _free_port()
+    config = {
+        "cluster_name": "misalign-fake", "max_workers": MAX_WORKERS, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": IDLE_MINUTES,
+        # the provider, as example.yaml would give it, told where this head's GCS listens
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{port}"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu-worker": {"resources": {"CPU": 1, "object_store_memory": 2**27}, "node_config": {},
+                           "min_workers": 0, "max_workers": MAX_WORKERS}},
+        "head_node_type": "ray.head.default",
+        "auth": {"ssh_user": "nobody"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": []}
+    config_file = tmp_path / "autoscaling.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    # short: Ray's Unix sockets live under it, and its ray_current_cluster stays out of /tmp/ray
+    temp_dir = tempfile.mkdtemp(prefix="rfa-", dir="/tmp")
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=0", f"--autoscaling-config={config_file}",
+         "--include-dashboard=false", f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}"],
+        env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while _alive_workers(address) is None:
+            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops what it started
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=30)
+        # the nodes the autoscaler launched, whatever is left of them: this session's processes, and no other's
+        for pid in _session_pids(head.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        head.wait()
+
+
+def _alive_workers(address: str) -> int | None:
+    """Worker nodes the GCS at `address` counts alive (the head left out); None while it does not answer."""
+    from ray._raylet import GcsClient
+
+    try:
+        nodes = GcsClient(address=address).get_all_node_info(timeout=2).values()
+    except Exception:  # noqa: BLE001 (not listening yet)
+        return None
+    return sum(n.state == 0 and not n.is_head_node for n in nodes)  # 0: ALIVE
+
+
+class NodeLog:
+    """Worker nodes alive over time, sampled every 0.25 s from the GCS."""
+
+    def __init__(self, address: str) -> None:
+        self.address, self.samples, self.t0 = address, [], time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            n = _alive_workers(self.address)
+            if n is not None:
+                self.samples.append((time.time() - self.t0, n))
+
+    def first(self, count: int) -> float | None:
+        return next((t for t, n in self.samples if n >= count), None)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# three cells (three misalignments, one defense each), one seed, quick: 4 optimizer steps a stage, 20 items a set
+CELLS = 3
+QUICK = ["--set", "seeds=[0]", "--set", "attack.methods=[lora]", "--set", "attack.per_category=[1, 2, 3]",
+         "--set", "defense.methods=[lora]", "--set", "defense.per_category=[3]", "--set", "attack.train.max_steps=4",
+         "--set", "defense.train.max_steps=4", "--set", "eval.limit=20", "--set", "eval.max_new_tokens=16"]
+# what a run computes, as opposed to when and where it ran (wall time, memory, which cell trained a shared stage)
+DETERMINISTIC = ["cell_id", "round", "phase", "unsafety", "unsafety_se", "refusal", "neither", "over_refusal",
+                 "utility", "n_examples", "epochs", "tokens", "flops", "optimizer_steps", "workers"]
+
+
+@pytest.mark.slow
+def test_a_study_widens_an_autoscaling_cluster_and_gives_it_back(world, s3, autoscaling_cluster, tmp_path):  # noqa: F811
+    """`study run --address auto` on a cluster that starts with no workers: the autoscaler goes 0 -> MAX_WORKERS
+    as the study's trials queue (not one node for one trial at a time), every cell finishes, the nodes go back
+    after the idle timeout, and the results equal a static local cluster's run of the same study row for row."""
+    runs = f"s3://{BUCKET}/autoscaled"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": autoscaling_cluster}
+    assert _alive_workers(autoscaling_cluster) == 0, "the cluster starts with no workers"
+    nodes = NodeLog(autoscaling_cluster)
+    run = subprocess.run(_cli("study", "run", "configs/study-tiny.yaml", *QUICK, "--storage", runs,
+                              "--address", "auto"), env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    finished = time.time() - nodes.t0
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"up to {MAX_WORKERS} at once" in run.stdout, "concurrency from what the cluster can grow to"
+    deadline = time.time() + 120
+    while _alive_workers(autoscaling_cluster) and time.time() < deadline:
+        time.sleep(0.5)
+    nodes.stop()
+    first, full = nodes.first(1), nodes.first(MAX_WORKERS)
+    released = next((t for t, n in nodes.samples if t > finished and n == 0), None)
+    widest = max(n for _, n in nodes.samples)
+    print(f"\n[autoscaling] first worker node {first:.1f}s after the driver started, full width ({MAX_WORKERS}) "
+          f"{full:.1f}s (+{full - first:.1f}s), study done {finished:.1f}s, nodes released {released:.1f}s "
+          f"({released - finished:.1f}s after the study, idle timeout {IDLE_MINUTES * 60:.0f}s)")
+    assert widest == MAX_WORKERS and full is not None, f"never reached full width: {nodes.samples}"
+    assert released is not None, f"the nodes were not given back: {nodes.samples[-5:]}"
+
+    scaled = Store(f"{runs}/study-tiny").read_parquet("results.parquet")
+    assert scaled.cell_id.nunique() == CELLS and len(scaled) == CELLS * 3
+    assert not scaled.duplicated(["cell_id", "round", "phase"]).any()
+
+    static_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    static = subprocess.run(_cli("study", "run", "configs/study-tiny.yaml", *QUICK, "--storage",
+                                 str(tmp_path / "static")), env=static_env, capture_output=True, text=True,
+                            timeout=600, cwd=REPO)
+    assert static.returncode == 0, static.stdout[-3000:] + static.stderr[-3000:]
+    here = pd.read_parquet(tmp_path / "static" / "study-tiny" / "results.parquet")
+    key = ["cell_id", "round", "phase"]
+    pd.testing.assert_frame_equal(scaled[DETERMINISTIC].sort_values(key).reset_index(drop=True),
+                                  here[DETERMINISTIC].sort_values(key).reset_index(drop=True))
