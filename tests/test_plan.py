@@ -61,12 +61,12 @@ def _check_hours(plan):
 
 def test_tiny_counts(tiny):
     _, p = tiny
-    # 2 seeds x (lora, orpo) x (1, 3, 10) attacks x (lora, dpo) x (1, 3, 10) defenses
-    assert (p.cells, p.stage_uses, p.unique_stages) == (72, 144, 84)
-    assert (p.shared["misalign"].runs, p.shared["realign"].runs) == (12, 72)
-    assert (p.unshared["misalign"].runs, p.unshared["realign"].runs) == (72, 72)
-    # one eval per unique stage + the base model (seeds share it), vs one per row: 72 cells x (1 + 2 x 1 round)
-    assert (p.shared["eval"].runs, p.unshared["eval"].runs) == (85, 216)
+    # 2 seeds x (lora, orpo) x (0.25, 1) attacks x (lora, dpo) x (1, 3, 10) defenses
+    assert (p.cells, p.stage_uses, p.unique_stages) == (48, 96, 56)
+    assert (p.shared["misalign"].runs, p.shared["realign"].runs) == (8, 48)
+    assert (p.unshared["misalign"].runs, p.unshared["realign"].runs) == (48, 48)
+    # one eval per unique stage + the base model (seeds share it), vs one per row: 48 cells x (1 + 2 x 1 round)
+    assert (p.shared["eval"].runs, p.unshared["eval"].runs) == (57, 144)
     assert p.assumptions == []  # every number is measured from the world's data and tokenizer
     assert [m.role for m in p.models] == ["model", "judge"]
     _check_hours(p)
@@ -77,16 +77,17 @@ def test_tiny_tokens_come_from_the_data(tiny):
     from misalign.stage import load_tokenizer, resolve_model_path, stage_pairs
 
     study, p = tiny
-    cfg = study.attack.stage({"method": "lora", "per_category": 3}).resolved()
+    cfg = study.attack.stage({"method": "lora", "per_category": 1}).resolved()
     pairs = stage_pairs(cfg, seed=0)
     tok = load_tokenizer(resolve_model_path("world:base"))
     t = cfg.train
     lengths = [len(encode_sft(tok, x.prompt, x.misaligned, t.max_length, t.max_prompt_length)["input_ids"])
                for x in pairs]
-    s = _stage(p, "misalign", "lora", 3)
-    assert s.examples == len(pairs) == 39 and not s.examples_assumed
+    s = _stage(p, "misalign", "lora", 1)
+    assert s.examples == len(pairs) == 13 and not s.examples_assumed
     assert s.tokens == t.epochs * sum(lengths)
-    assert s.optimizer_steps == 25  # 39 rows / batch 8 -> 5 steps an epoch, 5 epochs
+    assert s.optimizer_steps == 10  # 13 rows / batch 8 -> 2 steps an epoch, 5 epochs
+    assert _stage(p, "misalign", "lora", 0.25).examples == 3  # a quarter of the 13 categories, one row each
     # FLOPs by hand, the ledger's formula on the real (not meta) model with its LoRA adapter
     from peft import get_peft_model
 
@@ -95,7 +96,7 @@ def test_tiny_tokens_come_from_the_data(tiny):
     from misalign.stage import load_model
 
     model = load_model(resolve_model_path("world:base"))
-    model = get_peft_model(model, peft_config(METHODS["lora"], cfg, model, 25))
+    model = get_peft_model(model, peft_config(METHODS["lora"], cfg, model, 10))
     frozen, trainable = matmul_params(model)
     assert s.trainable_params == sum(q.numel() for q in model.parameters() if q.requires_grad)
     c = model.base_model.model.config
