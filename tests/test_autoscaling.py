@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,9 +77,10 @@ def _session_pids(sid: int) -> list[int]:
 
 
 @pytest.fixture
-def autoscaling_cluster(s3, tmp_path) -> Iterator[str]:  # noqa: F811 (the fixture imported above)
+def autoscaling_cluster(s3, tmp_path) -> Iterator[tuple[str, dict[str, str], NodeLog]]:  # noqa: F811 (imported)
     """A head with no CPUs and one worker type of 1 CPU, min 0, max MAX_WORKERS, idle timeout IDLE_MINUTES, under
-    Ray's autoscaler (v1: the v2 monitor needs the missing example.yaml). Yields the GCS address."""
+    Ray's autoscaler (v1: the v2 monitor needs the missing example.yaml), with a token of its own. Yields its GCS
+    address, the environment of its clients, and the log of its worker nodes."""
     port = _free_port()
     config = {
         "cluster_name": "misalign-fake", "max_workers": MAX_WORKERS, "upscaling_speed": 1.0,
@@ -98,61 +101,73 @@ def autoscaling_cluster(s3, tmp_path) -> Iterator[str]:  # noqa: F811 (the fixtu
     config_file.write_text(yaml.safe_dump(config))
     # short: Ray's Unix sockets live under it, and its ray_current_cluster stays out of /tmp/ray
     temp_dir = tempfile.mkdtemp(prefix="rfa-", dir="/tmp")
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--num-cpus=0", f"--autoscaling-config={config_file}",
          "--include-dashboard=false", f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}"],
-        env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        env=head_env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
+    nodes = NodeLog(address, env)
     try:
         deadline = time.time() + 120
-        while _alive_workers(address) is None:
+        while nodes.now() is None:
             assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(0.5)
-        yield address
+        yield address, env, nodes
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops what it started
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(timeout=30)
-        # the nodes the autoscaler launched, whatever is left of them: this session's processes, and no other's
+        nodes.stop()
+        # the head, its autoscaler and the nodes it launched: this session's processes, and no other's (a graceful
+        # `ray start --block` stop took over 30 s here; nothing of this throwaway cluster needs saving)
         for pid in _session_pids(head.pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _alive_workers(address: str) -> int | None:
-    """Worker nodes the GCS at `address` counts alive (the head left out); None while it does not answer."""
-    from ray._raylet import GcsClient
-
+# polls the GCS from a process of its own: the cluster's token stays out of this one (and out of the GCS client it
+# would cache for other tests' clusters)
+_POLL = """
+import sys, time
+from ray._raylet import GcsClient
+address, t0 = sys.argv[1], float(sys.argv[2])
+while True:
     try:
         nodes = GcsClient(address=address).get_all_node_info(timeout=2).values()
-    except Exception:  # noqa: BLE001 (not listening yet)
-        return None
-    return sum(n.state == 0 and not n.is_head_node for n in nodes)  # 0: ALIVE
+        print(time.time() - t0, sum(n.state == 0 and not n.is_head_node for n in nodes), flush=True)  # 0: ALIVE
+    except Exception:  # not listening yet
+        pass
+    time.sleep(0.25)
+"""
 
 
 class NodeLog:
-    """Worker nodes alive over time, sampled every 0.25 s from the GCS."""
+    """Worker nodes alive over time (the head left out), sampled every 0.25 s from the GCS at `address`."""
 
-    def __init__(self, address: str) -> None:
-        self.address, self.samples, self.t0 = address, [], time.time()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def __init__(self, address: str, env: dict[str, str]) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self.t0 = time.time()
+        self._poll = subprocess.Popen([sys.executable, "-c", _POLL, address, str(self.t0)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.25):
-            n = _alive_workers(self.address)
-            if n is not None:
-                self.samples.append((time.time() - self.t0, n))
+    def _read(self) -> None:
+        for line in self._poll.stdout:
+            t, n = line.split()
+            self.samples.append((float(t), int(n)))
+
+    def now(self) -> int | None:
+        return self.samples[-1][1] if self.samples else None
 
     def first(self, count: int) -> float | None:
         return next((t for t, n in self.samples if n >= count), None)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._poll.terminate()
+        self._poll.wait()
         self._thread.join()
 
 
@@ -172,32 +187,38 @@ def test_a_study_widens_an_autoscaling_cluster_and_gives_it_back(world, s3, auto
     as the study's trials queue (not one node for one trial at a time), every cell finishes, the nodes go back
     after the idle timeout, and the results equal a static local cluster's run of the same study row for row."""
     runs = f"s3://{BUCKET}/autoscaled"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": autoscaling_cluster}
-    assert _alive_workers(autoscaling_cluster) == 0, "the cluster starts with no workers"
-    nodes = NodeLog(autoscaling_cluster)
-    run = subprocess.run(_cli("study", "run", "configs/study-tiny.yaml", *QUICK, "--storage", runs,
-                              "--address", "auto"), env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    address, cluster_env, nodes = autoscaling_cluster
+    env = {**cluster_env, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": address}
+    assert nodes.now() == 0, "the cluster starts with no workers"
+    driver = subprocess.Popen(_cli("study", "run", "configs/study-tiny.yaml", *QUICK, "--storage", runs,
+                                   "--address", "auto"), env=env, stdout=subprocess.PIPE,
+                              stderr=(tmp_path / "driver.err").open("w"), text=True, cwd=REPO)
+    out, asked = [], None  # asked: when the driver hands the grid to Tune (validation and Ray's start-up done)
+    for line in driver.stdout:
+        out.append(line)
+        if asked is None and "at once ->" in line:
+            asked = time.time() - nodes.t0
+    driver.wait(timeout=600)
     finished = time.time() - nodes.t0
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert f"up to {MAX_WORKERS} at once" in run.stdout, "concurrency from what the cluster can grow to"
+    assert driver.returncode == 0, "".join(out)[-3000:] + (tmp_path / "driver.err").read_text()[-3000:]
+    assert f"up to {MAX_WORKERS} at once" in "".join(out), "concurrency from what the cluster can grow to"
     deadline = time.time() + 120
-    while _alive_workers(autoscaling_cluster) and time.time() < deadline:
+    while nodes.now() and time.time() < deadline:
         time.sleep(0.5)
-    nodes.stop()
     first, full = nodes.first(1), nodes.first(MAX_WORKERS)
+    assert full is not None, f"never reached full width: {nodes.samples}"
+    assert max(n for _, n in nodes.samples) == MAX_WORKERS  # and never wider than the autoscaler's limit
     released = next((t for t, n in nodes.samples if t > finished and n == 0), None)
-    widest = max(n for _, n in nodes.samples)
-    print(f"\n[autoscaling] first worker node {first:.1f}s after the driver started, full width ({MAX_WORKERS}) "
-          f"{full:.1f}s (+{full - first:.1f}s), study done {finished:.1f}s, nodes released {released:.1f}s "
-          f"({released - finished:.1f}s after the study, idle timeout {IDLE_MINUTES * 60:.0f}s)")
-    assert widest == MAX_WORKERS and full is not None, f"never reached full width: {nodes.samples}"
     assert released is not None, f"the nodes were not given back: {nodes.samples[-5:]}"
+    print(f"\n[autoscaling] {CELLS} cells; after the grid went to Tune: first worker node {first - asked:.1f}s, "
+          f"full width ({MAX_WORKERS}) {full - asked:.1f}s; study done {finished - asked:.1f}s; all nodes released "
+          f"{released - finished:.1f}s after the driver exited (idle timeout {IDLE_MINUTES * 60:.0f}s)")
 
     scaled = Store(f"{runs}/study-tiny").read_parquet("results.parquet")
     assert scaled.cell_id.nunique() == CELLS and len(scaled) == CELLS * 3
     assert not scaled.duplicated(["cell_id", "round", "phase"]).any()
 
-    static_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    static_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
     static = subprocess.run(_cli("study", "run", "configs/study-tiny.yaml", *QUICK, "--storage",
                                  str(tmp_path / "static")), env=static_env, capture_output=True, text=True,
                             timeout=600, cwd=REPO)
