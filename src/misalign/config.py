@@ -417,7 +417,8 @@ class ResourceSettings(_Strict):
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how a trial's workers are placed on nodes (Ray placement group strategy)")
     max_concurrent: int | None = Field(
-        None, ge=1, description="trials at once (None: as many as the cluster's CPUs/GPUs hold now)")
+        None, ge=1, description="trials at once (None: as many as the cluster's CPUs/GPUs hold, or on an "
+        "autoscaling cluster can grow to; required where its autoscaler's limits cannot be read)")
     start_timeout_s: float = Field(
         1800, gt=0, description="stop the run when no trial could start for this long: the cluster cannot hold "
         "one, and no node the autoscaler added so far could (time for an autoscaler to add GPU nodes included)")
