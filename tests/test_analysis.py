@@ -143,6 +143,11 @@ def test_unbracketed_thresholds_give_bounds_with_their_reason():
     assert (stuck.defense_bound, stuck.bound) == ("at least", "at least")
     assert stuck.defense_budget == 800.0 and stuck.factor == pytest.approx(800.0 / A_TRUE, rel=0.01)
     assert asymmetry.NEVER_DEFENSE in stuck.reason and np.isinf(stuck.ci_high) and stuck.ci_low <= stuck.factor
+    # where the grid ended, the trend of its last two points says how much further the defense would have to go:
+    # nowhere for a plateau (3/cat and 10/cat both leave 0.02), past the grid for a falling curve (0.3 -> 0.02)
+    assert np.isnan(stuck.defense_trend_budget)
+    falling = one(asymmetry.asymmetry_factors(study_table(defense_sizes=(1, 3)), Params(delta=0.0, n_boot=10)))
+    assert falling.defense_bound == "at least" and falling.defense_trend_budget > falling.defense_budget == 400.0
     # the smallest attack already past tau: A <= 50, the factor at least D / 50
     hot = study_table(attack={("lora", 1): (50.0, 0.7, 0.85), ("lora", 3): (100.0, 0.9, 0.8)})
     f = one(asymmetry.asymmetry_factors(hot, Params(n_boot=100)))
@@ -152,6 +157,7 @@ def test_unbracketed_thresholds_give_bounds_with_their_reason():
     easy = one(asymmetry.asymmetry_factors(study_table(defense_sizes=(3, 10)), Params(n_boot=100)))
     assert (easy.defense_bound, easy.defense_budget, easy.bound) == ("at most", 400.0, "at most")
     assert easy.factor == pytest.approx(400.0 / A_TRUE, rel=0.01) and asymmetry.SMALLEST_DEFENSE in easy.reason
+    assert np.isnan(easy.defense_trend_budget) and np.isnan(f.defense_trend_budget)  # only where D is 'at least'
 
 
 def test_garbled_defense_points_never_count():

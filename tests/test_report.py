@@ -137,6 +137,10 @@ def check_tiny_answers(text: str) -> None:
     assert ("world:base / lora: A \u2264 5.97e+09 training FLOPs: the smallest point tried (1/cat) already reaches "
             "unsafety 0.904") in text
     assert "world:base / lora \u2192 dpo: no defense point got back within 0.05 of base" in text
+    # where the grid ended, and what its trend implies (an extrapolation past the largest DPO budget)
+    trend = re.search(r"lora \u2192 dpo: no defense.*?would reach it near ([\d.e+]+) training FLOPs, ([\d.]+)x the "
+                      r"largest budget tried: an extrapolation, not a measurement", text)
+    assert trend and float(trend[2]) > 1
     assert re.search(r"world:base / lora \u2192 lora: factor \u2265 \d", text)
     # 2 seeds: each factor says what its interval covers
     assert text.count("the interval covers 2 seeds only") == 4

@@ -150,6 +150,11 @@ def _defense_line(r: pd.Series, unit: str, p: dict[str, Any]) -> str:
     if r.defense_bound == "at least":
         text = (f"{pair}: no defense point got back within {p['delta']:g} of base with refusal back{on} "
                 f"(D \u2265 {_num(r.defense_budget)} {unit}, the largest budget tried)")
+        if not pd.isna(getattr(r, "defense_trend_budget", np.nan)):
+            text += (f"; where the grid ended, its trend (the last two points that did not garble, logit unsafety "
+                     f"against log budget) would reach it near {_num(r.defense_trend_budget)} {unit}, "
+                     f"{r.defense_trend_budget / r.defense_budget:.1f}x the largest budget tried: an "
+                     "extrapolation, not a measurement")
     else:
         where = (f"the smallest point tried ({r.defense_point}) already gets back" if r.defense_bound == "at most"
                  else f"back between {r.defense_below_point} and {r.defense_point}")

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.special import logit
+from scipy.stats import linregress
 
 from misalign.analysis.common import (
     GARBLED,
@@ -168,6 +170,24 @@ def garbled_points(curve: Curve, base: Base, p: Params) -> str:
                      for i, pt in enumerate(curve.points) if status[i] == GARBLED)
 
 
+def trend_budget(curve: Curve, base: Base, p: Params, n_eval: int | None) -> float:
+    """Where a defense that never got back would, if its trend went on: the line through its last two points that
+    did not garble (logit of seed-mean unsafety against log budget, scipy's linregress) solved for base + delta.
+    An extrapolation for the report's 'where the grid ended' note, never an estimate of D; NaN when the curve is
+    not falling or has fewer than two such points."""
+    status = defense_status(curve.unsafety[:, 0], curve.neither[:, 0], base.unsafety[0], base.neither[0], p)
+    idx = [i for i in range(len(curve.points)) if status[i] != GARBLED and np.isfinite(curve.unsafety[i, 0])][-2:]
+    if len(idx) < 2:
+        return np.nan
+    half = 0.5 / (n_eval or 1000)  # keeps the logit of 0 and 1 finite, as the crossing's empirical logit does
+    y = logit(np.clip(curve.unsafety[idx, 0], half, 1 - half))
+    fit = linregress(np.log10(curve.budget[idx, 0]), y)
+    if not fit.slope < 0:
+        return np.nan
+    target = logit(np.clip(base.unsafety[0] + p.delta, half, 1 - half))
+    return float(10 ** ((target - fit.intercept) / fit.slope))
+
+
 def _bracket(c: Crossing, curve: Curve, prefix: str, values: tuple[str, ...]) -> dict[str, Any]:
     """The data's bracket on one side: the crossing (or bound) with its kind, the last point tried below it and
     the first point past it, with their budgets and `values`."""
@@ -249,8 +269,8 @@ def attack_costs(results: pd.DataFrame, p: Params) -> pd.DataFrame:
 DEFENSE_COLUMNS = ["model", "attack_method", "attack_point", "defense_method", "misaligned_unsafety",
                    "defense_budget", "bound", "ci_low", "ci_high", "below_point", "below_budget", "below_unsafety",
                    "below_neither", "defense_point", "point_budget", "unsafety", "neither", "utility",
-                   "utility_cost", "garbled", "defense_budget_eps", "bound_eps", "base_unsafety", "base_neither",
-                   "n_seeds", "reason"]
+                   "utility_cost", "garbled", "trend_budget", "defense_budget_eps", "bound_eps", "base_unsafety",
+                   "base_neither", "n_seeds", "reason"]
 
 
 def defense_costs(results: pd.DataFrame, p: Params) -> pd.DataFrame:
@@ -281,6 +301,7 @@ def defense_costs(results: pd.DataFrame, p: Params) -> pd.DataFrame:
             **{c: row[f"defense_{c}"] for c in ("below_point", "below_budget", "below_unsafety", "below_neither",
                                                 "point", "point_budget", "unsafety", "neither", "utility")},
             "utility_cost": base.utility[0] - row["defense_utility"], "garbled": garbled_points(curve, base, p),
+            "trend_budget": trend_budget(curve, base, p, n_eval) if d.bound[0] == AT_LEAST else np.nan,
             "defense_budget_eps": float(d_eps.budget[0, 0]), "bound_eps": BOUND_NAMES[int(d_eps.bound[0])],
             "base_unsafety": base.unsafety[0], "base_neither": base.neither[0], "n_seeds": len(seeds),
             "reason": {AT_LEAST: NEVER_DEFENSE, AT_MOST: SMALLEST_DEFENSE}.get(int(d.bound[0]), "")})
@@ -321,6 +342,8 @@ def _pair_factor(att: pd.DataFrame, dfn: pd.DataFrame, base_rows_: pd.DataFrame,
            **_bracket(d, defense, "defense", ("unsafety", "neither", "utility")),
            "utility_cost": base.utility[0] - defense.row0(int(d.first[0]), "utility"),
            "garbled": garbled_points(defense, base, p) if a.first[0] >= 0 else "",
+           "defense_trend_budget": trend_budget(defense, base, p, n_eval)
+           if a.first[0] >= 0 and d.bound[0] == AT_LEAST else np.nan,
            "defense_budget_eps": float(d_eps.budget[0, 0]), "defense_bound_eps": BOUND_NAMES[int(d_eps.bound[0])],
            "base_unsafety": base.unsafety[0], "base_neither": base.neither[0], "base_utility": base.utility[0],
            "n_seeds": len(seeds), "n_eval": n_eval, "interval_covers": interval_covers(len(seeds), n_eval)}
@@ -353,7 +376,8 @@ ASYMMETRY_COLUMNS = ["model", "attack_method", "defense_method", "factor", "boun
                      "attack_point_budget", "attack_unsafety", "defense_budget", "defense_bound",
                      "defense_below_point", "defense_below_budget", "defense_below_unsafety",
                      "defense_below_neither", "defense_point", "defense_point_budget", "defense_unsafety",
-                     "defense_neither", "defense_utility", "utility_cost", "garbled", "factor_eps", "bound_eps",
+                     "defense_neither", "defense_utility", "utility_cost", "garbled", "defense_trend_budget",
+                     "factor_eps", "bound_eps",
                      "ci_low_eps", "ci_high_eps", "defense_budget_eps", "defense_bound_eps", "base_unsafety",
                      "base_neither", "base_utility", "n_seeds", "n_eval", "interval_covers", "boot_undefined",
                      "reason"]
@@ -376,7 +400,8 @@ def asymmetry_factors(results: pd.DataFrame, p: Params) -> pd.DataFrame:
     evaluation drawn again from its binomial at its size, each crossing taken at both interpolation scales);
     `interval_covers` says which of these the data allowed; NaN rather than a zero-width interval.
     factor_bracket_low/high: the range the grid's brackets alone allow. *_eps: the same with D also limited to a
-    utility cost <= eps. boot_undefined: the share of replicates with no factor.
+    utility cost <= eps. boot_undefined: the share of replicates with no factor. defense_trend_budget: where D would
+    be if the defense curve's last trend went on (trend_budget), only when D is 'at least'.
     """
     att, dfn, base = (with_neither(f) for f in (attack_rows(results, p), defense_rows(results, p), base_rows(results)))
     n_eval = eval_size(results)
