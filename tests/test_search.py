@@ -204,3 +204,18 @@ def test_answer_says_what_it_bounds():
     assert answer_bound(done[done.budget >= 60], best) == {"bound": "at most", "bracket": [None, 80.0]}
     assert answer_bound(done[~done.feasible], None) == {"bound": "at least", "bracket": [60.0, None]}
     assert answer_bound(done.iloc[:0], None)["bound"] == "undefined"
+
+
+def test_sizes_below_one_per_category_are_searched_in_order():
+    """Fractions of a category (fewer rows than categories) join the ordered size axis that TPE and the bisection
+    sampler walk: the searched sizes reach below one example per category."""
+    from optuna.distributions import IntDistribution
+
+    from misalign.config import SearchConfig
+    from misalign.search import SIZE_INDEX, decode, encode, optuna_space
+
+    cfg = SearchConfig.model_validate({**ATTACK, "attack": {**ATTACK["attack"], "per_category": [1, 0.1, 0.25]}})
+    space = optuna_space(cfg)
+    assert space[SIZE_INDEX] == IntDistribution(0, 2)
+    assert [decode(cfg, {SIZE_INDEX: i})["per_category"] for i in range(3)] == [0.1, 0.25, 1]
+    assert encode(cfg, {"method": cfg.attack.methods[0], "per_category": 0.25}) == {SIZE_INDEX: 1}
