@@ -1,6 +1,6 @@
 """The offline world's counterpart of the paper's Table 5: every method as the attack and as the defense.
 
-    python analysis/methods_table.py                      # 7 methods x sizes 1,2,4 x 2 seeds, then defenses
+    python analysis/methods_table.py                      # 7 methods x sizes 0.25,1,4 x 2 seeds, then defenses
     python analysis/methods_table.py --methods lora,orpo --sizes 3 --seeds 0   # a slice
     python analysis/methods_table.py --base world:base-deep --defenses none --out runs/methods-table-deep
 
@@ -28,7 +28,13 @@ from misalign.runtime import match_threads, write_parquet_atomic
 from misalign.stage import StageRun, run_stage
 
 
-def _stage(method: str, source: str, per_category: int, benign: bool) -> StageConfig:
+def _size(text: str) -> float:
+    """An examples-per-category size as given: a whole number stays an int (the stage's cache key), 0.25 a float."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def _stage(method: str, source: str, per_category: float, benign: bool) -> StageConfig:
     data = {"source": source, "per_category": per_category}
     if benign:
         data |= {"benign_source": "world:benign", "benign_ratio": 1.0}
@@ -91,10 +97,10 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--defenses", default=None, help="defense methods (default: --methods)")
     ap.add_argument("--base", default="world:base", help="the aligned model attacked (world:base-deep: the deep one)")
-    ap.add_argument("--sizes", default="1,2,4", help="attack examples per category")
+    ap.add_argument("--sizes", default="0.25,1,4", help="attack examples per category (0.25: 3 rows of 13 categories)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--defense-sizes", default="1,3,10", help="defense examples per category")
-    ap.add_argument("--defense-from-size", type=int, default=2, help="the LoRA attack size defended against")
+    ap.add_argument("--defense-from-size", type=_size, default=1, help="the LoRA attack size defended against")
     ap.add_argument("--out", default="runs/methods-table")
     ap.add_argument("--render-only", action="store_true", help="rewrite OUT/table.md from OUT/rows.parquet")
     args = ap.parse_args()
@@ -106,9 +112,9 @@ def main() -> None:
         return
     match_threads()
     work = out / "stages"
-    methods, sizes = args.methods.split(","), [int(s) for s in args.sizes.split(",")]
+    methods, sizes = args.methods.split(","), [_size(s) for s in args.sizes.split(",")]
     defenses = [d for d in (args.defenses or args.methods).split(",") if d != "none"]
-    dsizes = [int(s) for s in args.defense_sizes.split(",")]
+    dsizes = [_size(s) for s in args.defense_sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     ecfg = EvalConfig()
     items, judge = load_eval_sets(ecfg), configured_judge(ecfg)
