@@ -61,7 +61,7 @@ def _check_hours(plan):
 
 def test_tiny_counts(tiny):
     _, p = tiny
-    # 2 seeds x (lora, orpo) x (0.25, 1) attacks x (lora, dpo) x (1, 3, 10) defenses
+    # 2 seeds x (lora, orpo) x (0.25, 1) attacks x (lora, dpo) x (3, 10, 20) defenses
     assert (p.cells, p.stage_uses, p.unique_stages) == (48, 96, 56)
     assert (p.shared["misalign"].runs, p.shared["realign"].runs) == (8, 48)
     assert (p.unshared["misalign"].runs, p.unshared["realign"].runs) == (48, 48)
