@@ -26,11 +26,11 @@ def test_bench_storage_writes_its_json(world, bench_storage, tmp_path, capsys):
     out = tmp_path / "storage.json"
     bench_storage.main(["--config", "configs/study-tiny.yaml", "--out", str(out)])
     r = json.loads(out.read_text())
-    assert (r["study"], r["cells"], r["unique_stages"]) == ("study-tiny", 72, 84)
+    assert (r["study"], r["cells"], r["unique_stages"]) == ("study-tiny", 48, 56)
     assert set(r["storage"]) == {"new", "new_unshared", "old", "old_unshared"}
     for layout in ("new", "old"):
         m = r["moved"][layout]
-        assert m["cells"] == 72 and m["per_cell"] == pytest.approx((m["read"] + m["written"]) / 72)
+        assert m["cells"] == 48 and m["per_cell"] == pytest.approx((m["read"] + m["written"]) / 48)
         # with sharing each stage is written once: the cells write what the study keeps
         assert m["written"] == pytest.approx(r["storage"][layout]["total"])
     assert r["storage"]["new"]["merged"] == 0 < r["storage"]["old"]["merged"]
