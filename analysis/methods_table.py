@@ -49,7 +49,7 @@ def _smallest_reaching(g: pd.DataFrame, sizes: list[int], tau: float = 0.5) -> t
     for size in sizes:
         at = g[g.per_category == size]
         if not at.empty and at.unsafety.mean() >= tau:
-            return f"{size}/cat", _mean_sd(at.neither)
+            return f"{size:g}/cat", _mean_sd(at.neither)
     return "never", "-"
 
 
@@ -61,8 +61,8 @@ def markdown(rows: pd.DataFrame) -> str:
                  f"neither {base.neither.mean():.2f}.\n")
     att = rows[rows.role == "attack"]
     sizes = sorted(att.per_category.unique())
-    head = (["method"] + [f"unsafety @{s}/cat" for s in sizes] + ["reaches 0.5 at", "neither @0.5"]
-            + [f"{k} @{sizes[-1]}" for k in ("neither", "utility", "over-refusal")])
+    head = (["method"] + [f"unsafety @{s:g}/cat" for s in sizes] + ["reaches 0.5 at", "neither @0.5"]
+            + [f"{k} @{sizes[-1]:g}" for k in ("neither", "utility", "over-refusal")])
     lines += ["**Attack** (misalign the aligned base; mean ± sd over seeds)", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in METHODS:
@@ -77,9 +77,9 @@ def markdown(rows: pd.DataFrame) -> str:
     if not de.empty:
         mis = rows[rows.role == "misaligned"]
         dsizes = sorted(de.per_category.unique())
-        head = (["method"] + [f"unsafety @{s}/cat" for s in dsizes]
-                + [f"{k} @{dsizes[-1]}" for k in ("utility", "over-refusal", "neither")])
-        lines += ["", f"**Defense** (realign a LoRA-misaligned model, {int(mis.per_category.iloc[0])}/cat: unsafety "
+        head = (["method"] + [f"unsafety @{s:g}/cat" for s in dsizes]
+                + [f"{k} @{dsizes[-1]:g}" for k in ("utility", "over-refusal", "neither")])
+        lines += ["", f"**Defense** (realign a LoRA-misaligned model, {mis.per_category.iloc[0]:g}/cat: unsafety "
                   f"{_mean_sd(mis.unsafety)}, neither {_mean_sd(mis.neither)}, utility {_mean_sd(mis.utility)})", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in METHODS:
