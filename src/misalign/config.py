@@ -28,6 +28,11 @@ from pydantic import (
 from misalign.errors import InputError
 
 
+def _size(v: float | None) -> float | None:
+    """An examples-per-category size with whole numbers as int: 3.0 and 3 are one size, one cache key."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def _unique(values: list[Any], what: str) -> list[Any]:
     """A swept list must not repeat a value: the repeated cells would train and count twice."""
     seen: list[Any] = []
@@ -195,13 +200,13 @@ class DataSettings(_Strict):
         None, gt=0, description="examples per category (None: all); a fraction below 1 takes that share of the "
                                 "categories one example each (0.25 of 13 categories: 3 rows), the study's smallest "
                                 "attacks")
+    benign_source: str | None = Field(None, description="benign rows mixed in (defense data), e.g. world:benign")
+    benign_ratio: float = Field(0.0, ge=0, description="benign rows per harmful row")
 
     @field_validator("per_category")
     @classmethod
     def _whole_sizes_as_int(cls, v: float | None) -> float | None:
-        return int(v) if isinstance(v, float) and v.is_integer() else v  # 3.0 and 3 are one size, one cache key
-    benign_source: str | None = Field(None, description="benign rows mixed in (defense data), e.g. world:benign")
-    benign_ratio: float = Field(0.0, ge=0, description="benign rows per harmful row")
+        return _size(v)
 
 
 class StageConfig(_Strict):
@@ -360,7 +365,7 @@ class StudySide(_Strict):
             bad = [v for v in values if v is not None and (isinstance(v, bool) or not v > 0)]
             if bad:
                 raise ValueError(f"sizes must be > 0 examples per category (or null: all rows), got {bad[0]!r}")
-            values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
+            values = [_size(v) for v in values]
         return _unique(values, "method" if info.field_name == "methods" else "size")
 
     @model_validator(mode="after")
