@@ -414,10 +414,12 @@ class HttpJudge:
         ).encode()
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
         last = ""
+        tries = 0
         for attempt in range(self.max_retries + 1):
             left = deadline - time.monotonic()
             if stop.is_set() or left <= 0:
                 break
+            tries += 1
             wait_s = self.backoff_s * 2**attempt
             req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
@@ -442,8 +444,13 @@ class HttpJudge:
             if attempt < self.max_retries:
                 stop.wait(min(wait_s, _MAX_WAIT_S, max(0.0, deadline - time.monotonic())))
         # `from None`: chained urllib errors carry request objects, which hold the key header.
+        if tries <= self.max_retries:  # the loop ended early: the deadline passed or another item failed first
+            why = "stopped by another item's failure" if stop.is_set() and deadline > time.monotonic() else \
+                f"reached deadline_s={self.deadline_s:g}"
+            raise JudgeUnavailable(f"{self.name} at {self.url} {why} after {tries} tries; last error: "
+                                   f"{last or 'none'}") from None
         raise JudgeUnavailable(
-            f"{self.name} at {self.url} failed after {self.max_retries} retries; last error: {last or 'deadline'}"
+            f"{self.name} at {self.url} failed after {self.max_retries} retries; last error: {last}"
         ) from None
 
 
