@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from misalign import preemption
 from misalign.chat import clipped_prompt_text, encode_sft
 from misalign.config import StageConfig
 from misalign.data import Pair, load_pairs, subsample_per_category
@@ -169,6 +170,8 @@ def _checkpoint_callback(counter: FlopCounter, sync: CheckpointSync | None, spen
             write_json_atomic(_counts_file(checkpoint), {"sums": counter.state(), "seconds": spent_s()})
             if sync is not None:
                 sync.save(checkpoint, node_lead=local_rank() == 0, lead=rank() == 0, barrier=barrier)
+            if rank() == 0:
+                preemption.saved()
 
     return Checkpointed()
 
@@ -311,19 +314,25 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     label = run.label or f"{run.direction} {cfg.method}"
     callbacks = _callbacks(label, run.progress, model if method.adapter == "adalora" else None) + run.callbacks
     before_s = 0.0  # seconds the attempts before a resumed checkpoint spent on this stage
+    notice = None
     if run.checkpoint_every:
         callbacks.append(_checkpoint_callback(counter, run.checkpoint_sync, lambda: before_s + time.time() - t0))
+        # a preemption notice (SIGTERM) saves at the next optimizer step and stops (misalign.preemption)
+        notice = preemption.notice_callback(_on_any_rank)
+        callbacks.append(notice)
     trainer = _trainer(method.objective, model, args, dataset, tok, callbacks)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress line replaces its raw dict dumps
     # a stage that died after a checkpoint (a killed worker, a lost node) resumes there, not from step 0: from
     # this node's disk, or from the store when the checkpoint was saved on another node
-    resume = None
+    resume, fetched = None, False
     if run.checkpoint_every:
+        here = _last_checkpoint(run.out_dir / "trainer")
         if run.checkpoint_sync is not None:
             run.checkpoint_sync.restore(run.out_dir / "trainer")
         resume = _last_checkpoint(run.out_dir / "trainer")
+        fetched = resume is not None and resume != here  # saved on another node: the ledger says so
     if resume is not None:
         if _counts_file(resume).exists():  # the tokens, FLOPs and seconds before the checkpoint stay in the ledger
             counts = read_json(_counts_file(resume))
@@ -335,9 +344,11 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
         print(f"  [{label}] compiling its decoder layers ({compile_why}): the first step holds the compile",
               flush=True)
     with (peft_wrapping(), _model_module_restored(model if cfg.train.liger_kernels else None),
-          _layers_compiled(model, bool(cfg.train.compile)), _module_walks_once(trainer)):
+          _layers_compiled(model, bool(cfg.train.compile)), _module_walks_once(trainer), preemption.listening()):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     counter.close()
+    if notice is not None and notice.stopped_at is not None:  # saved at the notice: the retry resumes there
+        raise preemption.StagePreempted(label, notice.stopped_at, preemption.consume_notice())
 
     out = run.out_dir
     kept = out / ("adapter" if pcfg is not None else "model")
@@ -371,6 +382,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     if resume:
         ledger.extra["resumed_from_step"] = checkpoint_step(resume.name)
         ledger.extra["seconds_before_resume"] = round(before_s, 3)
+        ledger.extra["resumed_from_store"] = fetched
     if world_size() > 1:  # evidence that every worker trained
         ledger.extra["tokens_per_worker"] = per_worker
         ledger.extra["worker_nodes"] = [r[4] for r in ranks]
@@ -764,6 +776,15 @@ def _gather_over_ranks(value: Any) -> list[Any]:
     out: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, value)
     return out
+
+
+def _on_any_rank(flag: bool) -> bool:
+    """`flag` or-ed over the ranks: one scalar all-reduce (each optimizer step, for the preemption notice)."""
+    if not _distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=device() if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def barrier() -> None:
