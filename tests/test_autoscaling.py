@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -28,7 +29,7 @@ import yaml
 
 from misalign.cluster import launcher_limits, trials_fit
 from misalign.storage import Store
-from test_object_storage import BUCKET, _cli, _free_port, s3  # noqa: F401 (s3: the fixture, used by name)
+from test_object_storage import BUCKET, _cli, _free_port, _objects, s3  # noqa: F401 (s3: the fixture, used by name)
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_WORKERS = 2
@@ -119,7 +120,10 @@ def autoscaling_cluster(s3, tmp_path) -> Iterator[tuple[str, dict[str, str], Nod
     # short: Ray's Unix sockets live under it, and its ray_current_cluster stays out of /tmp/ray
     temp_dir = tempfile.mkdtemp(prefix="rfa-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    # a lost node is declared dead in about 2 s (health checks every 0.5 s, 4 misses), and the autoscaler gives
+    # up on a node that stopped reporting after 5 s and launches a replacement (Ray's defaults: 15 s and 30 s)
+    head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_health_check_period_ms":
+                "500", "RAY_health_check_failure_threshold": "4", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5"}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--num-cpus=0", f"--autoscaling-config={config_file}",
@@ -244,3 +248,140 @@ def test_a_study_widens_an_autoscaling_cluster_and_gives_it_back(world, s3, auto
     key = ["cell_id", "round", "phase"]
     pd.testing.assert_frame_equal(scaled[DETERMINISTIC].sort_values(key).reset_index(drop=True),
                                   here[DETERMINISTIC].sort_values(key).reset_index(drop=True))
+
+
+# ---- spot preemption ----------------------------------------------------------------------------------------
+
+def _node_processes(node_id: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every process of one fake node: the fake provider starts each node's processes
+    with RAY_OVERRIDE_NODE_ID_FOR_TESTING set to the node's id, and its workers inherit it."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode() in environ:
+            found.append((int(entry), cmd))
+    return found
+
+
+def _reclaim(node_id: str) -> int:
+    """What a cloud does to a reclaimed spot instance once its notice ran out: every process of it, SIGKILL."""
+    procs = _node_processes(node_id)
+    for pid, _ in procs:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return len(procs)
+
+
+def _attempts(store: Store, cell_id: str) -> list[dict]:
+    return store.read_json(f"attempts/{cell_id}.json") if store.exists(f"attempts/{cell_id}.json") else []
+
+
+def _checkpoint_stages(s3, prefix: str) -> list[str]:  # noqa: F811 (the fixture's client)
+    """The keys of the stages with a whole in-stage checkpoint on the store."""
+    return sorted({k.split("/")[-4] for k in _objects(s3, prefix) if k.endswith("/trainer_state.json")})
+
+
+# one cell: a LoRA attack then a LoRA defense, 30 optimizer steps each with a checkpoint every 5, and no failure
+# retries at all: the two preemptions must not use any
+SPOT = ["--set", "seeds=[0]", "--set", "attack.methods=[lora]", "--set", "attack.per_category=[2]",
+        "--set", "defense.methods=[lora]", "--set", "defense.per_category=[3]", "--set", "attack.train.max_steps=30",
+        "--set", "defense.train.max_steps=30", "--set", "checkpoint_every=5", "--set", "max_failures=0",
+        "--set", "eval.limit=20", "--set", "eval.max_new_tokens=16"]
+
+
+@pytest.mark.slow
+def test_a_study_survives_two_spot_reclaims_one_noticed(world, s3, autoscaling_cluster, tmp_path):  # noqa: F811
+    """Mid-attack, the trial's node is reclaimed without notice (SIGKILL of all its processes); mid-defense, its
+    new node gets a preemption notice (SIGTERM to its Ray workers) and is reclaimed once the trial saved and
+    stopped. Each time the autoscaler brings up a replacement, the stage resumes on it from the store's
+    checkpoint, and the study ends with one row per round and phase, with max_failures=0: preemptions are
+    counted apart, in the attempt log and in `study status`."""
+    runs = f"s3://{BUCKET}/spot"
+    address, cluster_env, nodes = autoscaling_cluster
+    env = {**cluster_env, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": address}
+    driver = subprocess.Popen(_cli("study", "run", "configs/study-tiny.yaml", *SPOT, "--storage", runs,
+                                   "--address", "auto"), env=env, stdout=subprocess.PIPE,
+                              stderr=(tmp_path / "driver.err").open("w"), text=True, cwd=REPO)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(driver.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    store = Store(f"{runs}/study-tiny")
+    prefix = "spot/study-tiny/stages/"
+    try:
+        deadline = time.time() + 300
+
+        def wait_for(what: str, ready: Any) -> Any:
+            while not (value := ready()):
+                assert driver.poll() is None and time.time() < deadline, (
+                    f"waiting for {what}: " + "".join(out)[-3000:] + (tmp_path / "driver.err").read_text()[-3000:])
+                time.sleep(0.2)
+            return value
+
+        # 1. mid-attack, a reclaim without notice
+        (attack,) = wait_for("an attack checkpoint", lambda: _checkpoint_stages(s3, prefix))
+        cell_id = store.list("attempts", suffix=".json")[0][:-5]
+        first = _attempts(store, cell_id)[-1]
+        killed = _reclaim(first["node"])
+        assert killed, f"no process of node {first['node']}"
+        t_kill = time.time() - nodes.t0
+
+        # 2. mid-defense, on the replacement node: the notice, then the reclaim once the trial has stopped
+        defense = wait_for("a defense checkpoint", lambda: [k for k in _checkpoint_stages(s3, prefix) if k != attack])
+        second = _attempts(store, cell_id)[-1]
+        assert second["node"] != first["node"] and second["outcome"] == "running"
+        procs = _node_processes(second["node"])
+        # the trial's process (Tune's function trainable); the node's agents and raylet are left to the reclaim
+        workers = [pid for pid, cmd in procs if cmd.startswith("ray::ImplicitFunc")]
+        assert workers, [cmd for _, cmd in procs]
+        print(f"\n[spot] notice (SIGTERM) to {[cmd[:60] for pid, cmd in procs if pid in workers]}")
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        noticed = wait_for("the noticed attempt to end",
+                           lambda: [a for a in _attempts(store, cell_id) if a["outcome"] == "preempted"])
+        _reclaim(second["node"])
+        driver.wait(timeout=300)
+    finally:
+        driver.kill()
+        reader.join(timeout=10)
+    log = "".join(out)
+    assert driver.returncode == 0, log[-3000:] + (tmp_path / "driver.err").read_text()[-3000:]
+
+    results = store.read_parquet("results.parquet")
+    assert len(results) == 3 and not results.duplicated(["cell_id", "round", "phase"]).any()
+    history = _attempts(store, cell_id)
+    assert [a["outcome"] for a in history] == ["node lost", "preempted", "done"], history
+    assert len({a["node"] for a in history}) == 3, "each retry ran on a replacement node"
+    assert max(n for _, n in nodes.samples) <= MAX_WORKERS
+
+    # the stages resumed from their checkpoints on the store, on other nodes
+    attack_ledger = Store(f"{runs}/study-tiny/stages/{attack}").read_json("ledger.json")
+    defense_ledger = Store(f"{runs}/study-tiny/stages/{defense[0]}").read_json("ledger.json")
+    assert attack_ledger["extra"]["resumed_from_step"] >= 5 and attack_ledger["optimizer_steps"] == 30
+    saved_at = int(noticed[0]["error"].split("checkpoint at step ")[1].split()[0])
+    assert defense_ledger["extra"]["resumed_from_step"] == saved_at and defense_ledger["optimizer_steps"] == 30
+
+    # counted apart from failures, and shown
+    status = subprocess.run(_cli("study", "status", f"{runs}/study-tiny", "--json"), env=env, capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    summary = yaml.safe_load(status.stdout)["preemptions"]
+    assert summary["preemptions"] == 2 and summary["noticed"] == 1 and summary["nodes_lost"] == 1
+    assert summary["failures"] == 0 and summary["lost_device_s"] > 0
+    assert "preemptions survived: 2" in log
+    step_s = {k: led["wall_s"] / led["optimizer_steps"] for k, led in (("attack", attack_ledger),
+                                                                       ("defense", defense_ledger))}
+    # lost_s runs to when Ray declared the node dead: an upper bound (it includes the ~2 s the health checks
+    # take here to notice a killed node)
+    lost_steps = (history[0]["lost_s"] / step_s["attack"], history[1]["lost_s"] / step_s["defense"])
+    replaced = [t for t, n in nodes.samples if t > t_kill]
+    print(f"\n[spot] 1 cell, 3 rows; preemptions survived 2 (attempt nodes ...{', ...'.join(a['node'][-5:] for a in history)}); "
+          f"without notice: lost {history[0]['lost_s']:.1f}s ~ {lost_steps[0]:.1f} steps (resumed from step "
+          f"{attack_ledger['extra']['resumed_from_step']}); with notice: lost {history[1]['lost_s']:.2f}s ~ "
+          f"{lost_steps[1]:.2f} steps (saved at step {saved_at}); {len(replaced)} node samples after the kill")
+    assert lost_steps[1] < 1, "a noticed preemption loses under one step"

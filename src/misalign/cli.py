@@ -128,7 +128,8 @@ def _study(args: argparse.Namespace) -> int:
         n = len(cells(cfg))
         if run.failed:  # CI and job wrappers must see a failed study as a failure
             print(f"misalign: {len(run.failed)} of {n} cells failed after {cfg.max_failures} retries: "
-                  f"{', '.join(run.failed)} (their errors: {paths.tune.url}); rerun to retry them", file=sys.stderr)
+                  f"{', '.join(run.failed)} (their attempts: {paths.root}/attempts, tracebacks in its tune*/); rerun "
+                  "to retry them", file=sys.stderr)
         if run.unfinished:
             print(f"misalign: {len(run.unfinished)} of {n} cells unfinished: the run was stopped; rerun the same "
                   "command to resume", file=sys.stderr)
@@ -139,9 +140,12 @@ def _study(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(status, indent=2))
         else:
-            c = status["cost"]
+            c, p = status["cost"], status["preemptions"]
             print(f"{status['name']}: {status['done']}/{status['cells']} cells done, {status['running']} running, "
-                  f"{status['pending']} pending, {status['failed']} failed\n"
+                  f"{status['pending']} pending, {status['retrying']} retrying, {status['failed']} failed\n"
+                  f"preemptions survived: {p['preemptions']} ({p['noticed']} with a notice, {p['nodes_lost']} nodes "
+                  f"lost without one); failed attempts: {p['failures']}; interrupted attempts lost "
+                  f"{p['lost_device_s']:.0f} device-s\n"
                   f"stages: {status['unique_stages']} unique of {status['stage_uses']} uses; trained "
                   f"{c['stages_trained']}, reused {c['stages_reused']}\n"
                   f"cost so far: {c['flops_trained']:.3g} FLOPs, {c['device_s_trained']:.0f} device-s trained; "

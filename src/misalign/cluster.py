@@ -44,13 +44,15 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
     env = {k: v for k, v in env.items() if k not in job_env}
     address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job: join that cluster
+    # every worker takes a SIGTERM mid-stage as a preemption notice: save at the next step (misalign.preemption)
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "misalign.preemption.in_ray_worker"}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     else:
         # the dashboard (bound to 127.0.0.1) serves the state API Ray Train's controller polls; trials without
         # Train workers do not need it, and it costs about 2 s of start-up. "local": a new Ray of our own, never
         # one a `ray start` left running on this machine
-        ray.init(address="local", num_cpus=cpus_held(), include_dashboard=dashboard, runtime_env={"env_vars": env},
+        ray.init(address="local", num_cpus=cpus_held(), include_dashboard=dashboard, runtime_env=runtime_env,
                  logging_level=logging.WARNING)  # Ray's and Tune's INFO lines (started, wrote state) are not ours
     _sigterm_stops_like_ctrl_c()
 

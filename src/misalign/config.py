@@ -459,7 +459,10 @@ class StudyConfig(_Strict):
     defense: StudySide = Field(description="the realignment side of the grid")
     eval: EvalConfig = Field(EvalConfig(), description="evaluation after every stage and of each base model")
     resources: ResourceSettings = Field(ResourceSettings(), description="per-trial resources")
-    max_failures: int = Field(2, ge=0, description="retries of a failed trial (and of a failed worker group)")
+    max_failures: int = Field(2, ge=0, description="retries of a failed trial (and of a failed worker group), "
+                                                    "per run of the command; preemptions do not count")
+    max_preemptions: int = Field(20, ge=0, description="retries of a trial whose node was lost or sent a "
+                                                       "preemption notice (spot reclaims, drains)")
     checkpoint_every: int | None = Field(
         None, ge=1, description="optimizer steps between in-stage checkpoints (a retried stage resumes from the "
                                 "last); None: only stage boundaries survive a failure")

@@ -4,8 +4,8 @@
 
 Life cycle: validate every cell's data, eval sets, judges and models (bad input exits 2 before anything runs);
 write or check the study directory (the same config and the same inputs, by contents, to resume); start or
-join Ray (misalign.cluster); build DeepSpeed's ops once per node when a stage uses ZeRO; run (or restore) the
-Tune experiment, one trial per cell; assemble the results table.
+join Ray (misalign.cluster); build DeepSpeed's ops once per node when a stage uses ZeRO; run a Tune experiment,
+one trial per cell not yet done (cells keep their own attempt logs: misalign.attempts); assemble the results.
 
 A trial with one worker trains in its Tune trial's own process (actors are reused between trials, so a trial
 costs no start-up); a trial with several workers runs one Ray Train TorchTrainer fit (gloo on CPUs, NCCL on
@@ -17,8 +17,10 @@ The study directory, on its storage (a directory every node sees, or an object s
     stages/               the lineage cache (misalign.lineage): every stage (adapter or weights) and evaluation
     cells/<id>.parquet    the rows of a finished cell (written atomically by the cell's trial)
     results.parquet       every row of every finished cell, rebuilt atomically as cells finish
-    status.json           trials done / running / pending / failed and the cost so far (the live view)
-    tune/                 Ray Tune's experiment (state, CSV/JSON/TensorBoard logs): usable by Ray's tools
+    status.json           trials done / running / retrying / pending / failed and the cost so far (the live view)
+    attempts/<id>.json    each attempt at a cell: node, outcome (done, failed, crashed, preempted, node lost), the
+                          work it lost; preemptions do not use up max_failures
+    tune/, tune-N/        Ray Tune's experiment of each run of the command (CSV/JSON/TensorBoard logs): Ray's tools
     train/                Ray Train's run directories of multi-worker trials
 """
 
@@ -34,6 +36,8 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel
 
+from misalign import preemption
+from misalign.attempts import DONE, FAILED, NOTICED, CellAttempts, preemption_summary
 from misalign.claims import start_leases
 from misalign.cluster import (
     check_storage,
@@ -46,7 +50,7 @@ from misalign.cluster import (
     trial_asks,
     tune_storage,
 )
-from misalign.config import EvalConfig, ResourceSettings, StudyConfig, TrialConfig
+from misalign.config import EvalConfig, StudyConfig, TrialConfig
 from misalign.errors import InputError
 from misalign.grid import Cell, cells, stage_uses, unique_stages
 from misalign.lineage import LineageCache, model_identity, source_identity
@@ -89,10 +93,6 @@ class StudyPaths:
     @property
     def results(self) -> str:
         return f"{self.root}/{RESULTS}"
-
-    @property
-    def tune(self) -> Store:
-        return self.store.child("tune")
 
 
 # ---- one cell -------------------------------------------------------------------------------------------
@@ -139,8 +139,13 @@ def _judge(eval_json: str) -> Any:
     return configured_judge(EvalConfig.model_validate_json(eval_json))
 
 
-def cell_trainable(config: dict[str, Any], study: dict[str, Any], root: str) -> None:
-    """The Tune function trainable: one cell. Reports one result per evaluated row."""
+def cell_trainable(config: dict[str, Any], study: dict[str, Any], root: str, run: float) -> None:
+    """The Tune function trainable: one cell (one attempt at it). Reports one result per evaluated row.
+
+    Tune retries every error (its max_failures is -1): this attempt log tells preemptions from failures and
+    ends a cell that failed more than `max_failures` times in this run (`run`: when the command started) by
+    returning without rows; the driver reports it (misalign.attempts)."""
+    import ray
     from ray import tune
 
     cfg, paths, cell = StudyConfig.model_validate(study), StudyPaths(Store(root)), Cell.from_axes(config["cell"])
@@ -148,15 +153,45 @@ def cell_trainable(config: dict[str, Any], study: dict[str, Any], root: str) -> 
         for row in paths.store.read_parquet(paths.cell_file(cell.id)).to_dict("records"):
             tune.report({**row, "restored": True})
         return
-    if cfg.resources.workers == 1:
-        hold_assigned_resources(cfg.resources.cpus_per_worker)
-        if needs_deepspeed_ops(cfg)[0]:
-            single_process_group_env()
-        run_cell(cfg, cell, paths, report=tune.report)
-        return
-    _fit_workers(cfg, cell, paths, study)
-    for row in paths.store.read_parquet(paths.cell_file(cell.id)).to_dict("records"):
+    attempts = CellAttempts(paths.store, cell.id).load()
+    if attempts.failures(run) > cfg.max_failures or attempts.preemptions() > cfg.max_preemptions:
+        return  # given up; the driver names it
+    attempts.begin(run, ray.get_runtime_context().get_node_id(), cfg.resources.workers, _node_gone)
+
+    def report(row: dict[str, Any]) -> None:
         tune.report(row)
+        attempts.kept()  # a stage and its evaluation are done: a retry starts after them
+
+    try:
+        with preemption.on_saved(attempts.kept):
+            if cfg.resources.workers == 1:
+                hold_assigned_resources(cfg.resources.cpus_per_worker)
+                if needs_deepspeed_ops(cfg)[0]:
+                    single_process_group_env()
+                run_cell(cfg, cell, paths, report=report)
+            else:
+                _fit_workers(cfg, cell, paths, study)
+                for row in paths.store.read_parquet(paths.cell_file(cell.id)).to_dict("records"):
+                    tune.report(row)
+    except preemption.StagePreempted as e:
+        attempts.end(NOTICED, str(e))
+        raise
+    except Exception as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        attempts.end(FAILED, f"{type(e).__name__}: {lines[-1] if lines else ''}")
+        raise
+    attempts.end(DONE)
+
+
+def _node_gone(node_id: str) -> float | None:
+    """When the Ray node `node_id` died (seconds since the epoch), or None while it lives. The GCS's node table
+    has the time of death; ray.nodes() does not."""
+    from ray._private.worker import global_worker
+
+    for info in global_worker.gcs_client.get_all_node_info(timeout=30).values():
+        if info.node_id.hex() == node_id:
+            return None if info.state == 0 else (info.end_time_ms / 1000 or time.time())  # 0: ALIVE
+    return time.time()  # no longer in the table: long gone
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -264,11 +299,14 @@ class StudyStalled(InputError):
     """No trial could start: what a trial asks for is more than any node the cluster has (or gained) holds."""
 
 
-def _study_progress_callback(paths: StudyPaths, total: int, resources: ResourceSettings) -> Any:
+def _study_progress_callback(paths: StudyPaths, total: int, cfg: StudyConfig, run: float) -> Any:
     from ray import tune
 
-    timeout_s = resources.start_timeout_s
-    asks = trial_asks(resources)
+    timeout_s = cfg.resources.start_timeout_s
+    asks = trial_asks(cfg.resources)
+
+    def cell_of(trial: Any) -> str:
+        return Cell.from_axes(trial.config["cell"]).id
 
     class StudyProgress(tune.Callback):
         """The live view: status.json after every trial event, one line per finished or failed trial."""
@@ -280,7 +318,8 @@ def _study_progress_callback(paths: StudyPaths, total: int, resources: ResourceS
 
         def _write(self, trial: Any, state: str, say: bool) -> None:
             self.status[trial.trial_id] = state
-            counts = {s: sum(v == s for v in self.status.values()) for s in ("done", "running", "failed")}
+            counts = {s: sum(v == s for v in self.status.values()) for s in ("done", "running", "retrying",
+                                                                              "failed")}
             counts["pending"] = max(0, total - len(self.status))
             results = assemble_results(paths.store) if state == "done" else read_results(paths.store)
             cost = cost_summary(results)
@@ -310,10 +349,19 @@ def _study_progress_callback(paths: StudyPaths, total: int, resources: ResourceS
             self._write(trial, "running", False)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._write(trial, "done", True)
+            # a trial that returns without its cell done gave the cell up (misalign.attempts)
+            self._write(trial, "done" if paths.cell_done(cell_of(trial)) else "failed", True)
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._write(trial, "failed", True)
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            """Tune retries every error; say what the attempt was and how many are left."""
+            attempts = CellAttempts(paths.store, cell_of(trial)).load()
+            last = attempts.history[-1] if attempts.history else None
+            how = f"{last.outcome}: {last.error}" if last is not None and last.outcome != "running" else \
+                "its trial was lost (the next attempt settles how)"
+            print(f"[study] cell {cell_of(trial)} {how[:300]} | retrying ({attempts.failures(run)} of "
+                  f"{cfg.max_failures} failure retries, {attempts.preemptions()} of {cfg.max_preemptions} "
+                  "preemption retries used)", flush=True)
+            self._write(trial, "retrying", False)
 
     return StudyProgress()
 
@@ -378,7 +426,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
         print(f"[study] DeepSpeed ops built on {nodes} node(s): {prebuild_deepspeed_ops(offload)}", flush=True)
 
     study = cfg.model_dump(mode="json")
-    trainable = tune.with_parameters(cell_trainable, study=study, root=store.location)
+    trainable = tune.with_parameters(cell_trainable, study=study, root=store.location, run=t0)
     r = cfg.resources
     single = r.workers == 1
     # a multi-worker trial only waits on its fit: it holds no CPU (a token of memory: Tune needs some resource)
@@ -389,24 +437,23 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     at_once = max_concurrent(cfg)  # on an autoscaling cluster, what it can grow to
     print(f"[study] {cfg.name}: {len(grid)} cells ({done_before} done before this run), "
           f"{len(unique_stages(stage_uses(cfg)))} unique stages, up to {at_once} at once -> {store.url}", flush=True)
-    where = tune_storage(store)
-    tune_dir = f"{where['storage_path']}/tune"
-    fs = where.get("storage_filesystem")
-    if resuming and tune.Tuner.can_restore(tune_dir, storage_filesystem=fs):
-        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True, storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"cell": tune.grid_search([c.axes for c in grid])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=at_once, reuse_actors=True,
-                                        trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(
-                name="tune", **where, failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                callbacks=[_study_progress_callback(paths, len(grid), cfg.resources), *_logger_callbacks(cfg)],
-                verbose=0),
-        )
+    # a fresh Tune experiment each run of the command (tune, tune-1, ...): every cell not done runs, failed
+    # ones included, and finished ones only report their rows. Tune retries every error (max_failures -1):
+    # the cell's attempt log counts failures and preemptions apart (misalign.attempts)
+    runs_before = sum(d == "tune" or d.startswith("tune-") for d in store.subdirs()) if resuming else 0
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search([c.axes for c in grid])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=at_once, reuse_actors=True,
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name="tune" if runs_before == 0 else f"tune-{runs_before}", **tune_storage(store),
+            failure_config=tune.FailureConfig(max_failures=-1),
+            callbacks=[_study_progress_callback(paths, len(grid), cfg, t0), *_logger_callbacks(cfg)],
+            verbose=0),
+    )
     timing["tune_start_s"] = time.time() - t0
-    outcome = tuner.fit()
+    tuner.fit()
     timing["tune_end_s"] = time.time() - t0
     results = assemble_results(store)
     timing["total_s"] = time.time() - t0
@@ -420,9 +467,14 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     print(f"[study] done in {time.time() - t0:.0f}s: {len(grid) - len(missing)}/{len(grid)} cells, "
           f"{len(results)} rows -> {paths.results}; stages trained {cost['stages_trained']}, reused "
           f"{cost['stages_reused']} (saved {cost['device_s_saved']:.0f} device-s)", flush=True)
-    errors = _cell_errors(outcome)
+    errors = _cell_errors(cfg, paths, missing, t0)
     failed = [c for c in missing if c in errors]
     unfinished = [c for c in missing if c not in errors]  # stopped before they ended, never failed
+    lost = preemption_summary(store)
+    if lost["preemptions"] or lost["failures"]:
+        print(f"[study] preemptions survived: {lost['preemptions']} ({lost['noticed']} with a notice, "
+              f"{lost['nodes_lost']} nodes lost without one), failed attempts: {lost['failures']}; interrupted "
+              f"attempts lost {lost['lost_device_s']:.0f} device-s", flush=True)
     if failed:
         print(f"[study] {len(failed)} cell(s) failed after retries: {', '.join(failed)}; rerun to retry them",
               flush=True)
@@ -434,14 +486,14 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     return StudyRun(results, failed, unfinished)
 
 
-def _cell_errors(outcome: Any) -> dict[str, str]:
-    """Each failed trial's cell and the last line of its error (the whole traceback is in Tune's error file)."""
+def _cell_errors(cfg: StudyConfig, paths: StudyPaths, missing: list[str], run: float) -> dict[str, str]:
+    """Each unfinished cell that was given up in this run, with the last line of its last error (the whole
+    traceback is in Tune's error file)."""
     errors = {}
-    for result in outcome:
-        if result.error is not None and result.config and "cell" in result.config:
-            lines = [line for line in str(result.error).splitlines() if line.strip()]
-            last = lines[-1] if lines else type(result.error).__name__
-            errors[Cell.from_axes(result.config["cell"]).id] = last[:500]
+    for cell_id in missing:
+        attempts = CellAttempts(paths.store, cell_id).load()
+        if attempts.failures(run) > cfg.max_failures or attempts.preemptions() > cfg.max_preemptions:
+            errors[cell_id] = attempts.history[-1].error if attempts.history else "failed"
     return errors
 
 
@@ -461,6 +513,8 @@ def read_status(paths: StudyPaths) -> dict[str, Any]:
     results = cell_rows(store)
     uses = stage_uses(cfg)
     return {"name": cfg.name, "cells": len(grid), "done": done, "running": live.get("running", 0),
-            "failed": live.get("failed", 0), "pending": len(grid) - done - live.get("running", 0),
+            "failed": live.get("failed", 0), "retrying": live.get("retrying", 0),
+            "pending": len(grid) - done - live.get("running", 0) - live.get("retrying", 0),
+            "preemptions": preemption_summary(store),
             "unique_stages": len(unique_stages(uses)), "stage_uses": len(uses),
             "cost": cost_summary(results), "updated": live.get("updated")}
