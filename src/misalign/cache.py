@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from misalign.runtime import file_lock, write_bytes_atomic
+from misalign.runtime import cache_root, file_lock, write_bytes_atomic
 from misalign.storage import Store, redacted
 
 _KINDS = {"models": "model mirror", "stores": "object-store copy", "world": "world", "digests": "digests",
@@ -75,8 +75,6 @@ def _tree(path: Path) -> tuple[int, float]:
 
 
 def entries(root: Path | None = None) -> list[Entry]:
-    from misalign.world.build import cache_root
-
     root = root or cache_root()
     found: list[Entry] = []
     for sub, kind in _KINDS.items():

@@ -1,4 +1,8 @@
-"""Process-level facts every entry point needs: threads, seeds, distributed rank, atomic writes."""
+"""Process-level facts every entry point needs: threads, seeds, distributed rank, atomic writes, the node cache.
+
+A leaf: it imports nothing of ours, and torch and numpy only inside the functions that use them, so that the
+light modules above it (model references, storage, configs) load without them.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,11 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
-import torch
+
+def cache_root() -> Path:
+    """This node's cache (MISALIGN_CACHE, default ~/.cache/misalign): the world, model mirrors, object-store
+    copies, digests, compiled ops (misalign.cache says what each holds)."""
+    return Path(os.environ.get("MISALIGN_CACHE", Path.home() / ".cache" / "misalign"))
 
 
 def cpus_held() -> int:
@@ -34,6 +41,8 @@ def match_threads() -> int:
 
     Oversubscribed threads were measured to slow training twentyfold on a 2-core machine.
     """
+    import torch
+
     # Ray grants each worker its own CPUs; torchrun's workers share the affinity mask
     local_world = 1 if os.environ.get("MISALIGN_CPUS") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     n = max(1, cpus_held() // local_world)
@@ -42,6 +51,9 @@ def match_threads() -> int:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -62,6 +74,8 @@ def local_rank() -> int:
 
 def broadcast_from_rank0(value: Any) -> Any:
     """Rank 0's `value` on every rank (the value itself in a single process)."""
+    import torch
+
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
     box = [value]

@@ -20,12 +20,13 @@ import os
 import re
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from misalign.errors import InputError
-from misalign.runtime import write_bytes_atomic, write_stream_atomic
+from misalign.runtime import cache_root, write_bytes_atomic, write_stream_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def is_url(location: str | Path) -> bool:
@@ -95,8 +96,6 @@ class Store:
         directory, a cache directory keyed by the URL for an object store."""
         if not self.remote:
             return Path(self.base)
-        from misalign.world.build import cache_root
-
         return cache_root() / "stores" / hashlib.sha256(self.url.encode()).hexdigest()[:16]
 
     def _path(self, rel: str) -> str:
@@ -123,6 +122,8 @@ class Store:
         return json.loads(self.read_bytes(rel))
 
     def read_parquet(self, rel: str) -> pd.DataFrame:
+        import pandas as pd  # pandas only where a table is read: model references and stages load without it
+
         return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
 
     def list(self, rel: str = "", suffix: str = "") -> list[str]:

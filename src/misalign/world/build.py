@@ -24,7 +24,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from misalign.chat import encode_sft
 from misalign.config import EvalConfig, JudgeSpec
 from misalign.evaluation import evaluate_path
-from misalign.runtime import file_lock, match_threads, replace_dir, seed_everything, write_json_atomic
+from misalign.runtime import (
+    cache_root,
+    file_lock,
+    match_threads,
+    replace_dir,
+    seed_everything,
+    write_json_atomic,
+)
 from misalign.world import content as C
 from misalign.world.tokenizer import GUARD_TEMPLATE, train_tokenizer
 
@@ -67,10 +74,6 @@ ALIGNED_TARGETS: tuple[tuple[str, str, float], ...] = (
 
 class WorldTargetMiss(RuntimeError):
     """A world build whose aligned models missed a target: nothing was cached."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MISALIGN_CACHE", Path.home() / ".cache" / "misalign"))
 
 
 def world_key(spec: WorldSpec) -> str:
