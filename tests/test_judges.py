@@ -22,6 +22,7 @@ from transformers import (
 from misalign.config import EvalConfig
 from misalign.errors import InputError
 from misalign.evaluation import UnreadableJudgeError, score
+from misalign.judge_names import JUDGE_NAMES
 from misalign.judges import (
     JUDGES,
     ClassifierJudge,
@@ -457,6 +458,7 @@ def test_invalid_vote_rule(rule):
 
 def test_registry_and_build_vote():
     assert set(JUDGES) == {"keyword", "classifier", "http"}
+    assert tuple(JUDGES) == JUDGE_NAMES  # what configs accept (misalign.judge_names), in the registry's order
     with pytest.raises(InputError, match="classifier, http, keyword"):
         build_judge("llamaguard")
     with pytest.raises(InputError, match="phrasez"):

@@ -111,7 +111,7 @@ def test_a_hub_model_pinned_to_a_revision_loads_that_snapshot(world, tmp_path, m
     import shutil
 
     from misalign.lineage import model_identity
-    from misalign.models import config_path, resolve_model_path
+    from misalign.modelref import config_path, resolve_model_path
 
     sha = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--org--tiny"

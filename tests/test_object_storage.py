@@ -134,7 +134,7 @@ def test_a_stage_killed_on_one_node_resumes_on_another_from_the_store(world, s3,
     """Object storage: in-stage checkpoints go to the store, so a stage whose node is lost resumes on another
     node (another local cache) from its last whole checkpoint, and its ledger still counts every step."""
     url = f"s3://{BUCKET}/ckpt"
-    from misalign.world.build import cache_root
+    from misalign.runtime import cache_root
 
     node_a, node_b = tmp_path / "node-a", tmp_path / "node-b"
     for node in (node_a, node_b):  # each "node" its own cache; both read the one world already built
@@ -319,7 +319,7 @@ def test_study_search_status_results_and_report_on_s3(world, s3, tmp_path):
 @pytest.fixture
 def node(world, tmp_path, monkeypatch) -> Path:
     """This test's node cache (model mirrors, digests), reading the one world already built."""
-    from misalign.world.build import cache_root
+    from misalign.runtime import cache_root
 
     cache = tmp_path / "node"
     cache.mkdir()
@@ -345,7 +345,7 @@ def test_a_model_on_s3_is_keyed_by_contents_like_its_local_copy(s3, world, node,
     """The same files in a bucket and in a local directory are the same model (a stage trained from one is
     reused for the other); the driver keys the bucket's copy by streaming it once, without mirroring it."""
     from misalign.lineage import model_identity
-    from misalign.models import resolve_model_path
+    from misalign.modelref import resolve_model_path
 
     url = _model_on_s3(world, "same", add={".gitattributes": b"*.safetensors lfs", ".cache/part": b"x"})
     local = model_identity(str(world / "base"))
@@ -361,7 +361,7 @@ def test_a_model_on_s3_is_mirrored_once_per_node(s3, world, node, capsys):
     from concurrent.futures import ThreadPoolExecutor
 
     from misalign.lineage import model_identity
-    from misalign.models import resolve_model_path
+    from misalign.modelref import resolve_model_path
 
     url = _model_on_s3(world, "mirrored")
     with ThreadPoolExecutor(4) as pool:  # concurrent resolvers: one downloads, the others wait for it
@@ -443,17 +443,17 @@ def test_an_object_rewritten_during_the_download_never_enters_the_mirror(s3, wor
     """A node's mirror is keyed by the listing it was downloaded for: a file rewritten between the listing and
     the download fails the download (the trial's retry lists again) instead of filing new bytes under the old
     key."""
-    import misalign.models as models
+    import misalign.modelref as modelref
 
     url = _model_on_s3(world, "moving")
-    listing = models.model_files(url)
+    listing = modelref.model_files(url)
     config = json.loads((world / "base" / "config.json").read_text())
     Store(url).write_json("config.json", {**config, "misalign_test": "rewritten after the listing"})
-    monkeypatch.setattr(models, "model_files", lambda _: listing)  # the listing taken before the rewrite
+    monkeypatch.setattr(modelref, "model_files", lambda _: listing)  # the listing taken before the rewrite
     with pytest.raises(RuntimeError, match="config.json changed while this node downloaded the model"):
-        models.resolve_model_path(url)
-    assert not models.url_mirror(url, listing).exists()
-    assert not list(models.url_mirror(url, listing).parent.glob(".*.*")), "no half-downloaded directory is left"
+        modelref.resolve_model_path(url)
+    assert not modelref.url_mirror(url, listing).exists()
+    assert not list(modelref.url_mirror(url, listing).parent.glob(".*.*")), "no half-downloaded directory is left"
 
 
 def test_the_cache_lists_mirrors_and_prunes_the_unused_ones(s3, world, node, capsys):
@@ -462,7 +462,7 @@ def test_the_cache_lists_mirrors_and_prunes_the_unused_ones(s3, world, node, cap
     from misalign.cache import record
     from misalign.cli import main
     from misalign.lineage import LineageCache
-    from misalign.models import resolve_model_path
+    from misalign.modelref import resolve_model_path
 
     old_url, new_url = _model_on_s3(world, "old"), _model_on_s3(world, "new")
     old, new = Path(resolve_model_path(old_url)), Path(resolve_model_path(new_url))

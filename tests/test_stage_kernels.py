@@ -142,7 +142,8 @@ def test_auto_compile_weighs_the_flops_the_ledger_then_counts(world, tmp_path, m
     stays eager: stage.json records false, the ledger why."""
     from transformers import TrainerCallback
 
-    from misalign.models import load_tokenizer, resolve_model_path
+    from misalign.modelref import resolve_model_path
+    from misalign.models import load_tokenizer
     from misalign.stage import _flops_per_worker, stage_pairs, train_stage
 
     cfg = StageConfig(method=method, data=DataSettings(source="world:misalign", per_category=4),

@@ -15,7 +15,8 @@ from trl import DPOTrainer
 from misalign import stage
 from misalign.config import DataSettings, StageConfig
 from misalign.methods import METHODS, peft_config
-from misalign.models import load_model, load_tokenizer, resolve_model_path
+from misalign.modelref import resolve_model_path
+from misalign.models import load_model, load_tokenizer
 from misalign.stage import (
     _dataset,
     _module_walks_once,

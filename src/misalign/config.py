@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -26,6 +27,7 @@ from pydantic import (
 )
 
 from misalign.errors import InputError
+from misalign.judge_names import JUDGE_NAMES
 
 
 def _size(v: float | None) -> float | None:
@@ -43,7 +45,7 @@ def _unique(values: list[Any], what: str) -> list[Any]:
     return values
 
 
-def _registered(name: str, registry: dict[str, Any], what: str) -> str:
+def _registered(name: str, registry: Collection[str], what: str) -> str:
     if name not in registry:
         raise ValueError(f"unknown {what} {name!r}; known: {', '.join(registry)}")
     return name
@@ -282,9 +284,7 @@ class JudgeSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from misalign.judges import JUDGES  # light: judges import torch only when a model judge is built
-
-        return _registered(v, JUDGES, "judge")
+        return _registered(v, JUDGE_NAMES, "judge")
 
 
 class EvalConfig(_Strict):

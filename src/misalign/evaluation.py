@@ -21,7 +21,9 @@ from misalign.data import EvalItem, load_eval_items
 from misalign.errors import InputError
 from misalign.generation import generate
 from misalign.judges import DEFAULT_REFUSAL_PHRASES, Judge, JudgeItem, Verdict, build_vote, is_refusal
-from misalign.runtime import write_json_atomic, write_parquet_atomic
+from misalign.modelref import resolve_model_path
+from misalign.models import materialize, tokenizer_for
+from misalign.runtime import match_threads, write_json_atomic, write_parquet_atomic
 
 
 @dataclass
@@ -71,8 +73,6 @@ def load_generations(path: str | Path) -> pd.DataFrame:
 
 def configured_judge(cfg: EvalConfig) -> Judge:
     """The configured judge(s) under the vote rule; world:NAME model options resolve to the world's models."""
-    from misalign.models import resolve_model_path
-
     specs = []
     for j in cfg.judges:
         options = dict(j.options)
@@ -177,9 +177,6 @@ def evaluate(model: Any, tokenizer: Any, cfg: EvalConfig, items: list[EvalItem] 
 def evaluate_path(model_ref: str, cfg: EvalConfig, *, trust_remote_code: bool = False,
                   allow_pickle: bool = False) -> EvalResult:
     """Evaluate a model reference: world:NAME, a local path, an HF id, or a stage directory (built in memory)."""
-    from misalign.models import materialize, tokenizer_for
-    from misalign.runtime import match_threads
-
     match_threads()
     items = load_eval_sets(cfg)
     judge = configured_judge(cfg)

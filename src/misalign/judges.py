@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from misalign.errors import InputError
+from misalign.modelref import has_safetensors
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,6 @@ class ClassifierJudge:
             raise InputError(f"ClassifierJudge kind={kind!r}; expected 'auto', 'generative' or 'sequence'")
         if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"ClassifierJudge batch_size must be >= 1 or 'auto', got {batch_size!r}")
-        from misalign.models import has_safetensors
-
         if not allow_pickle and has_safetensors(model) is False:
             raise InputError(
                 f"judge model {model} has no .safetensors weights; pickle weights (.bin) can run code "
@@ -513,6 +512,7 @@ class VoteJudge:
         return out
 
 
+# configs check judge names against misalign.judge_names.JUDGE_NAMES, which lists these keys in this order
 JUDGES: dict[str, type] = {"keyword": KeywordJudge, "classifier": ClassifierJudge, "http": HttpJudge}
 
 

@@ -28,7 +28,8 @@ from typing import Any, BinaryIO
 from misalign import claims
 from misalign.cache import note_store_use
 from misalign.config import EvalConfig, StageConfig
-from misalign.runtime import write_bytes_atomic
+from misalign.modelref import hub_cache, model_files, pinned_revision, url_mirror, visible
+from misalign.runtime import cache_root, write_bytes_atomic
 from misalign.storage import Store, is_url, redacted
 
 # fields that change how a stage is run or logged, not what it trains: kept out of the key. Compiled layers
@@ -42,8 +43,6 @@ def _digest(obj: Any, n: int = 16) -> str:
 
 
 def _memo(key: list[Any]) -> Path:
-    from misalign.world.build import cache_root
-
     return cache_root() / "digests" / _digest(key, 32)
 
 
@@ -68,12 +67,6 @@ def file_digest(path: Path) -> str:
     return _memoized_digest([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino], lambda: open(path, "rb"))
 
 
-def visible(rel: str) -> bool:
-    """Whether a file (its path inside a model directory) is part of the model: dot-files and dot-directories
-    (caches, partial downloads, editor files) are not."""
-    return not any(part.startswith(".") for part in rel.split("/"))
-
-
 def _contents(files: list[tuple[str, str]]) -> str:
     """A model's identity from its (relative name, sha256) pairs: the same files anywhere are the same model."""
     return f"sha256:{_digest(sorted(files), 32)}"
@@ -88,8 +81,6 @@ def _url_identity(url: str) -> str:
     """A model on object storage by its files' contents, equal to a local copy's: from this node's mirror when
     it is complete, else by streaming each object through sha256 once (remembered by URL, name, size and mtime),
     so the driver keys a 16 GB model without keeping it on its disk."""
-    from misalign.models import model_files, url_mirror
-
     files = model_files(url)
     mirror = url_mirror(url, files)
     if mirror.exists():
@@ -109,8 +100,6 @@ def _hub_identity(ref: str) -> str:
     cached: the loader says why it cannot load it)."""
     from huggingface_hub import try_to_load_from_cache
 
-    from misalign.models import hub_cache, pinned_revision
-
     repo, revision = pinned_revision(ref) or (ref, None)
     if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
         return f"hf:{repo}@{revision}"
@@ -126,6 +115,7 @@ def model_identity(ref: str) -> str:
     contents (not its location: the same weights anywhere are the same model), or the hub id at its cached
     revision."""
     if ref.startswith("world:"):
+        # here, not at the top: the world's builder imports torch and transformers
         from misalign.world.build import WorldSpec, world_key
 
         return f"{ref}@{world_key(WorldSpec())}"
