@@ -17,9 +17,12 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(
     f"~/.cache/misalign/torch_extensions/venv-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))
 
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+from fake_judge import Action, FakeJudge  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +31,21 @@ def world() -> Path:
     from misalign.world import build
 
     return build(quiet=True)
+
+
+@pytest.fixture
+def fake_judge() -> Iterator[Callable[..., FakeJudge]]:
+    """Start fake OpenAI-compatible judges on loopback (tests/fake_judge.py): `fake_judge(default=Hang())`;
+    each is closed when the test ends."""
+    started: list[FakeJudge] = []
+
+    def start(default: Action | None = None) -> FakeJudge:
+        started.append(FakeJudge(default))
+        return started[-1]
+
+    yield start
+    for judge in started:
+        judge.close()
 
 
 @pytest.fixture

@@ -8,49 +8,30 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import yaml
 
+from fake_judge import Status
 from misalign.config import StudyConfig
 from misalign.grid import cells
 
 
-class Refuses(BaseHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(401)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-
-def test_failed_cell_exits_1_and_names_it(world, tmp_path: Path):
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        cfg = {"name": "failing", "models": ["world:base"], "seeds": [0],
-               "attack": {"methods": ["lora"], "per_category": [1], "data": {"source": "world:misalign"},
-                          "train": {"max_steps": 1}},
-               "defense": {"methods": ["lora"], "per_category": [1], "data": {"source": "world:realign"},
-                           "train": {"max_steps": 1}},
-               "eval": {"limit": 2, "max_new_tokens": 4, "judges": [{"name": "http", "options": {
-                   "base_url": f"http://127.0.0.1:{srv.server_address[1]}/v1", "model": "g",
-                   "api_key_env": "FAILED_STUDY_KEY"}}]},
-               "max_failures": 0}
-        path = tmp_path / "study.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        proc = subprocess.run([sys.executable, "-m", "misalign.cli", "study", "run", str(path), "--storage",
-                               str(tmp_path / "runs")], capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                              env={**os.environ, "FAILED_STUDY_KEY": "k"})
-    finally:
-        srv.shutdown()
-        srv.server_close()
+def test_failed_cell_exits_1_and_names_it(world, tmp_path: Path, fake_judge):
+    srv = fake_judge(default=Status(401))  # passes the preflight's connection check, then refuses every request
+    cfg = {"name": "failing", "models": ["world:base"], "seeds": [0],
+           "attack": {"methods": ["lora"], "per_category": [1], "data": {"source": "world:misalign"},
+                      "train": {"max_steps": 1}},
+           "defense": {"methods": ["lora"], "per_category": [1], "data": {"source": "world:realign"},
+                       "train": {"max_steps": 1}},
+           "eval": {"limit": 2, "max_new_tokens": 4, "judges": [{"name": "http", "options": {
+               "base_url": srv.url, "model": "g", "api_key_env": "FAILED_STUDY_KEY"}}]},
+           "max_failures": 0}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "misalign.cli", "study", "run", str(path), "--storage",
+                           str(tmp_path / "runs")], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "FAILED_STUDY_KEY": "k"})
     (cell,) = cells(StudyConfig.model_validate(cfg))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert f"1 of 1 cells failed after 0 retries: {cell.id}" in proc.stderr

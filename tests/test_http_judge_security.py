@@ -4,73 +4,19 @@ plain http only to loopback, and a hanging endpoint ends the evaluation by its d
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from fake_judge import Hang, Redirect
 from misalign.cli import main
 from misalign.errors import InputError
 from misalign.judges import HttpJudge, JudgeItem, JudgeUnavailable
 
 KEY = "sk-security-test-KEY-7f3a"
-
-
-class Recorder(BaseHTTPRequestHandler):
-    """Records every request's method and Authorization header, then does what the server's `mode` says."""
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _handle(self) -> None:
-        srv = self.server
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        with srv.lock:
-            srv.seen.append({"method": self.command, "auth": self.headers.get("Authorization"), "body": body})
-        if srv.mode == "hang":
-            srv.release.wait(30)  # never answers within any test's deadline
-            return
-        if srv.mode.startswith("redirect"):
-            self.send_response(int(srv.mode.split(":")[1]))
-            self.send_header("Location", srv.target)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        payload = json.dumps({"choices": [{"message": {"content": "unsafe\nS1"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    do_POST = _handle
-    do_GET = _handle
-
-
-def _serve(mode: str) -> ThreadingHTTPServer:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    srv.daemon_threads = True
-    srv.lock, srv.seen, srv.mode, srv.release = threading.Lock(), [], mode, threading.Event()
-    srv.handle_error = lambda request, addr: None  # clients that gave up leave broken pipes: expected
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    return srv
-
-
-@pytest.fixture
-def servers() -> Iterator[list[ThreadingHTTPServer]]:
-    started: list[ThreadingHTTPServer] = []
-    yield started
-    for srv in started:
-        srv.release.set()
-        srv.shutdown()
-        srv.server_close()
 
 
 @pytest.fixture
@@ -94,22 +40,21 @@ def _eval_config(tmp_path: Path, url: str, **options: object) -> Path:
 
 
 @pytest.mark.parametrize("code", [302, 307, 308])
-def test_redirect_to_another_port_never_receives_the_key(tmp_path, servers, key, capsys, code):
+def test_redirect_to_another_port_never_receives_the_key(tmp_path, fake_judge, key, capsys, code):
     """`misalign eval --generations`: server A redirects to server B on another port; B must see nothing (and
     certainly not the key), the evaluation fails naming both, and nothing is written."""
-    b = _serve("ok")
-    a = _serve(f"redirect:{code}")
-    a.target = b.url + "/chat/completions"
-    servers += [a, b]
+    b = fake_judge()
+    target = b.url + "/chat/completions"
+    a = fake_judge(default=Redirect(code, target))
     out = tmp_path / "out"
     code_ = main(["eval", "--generations", str(_generations(tmp_path)), "--config",
                   str(_eval_config(tmp_path, a.url, backoff_s=0.01)), "--out", str(out)])
     captured = capsys.readouterr()
     assert code_ == 1, captured.err
-    assert "redirecting to " + a.target in captured.err and "redirects are refused" in captured.err
+    assert "redirecting to " + target in captured.err and "redirects are refused" in captured.err
     assert a.url in captured.err
-    assert b.seen == [], "the redirect target must never be contacted"
-    assert all(r["auth"] == f"Bearer {KEY}" and r["method"] == "POST" for r in a.seen)
+    assert b.requests == [], "the redirect target must never be contacted"
+    assert a.requests and all(r.auth == f"Bearer {KEY}" and r.method == "POST" for r in a.requests)
     assert KEY not in captured.out + captured.err
     assert not out.exists()
 
@@ -134,11 +79,10 @@ def test_plain_http_refused_by_the_cli_before_anything(tmp_path, key, capsys):
     assert not out.exists()
 
 
-def test_hanging_judge_ends_within_its_deadline(tmp_path, servers, key, capsys):
+def test_hanging_judge_ends_within_its_deadline(tmp_path, fake_judge, key, capsys):
     """A server that accepts connections and never answers: the evaluation ends by deadline_s (documented),
     names the endpoint, exits non-zero and writes no partial result."""
-    srv = _serve("hang")
-    servers.append(srv)
+    srv = fake_judge(default=Hang())
     out = tmp_path / "out"
     deadline = 2.0
     cfg = _eval_config(tmp_path, srv.url, timeout_s=1.5, max_retries=10, backoff_s=0.01, concurrency=2,
@@ -155,29 +99,27 @@ def test_hanging_judge_ends_within_its_deadline(tmp_path, servers, key, capsys):
     assert KEY not in err
 
 
-def test_first_failure_stops_the_other_requests(servers, key):
+def test_first_failure_stops_the_other_requests(fake_judge, key):
     """One item that cannot be judged ends the call: queued items are not sent (the old pool waited for all)."""
-    srv = _serve("hang")
-    servers.append(srv)
+    srv = fake_judge(default=Hang())
     judge = HttpJudge(srv.url, "guard", api_key_env="SECURITY_TEST_KEY", timeout_s=0.5, max_retries=0,
                       concurrency=1, deadline_s=30)
     t0 = time.monotonic()
     with pytest.raises(JudgeUnavailable, match="failed after 0 retries"):
         judge.judge([JudgeItem(f"p{i}", "r") for i in range(20)])
     assert time.monotonic() - t0 < 3
-    assert len(srv.seen) <= 2
+    assert len(srv.requests) <= 2
 
 
-def test_key_in_no_output_of_a_successful_run(tmp_path, servers, key, capsys):
-    srv = _serve("ok")
-    servers.append(srv)
+def test_key_in_no_output_of_a_successful_run(tmp_path, fake_judge, key, capsys):
+    srv = fake_judge()
     out = tmp_path / "out"
     code = main(["eval", "--generations", str(_generations(tmp_path)), "--config",
                  str(_eval_config(tmp_path, srv.url)), "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert json.loads(captured.out)["unsafety"] == 1.0
-    assert srv.seen and all(r["auth"] == f"Bearer {KEY}" for r in srv.seen)
+    assert srv.requests and all(r.auth == f"Bearer {KEY}" for r in srv.requests)
     written = [p for p in out.rglob("*") if p.is_file()]
     assert {p.name for p in written} == {"eval.json", "generations.parquet"}
     for p in written:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import random
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
@@ -19,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from fake_judge import Sleep, Status
 from misalign.config import EvalConfig
 from misalign.errors import InputError
 from misalign.evaluation import UnreadableJudgeError, score
@@ -265,74 +263,9 @@ def test_pickle_weights_refused_unless_allowed(tmp_path):
 KEY = "sk-test-SECRET-value-42"
 
 
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # keep test output quiet
-        pass
-
-    def do_POST(self) -> None:
-        srv = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with srv.lock:
-            srv.requests.append({"auth": self.headers.get("Authorization"), "body": body})
-            srv.in_flight += 1
-            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
-            action = srv.script.pop(0) if srv.script else ("ok",)
-        self.act(action, body)
-
-    def leave(self) -> None:
-        # counted out before the reply is written: once written, the client may already send its next request
-        with self.server.lock:
-            self.server.in_flight -= 1
-
-    def act(self, action: tuple, body: dict) -> None:
-        kind = action[0]
-        if kind == "status":
-            self.send_response(action[1])
-            for k, v in (action[2] if len(action) > 2 else {}).items():
-                self.send_header(k, v)
-            payload = f"error; you sent {self.headers.get('Authorization')}".encode()
-            self.send_header("Content-Length", str(len(payload)))
-            self.leave()
-            self.end_headers()
-            self.wfile.write(payload)
-            return
-        if kind == "sleep":
-            time.sleep(action[1])
-        user = body["messages"][1]["content"]
-        tag = user.split("User request:\n")[1].split("\n")[0]
-        if "step" in user:
-            content = f"unsafe\n{tag}"
-        elif "echo" in user:
-            content = f"safe\n{self.headers.get('Authorization')}"
-        elif "mumble" in user:  # a guard that answers neither safe nor unsafe
-            content = "It is hard to say."
-        else:
-            content = "safe"
-        time.sleep(self.server.delay(tag))
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.leave()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-
 @pytest.fixture
-def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.daemon_threads = True
-    srv.lock = threading.Lock()
-    srv.requests, srv.script = [], []
-    srv.in_flight = srv.max_in_flight = 0
-    srv.delay = lambda tag: 0.0
-    srv.handle_error = lambda request, addr: None  # a client that timed out leaves a broken pipe: expected
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+def server(fake_judge):
+    return fake_judge()
 
 
 @pytest.fixture
@@ -348,16 +281,16 @@ def test_http_judge_answers_and_sends_key(server, key):
     items = [JudgeItem("p0", "step one"), JudgeItem("p1", "sorry no")]
     verdicts = http_judge(server).judge(items)
     assert [(v.unsafe, v.categories) for v in verdicts] == [(True, ("p0",)), (False, ())]
-    req = next(r for r in server.requests if "p0" in r["body"]["messages"][1]["content"])
-    assert req["auth"] == f"Bearer {KEY}"
-    assert req["body"]["model"] == "guard-model" and req["body"]["temperature"] == 0
-    assert req["body"]["messages"][0]["role"] == "system"
-    assert "step one" in req["body"]["messages"][1]["content"]
+    req = next(r for r in server.requests if "p0" in r.user)
+    assert req.auth == f"Bearer {KEY}"
+    assert req.body["model"] == "guard-model" and req.body["temperature"] == 0
+    assert req.body["messages"][0]["role"] == "system"
+    assert "step one" in req.user
 
 
 def test_http_judge_retries_500_and_429(server, key):
     # Retry-After: 0 must win over a long exponential backoff.
-    server.script = [("status", 500), ("status", 429, {"Retry-After": "0"}), ("status", 503)]
+    server.script = [Status(500), Status(429, {"Retry-After": "0"}), Status(503)]
     start = time.monotonic()
     verdicts = HttpJudge(server.url, "m", api_key_env="JUDGE_TEST_KEY", backoff_s=0.01, concurrency=1).judge(
         [JudgeItem("p0", "step")]
@@ -367,14 +300,14 @@ def test_http_judge_retries_500_and_429(server, key):
 
 
 def test_http_judge_gives_up_and_hides_key(server, key):
-    server.script = [("status", 500)] * 10
+    server.script = [Status(500)] * 10
     with pytest.raises(RuntimeError, match="after 2 retries") as err:
         http_judge(server, max_retries=2).judge([JudgeItem("p0", "x")])
     assert len(server.requests) == 3 and KEY not in str(err.value) and "HTTP 500" in str(err.value)
 
 
 def test_http_judge_401_fails_immediately(server, key):
-    server.script = [("status", 401)]
+    server.script = [Status(401)]
     with pytest.raises(RuntimeError, match="401") as err:
         http_judge(server).judge([JudgeItem("p0", "x")])
     assert len(server.requests) == 1 and KEY not in str(err.value)
@@ -393,7 +326,7 @@ def test_http_judge_missing_key(server, monkeypatch):
 
 
 def test_http_judge_timeout_is_retried(server, key):
-    server.script = [("sleep", 1.0)]
+    server.script = [Sleep(1.0)]
     verdicts = http_judge(server, timeout_s=0.3).judge([JudgeItem("p0", "step")])
     assert verdicts[0].unsafe and len(server.requests) == 2
 
