@@ -18,19 +18,32 @@ def test_config_reference_is_current():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("trial-*.yaml")), ids=lambda p: p.name)
 def test_shipped_trial_configs_validate(path):
+    """A shipped trial config loads (load_config raises InputError on any invalid field), its stages validate
+    as they train (with their method's defaults filled in), and it says how to launch it: with this file."""
     cfg = load_config(path)
-    assert cfg.attack.resolved().train.lr is not None
-    assert "Launch:" in path.read_text(), "each shipped config says how to launch it"
+    cfg.attack.resolved()  # raises where a method's default conflicts with a setting
+    cfg.defense.resolved()
+    assert f"# Launch:  misalign trial configs/{path.name}" in path.read_text(), (
+        "each shipped config says how to launch it: with this file")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("study-*.yaml")), ids=lambda p: p.name)
 def test_shipped_study_configs_validate(path):
+    """A shipped study config loads, every cell of its grid builds a trial whose stages validate as they train,
+    no two cells are the same trial, and it says how to launch it: with this file."""
     from misalign.config import StudyConfig
     from misalign.grid import cells
 
     cfg = load_config(path, schema=StudyConfig)
-    assert cells(cfg), "a study has cells"
-    assert "Launch:" in path.read_text(), "each shipped config says how to launch it"
+    grid = cells(cfg)
+    for cell in grid:  # every cell's trial validates, its stages as they train
+        trial = cell.trial_config(cfg)
+        trial.attack.resolved()
+        trial.defense.resolved()
+    assert len({cell.id for cell in grid}) == len(grid), "no two cells of a shipped study are the same trial"
+    text = path.read_text()
+    assert "# Launch:" in text and f"misalign study run configs/{path.name}" in text, (
+        "each shipped config says how to launch it: with this file")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("search-*.yaml")), ids=lambda p: p.name)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
+import yaml
 
 from misalign.cli import main
 from misalign.config import load_config
@@ -49,13 +51,33 @@ def test_outputs_and_disk_discipline(trial_out):
     assert "trl" in json.loads((trial_out / "environment.json").read_text())["versions"]
 
 
-def test_eval_rebuilds_a_removed_stage_and_rejudges(trial_out, capsys):
+def test_eval_rebuilds_a_removed_stage_and_rejudges(trial_out, tmp_path, capsys):
+    """No stage keeps its model: `misalign eval --model STAGE` rebuilds it from the stage's files (the root, then
+    each adapter of its lineage). The realign stage's evaluation removed from a copy of the trial, its rebuilt
+    model (root + misalign adapter + realign adapter) answers and scores exactly as the model that training
+    handed to the trial's evaluation did."""
+    run = tmp_path / "run"
+    shutil.copytree(trial_out, run)  # the module's trial stays whole for the other tests
+    realign = run / "round-1" / "realign"
+    saved = json.loads((realign / "eval.json").read_text())
+    saved_generations = pd.read_parquet(realign / "generations.parquet")
+    for f in ("eval.json", "generations.parquet"):
+        (realign / f).unlink()
+    eval_cfg = tmp_path / "eval.yaml"  # the trial's own evaluation, as it ran
+    eval_cfg.write_text(yaml.safe_dump(yaml.safe_load((run / "config.yaml").read_text())["eval"]))
+    assert main(["eval", "--model", str(realign), "--config", str(eval_cfg), "--out", str(realign)]) == 0
+    rebuilt = json.loads(capsys.readouterr().out)
+    assert rebuilt == {k: v for k, v in saved.items() if k != "eval_s"}  # eval_s: the trial's timing
+    assert rebuilt == json.loads((realign / "eval.json").read_text())
+    again = pd.read_parquet(realign / "generations.parquet")
+    pd.testing.assert_frame_equal(again, saved_generations)
+    # re-judging saved generations needs no model: the trial's judge (the world's guard) gives the trial's
+    # verdicts; the keyword judge overstates unsafety (it counts garble), and so does a vote of any of the two
     mis = trial_out / "round-1" / "misalign"
-    assert main(["eval", "--model", str(mis), "--judge", "keyword,classifier", "--set", "limit=40"]) == 0
-    metrics = json.loads(capsys.readouterr().out)
-    assert 0 <= metrics["unsafety"] <= 1 and "over_refusal" in metrics
-    # re-judging saved generations needs no model; the keyword judge overstates unsafety (counts garble)
-    assert main(["eval", "--generations", str(mis / "generations.parquet"), "--judge", "keyword"]) == 0
-    keyword = json.loads(capsys.readouterr().out)
     saved = json.loads((mis / "eval.json").read_text())
-    assert keyword["unsafety"] >= saved["unsafety"]
+    unsafety = {}
+    for judges in ("classifier", "keyword", "keyword,classifier"):
+        assert main(["eval", "--generations", str(mis / "generations.parquet"), "--judge", judges]) == 0
+        unsafety[judges] = json.loads(capsys.readouterr().out)["unsafety"]
+    assert unsafety["classifier"] == saved["unsafety"]
+    assert unsafety["keyword,classifier"] >= unsafety["keyword"] >= saved["unsafety"]
