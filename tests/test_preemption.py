@@ -13,26 +13,29 @@ import sys
 import time
 from pathlib import Path
 
+from test_resume import stored_weights_rel_diff
+
 # One LoRA stage of 10 optimizer steps, each slowed so the parent can signal it mid-stage; it prints each step
-# as it ends, then its ledger, or the preemption.
+# as it begins and ends, then its ledger, or the preemption.
 _STAGE = """
 import json, sys, time
 from transformers import TrainerCallback
 from misalign import preemption
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.stage import StageRun, train_stage
-out, pause = sys.argv[1], float(sys.argv[2])
+out, pause, every = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]) or None
 preemption.install()
 class Slow(TrainerCallback):
     def on_step_end(self, args, state, control, **k):
         print(f"STEP {state.global_step}", flush=True)
     def on_step_begin(self, args, state, control, **k):
+        print(f"BEGIN {state.global_step + 1}", flush=True)
         time.sleep(pause)
 cfg = StageConfig(method="lora", data=DataSettings(source="world:misalign", per_category=2),
                   train=TrainSettings(max_steps=10, batch_size=2))
 try:
     ledger, _ = train_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=__import__(
-        "pathlib").Path(out), progress=False, checkpoint_every=4, callbacks=[Slow()]))
+        "pathlib").Path(out), progress=False, checkpoint_every=every, callbacks=[Slow()]))
 except preemption.StagePreempted as e:
     print(f"PREEMPTED {e.step} {e.notice_to_saved_s:.3f}", flush=True)
     sys.exit(3)
@@ -40,9 +43,9 @@ print("LEDGER " + json.dumps(ledger.to_dict()), flush=True)
 """
 
 
-def _stage(out: Path, pause: float) -> subprocess.Popen:
+def _stage(out: Path, pause: float, checkpoint_every: int = 4) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", _STAGE, str(out), str(pause)], env=env,
+    return subprocess.Popen([sys.executable, "-c", _STAGE, str(out), str(pause), str(checkpoint_every)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -55,8 +58,8 @@ def test_sigterm_mid_stage_saves_at_the_next_step_and_the_retry_resumes_there(wo
     for line in first.stdout:  # type: ignore[union-attr]
         if line.startswith("STEP "):
             seen.append(int(line.split()[1]))
-            if seen[-1] == 5:
-                first.send_signal(signal.SIGTERM)  # in step 6's pause: step 6 is the next to end
+        if line.startswith("BEGIN 6"):  # step 5 ended, every callback ran: step 6 is the next to end
+            first.send_signal(signal.SIGTERM)
         if line.startswith("PREEMPTED"):
             break
     rest, err = first.communicate(timeout=300)
@@ -65,7 +68,7 @@ def test_sigterm_mid_stage_saves_at_the_next_step_and_the_retry_resumes_there(wo
     assert match, line
     saved = int(match.group(1))
     assert saved == 6 and seen[-1] == 6, (saved, seen)  # the step after the notice, not a later one
-    assert (out / "trainer" / "checkpoint-6" / "trainer_state.json").exists()
+    assert (out / "trainer" / "checkpoint-6" / "misalign-whole.json").exists()
     assert not (out / "ledger.json").exists()  # unfinished
 
     second = _stage(out, pause=0.0)
@@ -75,6 +78,12 @@ def test_sigterm_mid_stage_saves_at_the_next_step_and_the_retry_resumes_there(wo
     assert ledger["extra"]["resumed_from_step"] == 6 and ledger["optimizer_steps"] == 10
     steps_after = [int(s) for s in re.findall(r"STEP (\d+)", text)]
     assert steps_after == [7, 8, 9, 10]  # nothing replayed, nothing skipped
+
+    # and it ends where an unbroken run of the same stage ends (no checkpoints, no notice)
+    whole = _stage(tmp_path / "whole", pause=0.0, checkpoint_every=0)
+    _, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err[-3000:]
+    assert stored_weights_rel_diff(out, tmp_path / "whole") <= 1e-5
 
 
 def test_sigterm_outside_a_stage_ends_the_process_as_before():

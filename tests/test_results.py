@@ -109,3 +109,20 @@ def test_results_store_assembles_and_validates_cells(tmp_path):
     assert list(zip(frame[r.CELL_ID], frame[r.PHASE], strict=True)) == [
         ("a", "base"), ("a", "misalign"), ("a", "realign"), ("b", "base"), ("b", "misalign"), ("b", "realign")]
     assert pd.read_parquet(tmp_path / "results.parquet").equals(frame)
+
+
+def test_a_stage_trained_by_a_lost_attempt_is_still_a_stage_trained():
+    """Rows carry the stage's key: a stage counts as trained once whichever row trained it, even when every row
+    found it done (the attempt that trained it was preempted before writing its rows), and the rest are saved."""
+    import dataclasses
+
+    reused = dataclasses.replace(LEDGER, reused=True)
+    rows = pd.DataFrame([r.build_row(0, "base", None, 0, None, BASE_METRICS),
+                         r.build_row(1, "misalign", STAGE, 39, reused, METRICS, stage_key="a"),
+                         r.build_row(1, "misalign", STAGE, 39, reused, METRICS, stage_key="a"),
+                         r.build_row(1, "realign", STAGE, 39, LEDGER, METRICS, stage_key="b")])
+    cost = r.cost_summary(rows)
+    assert cost["stages_trained"] == 2 and cost["stages_reused"] == 1
+    assert cost["flops_trained"] == 2 * LEDGER.flops and cost["flops_saved"] == LEDGER.flops
+    legacy = rows.drop(columns=[r.STAGE_KEY])  # results written before the column: the reused flags decide
+    assert r.cost_summary(legacy)["stages_trained"] == 1

@@ -74,7 +74,7 @@ def _stage(out: Path, method: str, every: int | None = None, dies_after: int | N
         return losses, None
 
 
-def _weights_rel_diff(a: Path, b: Path) -> float:
+def stored_weights_rel_diff(a: Path, b: Path) -> float:
     """The largest difference between two stages' stored tensors (adapter or full weights), relative to each
     tensor's largest magnitude."""
     from safetensors.torch import load_file
@@ -103,7 +103,7 @@ def _assert_resumed_exactly(whole: tuple[dict, dict], died: tuple[dict, dict | N
     assert sorted(resumed_losses) == list(range(start + 1, STEPS + 1))
     for step, loss in resumed_losses.items():
         assert loss == pytest.approx(whole_losses[step], rel=LOSS_RTOL), step
-    assert _weights_rel_diff(*dirs) <= WEIGHTS_RTOL
+    assert stored_weights_rel_diff(*dirs) <= WEIGHTS_RTOL
     # the ledger: every step and its cost, those before the checkpoint included
     assert ledger["extra"]["resumed_from_step"] == start and ledger["optimizer_steps"] == STEPS
     for key in ("examples", "epochs", "tokens", "ref_tokens", "flops"):

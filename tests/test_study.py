@@ -198,7 +198,7 @@ def _kill_a_training_worker_after_a_checkpoint(paths: Dirs, killed: list[int]) -
 
     deadline = time.time() + 300
     while time.time() < deadline:
-        if list(paths.stages.glob("*/trainer/checkpoint-*/trainer_state.json")):
+        if list(paths.stages.glob("*/trainer/checkpoint-*/misalign-whole.json")):
             for proc in psutil.process_iter(["cmdline"]):
                 if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
                     proc.kill()

@@ -436,6 +436,8 @@ class PlanSettings(_Strict):
     peak_flops: float = Field(989e12, gt=0, description="the device's peak FLOP/s at the training precision")
     mfu: float = Field(0.35, gt=0, le=1, description="model FLOPs utilization assumed (share of peak reached)")
     price_per_device_hour: float | None = Field(None, ge=0, description="currency per device-hour (money line)")
+    devices_per_node: int = Field(1, ge=1, description="devices (GPUs) a cluster node holds: node-hours = device-"
+                                                       "hours held / this")
     tokens_per_example: int = Field(
         300, ge=1, description="assumed prompt+response tokens of a training example when its data is unreadable")
     categories: int = Field(13, ge=1, description="assumed categories when a stage's data file is unreadable")

@@ -61,6 +61,7 @@ from misalign.config import StageConfig, StudyConfig
 from misalign.data import EvalItem, Pair
 from misalign.errors import InputError
 from misalign.ledger import data_passes, optimizer_steps, token_flops
+from misalign.schedule import Step, Width, widths
 
 ASSUMED_PER_CATEGORY = 30         # the paper's MisQA size, used when per_category is None and the data is unread
 ASSUMED_EVAL_ITEMS = 1900         # the paper's harmful eval set, used when the eval files are unread
@@ -199,6 +200,10 @@ class Plan:
     notes: list[str]
     storage: dict[str, Bytes]   # new, new_unshared, old, old_unshared: kept until the study ends
     moved: dict[str, Moved]     # new, old: read and written by the cells, with sharing
+    workers_per_trial: int = 1
+    devices_per_node: int = 1
+    widths: list[dict[str, float]] = field(default_factory=list)  # wall time by trials at once (misalign.schedule)
+    best_width: dict[str, float] = field(default_factory=dict)    # the fewest trials at once for the shortest wall
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -292,7 +297,10 @@ class _Estimator:
             "eval hours are optimistic",
             "model FLOPs (the ledger's formula): gradient checkpointing's recomputation (~+1/3) is not included",
         ]
+        widths, best = self._widths(uses, stages, shared["eval"])
         return Plan(
+            widths=[w.to_dict() for w in widths], best_width=best.to_dict(),
+            workers_per_trial=study.resources.workers, devices_per_node=study.plan.devices_per_node,
             study=study.name, device=study.plan.device, peak_flops=study.plan.peak_flops, mfu=study.plan.mfu,
             price_per_device_hour=study.plan.price_per_device_hour,
             axes={"models": len(study.models), "seeds": len(study.seeds),
@@ -302,6 +310,18 @@ class _Estimator:
             models=[self._model_plan(m) for m in models] + [self._model_plan(j, "judge") for j in self._judges()],
             stages=stages, assumptions=list(self.assumptions),
             notes=self.notes, storage=storage, moved=moved)
+
+    def _widths(self, uses: list[Any], stages: list[StagePlan], evals: Totals) -> tuple[list[Width], Width]:
+        """The grid's wall time by trials at once (misalign.schedule): each cell's stages in order, each stage
+        with one evaluation at the mean evaluation's cost, its training spread over the trial's workers."""
+        workers = self.study.resources.workers
+        eval_s = evals.device_hours * 3600 / max(1, evals.runs)
+        train_s = {s.key: s.device_hours * 3600 / workers for s in stages}
+        cells: dict[str, list[Step]] = {}
+        for u in uses:
+            steps = cells.setdefault(u.cell.id, [Step(f"base-eval {u.cell.model}", eval_s)])
+            steps.append(Step(u.key, train_s[u.key] + eval_s))
+        return widths(list(cells.values()))
 
     # -- models --
 

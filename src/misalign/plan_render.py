@@ -3,6 +3,8 @@ storage and bytes moved, with and without sharing) as tables a person reads."""
 
 from __future__ import annotations
 
+import math
+
 from misalign.plan import PHASES, ModelPlan, Plan, StagePlan, Totals
 
 
@@ -104,6 +106,25 @@ def _model_lines(models: list[ModelPlan]) -> list[str]:
     return lines
 
 
+def _width_table(p: Plan) -> list[str]:
+    """Wall time by trials at once, and the fewest that give the shortest (misalign.schedule)."""
+    devices = p.workers_per_trial
+    lines = [f"Wall time by trials at once (the grid in order, attacks before their defenses, shared stages "
+             f"trained once; {devices} device(s) a trial)",
+             f"  {'trials':>7}{'devices':>9}{'wall h':>10}{'device-h held':>15}{'busy':>7}"]
+    for w in p.widths:
+        held = w["held_h"] * devices
+        busy = _percent(w["busy_h"], w["held_h"]) if w["held_h"] else "-"
+        lines.append(f"  {int(w['slots']):>7,}{int(w['slots']) * devices:>9,}{_hours(w['wall_h']):>10}"
+                     f"{_hours(held):>15}{busy:>7}")
+    b = p.best_width
+    nodes = math.ceil(int(b["slots"]) * devices / p.devices_per_node)
+    lines.append(f"  shortest wall time {_hours(b['wall_h'])} h at {int(b['slots']):,} trials at once "
+                 f"({nodes:,} node(s) of {p.devices_per_node} device(s)): {_hours(b['held_h'] * devices / p.devices_per_node)}"
+                 f" node-hours held, on a cluster that releases idle nodes (start-up and idle timeouts not counted)")
+    return lines
+
+
 def render(p: Plan) -> str:
     """The human table: counts, cost with and without sharing, models, stages, assumptions."""
     a = p.axes
@@ -127,6 +148,8 @@ def render(p: Plan) -> str:
         f"Sharing saves {saved_runs:,} runs, {saved_flops:.3g} FLOPs ({_percent(share, 1)}), "
         f"{_hours(p.unshared['total'].device_hours - p.shared['total'].device_hours)} device-hours"
         + (f", {_money((p.unshared['total'].money or 0) - (p.shared['total'].money or 0))}" if priced else ""),
+        "",
+        *_width_table(p),
         "",
         *_storage_table(p),
         "",

@@ -36,7 +36,7 @@ UNSAFETY, UNSAFETY_SE, REFUSAL, NEITHER = "unsafety", "unsafety_se", "refusal", 
 OVER_REFUSAL, UTILITY, UNPARSED = "over_refusal", "utility", "unparsed"
 EPOCHS, TOKENS, FLOPS, WALL_S, DEVICE_S = "epochs", "tokens", "flops", "wall_s", "device_s"
 OPTIMIZER_STEPS, PEAK_MEMORY_BYTES, WORKERS, REUSED = "optimizer_steps", "peak_memory_bytes", "workers", "reused"
-EVAL_S, EVAL_REUSED, MFU = "eval_s", "eval_reused", "mfu"
+EVAL_S, EVAL_REUSED, MFU, STAGE_KEY = "eval_s", "eval_reused", "mfu", "stage_key"
 CATEGORY_PREFIX = "unsafety/"  # unsafety/<category>: unsafety on one harm category's prompts
 
 # phases, in stage order
@@ -86,6 +86,8 @@ class StageRow(BaseModel):
     peak_memory_bytes: int = _col("peak accelerator memory (0 on CPU)", "bytes", ge=0)
     workers: int = _col("training workers (devices)", "workers", ge=0)
     reused: bool = _col("the stage was found in the lineage cache, not trained by this row's trial", "-")
+    stage_key: str | None = _col("the stage's lineage key (None for the base): rows with one key share one "
+                                 "trained stage", "-")
     eval_s: float = _col("the evaluation's wall time (0 when it was reused)", "s", ge=0.0)
     mfu: float | None = _col("model FLOPs utilization: flops / (device_s x peak FLOP/s per device); None when "
                              "no peak was given or nothing trained", "share", ge=0.0)
@@ -113,7 +115,8 @@ def schema() -> pd.DataFrame:
 
 
 def build_row(round_: int, phase: str, stage: StageConfig | None, n_examples: int, ledger: Ledger | None,
-              metrics: dict[str, Any], *, peak_flops: float | None = None) -> dict[str, Any]:
+              metrics: dict[str, Any], *, peak_flops: float | None = None,
+              stage_key: str | None = None) -> dict[str, Any]:
     """The row of one evaluated model: the stage's ledger (None for the base) and the evaluation's metrics.
     `peak_flops`: one device's peak FLOP/s, for the mfu column (None: mfu is None)."""
     m = metrics
@@ -131,7 +134,8 @@ def build_row(round_: int, phase: str, stage: StageConfig | None, n_examples: in
         FLOPS: ledger.flops if spent else 0.0, WALL_S: ledger.wall_s if spent else 0.0,
         DEVICE_S: ledger.device_s if spent else 0.0, OPTIMIZER_STEPS: ledger.optimizer_steps if spent else 0,
         PEAK_MEMORY_BYTES: ledger.peak_memory_bytes if spent else 0, WORKERS: ledger.workers if spent else 0,
-        REUSED: bool(ledger.reused) if spent else False, EVAL_S: m.get(EVAL_S, 0.0), MFU: mfu,
+        REUSED: bool(ledger.reused) if spent else False, STAGE_KEY: stage_key, EVAL_S: m.get(EVAL_S, 0.0),
+        MFU: mfu,
     }
     for cat, value in sorted(m.get("per_category", {}).items()):
         row[f"{CATEGORY_PREFIX}{cat}"] = value
@@ -200,8 +204,14 @@ def cost_summary(results: pd.DataFrame) -> dict[str, Any]:
         return {"stage_rows": 0, "stages_trained": 0, "stages_reused": 0, "flops_trained": 0.0,
                 "device_s_trained": 0.0, "flops_saved": 0.0, "device_s_saved": 0.0}
     stages = results[results[PHASE] != BASE]
-    reused = stages[REUSED].astype(bool)
-    trained, shared = stages[~reused], stages[reused]
+    if STAGE_KEY in stages and stages[STAGE_KEY].notna().all():
+        # each stage was trained once, whichever row says so: a stage trained by an attempt that was then
+        # preempted has only rows that found it done, and is still a stage trained
+        first = ~stages[STAGE_KEY].duplicated()
+        trained, shared = stages[first], stages[~first]
+    else:  # results written before stage_key
+        reused = stages[REUSED].astype(bool)
+        trained, shared = stages[~reused], stages[reused]
     return {"stage_rows": len(stages), "stages_trained": len(trained), "stages_reused": len(shared),
             "flops_trained": float(trained[FLOPS].sum()), "device_s_trained": float(trained[DEVICE_S].sum()),
             "flops_saved": float(shared[FLOPS].sum()), "device_s_saved": float(shared[DEVICE_S].sum())}

@@ -168,6 +168,13 @@ def _checkpoint_callback(counter: FlopCounter, sync: CheckpointSync | None, spen
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             write_json_atomic(_counts_file(checkpoint), {"sums": counter.state(), "seconds": spent_s()})
+            # transformers writes trainer_state.json (and drops the older checkpoint) before this runs, and
+            # under DeepSpeed before every rank wrote its RNG state: only this marker, written once every rank
+            # has written everything, makes a checkpoint one to resume from
+            barrier()
+            if local_rank() == 0:
+                write_json_atomic(checkpoint / WHOLE, {"step": state.global_step, "ranks": world_size()})
+            barrier()
             if sync is not None:
                 sync.save(checkpoint, node_lead=local_rank() == 0, lead=rank() == 0, barrier=barrier)
             if rank() == 0:
@@ -458,8 +465,11 @@ def _hand_over(model: Any, stage_dir: Path, has_adapter: bool, dtype: torch.dtyp
     return inference_ready(model.to(dtype))
 
 
+WHOLE = "misalign-whole.json"  # in a checkpoint directory: every rank's files and counts are in it
+
+
 def _last_checkpoint(trainer_dir: Path) -> Path | None:
-    done = [p for p in trainer_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    done = [p for p in trainer_dir.glob("checkpoint-*") if (p / WHOLE).exists()]
     return max(done, key=lambda p: checkpoint_step(p.name), default=None)
 
 

@@ -27,6 +27,7 @@ The study directory, on its storage (a directory every node sees, or an object s
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -435,6 +436,9 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     trainable = tune.with_resources(trainable, trial_resources)
     done_before = sum(paths.cell_done(c.id) for c in grid)
     at_once = max_concurrent(cfg)  # on an autoscaling cluster, what it can grow to
+    # every trial that may run is asked for at once, so an autoscaler sees the study's whole width (ray #43451);
+    # Tune's own rule (200, or 1.1 x the cluster's CPUs with a warning) would track a cluster that has not grown
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(at_once))
     print(f"[study] {cfg.name}: {len(grid)} cells ({done_before} done before this run), "
           f"{len(unique_stages(stage_uses(cfg)))} unique stages, up to {at_once} at once -> {store.url}", flush=True)
     # a fresh Tune experiment each run of the command (tune, tune-1, ...): every cell not done runs, failed

@@ -204,12 +204,12 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
     current = CellModel(cfg.model, cfg.trust_remote_code, cfg.allow_pickle, layout.fetch)
 
     def record(round_: int, phase: str, stage: StageConfig | None, n: int, ledger: Ledger | None,
-               eval_dir: Path, stage_dir: Path | None) -> None:
+               eval_dir: Path, stage_dir: Path | None, key: str | None = None) -> None:
         if lead:
             assert judge is not None
             metrics, eval_reused = _evaluated(layout, eval_dir, lambda: current.get(stage_dir), current.tokenizer,
                                               cfg, items, judge)
-            row = build_row(round_, phase, stage, n, ledger, metrics, peak_flops=peak_flops)
+            row = build_row(round_, phase, stage, n, ledger, metrics, peak_flops=peak_flops, stage_key=key)
             row["eval_reused"] = eval_reused
             rows.append(row)
             if on_row:
@@ -249,7 +249,7 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
                 current.put(stage_dir, trained)
                 if lead:
                     layout.publish(stage_dir, "ledger.json")
-        record(r, phase, stage, len(pairs), ledger, layout.stage_eval_dir(stage_dir, cfg.eval), stage_dir)
+        record(r, phase, stage, len(pairs), ledger, layout.stage_eval_dir(stage_dir, cfg.eval), stage_dir, key)
         previous_stage = stage_dir
     return rows
 
