@@ -32,7 +32,7 @@ from misalign.config import SearchConfig, load_config
 from misalign.runtime import match_threads
 from misalign.search import outcome, point_id, point_trial
 from misalign.storage import Store
-from misalign.study import run_cached_trial
+from misalign.trial import run_cached_trial
 
 
 def run_search(config: Path, storage: Path) -> tuple[dict, float]:

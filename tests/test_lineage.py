@@ -14,8 +14,9 @@ from misalign.config import StageConfig, StudyConfig, TrialConfig
 from misalign.data import load_pairs
 from misalign.errors import InputError
 from misalign.lineage import model_identity, source_identity, stage_fingerprint
+from misalign.rundir import open_run_dir
 from misalign.storage import Store
-from misalign.study import open_run_dir, run_cached_trial
+from misalign.trial import run_cached_trial
 
 
 def _misqa_csv(path, edit: bool = False):

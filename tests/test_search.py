@@ -156,7 +156,8 @@ def test_budget_spent_counts_each_trained_point_once(tmp_path):
     """A point proposed again is read back from the point cache and its rows say it trained (reused = False):
     the answer (and the CLI's "budget spent" line) must still count its budget once."""
     from misalign.config import SearchConfig
-    from misalign.search import SIZE_INDEX, SearchPaths, optuna_space, write_answer
+    from misalign.rundir import RunDir
+    from misalign.search import SIZE_INDEX, optuna_space, write_answer
     from misalign.storage import Store
 
     cfg = SearchConfig.model_validate(ATTACK)
@@ -170,7 +171,7 @@ def test_budget_spent_counts_each_trained_point_once(tmp_path):
                  "trained": True, "device_s": budget / 10}
         study.add_trial(optuna.trial.create_trial(params={SIZE_INDEX: index}, distributions=space, value=budget,
                                                   user_attrs=attrs))
-    answer = write_answer(cfg, SearchPaths(Store(tmp_path)), storage)
+    answer = write_answer(cfg, RunDir(Store(tmp_path)), storage)
     assert answer["trials"] == 3 and answer["distinct_points"] == 2
     assert answer["budget_spent"] == 140.0
     assert answer["best"]["budget"] == 100.0 and answer["best"]["params"] == {"per_category": 10}

@@ -20,8 +20,9 @@ import yaml
 from misalign.cli import main
 from misalign.config import StudyConfig
 from misalign.grid import cells
+from misalign.rundir import RunDir
 from misalign.storage import Store
-from misalign.study import StudyPaths, run_study
+from misalign.study import run_study
 
 pytestmark = pytest.mark.slow  # trains end to end: `pytest -m "not slow"` leaves it out
 
@@ -49,7 +50,7 @@ class Dirs:
     def __init__(self, root: Path) -> None:
         self.root, self.stages, self.cells = root, root / "stages", root / "cells"
         self.results = root / "results.parquet"
-        self.study = StudyPaths(Store(root))
+        self.study = RunDir(Store(root))
 
 
 def write(tmp: Path, d: dict[str, Any]) -> Path:

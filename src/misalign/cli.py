@@ -110,7 +110,8 @@ def _study(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from misalign.config import StudyConfig, load_config
-    from misalign.study import StudyPaths, read_status, run_study
+    from misalign.rundir import RunDir
+    from misalign.study import read_status, run_study
 
     if args.action in ("run", "plan"):
         cfg = load_config(args.target, args.set, schema=StudyConfig)
@@ -121,7 +122,7 @@ def _study(args: argparse.Namespace) -> int:
             plan = estimate(cfg)
             print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan))
             return 0
-        paths = StudyPaths(_under(args.storage, cfg.name))
+        paths = RunDir(_under(args.storage, cfg.name))
         run = run_study(cfg, paths, address=args.address, storage_given=args.storage is not None)  # validates first
         from misalign.grid import cells
 
@@ -134,7 +135,7 @@ def _study(args: argparse.Namespace) -> int:
             print(f"misalign: {len(run.unfinished)} of {n} cells unfinished: the run was stopped; rerun the same "
                   "command to resume", file=sys.stderr)
         return EXIT_FAILED if run.failed else EXIT_INTERRUPTED if run.unfinished else 0
-    paths = StudyPaths(Store(args.target))
+    paths = RunDir(Store(args.target))
     if args.action == "status":
         status = read_status(paths)
         if args.json:
@@ -172,12 +173,13 @@ def _study(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from misalign.config import SearchConfig, load_config
-    from misalign.search import SearchPaths, run_search
+    from misalign.rundir import RunDir
+    from misalign.search import run_search
 
     cfg = load_config(args.config, args.set, schema=SearchConfig)
     if cfg.kind != args.kind:
         raise InputError(f"{args.config}: kind is {cfg.kind!r}, but this is `misalign search {args.kind}`")
-    paths = SearchPaths(_under(args.storage, cfg.name), Store(args.stages) if args.stages else None)
+    paths = RunDir(_under(args.storage, cfg.name), Store(args.stages) if args.stages else None)
     answer = run_search(cfg, paths, address=args.address)
     print(json.dumps(answer, indent=2) if args.json else _answer_text(answer, cfg.kind, cfg.tau, paths.trials))
     if answer["trials"] < cfg.trials:  # the answer above is from the finished trials only

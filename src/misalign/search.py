@@ -1,7 +1,7 @@
 """`misalign search attack|defense`: Optuna (TPE, through Ray Tune's OptunaSearch) over a stage's knobs, for the
 cheapest attack that misaligns a model or the cheapest defense that realigns it.
 
-    run_search(SearchConfig, SearchPaths, address) -> answer (also SEARCH/answer.json)
+    run_search(SearchConfig, RunDir, address) -> answer (also SEARCH/answer.json)
 
 Each Tune trial is one point of the space: a trial of the study's kind (base eval, misalign, and for a defense
 search realign), its stages and evaluations in the lineage cache, so a point seen before (or a misalignment a
@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,42 +41,8 @@ from misalign.cache import note_store_use
 from misalign.config import SearchConfig, TrialConfig
 from misalign.errors import InputError
 from misalign.results import BASE, DEVICE_S, MISALIGN, PHASE, REALIGN, REUSED, UNSAFETY, UTILITY
+from misalign.rundir import RunDir, open_run_dir
 from misalign.storage import Store, check_store
-
-
-@dataclass
-class SearchPaths:
-    """A search directory on its store; its stages there, or a study's (--stages) to reuse them."""
-
-    store: Store
-    shared_stages: Store | None = None
-
-    @property
-    def root(self) -> str:
-        return self.store.url
-
-    @property
-    def stages(self) -> Store:
-        return self.shared_stages or self.store.child("stages")
-
-    @staticmethod
-    def point_file(point_id: str) -> str:
-        return f"points/{point_id}.parquet"
-
-    @property
-    def answer(self) -> str:
-        return "answer.json"
-
-    @property
-    def trials(self) -> str:
-        return "trials.parquet"
-
-    @property
-    def optuna_db(self) -> Path:
-        """SQLite needs a local file: the directory itself, or this node's mirror of an object store (copied to
-        the store after every run as optuna.db, and back from it when a rerun finds no local copy)."""
-        return self.store.mirror / "optuna.db"
-
 
 # ---- the space and one point --------------------------------------------------------------------------------
 
@@ -173,10 +137,10 @@ def search_trainable(config: dict[str, Any], search: dict[str, Any], root: str, 
     from ray import tune
 
     from misalign.cluster import hold_assigned_resources
-    from misalign.study import run_cached_trial
+    from misalign.trial import run_cached_trial
 
     cfg = SearchConfig.model_validate(search)
-    paths = SearchPaths(Store(root), Store(stages))
+    paths = RunDir(Store(root), Store(stages))
     config = decode(cfg, config)
     pid = point_id(config)
     if paths.store.exists(paths.point_file(pid)):  # evaluated before (a repeated proposal, or before a crash)
@@ -228,7 +192,7 @@ def _searcher(cfg: SearchConfig, storage: Any, first_run: bool = True) -> Any:
                                  if first_run and cfg.start_points else None)
 
 
-def optuna_storage(cfg: SearchConfig, paths: SearchPaths) -> Any:
+def optuna_storage(cfg: SearchConfig, paths: RunDir) -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines ("A new study created") are not ours
     url = cfg.storage or f"sqlite:///{paths.optuna_db}"
     return optuna.storages.RDBStorage(url)
@@ -311,14 +275,13 @@ def validate_search(cfg: SearchConfig, local: bool = False) -> None:
     check_search(cfg, local=local)
 
 
-def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = None) -> dict[str, Any]:
+def run_search(cfg: SearchConfig, paths: RunDir, *, address: str | None = None) -> dict[str, Any]:
     """Run (or resume) the search; returns the answer (also SEARCH/answer.json and trials.parquet)."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     from misalign.claims import start_leases
     from misalign.cluster import init_ray, tune_storage
-    from misalign.study import open_run_dir
 
     t0 = time.time()
     validate_search(cfg, local=address is None)
@@ -366,14 +329,14 @@ def run_search(cfg: SearchConfig, paths: SearchPaths, *, address: str | None = N
 _DB = "optuna.db"
 
 
-def _copy_database(cfg: SearchConfig, paths: SearchPaths) -> None:
+def _copy_database(cfg: SearchConfig, paths: RunDir) -> None:
     """An object-store search keeps its SQLite database on the driver's disk and copies it to the store, so a
     driver that dies (or moves) resumes from there."""
     if paths.store.remote and not cfg.storage and paths.optuna_db.exists():
         paths.store.write_bytes(_DB, paths.optuna_db.read_bytes())
 
 
-def _database_copier(cfg: SearchConfig, paths: SearchPaths) -> Any:
+def _database_copier(cfg: SearchConfig, paths: RunDir) -> Any:
     from ray import tune
 
     class CopyDatabase(tune.Callback):
@@ -406,7 +369,7 @@ def trials_frame(cfg: SearchConfig, storage: Any) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_answer(cfg: SearchConfig, paths: SearchPaths, storage: Any) -> dict[str, Any]:
+def write_answer(cfg: SearchConfig, paths: RunDir, storage: Any) -> dict[str, Any]:
 
     frame = trials_frame(cfg, storage)
     paths.store.write_parquet(paths.trials, frame)

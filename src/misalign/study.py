@@ -1,6 +1,6 @@
 """`misalign study run`: the grid of cells as a Ray Tune experiment, stages shared through the lineage cache.
 
-    run_study(StudyConfig, StudyPaths, address) -> StudyRun (results table, failed and unfinished cells)
+    run_study(StudyConfig, RunDir, address) -> StudyRun (results table, failed and unfinished cells)
 
 Life cycle: validate every cell's data, eval sets, judges and models (bad input exits 2 before anything runs);
 write or check the study directory (the same config and the same inputs, by contents, to resume); start or
@@ -26,7 +26,6 @@ The study directory, on its storage (a directory every node sees, or an object s
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -35,7 +34,6 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel
 
 from misalign import preemption
 from misalign.attempts import DONE, FAILED, NOTICED, CellAttempts, preemption_summary
@@ -51,93 +49,32 @@ from misalign.cluster import (
     trial_asks,
     tune_storage,
 )
-from misalign.config import EvalConfig, StudyConfig, TrialConfig
+from misalign.config import StudyConfig
 from misalign.errors import InputError
 from misalign.grid import Cell, cells, stage_uses, unique_stages
-from misalign.lineage import LineageCache, model_identity, source_identity
 from misalign.results import (
-    CELLS,
-    RESULTS,
     assemble_results,
     cell_rows,
     cost_summary,
     read_results,
-    write_rows,
 )
-from misalign.runtime import rank
+from misalign.rundir import RunDir, open_run_dir
 from misalign.storage import Store, check_store
 
 STATUS = "status.json"
 
 
-@dataclass
-class StudyPaths:
-    """A study directory on its store."""
-
-    store: Store
-
-    @property
-    def root(self) -> str:
-        return self.store.url
-
-    @property
-    def stages(self) -> Store:
-        return self.store.child("stages")
-
-    @staticmethod
-    def cell_file(cell_id: str) -> str:
-        return f"{CELLS}/{cell_id}.parquet"
-
-    def cell_done(self, cell_id: str) -> bool:
-        return self.store.exists(self.cell_file(cell_id))
-
-    @property
-    def results(self) -> str:
-        return f"{self.root}/{RESULTS}"
-
-
 # ---- one cell -------------------------------------------------------------------------------------------
 
-def run_cell(study: StudyConfig, cell: Cell, paths: StudyPaths, report: Any = None,
+def run_cell(study: StudyConfig, cell: Cell, paths: RunDir, report: Any = None,
              progress: bool = False) -> list[dict[str, Any]]:
     """Run one cell on this rank (every rank of a multi-worker trial calls it); rank 0 writes its rows."""
+    # imported here: trial brings torch and trl, which `study status` and the driver's start do without
+    from misalign.trial import run_cached_trial
+
     return run_cached_trial(cell.trial_config(study), {"cell_id": cell.id, **cell.axes}, paths.stages,
                             (paths.store, paths.cell_file(cell.id)), report=report, progress=progress,
                             checkpoint_every=study.checkpoint_every, peak_flops=study.plan.peak_flops)
-
-
-def run_cached_trial(trial: TrialConfig, columns: dict[str, Any], stages: Store, rows_to: tuple[Store, str], *,
-                     report: Any = None, progress: bool = False, checkpoint_every: int | None = None,
-                     attack_only: bool = False, peak_flops: float | None = None) -> list[dict[str, Any]]:
-    """A trial whose stages and evaluations live in the lineage cache on `stages` (a study's cell, a search's
-    trial); rank 0 adds `columns` to every row, reports it, and writes the rows to `rows_to` at the end."""
-    from misalign.runtime import quiet_libraries
-    from misalign.trial import CachedLayout, prepare_trial, trial_loop
-
-    quiet_libraries()
-    attack_pairs, defense_pairs, items, _, _ = prepare_trial(trial, with_judge=False)
-    judge = _judge(trial.eval.model_dump_json()) if rank() == 0 else None
-
-    def on_row(row: dict[str, Any]) -> None:
-        row.update(columns)
-        if report is not None:
-            report(row)
-
-    rows = trial_loop(trial, CachedLayout(LineageCache(stages)), attack_pairs=attack_pairs,
-                      defense_pairs=defense_pairs, items=items, judge=judge, progress=progress,
-                      checkpoint_every=checkpoint_every, on_row=on_row, attack_only=attack_only,
-                      peak_flops=peak_flops)
-    if rank() == 0:
-        write_rows(*rows_to, rows)
-    return rows
-
-
-@functools.lru_cache(maxsize=2)
-def _judge(eval_json: str) -> Any:
-    """The judge, loaded once per process: Tune reuses a trial's actor for the next cell."""
-    from misalign.evaluation import configured_judge
-
-    return configured_judge(EvalConfig.model_validate_json(eval_json))
 
 
 def cell_trainable(config: dict[str, Any], study: dict[str, Any], root: str, run: float) -> None:
@@ -149,7 +86,7 @@ def cell_trainable(config: dict[str, Any], study: dict[str, Any], root: str, run
     import ray
     from ray import tune
 
-    cfg, paths, cell = StudyConfig.model_validate(study), StudyPaths(Store(root)), Cell.from_axes(config["cell"])
+    cfg, paths, cell = StudyConfig.model_validate(study), RunDir(Store(root)), Cell.from_axes(config["cell"])
     if paths.cell_done(cell.id):  # finished before a crash or a restore: nothing to redo
         for row in paths.store.read_parquet(paths.cell_file(cell.id)).to_dict("records"):
             tune.report({**row, "restored": True})
@@ -198,10 +135,10 @@ def _node_gone(node_id: str) -> float | None:
 def _worker_loop(config: dict[str, Any]) -> None:
     cfg = StudyConfig.model_validate(config["study"])
     hold_assigned_resources(cfg.resources.cpus_per_worker)
-    run_cell(cfg, Cell.from_axes(config["axes"]), StudyPaths(Store(config["root"])))
+    run_cell(cfg, Cell.from_axes(config["axes"]), RunDir(Store(config["root"])))
 
 
-def _fit_workers(cfg: StudyConfig, cell: Cell, paths: StudyPaths, study: dict[str, Any]) -> None:
+def _fit_workers(cfg: StudyConfig, cell: Cell, paths: RunDir, study: dict[str, Any]) -> None:
     """One Ray Train fit for the whole cell; its FailureConfig restarts a worker group that lost a worker."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -230,77 +167,13 @@ def validate_study(cfg: StudyConfig, local: bool = False) -> None:
     check_study(cfg, local=local)
 
 
-def open_run_dir(cfg: BaseModel, store: Store, record_name: str = "study.yaml") -> bool:
-    """Create a study's (or search's) directory, or check that an existing one holds this config and the same
-    inputs (data files and local models by contents: finished cells of changed inputs would be stale). True if
-    resuming."""
-    mine = cfg.model_dump(mode="json")
-    inputs = input_identities(mine)
-    if store.exists(record_name):
-        saved = yaml.safe_load(store.read_text(record_name))
-        kind = record_name.split(".")[0]
-        if saved != mine:
-            diff = sorted(_differences(saved, mine))
-            raise InputError(f"{store.url} holds a different {kind} (changed: {', '.join(diff[:8])}); "
-                             "rerun with the same config to resume, or choose another --storage or name")
-        before = store.read_json(INPUTS) if store.exists(INPUTS) else inputs
-        changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
-        if changed:
-            raise InputError(f"{store.url}: these inputs changed since the {kind} started: {', '.join(changed)}; "
-                             f"its finished cells would be stale. Start a new {kind} (another --storage or name): "
-                             "stages whose inputs did not change are found again by their keys only within one "
-                             "study directory, so point a search's --stages at the old one to reuse them")
-        return True
-    if store.list() or store.subdirs():  # not empty, and not a study (search) of ours
-        raise InputError(f"{store.url} exists and is not a {record_name.split('.')[0]} directory; choose another "
-                         "--storage or name")
-    store.write_json(INPUTS, inputs)
-    store.write_text(record_name, yaml.safe_dump(mine, sort_keys=False))
-    return False
-
-
-INPUTS = "inputs.json"
-_INPUT_KEYS = {"source": source_identity, "benign_source": source_identity, "harmful": source_identity,
-               "benign": source_identity, "utility": source_identity, "model": model_identity,
-               "models": model_identity}
-
-
-def input_identities(config: dict[str, Any]) -> dict[str, str]:
-    """Every data file and local model a config names, with what it is (contents) rather than where it lies."""
-    found: dict[str, str] = {}
-
-    def walk(value: Any, key: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, k)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v, key)
-        elif isinstance(value, str) and key in _INPUT_KEYS:
-            ident = _INPUT_KEYS[key](value)
-            if ident is not None and ident != value:
-                found[value] = ident
-
-    walk(config, "")
-    return found
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in set(a) | set(b):
-            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 # ---- results and progress ---------------------------------------------------------------------------------
 
 class StudyStalled(InputError):
     """No trial could start: what a trial asks for is more than any node the cluster has (or gained) holds."""
 
 
-def _study_progress_callback(paths: StudyPaths, total: int, cfg: StudyConfig, run: float) -> Any:
+def _study_progress_callback(paths: RunDir, total: int, cfg: StudyConfig, run: float) -> Any:
     from ray import tune
 
     timeout_s = cfg.resources.start_timeout_s
@@ -396,7 +269,7 @@ class StudyRun:
     unfinished: list[str]
 
 
-def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None,
+def run_study(cfg: StudyConfig, paths: RunDir, *, address: str | None = None,
               storage_given: bool = False) -> StudyRun:
     """Run (or resume) the study."""
     from ray import tune
@@ -490,7 +363,7 @@ def run_study(cfg: StudyConfig, paths: StudyPaths, *, address: str | None = None
     return StudyRun(results, failed, unfinished)
 
 
-def _cell_errors(cfg: StudyConfig, paths: StudyPaths, missing: list[str], run: float) -> dict[str, str]:
+def _cell_errors(cfg: StudyConfig, paths: RunDir, missing: list[str], run: float) -> dict[str, str]:
     """Each unfinished cell that was given up in this run, with the last line of its last error (the whole
     traceback is in Tune's error file)."""
     errors = {}
@@ -505,7 +378,7 @@ def _trial_dirname(trial: Any) -> str:
     return f"cell-{Cell.from_axes(trial.config['cell']).id}"
 
 
-def read_status(paths: StudyPaths) -> dict[str, Any]:
+def read_status(paths: RunDir) -> dict[str, Any]:
     """`misalign study status`: the live view's numbers, from the study directory alone (no Ray needed)."""
     store = paths.store
     if not store.exists("study.yaml"):

@@ -7,13 +7,15 @@ adapter or weights, never a merged copy). `misalign trial` writes (OUT):
     stages.parquet              one row per (round, phase), rewritten atomically after every evaluation
     base/, round-R/misalign/, round-R/realign/   eval.json, generations.parquet, and for stages adapter/ (or a
                                 full fine-tuning stage's model/), ledger.json, stage.json
-A study runs the same loop with its stages placed in the lineage cache instead (misalign.lineage), so a
-stage another cell already trained is reused, and the loop runs on every rank of a multi-worker trial.
+A study's cell and a search's point run the same loop with its stages placed in the lineage cache instead
+(run_cached_trial; misalign.lineage), so a stage another cell already trained is reused, and the loop runs on
+every rank of a multi-worker trial.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import sys
 import time
@@ -45,6 +47,7 @@ from misalign.runtime import (
     broadcast_from_rank0,
     file_lock,
     match_threads,
+    quiet_libraries,
     rank,
     read_json,
     seed_everything,
@@ -252,6 +255,36 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
         record(r, phase, stage, len(pairs), ledger, layout.stage_eval_dir(stage_dir, cfg.eval), stage_dir, key)
         previous_stage = stage_dir
     return rows
+
+
+def run_cached_trial(trial: TrialConfig, columns: dict[str, Any], stages: Store, rows_to: tuple[Store, str], *,
+                     report: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
+                     checkpoint_every: int | None = None, attack_only: bool = False,
+                     peak_flops: float | None = None) -> list[dict[str, Any]]:
+    """A trial whose stages and evaluations live in the lineage cache on `stages` (a study's cell, a search's
+    trial); rank 0 adds `columns` to every row, reports it, and writes the rows to `rows_to` at the end."""
+    quiet_libraries()
+    attack_pairs, defense_pairs, items, _, _ = prepare_trial(trial, with_judge=False)
+    judge = _cached_judge(trial.eval.model_dump_json()) if rank() == 0 else None
+
+    def on_row(row: dict[str, Any]) -> None:
+        row.update(columns)
+        if report is not None:
+            report(row)
+
+    rows = trial_loop(trial, CachedLayout(LineageCache(stages)), attack_pairs=attack_pairs,
+                      defense_pairs=defense_pairs, items=items, judge=judge, progress=progress,
+                      checkpoint_every=checkpoint_every, on_row=on_row, attack_only=attack_only,
+                      peak_flops=peak_flops)
+    if rank() == 0:
+        write_rows(*rows_to, rows)
+    return rows
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_judge(eval_json: str) -> Judge:
+    """The judge, loaded once per process: Tune reuses a trial's actor for the next cell."""
+    return configured_judge(EvalConfig.model_validate_json(eval_json))
 
 
 def prepare_trial(cfg: TrialConfig, with_judge: bool = True
