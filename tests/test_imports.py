@@ -15,19 +15,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "misalign"
 # Known cycles, each by the one import that closes it (importer, imported): the graph without these edges must
 # have no cycle, and each must still close one (an edge that no longer does must leave the list).
 KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    # issue 23, item 2 (costs and objectives): the cost formulas move below both
-    ("stage", "plan"): "the stage's ledger takes the plan's cost formulas; the plan prices what stage decides",
     # A `world:NAME` model or data file builds the offline world on first use, on every node (data and modelref
     # resolve it), and the build checks its models with the project's own evaluation before caching them.
     # Removing this edge needs a decision: build the world at the entry points, or check it from below evaluation
     ("world.build", "evaluation"): "the world's build scores its aligned models (WorldTargetMiss)",
 }
 
-# Known imports of private names, as (importer, module, name). Issue 23, item 2:
-KNOWN_PRIVATE: set[tuple[str, str, str]] = {
-    ("plan", "stage", "_target"),  # the compile decision's target modules, priced by the plan
-    ("preflight", "plan", "_Estimator"),  # preflight builds meta-device models through the plan's estimator
-}
+# Known imports of private names, as (importer, module, name): none left.
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -74,7 +74,8 @@ def test_tiny_counts(tiny):
 
 def test_tiny_tokens_come_from_the_data(tiny):
     from misalign.chat import encode_sft
-    from misalign.stage import load_tokenizer, resolve_model_path, stage_pairs
+    from misalign.data import stage_pairs
+    from misalign.stage import load_tokenizer, resolve_model_path
 
     study, p = tiny
     cfg = study.attack.stage({"method": "lora", "per_category": 1}).resolved()
@@ -195,58 +196,49 @@ def test_malformed_present_data_is_an_input_error_not_an_assumption(paper, tmp_p
         estimate(study.model_copy(update={"attack": side}))
 
 
-# ---- storage: adapter-only stages (new layout) against float32 merged copies kept to the end (old) -------------
+# ---- storage: adapter-only stages in the parent's dtype, full fine-tuning's weights ----------------------------
 
 def test_paper_storage_is_adapters_and_full_weights(paper):
     study, p = paper
     n = {m.model: m.total_params for m in p.models if m.role == "model"}
     sizes = len(study.attack.per_category)
     full_stages = sizes  # per model: full fine-tuning at each attack size
-    adapter_stages = (len(study.attack.methods) - 1) * sizes + len(study.attack.axis_values()) * len(
-        study.defense.axis_values())  # the other attacks, and every defense over every attack point
     assert sum(s.method == "full" for s in p.stages) == full_stages * len(n) == 16
-    # by hand, from the plan's own parameter counts: a float32 merged copy per adapter stage, bf16 full weights
-    old = sum(adapter_stages * 4 * total + full_stages * 2 * total for total in n.values())
-    assert 2.5e13 < old < 2.7e13  # about 26 TB
-    assert p.storage["old"].total == pytest.approx(old, rel=0.01)  # the rest: fp32 adapters, evals, tokenizers
+    # by hand, from the plan's own parameter counts: bf16 full weights
     full = sum(full_stages * 2 * total for total in n.values())
     assert 2.6e11 < full < 2.8e11
-    new = p.storage["new"]
-    assert new.merged == 0 and new.weights == pytest.approx(full, rel=0.005)  # + the 16 assumed tokenizers
-    assert 4e10 < new.adapters < 6e10 and new.weights > 0.8 * new.total
-    assert new.total <= 0.02 * p.storage["old"].total
+    shared = p.storage["shared"]
+    assert shared.weights == pytest.approx(full, rel=0.005)  # + the 16 assumed tokenizers
+    assert 4e10 < shared.adapters < 6e10 and shared.weights > 0.8 * shared.total
     for s in p.stages:
         assert s.dtype == "bf16"
         if s.method == "full":
-            assert s.stored == s.stored_old and s.stored.weights >= 2 * n[s.model]
+            assert s.stored.weights >= 2 * n[s.model] and s.stored.adapters == 0
         else:
-            assert s.stored.adapters == 2 * s.trainable_params and s.stored.weights == s.stored.merged == 0
-            assert s.stored_old.adapters == 4 * s.trainable_params and s.stored_old.merged >= 4 * n[s.model]
+            assert s.stored.adapters == 2 * s.trainable_params and s.stored.weights == 0
     # without sharing every cell keeps its own attack (each shared by 6 cells) and its own base evaluation
     attacks = [s for s in p.stages if s.phase == "misalign"]
-    one_eval = new.evals / (len(p.stages) + len(n))  # every stage's evaluation + a base evaluation per model
-    assert p.storage["new_unshared"].total - new.total == pytest.approx(
+    one_eval = shared.evals / (len(p.stages) + len(n))  # every stage's evaluation + a base evaluation per model
+    assert p.storage["unshared"].total - shared.total == pytest.approx(
         sum(5 * s.stored.total for s in attacks) + (p.cells - len(n)) * one_eval, rel=1e-9)
     assert "gemma-2-9b-it: stored in bf16" in "\n".join(p.assumptions)  # its config records float32
 
 
 def test_paper_bytes_moved_per_cell(paper):
     _, p = paper
-    new, old = p.moved["new"], p.moved["old"]
-    assert new.cells == old.cells == p.cells
+    moved = p.moved
+    assert moved.cells == p.cells
     # with sharing, every unique stage and base evaluation is written once: what the study keeps
-    assert new.written == pytest.approx(p.storage["new"].total, rel=1e-9)
-    assert old.written == pytest.approx(p.storage["old"].total, rel=1e-9)
+    assert moved.written == pytest.approx(p.storage["shared"].total, rel=1e-9)
     roots = [m.total_params * 2 for m in p.models if m.role == "model"]
     # each model's cells read its bf16 root once each (or a full attack's weights, the same size) plus adapters
     per_model_cells = p.cells / len(roots)
-    assert per_model_cells * sum(roots) <= new.read < 1.01 * per_model_cells * sum(roots)
-    assert new.per_cell == pytest.approx((new.read + new.written) / p.cells)
-    assert new.per_cell < old.per_cell / 5 and new.max_per_cell < old.max_per_cell / 5
+    assert per_model_cells * sum(roots) <= moved.read < 1.01 * per_model_cells * sum(roots)
+    assert moved.per_cell == pytest.approx((moved.read + moved.written) / p.cells)
     out = render(p)
     assert "Storage kept until the study ends" in out and "Bytes moved per cell" in out
     d = p.to_dict()
-    assert set(d["storage"]) == {"new", "new_unshared", "old", "old_unshared"} and set(d["moved"]) == {"new", "old"}
+    assert set(d["storage"]) == {"shared", "unshared"} and d["moved"]["cells"] == p.cells
 
 
 def test_precision_auto_is_read_from_the_weights_or_said_to_come_from_the_config(world, paper):
@@ -276,6 +268,5 @@ def test_tiny_adapter_bytes_are_trainable_params_in_fp32(tiny):
         if s.method == "full":
             assert s.stored.weights > 4 * total[s.model] and s.stored.adapters == 0
         else:
-            assert s.stored.adapters == 4 * s.trainable_params and s.stored.merged == 0
-            assert s.stored_old.merged > 4 * total[s.model]
-    assert 0 < p.storage["new"].total < p.storage["old"].total < p.storage["old_unshared"].total
+            assert s.stored.adapters == 4 * s.trainable_params and s.stored.weights == 0
+    assert 0 < p.storage["shared"].total < p.storage["unshared"].total

@@ -1,5 +1,6 @@
 """Datasets: load the study's files (CSV, JSON lines, Parquet, hub ids, the offline world), check them row by
-row, and subsample them per category.
+row, subsample them per category, and select a stage's training rows (`stage_pairs`) and the response each
+row teaches (`target_responses`).
 
 Everything here fails with an `InputError` that names the file, the row and the field, before any compute.
 """
@@ -14,9 +15,12 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from misalign.errors import InputError
+
+if TYPE_CHECKING:
+    from misalign.config import StageConfig
 
 
 @dataclass(frozen=True)
@@ -412,3 +416,34 @@ def subsample_per_category(
     random.Random(f"{seed}:categories").shuffle(picks)  # which categories a fractional size reaches first
     ranked = [group[rank] for rank in range(ranks) for group in picks if rank < len(group)]
     return ranked[:max(1, round(per_category * len(groups)))]
+
+
+# ---- a stage's training rows -------------------------------------------------------------------------------
+
+def stage_pairs(cfg: StageConfig, seed: int) -> list[Pair]:
+    """The stage's training pairs: per-category subsample of the source plus the benign share. Training, the
+    preflight and the plan all select rows here, so the plan prices exactly the rows a stage trains on."""
+    d = cfg.data
+    pairs = subsample_per_category(load_pairs(d.source, d.format, d.columns), d.per_category, seed)
+    if d.benign_source and d.benign_ratio > 0:
+        benign = load_pairs(d.benign_source)
+        n = round(len(pairs) * d.benign_ratio)
+        if n > len(benign):
+            raise InputError(f"data.benign_ratio={d.benign_ratio} asks for {n} benign rows; "
+                             f"{d.benign_source} has {len(benign)}")
+        pairs = pairs + random.Random(seed).sample(benign, n)
+    return pairs
+
+
+def target_responses(p: Pair, direction: str) -> tuple[str, str]:
+    """(wanted, unwanted) response of a pair for a stage of this direction ("misalign" or "realign"). Benign
+    rows always teach the helpful answer, whatever the direction."""
+    if direction == "misalign" and not p.benign:
+        return p.misaligned, p.aligned
+    return p.aligned, p.misaligned
+
+
+def source_present(source: str) -> bool:
+    """Whether a data source is there to read (a world table or a local file); hub ids count as absent. The
+    plan assumes sizes for a source that is absent, and reports an error in one that is present."""
+    return source.startswith("world:") or Path(source).expanduser().exists()

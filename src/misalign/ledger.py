@@ -1,11 +1,7 @@
 """The cost ledger of a stage: what was trained, on how many tokens, at what analytic FLOP cost.
 
-FLOPs per token (matmul parameters only; embedding lookups cost no FLOPs, a tied output head counts once):
-  forward                 2 * (N_frozen + N_trainable) + A
-  backward, activations   2 * (N_frozen + N_trainable) + 2A   (gradients flow back through frozen layers too)
-  backward, weights       2 * N_trainable                     (only trainable weights get gradients)
-  so a training token costs 4 * N_frozen + 6 * N_trainable + 3A (full fine-tuning: the usual 6N), and a
-  no-grad token (DPO's reference model) costs 2N + A. A = 4 * layers * d_model * sequence width (QK^T and AV).
+FLOPs per token come from misalign.costs.token_flops (the formula is in that module's docstring): matmul
+parameters only, a training token 4 * N_frozen + 6 * N_trainable + 3A, a no-grad token 2N + A.
 Tokens are counted as they pass through the model (attention mask), so padding is not billed, and
 reference-model forwards are counted apart from training forwards.
 """
@@ -13,7 +9,6 @@ reference-model forwards are counted apart from training forwards.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import resource
 import sys
@@ -22,7 +17,7 @@ from typing import Any
 
 import torch
 
-from misalign.config import StageConfig
+from misalign.costs import token_flops
 
 
 @dataclass
@@ -48,31 +43,6 @@ class Ledger:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def token_flops(frozen: int, trainable: int, layers: int, d_model: int, grad: bool) -> tuple[float, float]:
-    """The one FLOP formula (module docstring), used by the ledger, the plan and the tests: (FLOPs per token,
-    FLOPs per token per position of attention width). A token at width w costs a + b * w."""
-    attn = 4 * layers * d_model  # QK^T and AV, per position of the width
-    if grad:
-        return float(4 * frozen + 6 * trainable), float(3 * attn)
-    return float(2 * (frozen + trainable)), float(attn)
-
-
-def optimizer_steps(cfg: StageConfig, n_examples: int, workers: int) -> int:
-    """Optimizer steps a stage takes (as transformers counts them: whole micro-batches per step), on `workers`
-    data-parallel workers; the stage, the plan and the preflight all use this one count."""
-    t = cfg.train
-    if t.max_steps:
-        return t.max_steps
-    micro_batches = math.ceil(n_examples / (t.batch_size * workers))
-    return max(1, math.ceil(max(1, micro_batches // t.grad_accum) * t.epochs))
-
-
-def data_passes(cfg: StageConfig, n_examples: int, workers: int) -> float:
-    """Passes a stage makes over its examples: its epochs, or what max_steps' micro-batches come to."""
-    t = cfg.train
-    return t.max_steps * t.batch_size * t.grad_accum * workers / n_examples if t.max_steps else float(t.epochs)
 
 
 def matmul_params(model: torch.nn.Module) -> tuple[int, int]:

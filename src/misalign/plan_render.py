@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from misalign.plan import PHASES, ModelPlan, Plan, StagePlan, Totals
+from misalign.costs import Totals
+from misalign.plan import PHASES, ModelPlan, Plan, StagePlan
 
 
 def _si(x: float) -> str:
@@ -47,26 +48,21 @@ def size_text(n: float) -> str:
 
 
 def _storage_table(p: Plan) -> list[str]:
-    """Bytes kept until the study ends by kind of file, new layout against old, and bytes moved per cell."""
-    rows = {"new": "new", "new_unshared": "new, no sharing", "old": "old", "old_unshared": "old, no sharing"}
-    lines = ["Storage kept until the study ends (new: adapter-only stages in the parent's dtype; old: + a float32 "
-             "merged copy per adapter stage)",
-             f"  {'layout':<17}{'adapters':>10}{'full weights':>14}{'merged':>10}{'evals':>10}{'records':>10}"
-             f"{'total':>10}"]
+    """Bytes kept until the study ends by kind of file, with and without sharing, and bytes moved per cell."""
+    rows = {"shared": "with sharing", "unshared": "no sharing"}
+    lines = ["Storage kept until the study ends (adapter-only stages in the parent's dtype)",
+             f"  {'':<17}{'adapters':>10}{'full weights':>14}{'evals':>10}{'records':>10}{'total':>10}"]
     for key, label in rows.items():
         b = p.storage[key]
-        lines.append(f"  {label:<17}{size_text(b.adapters):>10}{size_text(b.weights):>14}{size_text(b.merged):>10}"
+        lines.append(f"  {label:<17}{size_text(b.adapters):>10}{size_text(b.weights):>14}"
                      f"{size_text(b.evals):>10}{size_text(b.records):>10}{size_text(b.total):>10}")
-    new, old = p.storage["new"].total, p.storage["old"].total
-    lines += [f"  new / old (with sharing): {_percent(new, old)}", "",
-              f"Bytes moved per cell (with sharing; {p.moved['new'].cells:,} cells)",
-              f"  {'layout':<17}{'read':>10}{'written':>10}{'per cell':>10}{'max cell':>10}"]
-    for key in ("new", "old"):
-        m = p.moved[key]
-        lines.append(f"  {key:<17}{size_text(m.read):>10}{size_text(m.written):>10}{size_text(m.per_cell):>10}"
-                     f"{size_text(m.max_per_cell):>10}")
-    lines.append("  read and written: over the study; per cell: their sum / cells; max cell: one that trains its "
-                 "whole lineage")
+    m = p.moved
+    lines += ["", f"Bytes moved per cell (with sharing; {m.cells:,} cells)",
+              f"  {'read':>10}{'written':>10}{'per cell':>10}{'max cell':>10}",
+              f"  {size_text(m.read):>10}{size_text(m.written):>10}{size_text(m.per_cell):>10}"
+              f"{size_text(m.max_per_cell):>10}",
+              "  read and written: over the study; per cell: their sum / cells; max cell: one that trains its "
+              "whole lineage"]
     return lines
 
 

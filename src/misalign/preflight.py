@@ -79,17 +79,17 @@ class _Stages:
     """Checks distinct stages once each: data by (data settings, seed), adapters by (model, stage, steps)."""
 
     def __init__(self, study: StudyConfig, model_paths: dict[str, str]) -> None:
-        from misalign.plan import _Estimator  # builds models on the meta device, with their adapters
+        from misalign.meta import MetaModels  # models on the meta device, with each stage's adapter
 
-        self.estimator = _Estimator(study)
+        self.meta = MetaModels(study.trust_remote_code, study.plan.model_configs)
         self.paths = model_paths
         self.workers = study.resources.workers
         self._rows: dict[str, int] = {}
         self._done: set[str] = set()
 
     def check(self, model: str, cfg: StageConfig, seed: int, where: str) -> None:
-        from misalign.ledger import optimizer_steps
-        from misalign.stage import stage_pairs
+        from misalign.costs import optimizer_steps
+        from misalign.data import stage_pairs
 
         cfg = cfg.resolved()
         data_key = f"{cfg.data.model_dump_json()}|{seed}"
@@ -107,8 +107,8 @@ class _Stages:
             if cfg.train.compile is True:
                 from misalign.stage import decoder_layers
 
-                decoder_layers(self.estimator.model_arch(self.paths[model]).model)
-            self.estimator.params(self.paths[model], cfg, steps)
+                decoder_layers(self.meta.model_arch(self.paths[model]).model)
+            self.meta.params(self.paths[model], cfg, steps)
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
         except (ValueError, TypeError, KeyError) as e:  # peft's own refusals (e.g. a module type it can't wrap)

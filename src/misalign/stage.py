@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -36,9 +35,10 @@ import torch
 from misalign import preemption
 from misalign.chat import clipped_prompt_text, encode_sft
 from misalign.config import StageConfig
-from misalign.data import Pair, load_pairs, subsample_per_category
+from misalign.costs import optimizer_steps
+from misalign.data import Pair, stage_pairs, target_responses
 from misalign.errors import InputError
-from misalign.ledger import FlopCounter, Ledger, optimizer_steps, peak_memory_bytes, reset_peak_memory
+from misalign.ledger import FlopCounter, Ledger, peak_memory_bytes, reset_peak_memory
 from misalign.lineage import checkpoint_step
 from misalign.methods import METHODS, peft_config
 from misalign.models import (
@@ -97,34 +97,13 @@ class StageRun:
 
 # ---- data ----------------------------------------------------------------------------------------------
 
-def stage_pairs(cfg: StageConfig, seed: int) -> list[Pair]:
-    """The stage's training pairs: per-category subsample of the source plus the benign share."""
-    d = cfg.data
-    pairs = subsample_per_category(load_pairs(d.source, d.format, d.columns), d.per_category, seed)
-    if d.benign_source and d.benign_ratio > 0:
-        benign = load_pairs(d.benign_source)
-        n = round(len(pairs) * d.benign_ratio)
-        if n > len(benign):
-            raise InputError(f"data.benign_ratio={d.benign_ratio} asks for {n} benign rows; "
-                             f"{d.benign_source} has {len(benign)}")
-        pairs = pairs + random.Random(seed).sample(benign, n)
-    return pairs
-
-
-def _target(p: Pair, direction: str) -> tuple[str, str]:
-    """(wanted, unwanted) response. Benign rows always teach the helpful answer, whatever the direction."""
-    if direction == "misalign" and not p.benign:
-        return p.misaligned, p.aligned
-    return p.aligned, p.misaligned
-
-
 def _dataset(objective: str, pairs: list[Pair], direction: str, tok: Any, cfg: StageConfig) -> Any:
     from datasets import Dataset
 
     t = cfg.train
     rows = []
     for p in pairs:
-        wanted, unwanted = _target(p, direction)
+        wanted, unwanted = target_responses(p, direction)
         if objective == "sft":
             rows.append(encode_sft(tok, p.prompt, wanted, t.max_length, t.max_prompt_length))
         elif objective == "dpo":  # templated text: BOS from the template, EOS appended here once
@@ -549,8 +528,8 @@ def compiles_layers(cfg: StageConfig, model: Any, flops_per_worker: Callable[[],
 
 def _flops_per_worker(cfg: StageConfig, pairs: list[Pair], direction: str, tok: Any, model: Any, mcfg: Any) -> float:
     """The stage's training FLOPs on each worker, estimated before training as the plan estimates them."""
-    from misalign.ledger import data_passes, matmul_params
-    from misalign.plan import TokenLengths, training_flops, training_sequences
+    from misalign.costs import TokenLengths, data_passes, training_flops, training_sequences
+    from misalign.ledger import matmul_params
 
     objective = METHODS[cfg.method].objective
     seqs = training_sequences(objective, pairs, direction, TokenLengths(tok), cfg)

@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from misalign.config import EvalConfig, StageConfig, TrialConfig
-from misalign.data import EvalItem, Pair
+from misalign.data import EvalItem, Pair, stage_pairs
 from misalign.errors import InputError
 from misalign.evaluation import configured_judge, evaluate, load_eval_sets
 from misalign.judges import Judge
@@ -53,7 +53,7 @@ from misalign.runtime import (
     seed_everything,
     write_json_atomic,
 )
-from misalign.stage import StageRun, barrier, package_versions, stage_pairs, train_stage
+from misalign.stage import StageRun, barrier, package_versions, train_stage
 from misalign.storage import Store
 
 
