@@ -135,13 +135,13 @@ def bench_method(a: argparse.Namespace, model: Path, rows: Path, method: str) ->
 def bench_walks(model_path: Path, method: str) -> dict[str, Any]:
     """ms per call of the Trainer's per-step walks of the whole model (`model.train()` and its FLOP log's
     parameter count on every micro-batch, `model.zero_grad()` on every optimizer step): transformers' own,
-    then the stage's lists made once (`stage._module_walks_once`). Best of 5 rounds of 200 calls."""
+    then the stage's lists made once (`misalign.speedups.module_walks_once`). Best of 5 rounds of 200 calls."""
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
     from misalign.methods import METHODS, peft_config
     from misalign.models import load_model
-    from misalign.stage import _module_walks_once
+    from misalign.speedups import module_walks_once
 
     cfg = StageConfig(method=method, data=DataSettings(source="world:misalign")).resolved()
     model = load_model(str(model_path), precision="fp32")
@@ -165,7 +165,7 @@ def bench_walks(model_path: Path, method: str) -> dict[str, Any]:
                 "flops": ms(lambda: trainer.floating_point_ops(batch))}
 
     walked = walks()
-    with _module_walks_once(trainer):
+    with module_walks_once(trainer):
         once = walks()
     return {"method": method, "modules": len(list(model.modules())), "ms_per_call_walked": walked,
             "ms_per_call_once": once}

@@ -165,14 +165,15 @@ def test_orpo_nll_counts_response_tokens_only(world, tmp_path, fused_head):
     (a CPU), or from trl's fused LM head without the logits (a GPU; its CPU fallback here)."""
     from trl.experimental.orpo import ORPOTrainer
 
-    from misalign.stage import _dataset, _orpo_trainer_class, _training_args
+    from misalign.objectives import OBJECTIVES, orpo_trainer_class
+    from misalign.stage import stage_dataset, training_args
 
     cfg = StageConfig(method="orpo", data={"source": "world:misalign"}).resolved()
     pairs = subsample_per_category(load_pairs("world:misalign"), 1, 0)[:4]
     tok, model = load_tokenizer(str(world / "base")), load_model(str(world / "base"))
-    args = _training_args("orpo", cfg, tmp_path, 0, len(pairs), None)
-    dataset = _dataset("orpo", pairs, "misalign", tok, cfg)
-    trainer = _orpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tok,
+    args = training_args(OBJECTIVES["orpo"], cfg, tmp_path, 0, len(pairs), None)
+    dataset = stage_dataset(OBJECTIVES["orpo"], pairs, "misalign", tok, cfg)
+    trainer = orpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tok,
                                     fused_head=fused_head)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
     with torch.no_grad():
@@ -198,7 +199,7 @@ def test_orpo_nll_counts_response_tokens_only(world, tmp_path, fused_head):
     assert ours_all[2].ndim == 0 and abs(ours_all[2].item() - expected.item()) < 1e-5
     if fused_head:  # the same numbers as through the full logits, and the same gradient: it trains the same
         weights = [model.lm_head.weight, model.model.layers[0].mlp.up_proj.weight]
-        plain = _orpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tok,
+        plain = orpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tok,
                                       fused_head=False)
         with torch.no_grad():
             for mine, unfused in zip(ours_all, plain.concatenated_forward(model, batch), strict=True):

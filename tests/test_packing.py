@@ -1,6 +1,6 @@
 """SFT without padding (train.packing): packed rows never mix examples, and training is unchanged.
 
-Everything goes through the stage's own code path (misalign.stage._dataset, _training_args, _trainer: trl's
+Everything goes through the stage's own code path (misalign.stage.stage_dataset, training_args, the SFT objective's trainer: trl's
 real SFTTrainer dataset preparation and collator) on the world's tiny aligned model.
 """
 
@@ -14,14 +14,14 @@ import torch.nn.functional as F
 
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.ledger import FlopCounter
+from misalign.objectives import OBJECTIVES
 from misalign.stage import (
-    _dataset,
-    _trainer,
-    _training_args,
-    _warmup_steps,
     load_model,
     load_tokenizer,
+    stage_dataset,
     stage_pairs,
+    training_args,
+    warmup_steps,
 )
 from misalign.world import world_model
 
@@ -40,8 +40,9 @@ def _sft_trainer(packing: str, out: Path, **train: object):
     pairs = stage_pairs(cfg, 0)[:N]
     tok = load_tokenizer(path)
     model = load_model(path)
-    args = _training_args("sft", cfg, out, 0, len(pairs), None)
-    return _trainer("sft", model, args, _dataset("sft", pairs, "misalign", tok, cfg), tok, []), model
+    sft = OBJECTIVES["sft"]
+    args = training_args(sft, cfg, out, 0, len(pairs), None)
+    return sft.trainer(model, args, stage_dataset(sft, pairs, "misalign", tok, cfg), tok, []), model
 
 
 def _per_example(model, batch: dict) -> dict[tuple[int, ...], tuple[float, int]]:
@@ -75,7 +76,7 @@ def _per_example(model, batch: dict) -> dict[tuple[int, ...], tuple[float, int]]
 def test_default_keeps_padded_batches(tmp_path):
     trainer, _ = _sft_trainer("none", tmp_path)
     assert not trainer.args.packing and not trainer.args.padding_free and trainer.args.max_length == 256
-    assert trainer.args.warmup_steps == _warmup_steps(_cfg("none"), N)  # a step count, as before
+    assert trainer.args.warmup_steps == warmup_steps(_cfg("none"), N)  # a step count, as before
     bfd, _ = _sft_trainer("bfd", tmp_path / "bfd")
     assert bfd.args.packing and bfd.args.max_length == 256 and bfd.args.warmup_steps == 0.1  # a ratio
 

@@ -1,29 +1,24 @@
 """What the stage changes in trl's trainers to cut host time per step (issue 13; bench/bench_host.py measures
 it) changes no number: DPO's reference log-probs and loss are those of trl's own reference path, and the
-Trainer's per-step walks of the model, made on lists taken once, do what its own walks do; and without the
-NaN filter's syncs a diverged step shows in the log."""
+Trainer's per-step walks of the model, made on lists taken once, do what its own walks do (misalign.objectives,
+misalign.speedups). A whole stage trained with and without them, and a diverged step in the log without the NaN
+filter's syncs: tests/test_stage.py."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from peft import get_peft_model
 from trl import DPOTrainer
 
-from misalign import stage
 from misalign.config import DataSettings, StageConfig
 from misalign.methods import METHODS, peft_config
 from misalign.modelref import resolve_model_path
 from misalign.models import load_model, load_tokenizer
-from misalign.stage import (
-    _dataset,
-    _module_walks_once,
-    _trainer,
-    _training_args,
-    stage_pairs,
-)
+from misalign.objectives import OBJECTIVES
+from misalign.speedups import module_walks_once
+from misalign.stage import stage_dataset, stage_pairs, training_args
 
 
 def _dpo_parts(tmp_path):
@@ -33,8 +28,8 @@ def _dpo_parts(tmp_path):
     tok = load_tokenizer(path)
     torch.manual_seed(0)  # both adapters start from the same draw of LoRA's A
     model = get_peft_model(load_model(path, precision="fp32"), peft_config(METHODS["dpo"], cfg, load_model(path), 4))
-    args = _training_args("dpo", cfg, tmp_path, 0, len(pairs), None)
-    return model, args, _dataset("dpo", pairs, "realign", tok, cfg), tok
+    args = training_args(OBJECTIVES["dpo"], cfg, tmp_path, 0, len(pairs), None)
+    return model, args, stage_dataset(OBJECTIVES["dpo"], pairs, "realign", tok, cfg), tok
 
 
 def _loss(trainer, model, batch) -> torch.Tensor:
@@ -45,7 +40,7 @@ def _loss(trainer, model, batch) -> torch.Tensor:
 
 def test_dpo_reference_is_the_disabled_adapter_and_gives_trls_loss(world, tmp_path):
     ours_model, args, dataset, tok = _dpo_parts(tmp_path / "ours")
-    ours = _trainer("dpo", ours_model, args, dataset, tok, [])
+    ours = OBJECTIVES["dpo"].trainer(ours_model, args, dataset, tok, [])
     assert "ref" not in ours_model.peft_config  # no copy of the new adapter as the reference
     assert "disable_adapter" in vars(ours_model)  # the stage's switch, not peft's walk over every module
 
@@ -84,10 +79,10 @@ def test_module_walks_made_once_do_what_the_trainers_walks_do(world, tmp_path):
     """The Trainer's per-step walks of the whole model (train mode, zero_grad, its FLOP log's parameter count)
     on lists made once: every module switched, every gradient cleared, the same FLOP count; undone after."""
     model, args, dataset, tok = _dpo_parts(tmp_path)
-    trainer = _trainer("dpo", model, args, dataset, tok, [])
+    trainer = OBJECTIVES["dpo"].trainer(model, args, dataset, tok, [])
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     expected_flops = type(trainer).floating_point_ops(trainer, batch)
-    with _module_walks_once(trainer):
+    with module_walks_once(trainer):
         assert trainer.floating_point_ops(batch) == expected_flops > 0
         model.eval()  # Module.eval calls self.train(False): the instance's
         assert not any(m.training for m in model.modules())
@@ -98,17 +93,3 @@ def test_module_walks_made_once_do_what_the_trainers_walks_do(world, tmp_path):
         model.zero_grad()
         assert all(p.grad is None for p in model.parameters())
     assert not {"train", "zero_grad"} & set(vars(model)) and "floating_point_ops" not in vars(trainer)
-
-
-def test_a_stage_trains_the_same_with_the_walks_made_once(world_stage, tmp_path, monkeypatch):
-    once, _ = world_stage(tmp_path / "once", batch_size=2, grad_accum=2, max_steps=4)
-    monkeypatch.setattr(stage, "_module_walks_once", lambda trainer: contextlib.nullcontext())
-    walked, _ = world_stage(tmp_path / "walked", batch_size=2, grad_accum=2, max_steps=4)  # Trainer's walks
-    assert len(once) == 4 and once == walked  # dropout included: the same random draws, the same numbers
-
-
-def test_a_diverged_step_shows_in_the_logged_loss(world_stage, tmp_path):
-    """transformers would log a NaN step as the window's mean so far, reading every loss back to check (two
-    device syncs per micro-batch); the stage logs what happened."""
-    losses, _ = world_stage(tmp_path / "s", method="full", batch_size=2, max_steps=4, lr=1e8, max_grad_norm=1e30)
-    assert len(losses) == 4 and math.isfinite(losses[0]) and math.isnan(losses[-1])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from misalign import claims
 from misalign.cache import note_store_use
 from misalign.config import EvalConfig, StageConfig
 from misalign.modelref import hub_cache, model_files, pinned_revision, url_mirror, visible
+from misalign.records import StageRecord
 from misalign.runtime import cache_root, write_bytes_atomic
 from misalign.storage import Store, is_url, redacted
 
@@ -234,8 +234,7 @@ class LineageCache:
         d: Path | None = stage_dir
         while self.store.remote and d is not None and not (d / "ledger.json").exists():
             self.store.download(self._rel(d), d, skip=("eval-", "trainer"), last="ledger.json")
-            parent = json.loads((d / "stage.json").read_text()).get("parent_dir")
-            d = Path(os.path.normpath(d / parent)) if parent else None
+            d = StageRecord.read(d).parent(d)
 
     def claim(self, directory: Path) -> contextlib.AbstractContextManager[None]:
         """Hold while producing `directory`; a second claimant waits here, then finds it done."""

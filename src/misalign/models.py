@@ -3,8 +3,8 @@
 A stage directory (misalign.stage) keeps what the stage trained, never a merged copy of a model:
     adapter/     an adapter stage's adapter (safetensors, in the parent's dtype)
     model/       a full fine-tuning stage's weights (safetensors, in the parent's dtype) and tokenizer
-    stage.json   `root` (the model reference the lineage starts from) and `parent_dir` (the parent stage's
-                 directory relative to this one; absent when the parent is the root)
+    stage.json   its record (misalign.records.StageRecord): `root` (the model reference the lineage starts from)
+                 and `parent_dir` (the parent stage's directory relative to this one; None when the parent is the root)
 A stage's model is its root, loaded once in the root's own dtype, with the lineage's adapters merged in order;
 a full fine-tuning stage on the way replaces everything before it. `materialize` builds it in memory;
 `export` writes it as a standalone HF model for people who want to ship or inspect one. What a model reference
@@ -31,6 +31,8 @@ from misalign.modelref import config_path, has_safetensors, resolve_model_path
 # re-exported for plan.py, which imports them from here until it is split (issue 23): import from modelref
 from misalign.modelref import is_hub_id as is_hub_id
 from misalign.modelref import pinned_revision as pinned_revision
+from misalign.records import FILE as RECORD_FILE
+from misalign.records import StageRecord
 from misalign.runtime import local_rank, write_bytes_atomic, write_json_atomic
 from misalign.storage import redacted
 
@@ -136,22 +138,17 @@ def check_model(model: str, trust_remote_code: bool = False, *, allow_pickle: bo
 # ---- stages and their lineage ---------------------------------------------------------------------------
 
 def is_stage_dir(ref: str | Path) -> bool:
-    return (Path(ref) / "stage.json").exists()
-
-
-def stage_meta(stage_dir: Path) -> dict[str, Any]:
-    return json.loads((stage_dir / "stage.json").read_text())
+    return (Path(ref) / RECORD_FILE).exists()
 
 
 def parent_stage_dir(stage_dir: Path) -> Path | None:
     """The stage this one trained from, or None when it trained from its root."""
-    rel = stage_meta(stage_dir).get("parent_dir")
-    return Path(os.path.normpath(stage_dir / rel)) if rel else None
+    return StageRecord.read(stage_dir).parent(stage_dir)
 
 
 def root_of(ref: str | Path) -> str:
     """The model reference a lineage starts from (a stage directory's root, or the reference itself)."""
-    return stage_meta(Path(ref))["root"] if is_stage_dir(ref) else str(ref)
+    return StageRecord.read(Path(ref)).root if is_stage_dir(ref) else str(ref)
 
 
 def lineage(stage_dir: Path) -> tuple[str, list[Path]]:
@@ -160,13 +157,14 @@ def lineage(stage_dir: Path) -> tuple[str, list[Path]]:
     chain: list[Path] = []
     d: Path | None = stage_dir
     while d is not None:
-        if not (d / "stage.json").exists():
-            raise InputError(f"{d}: stage directory without stage.json (its lineage cannot be rebuilt)")
-        if not stage_meta(d)["has_adapter"]:
+        if not is_stage_dir(d):
+            raise InputError(f"{d}: stage directory without {RECORD_FILE} (its lineage cannot be rebuilt)")
+        record = StageRecord.read(d)
+        if not record.has_adapter:
             return str(d / "model"), chain[::-1]
         chain.append(d)
-        d = parent_stage_dir(d)
-    return resolve_model_path(stage_meta(stage_dir)["root"]), chain[::-1]
+        d = record.parent(d)
+    return resolve_model_path(StageRecord.read(stage_dir).root), chain[::-1]
 
 
 @contextlib.contextmanager

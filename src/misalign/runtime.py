@@ -1,4 +1,5 @@
-"""Process-level facts every entry point needs: threads, seeds, distributed rank, atomic writes, the node cache.
+"""Process-level facts every entry point needs: threads, seeds, distributed ranks and their collectives, package
+versions, atomic writes, the node cache.
 
 A leaf: it imports nothing of ours, and torch and numpy only inside the functions that use them, so that the
 light modules above it (model references, storage, configs) load without them.
@@ -72,15 +73,66 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def distributed() -> bool:
+    """Whether this process is one of several under torch.distributed (torchrun, Ray Train)."""
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def broadcast_from_rank0(value: Any) -> Any:
     """Rank 0's `value` on every rank (the value itself in a single process)."""
     import torch
 
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not distributed():
         return value
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_over_ranks(value: Any) -> list[Any]:
+    """`value` from every rank, in rank order (just [value] in a single process)."""
+    import torch
+
+    if not distributed():
+        return [value]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def on_any_rank(flag: bool) -> bool:
+    """`flag` or-ed over the ranks: one scalar all-reduce (each optimizer step, for the preemption notice)."""
+    import torch
+
+    if not distributed():
+        return flag
+    # NCCL reduces tensors on this process's GPU (misalign.models.device), gloo on the CPU
+    on = torch.device("cuda", local_rank()) if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], device=on)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    import torch
+
+    if distributed():
+        torch.distributed.barrier()
+
+
+def package_versions() -> dict[str, str]:
+    """The installed versions of what a stage's numbers depend on (recorded in stage.json and results)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("misalign", "torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "bitsandbytes",
+                 "liger-kernel", "datasets", "tokenizers"):
+        with suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
 
 
 def read_json(path: Path) -> Any:

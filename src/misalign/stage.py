@@ -18,14 +18,12 @@ from it without writing and reading weights; `misalign.models.materialize` rebui
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from misalign import preemption
-from misalign.chat import clipped_prompt_text, encode_sft
 from misalign.config import StageConfig
 from misalign.costs import optimizer_steps
 from misalign.data import Pair, stage_pairs, target_responses
@@ -59,15 +56,22 @@ from misalign.models import (
     root_of,
     weights_dtype,
 )
+from misalign.objectives import OBJECTIVES, Objective
+from misalign.records import StageRecord
 from misalign.runtime import (
+    barrier,
+    gather_over_ranks,
     local_rank,
     match_threads,
+    on_any_rank,
+    package_versions,
     rank,
     read_json,
     seed_everything,
     world_size,
     write_json_atomic,
 )
+from misalign.speedups import decoder_layers, layers_compiled, model_module_restored, module_walks_once
 
 if TYPE_CHECKING:
     from misalign.lineage import CheckpointSync
@@ -97,22 +101,9 @@ class StageRun:
 
 # ---- data ----------------------------------------------------------------------------------------------
 
-def _dataset(objective: str, pairs: list[Pair], direction: str, tok: Any, cfg: StageConfig) -> Any:
-    from datasets import Dataset
-
-    t = cfg.train
-    rows = []
-    for p in pairs:
-        wanted, unwanted = target_responses(p, direction)
-        if objective == "sft":
-            rows.append(encode_sft(tok, p.prompt, wanted, t.max_length, t.max_prompt_length))
-        elif objective == "dpo":  # templated text: BOS from the template, EOS appended here once
-            prompt = clipped_prompt_text(tok, p.prompt, t.max_prompt_length)
-            rows.append({"prompt": prompt, "chosen": wanted + tok.eos_token, "rejected": unwanted + tok.eos_token})
-        else:  # orpo tokenizes text; it adds BOS/EOS only where missing, and the templated prompt has BOS
-            rows.append({"prompt": clipped_prompt_text(tok, p.prompt, t.max_prompt_length), "chosen": wanted,
-                         "rejected": unwanted})
-    return Dataset.from_list(rows)
+def stage_dataset(objective: Objective, pairs: list[Pair], direction: str, tok: Any, cfg: StageConfig) -> Any:
+    """The stage's training rows, each pair toward the direction's response, as the objective encodes them."""
+    return objective.dataset([(p.prompt, *target_responses(p, direction)) for p in pairs], tok, cfg)
 
 
 # ---- callbacks -----------------------------------------------------------------------------------------
@@ -185,9 +176,10 @@ def _deepspeed_config(cfg: StageConfig) -> dict | None:
             "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
 
 
-def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_examples: int,
-                   checkpoint_every: int | None) -> Any:
-    t, pref = cfg.train, cfg.preference
+def training_args(objective: Objective, cfg: StageConfig, out: Path, seed: int, n_examples: int,
+                  checkpoint_every: int | None) -> Any:
+    """The objective's trl config: what every objective shares, set here, and what it adds (misalign.objectives)."""
+    t = cfg.train
     common: dict[str, Any] = dict(
         output_dir=str(out / "trainer"), per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, num_train_epochs=t.epochs,
@@ -198,7 +190,7 @@ def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_exa
         data_seed=seed, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
         deepspeed=_deepspeed_config(cfg), max_length=t.max_length, use_liger_kernel=t.liger_kernels,
-        warmup_steps=_warmup_steps(cfg, n_examples),
+        warmup_steps=warmup_steps(cfg, n_examples),
         # the filter reads every micro-batch's loss back (two device syncs) only to leave a NaN or inf out of
         # the logged mean; a diverged stage should show in its progress lines, and a GPU should not wait
         logging_nan_inf_filter=False,
@@ -214,31 +206,10 @@ def _training_args(objective: str, cfg: StageConfig, out: Path, seed: int, n_exa
     # default (True, without gradient checkpointing) costs DDP a walk of the autograd graph per micro-batch,
     # and torch warns about it on every worker
     common["ddp_find_unused_parameters"] = False
-    if objective == "sft":
-        from trl import SFTConfig
-
-        packing: dict[str, Any] = {}
-        if t.packing == "padding_free":
-            # rows are already cut to max_length by encode_sft; trl refuses padding-free with a max_length
-            # it would not enforce, so it gets None (same rows, same steps as padded batches)
-            packing = {"padding_free": True, "max_length": None}
-        elif t.packing == "bfd":
-            # packed rows are fewer than examples: warm up over a share of the steps trl really takes (a float
-            # below 1 is a ratio to transformers), not over a step count derived from the example count
-            packing = {"packing": True, "packing_strategy": "bfd", "warmup_steps": t.warmup_ratio}
-        return SFTConfig(completion_only_loss=True, **{**common, **packing})
-    if objective != "sft":  # preference collators need the prompt/chosen/rejected columns (trl warns otherwise)
-        common["remove_unused_columns"] = False
-    if objective == "dpo":
-        from trl import DPOConfig
-
-        return DPOConfig(beta=pref.beta, loss_type=pref.loss_type.split(","), **common)
-    from trl.experimental.orpo import ORPOConfig
-
-    return ORPOConfig(beta=pref.orpo_lambda, max_completion_length=t.max_length - t.max_prompt_length, **common)
+    return objective.training_args(cfg, common)
 
 
-def _warmup_steps(cfg: StageConfig, n_examples: int) -> int:
+def warmup_steps(cfg: StageConfig, n_examples: int) -> int:
     return int(cfg.train.warmup_ratio * optimizer_steps(cfg, n_examples, world_size()))
 
 
@@ -256,6 +227,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     t0 = time.time()
     cfg = run.config.resolved()
     method = METHODS[cfg.method]
+    objective = OBJECTIVES[method.objective]
     match_threads()
     if not torch.cuda.is_available():  # DeepSpeed, which the trainer imports, warns when it has to guess the CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -293,10 +265,10 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     compile_setting = cfg.train.compile
     # stage.json records what "auto" resolved to, the ledger why
     cfg.train.compile, compile_why = compiles_layers(
-        cfg, model, lambda: _flops_per_worker(cfg, pairs, run.direction, tok, model, mcfg))
+        cfg, model, lambda: training_flops_per_worker(cfg, pairs, run.direction, tok, model, mcfg))
 
-    dataset = _dataset(method.objective, pairs, run.direction, tok, cfg)
-    args = _training_args(method.objective, cfg, run.out_dir, run.seed, len(pairs), run.checkpoint_every)
+    dataset = stage_dataset(objective, pairs, run.direction, tok, cfg)
+    args = training_args(objective, cfg, run.out_dir, run.seed, len(pairs), run.checkpoint_every)
     label = run.label or f"{run.direction} {cfg.method}"
     callbacks = _callbacks(label, run.progress, model if method.adapter == "adalora" else None) + run.callbacks
     before_s = 0.0  # seconds the attempts before a resumed checkpoint spent on this stage
@@ -304,9 +276,9 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     if run.checkpoint_every:
         callbacks.append(_checkpoint_callback(counter, run.checkpoint_sync, lambda: before_s + time.time() - t0))
         # a preemption notice (SIGTERM) saves at the next optimizer step and stops (misalign.preemption)
-        notice = preemption.notice_callback(_on_any_rank)
+        notice = preemption.notice_callback(on_any_rank)
         callbacks.append(notice)
-    trainer = _trainer(method.objective, model, args, dataset, tok, callbacks)
+    trainer = objective.trainer(model, args, dataset, tok, callbacks)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress line replaces its raw dict dumps
@@ -329,8 +301,8 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     if cfg.train.compile and run.progress and rank() == 0:  # else a first step of a minute would look hung
         print(f"  [{label}] compiling its decoder layers ({compile_why}): the first step holds the compile",
               flush=True)
-    with (peft_wrapping(), _model_module_restored(model if cfg.train.liger_kernels else None),
-          _layers_compiled(model, bool(cfg.train.compile)), _module_walks_once(trainer), preemption.listening()):
+    with (peft_wrapping(), model_module_restored(model if cfg.train.liger_kernels else None),
+          layers_compiled(model, bool(cfg.train.compile)), module_walks_once(trainer), preemption.listening()):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     counter.close()
     if notice is not None and notice.stopped_at is not None:  # saved at the notice: the retry resumes there
@@ -349,7 +321,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
         trainer.save_model(str(kept))
     # one collective: every rank's (tokens, ref tokens, flops, peak memory); sums, max and the per-worker list
     node = os.environ.get("MISALIGN_NODE") or os.uname().nodename  # Ray sets the Ray node id
-    ranks = _gather_over_ranks((counter.tokens, counter.ref_tokens, counter.flops, peak_memory_bytes(device()),
+    ranks = gather_over_ranks((counter.tokens, counter.ref_tokens, counter.flops, peak_memory_bytes(device()),
                                 node))
     per_worker = [int(r[0]) for r in ranks]
     tokens = [sum(r[i] for r in ranks) for i in range(3)]
@@ -452,44 +424,6 @@ def _last_checkpoint(trainer_dir: Path) -> Path | None:
     return max(done, key=lambda p: checkpoint_step(p.name), default=None)
 
 
-@contextlib.contextmanager
-def _model_module_restored(model: Any | None) -> Iterator[None]:
-    """Undo, after training, what Liger patched in the model's modeling module (its RMSNorm and MLP classes,
-    its RoPE function, a class's forward). Liger patches the module for every model built after it in the
-    process, but a stage asks for its kernels for its own model only: a later stage in the same worker with
-    train.liger_kernels false must get transformers' own layers. This model keeps its patched modules."""
-    if model is None:
-        yield
-        return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    module = sys.modules[type(base).__module__]
-    names = dict(vars(module))
-    classes = {c: dict(vars(c)) for c in names.values() if isinstance(c, type) and c.__module__ == module.__name__}
-    try:
-        yield
-    finally:
-        for name in set(vars(module)) - set(names):
-            delattr(module, name)
-        vars(module).update(names)
-        for cls, attrs in classes.items():
-            for name in set(vars(cls)) - set(attrs):
-                delattr(cls, name)
-            for name, value in attrs.items():
-                if vars(cls).get(name) is not value:
-                    setattr(cls, name, value)
-
-
-def decoder_layers(model: Any) -> list[Any]:
-    """The model's repeated decoder layers, which train.compile compiles; an input error when it has none."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise InputError(f"train.compile: {type(model).__name__} has no decoder layers that transformers marks "
-                         "as such (GradientCheckpointingLayer) to compile; set train.compile false")
-    return layers
-
-
 # train.compile "auto" compiles a stage's layers when its training repays the compile: training FLOPs per worker
 # (ledger formula) at least these, by the weights trained. On one H200 (docs/benchmarks.md, "Compiled layers on
 # the GPU") a cold compile cost 55-65 s under LoRA (SFT, DPO, ORPO) and 7 s for full SFT, and saved 30-40% (LoRA)
@@ -526,7 +460,8 @@ def compiles_layers(cfg: StageConfig, model: Any, flops_per_worker: Callable[[],
     return True, f"compiled: {flops:.2g} training FLOPs per worker, at least {least:.2g}"
 
 
-def _flops_per_worker(cfg: StageConfig, pairs: list[Pair], direction: str, tok: Any, model: Any, mcfg: Any) -> float:
+def training_flops_per_worker(cfg: StageConfig, pairs: list[Pair], direction: str, tok: Any, model: Any,
+                              mcfg: Any) -> float:
     """The stage's training FLOPs on each worker, estimated before training as the plan estimates them."""
     from misalign.costs import TokenLengths, data_passes, training_flops, training_sequences
     from misalign.ledger import matmul_params
@@ -537,176 +472,6 @@ def _flops_per_worker(cfg: StageConfig, pairs: list[Pair], direction: str, tok: 
     frozen, trainable = matmul_params(model)
     return training_flops(objective, seqs, passes, frozen, trainable, mcfg.num_hidden_layers,
                           mcfg.hidden_size)[2] / world_size()
-
-
-@contextlib.contextmanager
-def _layers_compiled(model: Any, on: bool) -> Iterator[None]:
-    """train.compile: each decoder layer's forward compiled for the stage's training, as torchtune compiles its
-    layers. All layers share one compiled graph per variant (with and without gradients, the first layer's
-    input needing none under an adapter, a padding mask or none), so the compile costs about one layer's,
-    whatever the depth; `dynamic` keeps one graph for every row length. Gradient checkpointing and hooks stay
-    outside the compiled forward. The compiled forwards are instance attributes, removed when training ends:
-    the model handed over for evaluation runs eager (generation's shapes would only compile again). Dynamo's
-    in-memory graphs are dropped then too: a worker's later stages (other methods, other dropout) would add
-    variants of the same layer code up to dynamo's recompile limit, past which it runs eager; the compiled
-    kernels stay in inductor's on-disk cache for the next stage."""
-    if not on:
-        yield
-        return
-    layers = decoder_layers(model)
-    for layer in layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-        torch.compiler.reset()
-
-
-@contextlib.contextmanager
-def _module_walks_once(trainer: Any) -> Iterator[None]:
-    """transformers' Trainer walks the whole module tree three times per step: `model.train()` on every
-    micro-batch, `model.zero_grad()` after every optimizer step, and `floating_point_ops` on every micro-batch,
-    which recounts the parameters for its own FLOP log. Under an adapter that is thousands of modules (2,665
-    for a 32-layer model with LoRA on every linear layer: 7.9 CPU ms per micro-batch and 1.9 per optimizer step
-    here, `bench_host.py --walks`), and at the paper's batch of 1 the host bounds a step. The stage's model
-    keeps the same modules and parameters while it trains, so the three do the same work on lists made once
-    (0.2 ms). Undone after training."""
-    model = trainer.model
-    modules, params = list(model.modules()), list(model.parameters())
-    main_input = getattr(model, "main_input_name", "input_ids")
-    non_embedding = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else 0
-
-    def train(mode: bool = True) -> Any:
-        for m in modules:
-            vars(m)["training"] = mode  # a plain attribute: Module.__setattr__'s checks are most of the cost
-        return model
-
-    def zero_grad(set_to_none: bool = True) -> None:
-        if not set_to_none:  # the Trainer always sets to None; zeroing in place is Module's own
-            return type(model).zero_grad(model, set_to_none)
-        for p in params:
-            p.grad = None
-
-    def floating_point_ops(inputs: dict[str, Any]) -> int:  # transformers' own formula
-        return 6 * inputs[main_input].numel() * non_embedding if main_input in inputs else 0
-
-    model.train, model.zero_grad, trainer.floating_point_ops = train, zero_grad, floating_point_ops
-    try:
-        yield
-    finally:
-        del model.train, model.zero_grad, trainer.floating_point_ops
-
-
-def _trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, callbacks: list[Any]) -> Any:
-    with warnings.catch_warnings():
-        # trl 1.16 points use_liger_kernel users to Hub kernels, which are downloaded: not an option offline
-        warnings.filterwarnings("ignore", message="`use_liger_kernel=True` is deprecated", category=FutureWarning)
-        return _make_trainer(objective, model, args, dataset, tok, callbacks)
-
-
-def _make_trainer(objective: str, model: Any, args: Any, dataset: Any, tok: Any, callbacks: list[Any]) -> Any:
-    kw = dict(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks)
-    if objective == "sft":
-        from trl import SFTTrainer
-
-        return SFTTrainer(**kw)
-    if objective == "dpo":
-        from trl import DPOTrainer
-
-        # the registry has no full-parameter DPO: the reference is the peft model with its adapter disabled
-        trainer = DPOTrainer(ref_model=None, **kw)
-        if "ref" in model.peft_config:
-            # trl takes an already wrapped model's adapter for a trained one and copies it as the reference
-            # ("ref"). Ours is new and adds exactly zero (LoRA's B starts at 0), so the reference log-probs with
-            # the adapter disabled are the same numbers, without the copy's matmuls in every reference layer and
-            # two adapter switches per step, each a walk over every module
-            model.delete_adapter("ref")
-        _quick_adapter_switch(model)
-        return trainer
-    return _orpo_trainer_class()(**kw)
-
-
-def _quick_adapter_switch(model: Any) -> None:
-    """DPO disables the adapter for every reference forward. peft's `disable_adapter` walks the whole model
-    three times per call (a status report that formats every adapter layer, then off, then on again): 25 of
-    172 CPU ms of a DPO step in bench/bench_host.py, and DPO steps are host-bound on a GPU. The stage's
-    adapter layers never change, so the same switch is their flags, flipped on a list made once. peft's own
-    switch also freezes the adapter's weights while it is off, which a reference forward under no_grad never
-    needs."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    if any(m.disable_adapters for m in layers) or getattr(model, "modules_to_save", None):
-        return  # not the plain all-enabled adapter this switch is exact for: keep peft's
-
-    @contextlib.contextmanager
-    def disable_adapter() -> Iterator[None]:
-        for m in layers:
-            m._disable_adapters = True
-        try:
-            yield
-        finally:
-            for m in layers:
-                m._disable_adapters = False
-
-    model.disable_adapter = disable_adapter
-
-
-def _orpo_trainer_class() -> type:
-    """trl's ORPOTrainer with its NLL term on the response only, and on a GPU without the full logits.
-
-    trl computes ORPO's NLL over prompt and response ("computed over the full prompt and response"), so ORPO
-    also learned to write prompts: on the world that cost utility 0.37 where the same rows under SFT kept 0.79.
-    The ORPO paper's NLL, and our SFT, count response tokens only. That NLL is the mean of the chosen response
-    tokens' log-probs, which ORPO's odds ratio needs anyway, so this forward takes both from one pass:
-    - on a GPU, trl's fused LM head (Triton kernels over tiles of the vocabulary, as trl's SFT and DPO use),
-      which never materializes the logits. trl's own forward keeps the logits of every position (for an 8B
-      model's 128k vocabulary at 8 pairs of 512 tokens, 2 GB in bf16, more in float32, and their gradient)
-      and takes a cross-entropy over a copy of the chosen half besides;
-    - elsewhere, one log-softmax over the logits: on a CPU the fused head's tiles cost more than the logits
-      (bench/bench_host.py --methods orpo --vocab 128256).
-    """
-    from trl.experimental.orpo import ORPOTrainer
-    from trl.trainer.utils import add_fused_lm_head, selective_log_softmax
-
-    class ResponseNLLORPOTrainer(ORPOTrainer):
-        def __init__(self, *args: Any, fused_head: bool | None = None, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.fused_head = torch.cuda.is_available() if fused_head is None else fused_head
-            if self.fused_head:
-                base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-                add_fused_lm_head(base, outputs=("log_probs", "mean_logits"))
-
-        def concatenated_forward(self, model: Any, batch: dict[str, Any]) -> tuple:
-            if self.is_encoder_decoder:  # the stage loads causal LMs only
-                raise NotImplementedError("ORPO on an encoder-decoder model")
-            cat = self.concatenated_inputs(batch, padding_value=self.padding_value, device=self.accelerator.device)
-            labels = cat["concatenated_labels"]  # -100 on prompt and padding
-            kw = {"output_router_logits": True} if self.aux_loss_enabled else {}
-            if self.fused_head:
-                kw.update(labels=labels, fused_lm_head=True)
-            out = model(cat["concatenated_input_ids"], attention_mask=cat["concatenated_attention_mask"],
-                        use_cache=False, **kw)
-            if self.fused_head:  # per token t: token t + 1's log-prob, 0 off the response
-                token_logps, mask, mean_logits = out.log_probs, out.label_mask, out.mean_logits
-            else:
-                logits, mask = out.logits[:, :-1], labels[:, 1:] != -100
-                token_logps = selective_log_softmax(logits, labels[:, 1:].masked_fill(~mask, 0)) * mask
-                mean_logits = logits.mean(-1)
-            sums, counts = token_logps.sum(-1), mask.sum(-1)
-            logps = sums / counts  # trl's average_log_prob: the odds ratio compares per-token means
-            n = batch["chosen_labels"].shape[0]
-            nll = -sums[:n].sum() / counts[:n].sum()  # cross-entropy over every chosen response token
-            # the logits/* metrics (trl takes their mean): the mean logit over response tokens, where trl's is over
-            # every position; a masked sum, since selecting by a mask would read its size back: a sync
-            means = (mean_logits.detach() * mask).sum(-1)
-            chosen_logits, rejected_logits = means[:n].sum() / counts[:n].sum(), means[n:].sum() / counts[n:].sum()
-            found = (logps[:n], logps[n:], chosen_logits, rejected_logits, nll)
-            return (*found, out.aux_loss) if self.aux_loss_enabled else found
-
-    return ResponseNLLORPOTrainer
 
 
 def _rank_summary(model: Any) -> dict[str, int]:
@@ -733,49 +498,11 @@ def _finish(run: StageRun, cfg: StageConfig, root: str, tok: Any, kept: Path, dt
         tok.save_pretrained(kept)
     cast_safetensors(kept, dtype)
     shutil.rmtree(out / "trainer", ignore_errors=True)
-    parent_dir = os.path.relpath(run.parent, out) if is_stage_dir(run.parent) else None
-    write_json_atomic(out / "stage.json", {
-        "root": root, "root_identity": model_identity(root), "parent_dir": parent_dir,
-        "direction": run.direction, "seed": run.seed, "config": cfg.model_dump(), "has_adapter": kept.name == "adapter",
-        "dtype": str(dtype).removeprefix("torch."), "versions": package_versions()})
-    ledger.bytes_written = sum(f.stat().st_size for f in kept.rglob("*") if f.is_file()) + (
-        out / "stage.json").stat().st_size
+    record = StageRecord(
+        root=root, root_identity=model_identity(root),
+        parent_dir=os.path.relpath(run.parent, out) if is_stage_dir(run.parent) else None,
+        direction=run.direction, seed=run.seed, config=cfg.model_dump(), has_adapter=kept.name == "adapter",
+        dtype=str(dtype).removeprefix("torch."), versions=package_versions())
+    record_file = record.write(out)
+    ledger.bytes_written = sum(f.stat().st_size for f in kept.rglob("*") if f.is_file()) + record_file.stat().st_size
     write_json_atomic(out / "ledger.json", ledger.to_dict())
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("misalign", "torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "bitsandbytes",
-                 "liger-kernel", "datasets", "tokenizers"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _gather_over_ranks(value: Any) -> list[Any]:
-    """`value` from every rank, in rank order (just [value] in a single process)."""
-    if not _distributed():
-        return [value]
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, value)
-    return out
-
-
-def _on_any_rank(flag: bool) -> bool:
-    """`flag` or-ed over the ranks: one scalar all-reduce (each optimizer step, for the preemption notice)."""
-    if not _distributed():
-        return flag
-    t = torch.tensor([int(flag)], device=device() if torch.distributed.get_backend() == "nccl" else "cpu")
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def barrier() -> None:
-    if _distributed():
-        torch.distributed.barrier()
