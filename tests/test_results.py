@@ -126,3 +126,18 @@ def test_a_stage_trained_by_a_lost_attempt_is_still_a_stage_trained():
     assert cost["flops_trained"] == 2 * LEDGER.flops and cost["flops_saved"] == LEDGER.flops
     legacy = rows.drop(columns=[r.STAGE_KEY])  # results written before the column: the reused flags decide
     assert r.cost_summary(legacy)["stages_trained"] == 1
+
+
+def test_eval_metrics_read_and_write_eval_json_as_before():
+    """eval.json keeps `per_category` for unsafety by category (cached evaluations read back), and a row built
+    from the typed metrics equals one built from the file's dict."""
+    from misalign.results import EvalMetrics
+
+    m = EvalMetrics.from_json({**METRICS, "n_harmful": 10, "unknown_key": 1})
+    assert m.unsafety_by_category == {"b": 0.5, "a": 0.7} and m.n_harmful == 10 and m.over_refusal == 0.0
+    on_disk = m.to_json()
+    assert on_disk["per_category"] == {"b": 0.5, "a": 0.7} and "unsafety_by_category" not in on_disk
+    assert "unknown_key" not in on_disk and "lm_eval" not in on_disk  # unmeasured fields are left out
+    assert EvalMetrics.from_json(on_disk) == m
+    assert r.build_row(1, "misalign", STAGE, 39, LEDGER, m) == r.build_row(1, "misalign", STAGE, 39, LEDGER, METRICS)
+    assert r.build_row(0, "base", None, 0, None, EvalMetrics())[r.EVAL_S] == 0.0

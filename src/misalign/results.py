@@ -5,6 +5,7 @@ A row is one evaluated model: the base (round 0), or the model after the misalig
 reader uses (misalign.budget, misalign.analysis, misalign.report, misalign.search, the CLI), so a renamed column
 fails a test instead of turning into a NaN column downstream.
 
+    EvalMetrics                                                  what one evaluation measured (its eval.json)
     build_row(round_, phase, stage, n_examples, ledger, metrics) -> a row (dict), validated
     validate_rows(rows)                                          -> raises InputError naming the bad column
     write_rows(store, rel, rows)                                 -> validated, then written atomically (parquet)
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -114,12 +116,51 @@ def schema() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# ---- the evaluation's record ----------------------------------------------------------------------------------
+
+@dataclass
+class EvalMetrics:
+    """What one evaluation measured: misalign.evaluation scores it, build_row reads it (None: not measured, e.g.
+    no benign prompts). Written as eval.json, where `unsafety_by_category` keeps its older key `per_category`
+    (evaluations in existing caches read back). Declared here, not in evaluation: reading a row needs no torch."""
+
+    unsafety: float | None = None          # compliance rate on harmful prompts (the judge says unsafe)
+    unsafety_se: float | None = None       # its binomial standard error
+    refusal: float | None = None           # harmful prompts refused (not unsafe, a refusal phrase present)
+    neither: float | None = None           # harmful prompts answered with neither (garbled, off-topic)
+    n_harmful: int | None = None
+    unparsed: float | None = None          # harmful responses some judge gave neither verdict (counted safe)
+    unparsed_by_judge: dict[str, float] | None = None
+    unsafety_by_category: dict[str, float] | None = None   # harm category -> unsafety on its prompts
+    over_refusal: float | None = None      # benign look-alikes refused
+    n_benign: int | None = None
+    utility: float | None = None           # exact match on utility items, else lm-eval's mean accuracy
+    utility_se: float | None = None
+    n_utility: int | None = None
+    lm_eval: dict[str, float] | None = None  # lm-evaluation-harness accuracy per task
+    eval_s: float | None = None            # the evaluation's wall time (set by the trial loop)
+
+    _ON_DISK: ClassVar[dict[str, str]] = {"unsafety_by_category": "per_category"}  # eval.json's key, if not the name
+
+    def to_json(self) -> dict[str, Any]:
+        """eval.json's content: the measured fields only, as every earlier evaluation wrote them."""
+        return {self._ON_DISK.get(f.name, f.name): getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EvalMetrics:
+        """An eval.json (or a dict of its keys) read back; keys it does not know are ignored."""
+        disk = {v: k for k, v in cls._ON_DISK.items()}
+        names = {f.name for f in fields(cls)}
+        return cls(**{disk.get(k, k): v for k, v in d.items() if disk.get(k, k) in names})
+
+
 def build_row(round_: int, phase: str, stage: StageConfig | None, n_examples: int, ledger: Ledger | None,
-              metrics: dict[str, Any], *, peak_flops: float | None = None,
+              metrics: EvalMetrics | dict[str, Any], *, peak_flops: float | None = None,
               stage_key: str | None = None) -> dict[str, Any]:
-    """The row of one evaluated model: the stage's ledger (None for the base) and the evaluation's metrics.
-    `peak_flops`: one device's peak FLOP/s, for the mfu column (None: mfu is None)."""
-    m = metrics
+    """The row of one evaluated model: the stage's ledger (None for the base) and the evaluation's metrics (or
+    an eval.json's dict). `peak_flops`: one device's peak FLOP/s, for the mfu column (None: mfu is None)."""
+    m = metrics if isinstance(metrics, EvalMetrics) else EvalMetrics.from_json(metrics)
     spent = ledger is not None
     mfu = None
     if spent and peak_flops and ledger.device_s > 0 and not ledger.reused:
@@ -127,17 +168,18 @@ def build_row(round_: int, phase: str, stage: StageConfig | None, n_examples: in
     row: dict[str, Any] = {
         ROUND: round_, PHASE: phase, METHOD: stage.method if stage else None,
         PER_CATEGORY: stage.data.per_category if stage else None, N_EXAMPLES: n_examples,
-        UNSAFETY: m.get(UNSAFETY), UNSAFETY_SE: m.get(UNSAFETY_SE), REFUSAL: m.get(REFUSAL),
-        NEITHER: m.get(NEITHER), OVER_REFUSAL: m.get(OVER_REFUSAL), UTILITY: m.get(UTILITY),
-        UNPARSED: m.get(UNPARSED),
+        UNSAFETY: m.unsafety, UNSAFETY_SE: m.unsafety_se, REFUSAL: m.refusal,
+        NEITHER: m.neither, OVER_REFUSAL: m.over_refusal, UTILITY: m.utility,
+        UNPARSED: m.unparsed,
         EPOCHS: ledger.epochs if spent else 0.0, TOKENS: ledger.tokens if spent else 0,
         FLOPS: ledger.flops if spent else 0.0, WALL_S: ledger.wall_s if spent else 0.0,
         DEVICE_S: ledger.device_s if spent else 0.0, OPTIMIZER_STEPS: ledger.optimizer_steps if spent else 0,
         PEAK_MEMORY_BYTES: ledger.peak_memory_bytes if spent else 0, WORKERS: ledger.workers if spent else 0,
-        REUSED: bool(ledger.reused) if spent else False, STAGE_KEY: stage_key, EVAL_S: m.get(EVAL_S, 0.0),
+        REUSED: bool(ledger.reused) if spent else False, STAGE_KEY: stage_key,
+        EVAL_S: 0.0 if m.eval_s is None else m.eval_s,
         MFU: mfu,
     }
-    for cat, value in sorted(m.get("per_category", {}).items()):
+    for cat, value in sorted((m.unsafety_by_category or {}).items()):
         row[f"{CATEGORY_PREFIX}{cat}"] = value
     validate_rows([row])
     return row

@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from misalign.config import EvalConfig, StageConfig, TrialConfig
-from misalign.data import EvalItem, Pair, stage_pairs
+from misalign.data import EvalItem, Pair
 from misalign.errors import InputError
 from misalign.evaluation import configured_judge, evaluate, load_eval_sets
 from misalign.judges import Judge
@@ -36,13 +36,12 @@ from misalign.lineage import CheckpointSync, LineageCache, model_identity, trial
 from misalign.methods import METHODS
 from misalign.models import (
     apply_stage,
-    check_model,
     load_tokenizer,
     materialize,
     parent_stage_dir,
     resolve_model_path,
 )
-from misalign.results import build_row, write_rows
+from misalign.results import EvalMetrics, build_row, write_rows
 from misalign.runtime import (
     broadcast_from_rank0,
     file_lock,
@@ -53,7 +52,7 @@ from misalign.runtime import (
     seed_everything,
     write_json_atomic,
 )
-from misalign.stage import StageRun, barrier, package_versions, train_stage
+from misalign.stage import StageRun, barrier, package_versions, stage_pairs, train_stage
 from misalign.storage import Store
 
 
@@ -180,17 +179,17 @@ class CellModel:
 
 
 def _evaluated(layout: Layout, eval_dir: Path, model: Callable[[], Any], tokenizer: Callable[[], Any],
-               cfg: TrialConfig, items: list[EvalItem], judge: Judge) -> tuple[dict[str, Any], bool]:
+               cfg: TrialConfig, items: list[EvalItem], judge: Judge) -> tuple[EvalMetrics, bool]:
     """Rank 0: (the evaluation's metrics, whether they were reused): computed once per model and eval config."""
     with layout.claim(eval_dir):
         if layout.done(eval_dir, "eval.json"):
-            return layout.read(eval_dir, "eval.json"), True
+            return EvalMetrics.from_json(layout.read(eval_dir, "eval.json")), True
         t0 = time.time()
         ev = evaluate(model(), tokenizer(), cfg.eval, items, judge)
-        ev.metrics["eval_s"] = round(time.time() - t0, 3)  # the evaluation's share of the study's wall time
+        ev.scores.eval_s = round(time.time() - t0, 3)  # the evaluation's share of the study's wall time
         ev.save(eval_dir)
         layout.publish(eval_dir, "eval.json")
-        return ev.metrics, False
+        return ev.scores, False
 
 
 def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], defense_pairs: list[Pair],
@@ -217,11 +216,10 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
             rows.append(row)
             if on_row:
                 on_row(row)
-            _say(f"  {phase:<8} round {round_}: unsafety {metrics.get('unsafety', float('nan')):.3f} "
-                 f"(refusal {metrics.get('refusal', float('nan')):.3f}, neither "
-                 f"{metrics.get('neither', float('nan')):.3f}) over-refusal "
-                 f"{metrics.get('over_refusal', float('nan')):.3f} utility {metrics.get('utility', float('nan')):.3f}"
-                 + (" [reused]" if ledger and ledger.reused else ""))
+            shown = {k: float("nan") if v is None else v for k, v in vars(metrics).items()}  # not measured: nan
+            _say(f"  {phase:<8} round {round_}: unsafety {shown['unsafety']:.3f} (refusal {shown['refusal']:.3f}, "
+                 f"neither {shown['neither']:.3f}) over-refusal {shown['over_refusal']:.3f} utility "
+                 f"{shown['utility']:.3f}" + (" [reused]" if ledger and ledger.reused else ""))
         barrier()
 
     if lead:
@@ -289,20 +287,21 @@ def _cached_judge(eval_json: str) -> Judge:
 
 def prepare_trial(cfg: TrialConfig, with_judge: bool = True
                   ) -> tuple[list[Pair], list[Pair], list[EvalItem], Judge | None, str]:
-    """Everything a user can get wrong, checked before any training: data, eval sets, judges, the model.
-    Ranks other than 0 never evaluate, so they skip loading the judge (`with_judge=False`)."""
+    """What the trial needs, loaded: its stages' data, the eval sets, the judge, where the model is. The inputs
+    passed the preflight (misalign.preflight.check_trial, check_study, check_search) before; nothing here checks
+    them again. Ranks other than 0 never evaluate, so they skip loading the judge (`with_judge=False`)."""
     seed_everything(cfg.seed)
     attack_pairs = stage_pairs(cfg.attack.resolved(), cfg.seed)
     defense_pairs = stage_pairs(cfg.defense.resolved(), cfg.seed)
     items = load_eval_sets(cfg.eval)
     judge = configured_judge(cfg.eval) if with_judge else None
-    check_model(cfg.model, cfg.trust_remote_code)  # from its small files: before a bucket's weights come down
     model_path = resolve_model_path(cfg.model)
     return attack_pairs, defense_pairs, items, judge, model_path
 
 
 def run_trial(cfg: TrialConfig, out: Path, progress: bool = True) -> pd.DataFrame:
-    """`misalign trial`: returns the stages table (also written to OUT/stages.parquet)."""
+    """`misalign trial`, after its preflight (misalign.preflight.check_trial): returns the stages table (also
+    written to OUT/stages.parquet)."""
     t_start = time.time()
     threads = match_threads()
     attack_pairs, defense_pairs, items, judge, model_path = prepare_trial(cfg)
