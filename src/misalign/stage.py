@@ -14,6 +14,9 @@ What it writes (rank 0), each file atomically, and never a merged copy of a mode
     OUT/ledger.json, OUT/stage.json (resolved config, root and parent stage, seed, dtype, package versions)
 `train_stage` also hands the trained model over in memory, so a trial evaluates it and trains the next stage
 from it without writing and reading weights; `misalign.models.materialize` rebuilds it from the files.
+Its parts, in reading order: misalign.objectives (what SFT, DPO and ORPO each need: rows, trl config, trainer),
+misalign.callbacks (progress lines, resumable checkpoints), misalign.speedups (what it patches to train faster,
+each undone after), misalign.records (stage.json); the rank collectives are misalign.runtime's.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from misalign import preemption
+from misalign.callbacks import checkpoint_callback, counts_file, last_checkpoint, stage_callbacks
 from misalign.config import StageConfig
 from misalign.costs import optimizer_steps
 from misalign.data import Pair, stage_pairs, target_responses
@@ -61,7 +65,6 @@ from misalign.records import StageRecord
 from misalign.runtime import (
     barrier,
     gather_over_ranks,
-    local_rank,
     match_threads,
     on_any_rank,
     package_versions,
@@ -104,58 +107,6 @@ class StageRun:
 def stage_dataset(objective: Objective, pairs: list[Pair], direction: str, tok: Any, cfg: StageConfig) -> Any:
     """The stage's training rows, each pair toward the direction's response, as the objective encodes them."""
     return objective.dataset([(p.prompt, *target_responses(p, direction)) for p in pairs], tok, cfg)
-
-
-# ---- callbacks -----------------------------------------------------------------------------------------
-
-def _callbacks(label: str, show: bool, adalora_model: Any | None) -> list[Any]:
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        """One line per logging step: stage, step, loss (rank 0 only)."""
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            if show and state.is_world_process_zero and logs and "loss" in logs:
-                print(f"  [{label}] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}", flush=True)
-
-    class AdaLoraAllocator(TrainerCallback):
-        """AdaLoRA's rank reallocation must run after every optimizer step (the paper's code never called it)."""
-
-        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            adalora_model.base_model.update_and_allocate(state.global_step)
-
-    return [Progress()] + ([AdaLoraAllocator()] if adalora_model is not None else [])
-
-
-def _checkpoint_callback(counter: FlopCounter, sync: CheckpointSync | None, spent_s: Callable[[], float]) -> Any:
-    from transformers import TrainerCallback
-
-    class Checkpointed(TrainerCallback):
-        """With each checkpoint: this rank's token and FLOP sums and the stage's seconds so far (a resumed
-        stage's ledger still counts every step and its cost), and the checkpoint mirrored on the store when
-        there is one (misalign.lineage.CheckpointSync)."""
-
-        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_json_atomic(_counts_file(checkpoint), {"sums": counter.state(), "seconds": spent_s()})
-            # transformers writes trainer_state.json (and drops the older checkpoint) before this runs, and
-            # under DeepSpeed before every rank wrote its RNG state: only this marker, written once every rank
-            # has written everything, makes a checkpoint one to resume from
-            barrier()
-            if local_rank() == 0:
-                write_json_atomic(checkpoint / WHOLE, {"step": state.global_step, "ranks": world_size()})
-            barrier()
-            if sync is not None:
-                sync.save(checkpoint, node_lead=local_rank() == 0, lead=rank() == 0, barrier=barrier)
-            if rank() == 0:
-                preemption.saved()
-
-    return Checkpointed()
-
-
-def _counts_file(checkpoint: Path) -> Path:
-    """This rank's token, FLOP and time counts up to `checkpoint`, kept inside it."""
-    return checkpoint / f"misalign-counts-rank{rank()}.json"
 
 
 # ---- the stage -----------------------------------------------------------------------------------------
@@ -270,11 +221,11 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     dataset = stage_dataset(objective, pairs, run.direction, tok, cfg)
     args = training_args(objective, cfg, run.out_dir, run.seed, len(pairs), run.checkpoint_every)
     label = run.label or f"{run.direction} {cfg.method}"
-    callbacks = _callbacks(label, run.progress, model if method.adapter == "adalora" else None) + run.callbacks
+    callbacks = stage_callbacks(label, run.progress, model if method.adapter == "adalora" else None) + run.callbacks
     before_s = 0.0  # seconds the attempts before a resumed checkpoint spent on this stage
     notice = None
     if run.checkpoint_every:
-        callbacks.append(_checkpoint_callback(counter, run.checkpoint_sync, lambda: before_s + time.time() - t0))
+        callbacks.append(checkpoint_callback(counter, run.checkpoint_sync, lambda: before_s + time.time() - t0))
         # a preemption notice (SIGTERM) saves at the next optimizer step and stops (misalign.preemption)
         notice = preemption.notice_callback(on_any_rank)
         callbacks.append(notice)
@@ -286,14 +237,14 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     # this node's disk, or from the store when the checkpoint was saved on another node
     resume, fetched = None, False
     if run.checkpoint_every:
-        here = _last_checkpoint(run.out_dir / "trainer")
+        here = last_checkpoint(run.out_dir / "trainer")
         if run.checkpoint_sync is not None:
             run.checkpoint_sync.restore(run.out_dir / "trainer")
-        resume = _last_checkpoint(run.out_dir / "trainer")
+        resume = last_checkpoint(run.out_dir / "trainer")
         fetched = resume is not None and resume != here  # saved on another node: the ledger says so
     if resume is not None:
-        if _counts_file(resume).exists():  # the tokens, FLOPs and seconds before the checkpoint stay in the ledger
-            counts = read_json(_counts_file(resume))
+        if counts_file(resume).exists():  # the tokens, FLOPs and seconds before the checkpoint stay in the ledger
+            counts = read_json(counts_file(resume))
             counter.carry(counts["sums"])
             before_s = float(counts["seconds"])
         if run.progress and rank() == 0:
@@ -414,14 +365,6 @@ def _hand_over(model: Any, stage_dir: Path, has_adapter: bool, dtype: torch.dtyp
     if has_adapter:
         return apply_stage(model.unload().to(dtype), stage_dir)
     return inference_ready(model.to(dtype))
-
-
-WHOLE = "misalign-whole.json"  # in a checkpoint directory: every rank's files and counts are in it
-
-
-def _last_checkpoint(trainer_dir: Path) -> Path | None:
-    done = [p for p in trainer_dir.glob("checkpoint-*") if (p / WHOLE).exists()]
-    return max(done, key=lambda p: checkpoint_step(p.name), default=None)
 
 
 # train.compile "auto" compiles a stage's layers when its training repays the compile: training FLOPs per worker
