@@ -51,7 +51,8 @@ def test_shipped_search_configs_validate(path, world):
     """Every shipped search (the README advertises both) loads, names its kind, and each point of its space
     builds a trial whose data, eval sets, judge and model load."""
     from misalign.config import SearchConfig
-    from misalign.search import optuna_space, point_trial, validate_search
+    from misalign.preflight import check_search
+    from misalign.search import optuna_space, point_trial
 
     cfg = load_config(path, schema=SearchConfig)
     assert cfg.kind in path.stem and f"misalign search {cfg.kind} configs/{path.name}" in path.read_text()
@@ -62,4 +63,4 @@ def test_shipped_search_configs_validate(path, world):
             trial = point_trial(cfg, {"method": method, "per_category": size})
             stage = trial.attack if cfg.kind == "attack" else trial.defense
             assert (stage.method, stage.data.per_category) == (method, size)
-    validate_search(cfg)
+    check_search(cfg, local=False)

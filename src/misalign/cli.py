@@ -114,7 +114,14 @@ def _study(args: argparse.Namespace) -> int:
     from misalign.study import read_status, run_study
 
     if args.action in ("run", "plan"):
+        from misalign.preflight import check_study
+
+        started = time.time()
         cfg = load_config(args.target, args.set, schema=StudyConfig)
+        # the one validation pass. A plan starts no Ray (no resources check); one priced from stand-in
+        # architectures (plan.model_configs) is for models not on this machine, whose files cannot be checked
+        if args.action == "run" or not cfg.plan.model_configs:
+            check_study(cfg, local=args.action == "run" and args.address is None)
         if args.action == "plan":
             from misalign.plan import estimate
             from misalign.plan_render import render
@@ -123,7 +130,7 @@ def _study(args: argparse.Namespace) -> int:
             print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan))
             return 0
         paths = RunDir(_under(args.storage, cfg.name))
-        run = run_study(cfg, paths, address=args.address, storage_given=args.storage is not None)  # validates first
+        run = run_study(cfg, paths, address=args.address, storage_given=args.storage is not None, started=started)
         from misalign.grid import cells
 
         n = len(cells(cfg))
@@ -173,14 +180,17 @@ def _study(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from misalign.config import SearchConfig, load_config
+    from misalign.preflight import check_search
     from misalign.rundir import RunDir
     from misalign.search import run_search
 
+    started = time.time()
     cfg = load_config(args.config, args.set, schema=SearchConfig)
     if cfg.kind != args.kind:
         raise InputError(f"{args.config}: kind is {cfg.kind!r}, but this is `misalign search {args.kind}`")
+    check_search(cfg, local=args.address is None)
     paths = RunDir(_under(args.storage, cfg.name), Store(args.stages) if args.stages else None)
-    answer = run_search(cfg, paths, address=args.address)
+    answer = run_search(cfg, paths, address=args.address, started=started)
     print(json.dumps(answer, indent=2) if args.json else _answer_text(answer, cfg.kind, cfg.tau, paths.trials))
     if answer["trials"] < cfg.trials:  # the answer above is from the finished trials only
         print(f"misalign: {answer['trials']} of {cfg.trials} trials finished; the others failed after "

@@ -267,24 +267,18 @@ class SizeBisectionSampler(optuna.samplers.BaseSampler):
         return self.base.sample_independent(study, trial, name, dist)
 
 
-def validate_search(cfg: SearchConfig, local: bool = False) -> None:
-    """Every method and size of the searched side, the eval sets, the judge, the model, the Optuna storage and
-    (`local`) the trial's resources: or exit 2 (misalign.preflight)."""
-    from misalign.preflight import check_search
-
-    check_search(cfg, local=local)
-
-
-def run_search(cfg: SearchConfig, paths: RunDir, *, address: str | None = None) -> dict[str, Any]:
-    """Run (or resume) the search; returns the answer (also SEARCH/answer.json and trials.parquet)."""
+def run_search(cfg: SearchConfig, paths: RunDir, *, address: str | None = None,
+               started: float | None = None) -> dict[str, Any]:
+    """Run (or resume) the search, whose config passed the preflight (misalign.preflight.check_search: the CLI
+    runs it, nothing here checks again); returns the answer (also SEARCH/answer.json and trials.parquet).
+    `started`: when the command started (the answer's wall_s counts from there)."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     from misalign.claims import start_leases
     from misalign.cluster import init_ray, tune_storage
 
-    t0 = time.time()
-    validate_search(cfg, local=address is None)
+    t0 = started or time.time()
     check_store(paths.store)
     resuming = open_run_dir(cfg, paths.store, "search.yaml")
     init_ray(address, dashboard=False)

@@ -2,10 +2,11 @@
 
     run_study(StudyConfig, RunDir, address) -> StudyRun (results table, failed and unfinished cells)
 
-Life cycle: validate every cell's data, eval sets, judges and models (bad input exits 2 before anything runs);
-write or check the study directory (the same config and the same inputs, by contents, to resume); start or
-join Ray (misalign.cluster); build DeepSpeed's ops once per node when a stage uses ZeRO; run a Tune experiment,
-one trial per cell not yet done (cells keep their own attempt logs: misalign.attempts); assemble the results.
+Life cycle: after the preflight (misalign.preflight.check_study, run by the CLI: every cell's data, eval sets,
+judges and models; bad input exits 2 before anything runs), write or check the study directory (the same
+config and the same inputs, by contents, to resume: misalign.rundir); start or join Ray (misalign.cluster);
+build DeepSpeed's ops once per node when a stage uses ZeRO; run a Tune experiment, one trial per cell not yet
+done (cells keep their own attempt logs: misalign.attempts); assemble the results.
 
 A trial with one worker trains in its Tune trial's own process (actors are reused between trials, so a trial
 costs no start-up); a trial with several workers runs one Ray Train TorchTrainer fit (gloo on CPUs, NCCL on
@@ -157,16 +158,6 @@ def _fit_workers(cfg: StudyConfig, cell: Cell, paths: RunDir, study: dict[str, A
     trainer.fit()
 
 
-# ---- before anything runs -------------------------------------------------------------------------------
-
-def validate_study(cfg: StudyConfig, local: bool = False) -> None:
-    """Every model, distinct stage (data, adapter on the meta device), eval set, judge, logger and (`local`) the
-    trial's resources: InputError on bad input (misalign.preflight)."""
-    from misalign.preflight import check_study
-
-    check_study(cfg, local=local)
-
-
 # ---- results and progress ---------------------------------------------------------------------------------
 
 class StudyStalled(InputError):
@@ -269,14 +260,14 @@ class StudyRun:
     unfinished: list[str]
 
 
-def run_study(cfg: StudyConfig, paths: RunDir, *, address: str | None = None,
-              storage_given: bool = False) -> StudyRun:
-    """Run (or resume) the study."""
+def run_study(cfg: StudyConfig, paths: RunDir, *, address: str | None = None, storage_given: bool = False,
+              started: float | None = None) -> StudyRun:
+    """Run (or resume) the study, whose config passed the preflight (misalign.preflight.check_study: the CLI
+    runs it, nothing here checks again). `started`: when the command started (its timing counts from there)."""
     from ray import tune
 
-    t0 = time.time()
+    t0 = started or time.time()
     timing: dict[str, float] = {}
-    validate_study(cfg, local=address is None)
     check_store(paths.store)
     timing["validate_s"] = time.time() - t0
     grid = cells(cfg)
