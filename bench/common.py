@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from misalign.runtime import cpus_held
-from misalign.stage import package_versions
+from misalign.runtime import cpus_held, package_versions
 
 
 def machine_busy_s() -> float:

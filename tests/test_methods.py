@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 
 import pytest
@@ -15,6 +14,7 @@ from misalign.config import StageConfig
 from misalign.data import load_pairs, subsample_per_category
 from misalign.methods import METHODS
 from misalign.models import load_model, load_tokenizer, materialize, tokenizer_for
+from misalign.records import StageRecord
 from misalign.stage import StageRun, run_stage
 
 pytestmark = pytest.mark.slow  # trains end to end: `pytest -m "not slow"` leaves it out
@@ -72,9 +72,9 @@ def test_ledger_and_outputs(trained, world, name):
     assert ledger.epochs == pytest.approx(STEPS / 7, abs=1e-3)
     assert ledger.examples == 26 and ledger.tokens > 0 and ledger.flops > 0 and ledger.wall_s > 0
     assert ledger.peak_memory_bytes > 0 and ledger.device_s >= ledger.wall_s
-    stage = json.loads((d / "stage.json").read_text())
-    assert stage["config"]["method"] == name and stage["config"]["train"]["lr"] is not None
-    assert "torch" in stage["versions"]
+    record = StageRecord.read(d)
+    assert record.config["method"] == name and record.config["train"]["lr"] is not None
+    assert "torch" in record.versions
     kept = d / ("model" if name == "full" else "adapter")
     assert list(kept.glob("*.safetensors")) and not list(d.rglob("*.bin"))
     assert name == "full" or not (d / "model").exists(), "an adapter stage stores no merged copy"

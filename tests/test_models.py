@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from misalign.cli import main
 from misalign.config import StageConfig
 from misalign.models import load_model, load_tokenizer, materialize, model_dtype
+from misalign.records import StageRecord
 from misalign.stage import StageRun, train_stage
 
 STEPS = {"max_steps": 3, "batch_size": 4}
@@ -43,10 +44,10 @@ def test_a_bf16_parent_gives_bf16_stages_models_and_exports(bf16_parent, tmp_pat
     lora = tmp_path / "lora"
     ledger, handed = train_stage(StageRun(str(bf16_parent), _stage("lora"), "misalign", lora, progress=False))
     assert _dtypes(lora / "adapter") == {torch.bfloat16}, "the adapter is stored in the parent's dtype"
-    record = json.loads((lora / "stage.json").read_text())
-    assert record["dtype"] == "bfloat16"
+    record = StageRecord.read(lora)
+    assert record.dtype == "bfloat16"
     # train.precision auto: a bf16 parent trains under bf16 autocast (its config's float32 does not decide)
-    assert _stage("lora").train.precision == "auto" and record["config"]["train"]["precision"] == "bf16"
+    assert _stage("lora").train.precision == "auto" and record.config["train"]["precision"] == "bf16"
     assert not (lora / "model").exists() and ledger.bytes_written < 2 * ledger.trainable_params + 20_000
     rebuilt = materialize(lora)
     assert model_dtype(materialize(str(bf16_parent))) == torch.bfloat16, "loaded as stored, not upcast"
@@ -93,8 +94,8 @@ def test_a_hub_model_pinned_to_a_revision_loads_that_snapshot(world, tmp_path, m
                    "train: {max_steps: 1, batch_size: 2}\n")
     assert main(["stage", str(cfg), "--model", "org/tiny@main", "--direction", "misalign",
                  "--out", str(tmp_path / "stage")]) == 0
-    meta = json.loads((tmp_path / "stage" / "stage.json").read_text())
-    assert meta["root"] == "org/tiny@main" and meta["root_identity"] == f"hf:org/tiny@{sha}"
+    record = StageRecord.read(tmp_path / "stage")
+    assert record.root == "org/tiny@main" and record.root_identity == f"hf:org/tiny@{sha}"
     assert model_dtype(materialize(tmp_path / "stage")) == torch.float32  # rebuilt from the same snapshot
     capsys.readouterr()
 
@@ -130,7 +131,7 @@ def test_an_unreachable_hub_means_the_local_cache_at_once(world, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "127.0.0.1:9 is unreachable" in done.stderr and "HF_HUB_OFFLINE=1" in done.stderr
     assert "Retrying" not in done.stderr + done.stdout, done.stderr[-3000:]
-    assert json.loads((tmp_path / "stage" / "stage.json").read_text())["root_identity"] == f"hf:org/tiny@{sha}"
+    assert StageRecord.read(tmp_path / "stage").root_identity == f"hf:org/tiny@{sha}"
 
 
 def test_the_hub_check_goes_through_a_configured_proxy(monkeypatch):
