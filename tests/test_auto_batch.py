@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from misalign.chat import prompt_ids
 from misalign.data import load_eval_items
 from misalign.generation import GenerationShape, auto_batches, generate
-from misalign.stage import load_tokenizer
+from misalign.models import load_tokenizer
 from misalign.world import world_model
 
 budget, new = int(sys.argv[1]), int(sys.argv[2])

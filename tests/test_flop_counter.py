@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from misalign.ledger import FlopCounter, matmul_params
-from misalign.stage import load_model
+from misalign.models import load_model
 from misalign.world import world_model
 
 

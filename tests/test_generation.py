@@ -8,7 +8,7 @@ import torch
 from misalign.chat import clipped_prompt_text, encode_sft, prompt_ids, prompt_text, response_ids
 from misalign.data import load_eval_items
 from misalign.generation import GenerationShape, auto_batches, generate
-from misalign.stage import load_model, load_tokenizer
+from misalign.models import load_model, load_tokenizer
 from misalign.world import world_model
 
 MAX_NEW = 24

@@ -13,16 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from misalign.config import DataSettings, StageConfig, TrainSettings
+from misalign.data import stage_pairs
 from misalign.ledger import FlopCounter
+from misalign.models import load_model, load_tokenizer
 from misalign.objectives import OBJECTIVES
-from misalign.stage import (
-    load_model,
-    load_tokenizer,
-    stage_dataset,
-    stage_pairs,
-    training_args,
-    warmup_steps,
-)
+from misalign.stage import stage_dataset, training_args, warmup_steps
 from misalign.world import world_model
 
 N = 24  # examples: 3 padded micro-batches of 8

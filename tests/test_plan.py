@@ -75,7 +75,8 @@ def test_tiny_counts(tiny):
 def test_tiny_tokens_come_from_the_data(tiny):
     from misalign.chat import encode_sft
     from misalign.data import stage_pairs
-    from misalign.stage import load_tokenizer, resolve_model_path
+    from misalign.modelref import resolve_model_path
+    from misalign.models import load_tokenizer
 
     study, p = tiny
     cfg = study.attack.stage({"method": "lora", "per_category": 1}).resolved()
@@ -94,7 +95,7 @@ def test_tiny_tokens_come_from_the_data(tiny):
 
     from misalign.ledger import matmul_params
     from misalign.methods import METHODS, peft_config
-    from misalign.stage import load_model
+    from misalign.models import load_model
 
     model = load_model(resolve_model_path("world:base"))
     model = get_peft_model(model, peft_config(METHODS["lora"], cfg, model, 10))

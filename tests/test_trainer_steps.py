@@ -13,12 +13,13 @@ from peft import get_peft_model
 from trl import DPOTrainer
 
 from misalign.config import DataSettings, StageConfig
+from misalign.data import stage_pairs
 from misalign.methods import METHODS, peft_config
 from misalign.modelref import resolve_model_path
 from misalign.models import load_model, load_tokenizer
 from misalign.objectives import OBJECTIVES
 from misalign.speedups import module_walks_once
-from misalign.stage import stage_dataset, stage_pairs, training_args
+from misalign.stage import stage_dataset, training_args
 
 
 def _dpo_parts(tmp_path):

@@ -105,7 +105,7 @@ class _Stages:
         _check_method_needs(cfg, where)
         try:
             if cfg.train.compile is True:
-                from misalign.stage import decoder_layers
+                from misalign.speedups import decoder_layers
 
                 decoder_layers(self.meta.model_arch(self.paths[model]).model)
             self.meta.params(self.paths[model], cfg, steps)

@@ -281,7 +281,7 @@ def run_study(cfg: StudyConfig, paths: RunDir, *, address: str | None = None, st
     # one trainer per stage without file locks: the lease actor (detached; misalign.claims)
     if store.remote:
         start_leases(paths.stages.url)
-    from misalign.stage import package_versions
+    from misalign.runtime import package_versions
 
     store.write_json("environment.json", {
         "versions": {**package_versions(), "ray": ray.__version__}, "command": sys.argv, "nodes": nodes,

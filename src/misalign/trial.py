@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from misalign.config import EvalConfig, StageConfig, TrialConfig
-from misalign.data import EvalItem, Pair
+from misalign.data import EvalItem, Pair, stage_pairs
 from misalign.errors import InputError
 from misalign.evaluation import configured_judge, evaluate, load_eval_sets
 from misalign.judges import Judge
@@ -43,16 +43,18 @@ from misalign.models import (
 )
 from misalign.results import EvalMetrics, build_row, write_rows
 from misalign.runtime import (
+    barrier,
     broadcast_from_rank0,
     file_lock,
     match_threads,
+    package_versions,
     quiet_libraries,
     rank,
     read_json,
     seed_everything,
     write_json_atomic,
 )
-from misalign.stage import StageRun, barrier, package_versions, stage_pairs, train_stage
+from misalign.stage import StageRun, train_stage
 from misalign.storage import Store
 
 
