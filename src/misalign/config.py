@@ -4,35 +4,42 @@ Every hyperparameter a method uses is a field here. Fields left unset take the m
 registry (misalign.methods); `resolved()` fills them in, and the resolved config is what results store. To
 compare methods fairly, set the shared fields (lr, epochs, batch, targets, precision) explicitly and they
 hold for every method.
+
+Here: the configs a command reads (TrialConfig, StudyConfig with its StudySide, SearchConfig with its
+SearchKnob), loading with overrides, and the generated reference (`python -m misalign.config`). Their parts live
+beside it and are re-exported from here: config_stage.py (StageConfig and its data, train, adapter, preference
+and deepspeed settings), config_eval.py (EvalConfig, JudgeSpec), config_resources.py (ResourceSettings,
+PlanSettings), over config_base.py (the strict base every config class shares).
 """
 
 from __future__ import annotations
 
 import re
-import types
-import typing
-from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from misalign.config_base import Strict, whole_size
+from misalign.config_eval import EvalConfig, JudgeSpec
+from misalign.config_resources import PlanSettings, ResourceSettings
+from misalign.config_stage import (
+    AdapterSettings,
+    DataSettings,
+    DeepSpeedSettings,
+    PreferenceSettings,
+    StageConfig,
+    TrainSettings,
 )
-
 from misalign.errors import InputError
-from misalign.judge_names import JUDGE_NAMES
 
-
-def _size(v: float | None) -> float | None:
-    """An examples-per-category size with whole numbers as int: 3.0 and 3 are one size, one cache key."""
-    return int(v) if isinstance(v, float) and v.is_integer() else v
+__all__ = [
+    "AdapterSettings", "DataSettings", "DeepSpeedSettings", "EvalConfig", "JudgeSpec", "PlanSettings",
+    "PreferenceSettings", "ResourceSettings", "SearchConfig", "SearchKnob", "StageConfig", "StudyConfig",
+    "StudySide", "TrainSettings", "TrialConfig", "format_validation_error", "load_config", "parse_overrides",
+    "reference_markdown",
+]
 
 
 def _unique(values: list[Any], what: str) -> list[Any]:
@@ -45,286 +52,7 @@ def _unique(values: list[Any], what: str) -> list[Any]:
     return values
 
 
-def _registered(name: str, registry: Collection[str], what: str) -> str:
-    if name not in registry:
-        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(registry)}")
-    return name
-
-
-def _admits_bool(annotation: Any) -> bool:
-    """Whether a field's type really takes a bool (pydantic would otherwise read `true` as 1 or 1.0)."""
-    if annotation is bool or annotation is Any:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return any(isinstance(v, bool) for v in typing.get_args(annotation))
-    if origin in (Union, types.UnionType):
-        return any(_admits_bool(a) for a in typing.get_args(annotation))
-    return False
-
-
-def _bool_where_not_allowed(annotation: Any, value: Any) -> bool:
-    if isinstance(value, bool):
-        return not _admits_bool(annotation)
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (Union, types.UnionType):  # e.g. list[int] | None: the list member decides
-        members = [a for a in args if typing.get_origin(a) in (list, dict)]
-        return any(_bool_where_not_allowed(a, value) for a in members)
-    if origin is list and isinstance(value, list) and args:
-        return any(_bool_where_not_allowed(args[0], v) for v in value)
-    if origin is dict and isinstance(value, dict) and len(args) == 2:
-        return any(_bool_where_not_allowed(args[1], v) for v in value.values())
-    return False
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: `.inf` epochs would train forever, `.inf` ratios overflow; numbers must be finite
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
-        # YAML reads `true`/`yes` as a bool, which pydantic's lax mode turns into 1: `rounds: true` ran one round
-        field = cls.model_fields.get(info.field_name or "")
-        if field is not None and _bool_where_not_allowed(field.annotation, value):
-            raise ValueError("a boolean where a number or text is expected (YAML reads true/false/yes/no as "
-                             "booleans)")
-        return value
-
-
-class TrainSettings(_Strict):
-    """Optimization settings shared by every method. None = the method's default (see methods.METHODS)."""
-
-    lr: float | None = Field(None, gt=0, description="peak learning rate")
-    epochs: float | None = Field(None, gt=0, description="passes over the stage data")
-    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
-    batch_size: int | None = Field(None, ge=1, description="examples per device per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warmup")
-    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate schedule")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
-    max_length: int = Field(256, ge=8, description="prompt + response tokens; longer responses are truncated")
-    max_prompt_length: int = Field(128, ge=4, description="prompts are cut from the left to this many tokens")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="training precision. auto: the parent model's: bf16 autocast for bf16 weights (most "
-                            "released LLMs; what a GPU runs fast), fp32 otherwise (fp16 weights included: set "
-                            "fp16 for fp16 mixed precision on a GPU). A function of the model, not the machine, "
-                            "so a stage's key says what it trains")
-    gradient_checkpointing: bool = Field(
-        False, description="recompute activations in backward: less memory, about a third more compute "
-                           "(trl turns it on by default; worth it for multi-billion-parameter models)")
-    log_every: int | None = Field(None, ge=1, description="optimizer steps between progress lines "
-                                  "(None: about 25 lines per stage; every line costs a device sync)")
-    # GPU throughput (issue 13); the default keeps every stage's batches exactly as before
-    packing: Literal["none", "padding_free", "bfd"] = Field(
-        "none", description="SFT batches without padding: 'padding_free' flattens each micro-batch into one row "
-                            "(same examples and steps, no compute on pad tokens); 'bfd' packs examples into rows "
-                            "of max_length tokens, batch_size rows per micro-batch (a token-budget micro-batch: "
-                            "fewer, fuller steps). Sequences never attend across each other (position ids restart "
-                            "per example). DPO/ORPO ignore it (trl 1.16 disables DPO padding-free)")
-    liger_kernels: bool = Field(
-        False, description="Liger's fused Triton kernels for the model's RMSNorm, RoPE and SwiGLU (CUDA only; "
-                           "pip install 'misalign[liger]'). trl already fuses the LM head and its loss")
-    compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile each decoder layer (regional compilation, as torchtune does): "
-                            "fused elementwise kernels (norms, RoPE, activations, LoRA's casts and dropout) and "
-                            "far fewer kernel launches per step. On one H200 it took steady MFU from 33% to 48% "
-                            "(8B LoRA) and from 25-29% to 40-45% (DPO, ORPO), at a compile of up to a minute "
-                            "per stage. auto: on for a stage on a CUDA device whose training is large enough to "
-                            "repay that compile (misalign.stage.COMPILE_AUTO_MIN_FLOPS), with full or LoRA "
-                            "weights, without DeepSpeed or Liger; off otherwise (CPU workers included). true "
-                            "forces it (CPU workers then need a C++ compiler). Not under DeepSpeed or with "
-                            "Liger's kernels. How a stage runs, not what it trains: kept out of the stage key")
-
-    @model_validator(mode="after")
-    def _lengths(self) -> TrainSettings:
-        if self.max_prompt_length >= self.max_length:
-            # a prompt that fills max_length leaves no response tokens: trl's ORPO then gives NaN losses
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
-                             f"({self.max_length}) so every example keeps response tokens")
-        return self
-
-
-class AdapterSettings(_Strict):
-    """Parameter-efficient adapter settings (LoRA family and IA3). Ignored by full fine-tuning."""
-
-    r: int | None = Field(None, ge=1, description="LoRA rank (AdaLoRA: the target average rank)")
-    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
-    targets: str | list[str] | None = Field(
-        None, description="'attention' (q,v), 'all-linear', or module names; resolved per architecture")
-    adalora_init_r: int = Field(12, ge=1, description="AdaLoRA starting rank, pruned toward r during training")
-    adalora_tinit: float = Field(0.1, ge=0, lt=1, description="share of steps before rank pruning starts")
-    adalora_tfinal: float = Field(0.2, ge=0, lt=1, description="share of steps at the end with ranks fixed")
-    adalora_delta_t: int = Field(1, ge=1, description="steps between rank reallocations")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit type")
-    double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too")
-
-    @model_validator(mode="after")
-    def _adalora_phases(self) -> AdapterSettings:
-        if self.adalora_tinit + self.adalora_tfinal >= 1:  # AdaLoRA prunes ranks between the two phases
-            raise ValueError(f"adalora_tinit ({self.adalora_tinit}) + adalora_tfinal ({self.adalora_tfinal}) must "
-                             "be below 1, leaving steps for rank budgeting")
-        return self
-
-    @field_validator("targets")
-    @classmethod
-    def _some_targets(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and (not v or any(not t.strip() for t in v)):
-            raise ValueError("an adapter needs at least one target module (names must not be empty)")
-        return v
-
-
-class PreferenceSettings(_Strict):
-    """Preference-method settings (DPO, ORPO)."""
-
-    beta: float | None = Field(None, gt=0, description="DPO: KL strength (paper 0.1)")
-    loss_type: str | None = Field(None, description="DPO loss(es), comma-separated trl loss_type names; "
-                                  "'sigmoid' is the paper's, 'sigmoid,sft' adds an NLL term on chosen (RPO)")
-    orpo_lambda: float | None = Field(None, gt=0, description="ORPO: odds-ratio weight (paper 0.1)")
-
-
-class DeepSpeedSettings(_Strict):
-    """DeepSpeed ZeRO, used when the stage runs on several workers (or `always`)."""
-
-    zero_stage: Literal[0, 1, 2, 3] | None = Field(None, description="None: plain DDP / single process")
-    offload: bool = Field(False, description="offload optimizer state (and ZeRO-3 params) to CPU")
-
-
-class DataSettings(_Strict):
-    """Where a stage's training pairs come from and how many per category."""
-
-    source: str = Field(description="file (.csv/.jsonl/.parquet), hub id, or world:NAME")
-    format: str = Field("pairs", description="named format (misqa, saferlhf, hh_rlhf, ...) or 'pairs'")
-    columns: dict[str, str] | None = Field(None, description="our field -> the file's column")
-    per_category: int | float | None = Field(
-        None, gt=0, description="examples per category (None: all); a fraction below 1 takes that share of the "
-                                "categories one example each (0.25 of 13 categories: 3 rows), the study's smallest "
-                                "attacks")
-    benign_source: str | None = Field(None, description="benign rows mixed in (defense data), e.g. world:benign")
-    benign_ratio: float = Field(0.0, ge=0, description="benign rows per harmful row")
-
-    @field_validator("per_category")
-    @classmethod
-    def _whole_sizes_as_int(cls, v: float | None) -> float | None:
-        return _size(v)
-
-
-class StageConfig(_Strict):
-    """One fine-tuning stage: a method, its data and every hyperparameter."""
-
-    method: str = Field(description="lora | qlora | adalora | ia3 | full | dpo | orpo (`misalign methods`)")
-    data: DataSettings = Field(description="training data")
-    train: TrainSettings = Field(TrainSettings(), description="optimization (shared by all methods)")
-    adapter: AdapterSettings = Field(AdapterSettings(), description="adapter shape")
-    preference: PreferenceSettings = Field(PreferenceSettings(), description="DPO/ORPO settings")
-    deepspeed: DeepSpeedSettings = Field(DeepSpeedSettings(), description="ZeRO settings")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _per_category_shorthand(cls, d: Any) -> Any:
-        # `--set attack.per_category=5` (the CLI's documented example) means attack.data.per_category
-        if not isinstance(d, dict) or "per_category" not in d:
-            return d
-        data = d.get("data")
-        if isinstance(data, (dict, DataSettings, type(None))):
-            data = data.model_dump() if isinstance(data, DataSettings) else dict(data or {})
-            d = {**d, "data": {**data, "per_category": d["per_category"]}}
-            del d["per_category"]
-        return d
-
-    @field_validator("method")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from misalign.methods import METHODS
-
-        return _registered(v, METHODS, "method")
-
-    @model_validator(mode="after")
-    def _compatible(self) -> StageConfig:
-        if self.method == "qlora" and self.deepspeed.zero_stage == 3:
-            raise ValueError("qlora cannot run under DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned); "
-                             "use zero_stage 0 or 2")
-        if self.train.compile is True and self.deepspeed.zero_stage is not None:
-            # ZeRO-3 gathers each module's weights in hooks that a compiled layer's traced submodules bypass;
-            # ZeRO-1/2 with compiled layers is untested here
-            raise ValueError("train.compile cannot be combined with DeepSpeed (deepspeed.zero_stage "
-                             f"{self.deepspeed.zero_stage}): set train.compile auto or false, or "
-                             "deepspeed.zero_stage null")
-        if self.train.compile is True and self.train.liger_kernels:
-            # on an H200 dynamo printed tracebacks analysing Liger's Triton kernels (triton CompilationError) and
-            # the 8B LoRA stage had not finished 10 steps in 70 s; compiled layers alone did better than Liger
-            raise ValueError("train.compile cannot be combined with train.liger_kernels (torch.compile cannot "
-                             "trace Liger's Triton kernels): set one of them false; train.compile auto leaves a "
-                             "stage with Liger eager")
-        if self.method == "adalora" and self.deepspeed.zero_stage in (2, 3):
-            raise ValueError("adalora needs full gradients on every worker for its rank reallocation; "
-                             "ZeRO-2/3 partition them: use zero_stage 0 or none")
-        return self
-
-    def resolved(self) -> StageConfig:
-        """A copy with every None filled from the method's defaults (what actually trains)."""
-        from misalign.methods import METHODS
-
-        d = self.model_dump()
-        for section, values in METHODS[self.method].defaults.items():
-            for key, value in values.items():
-                if d[section].get(key) is None:
-                    d[section][key] = value
-        return StageConfig.model_validate(d)
-
-
-class JudgeSpec(_Strict):
-    """One judge of the evaluation's vote (judges.JUDGES)."""
-
-    name: str = Field(description="keyword | classifier | http")
-    options: dict[str, Any] = Field(default_factory=dict, description="constructor options of that judge")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _registered(v, JUDGE_NAMES, "judge")
-
-
-class EvalConfig(_Strict):
-    """What an evaluation measures and how responses are judged."""
-
-    harmful: str = Field("world:eval_harmful", min_length=1, description="harmful prompts (unsafety)")
-    benign: str | None = Field("world:eval_benign", description="benign look-alikes (over-refusal)")
-    utility: str | None = Field("world:eval_utility", description="utility items with reference answers")
-    format: str = Field("eval", description="named format of the eval files (eval, jailbreak_test_set)")
-    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks (utility)")
-    lm_eval_include: str | None = Field(None, description="directory of local lm-eval task YAMLs")
-    lm_eval_limit: int | None = Field(None, description="items per lm-eval task (None: all)")
-    judges: list[JudgeSpec] = Field(
-        default_factory=lambda: [JudgeSpec(name="classifier", options={"model": "world:guard"})])
-    vote: str = Field("any", description="any | majority | all | atleast:K")
-    refusal_phrases: list[str] | None = Field(None, description="phrases marking a refusal (None: defaults)")
-    max_new_tokens: int = Field(40, ge=1, le=2048)
-    batch_size: int | Literal["auto"] = Field(
-        "auto", description="prompts per generation batch (>= 1); 'auto': each batch as large as fits in the free "
-                            "device memory (misalign.generation.auto_batches; within a trial's share of a GPU "
-                            "when resources.gpus_per_worker < 1), larger for shorter prompts, up to 1,024 on a "
-                            "GPU and 128 on a CPU")
-    cache: Literal["auto", "dynamic", "static"] = Field(
-        "auto", description="KV cache during generation: 'static' allocates it once per batch, 'dynamic' grows it "
-                            "every step; 'auto': static on a GPU, dynamic on a CPU. Greedy outputs are the same")
-    limit: int | None = Field(None, ge=1, description="evaluate only the first N of each set (smoke runs)")
-    max_unparsed: float = Field(
-        0.05, ge=0, le=1, description="highest share of harmful responses a judge may answer with neither safe "
-        "nor unsafe (such outputs count as safe, so they understate unsafety); above it the evaluation fails, "
-        "naming the judge and showing a sample")
-
-    @field_validator("batch_size")
-    @classmethod
-    def _positive_batch(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("batch_size must be >= 1 or 'auto'")
-        return v
-
-
-class TrialConfig(_Strict):
+class TrialConfig(Strict):
     """`misalign trial`: base eval, then R rounds of misalign -> eval -> realign -> eval."""
 
     model: str = Field("world:base", description="HF id (ORG/NAME@REVISION pins a revision), local path, s3:// or "
@@ -338,7 +66,7 @@ class TrialConfig(_Strict):
     allow_pickle: bool = Field(False, description="load .bin/pickle weights (off: safetensors only)")
 
 
-class StudySide(_Strict):
+class StudySide(Strict):
     """One side of the study grid (attack or defense): the axes it sweeps and the settings every cell shares.
 
     A cell's stage is `data`/`train`/`adapter`/`preference`/`deepspeed` with one method, one per_category,
@@ -365,7 +93,7 @@ class StudySide(_Strict):
             bad = [v for v in values if v is not None and (isinstance(v, bool) or not v > 0)]
             if bad:
                 raise ValueError(f"sizes must be > 0 examples per category (or null: all rows), got {bad[0]!r}")
-            values = [_size(v) for v in values]
+            values = [whole_size(v) for v in values]
         return _unique(values, "method" if info.field_name == "methods" else "size")
 
     @model_validator(mode="after")
@@ -412,40 +140,7 @@ class StudySide(_Strict):
         return {tuple(p.values()): self.stage(p) for p in self.axis_values()}
 
 
-class ResourceSettings(_Strict):
-    """What one trial holds. One worker trains in the Tune trial's own process; several launch one Ray Train
-    TorchTrainer per trial (gloo on CPUs, NCCL on GPUs) that runs all of the trial's stages."""
-
-    workers: int = Field(1, ge=1, description="training workers per trial (DeepSpeed/DDP ranks)")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker holds (torch threads match it)")
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs each worker holds (0: CPU training)")
-    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="how a trial's workers are placed on nodes (Ray placement group strategy)")
-    max_concurrent: int | None = Field(
-        None, ge=1, description="trials at once (None: as many as the cluster's CPUs/GPUs hold, or on an "
-        "autoscaling cluster can grow to; required where its autoscaler's limits cannot be read)")
-    start_timeout_s: float = Field(
-        1800, gt=0, description="stop the run when no trial could start for this long: the cluster cannot hold "
-        "one, and no node the autoscaler added so far could (time for an autoscaler to add GPU nodes included)")
-
-
-class PlanSettings(_Strict):
-    """`misalign study plan`: how analytic FLOPs become device-hours and money."""
-
-    device: str = Field("NVIDIA H100 SXM (bf16 dense)", description="the device the estimate is for")
-    peak_flops: float = Field(989e12, gt=0, description="the device's peak FLOP/s at the training precision")
-    mfu: float = Field(0.35, gt=0, le=1, description="model FLOPs utilization assumed (share of peak reached)")
-    price_per_device_hour: float | None = Field(None, ge=0, description="currency per device-hour (money line)")
-    devices_per_node: int = Field(1, ge=1, description="devices (GPUs) a cluster node holds: node-hours = device-"
-                                                       "hours held / this")
-    tokens_per_example: int = Field(
-        300, ge=1, description="assumed prompt+response tokens of a training example when its data is unreadable")
-    categories: int = Field(13, ge=1, description="assumed categories when a stage's data file is unreadable")
-    model_configs: dict[str, str] = Field(
-        default_factory=dict, description="model -> a local config.json, for models whose hub config is unreachable")
-
-
-class StudyConfig(_Strict):
+class StudyConfig(Strict):
     """`misalign study`: the grid models x seeds x attack cells x defense cells, R rounds each, on Ray Tune.
 
     A cell is one trial (base eval, then R rounds of misalign -> eval -> realign -> eval). Stages are shared
@@ -483,7 +178,7 @@ class StudyConfig(_Strict):
         return self.attack.stages(), self.defense.stages()
 
 
-class SearchKnob(_Strict):
+class SearchKnob(Strict):
     """One searched numeric knob (a dotted stage field): a range, on a log scale or in steps."""
 
     low: float = Field(description="smallest value")
@@ -503,7 +198,7 @@ class SearchKnob(_Strict):
         return self
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Strict):
     """`misalign search attack|defense`: Optuna, through Ray Tune, over a stage's knobs, for the cheapest budget.
 
     attack: minimize the budget of the misalignment subject to unsafety >= tau. defense: start from the one
@@ -667,7 +362,7 @@ def reference_markdown() -> str:
                   "| field | type | default | meaning |", "|---|---|---|---|"]
         for name, f in model.model_fields.items():
             ann = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", str(f.annotation))
-            ann = re.sub(r"\b(?:typing|__main__|misalign\.config)\.", "", ann)
+            ann = re.sub(r"\b(?:typing|__main__|misalign\.config(?:_\w+)?)\.", "", ann)
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
             if isinstance(f.default, BaseModel):
                 default = f"{type(f.default).__name__}()"
