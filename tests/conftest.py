@@ -1,10 +1,14 @@
-"""Shared fixtures. Everything is offline: no hub is reachable, and tests must not try."""
+"""Shared fixtures and the suite's rules (the `slow` mark by folder, CI's no-skip rule). Everything is offline: no
+hub is reachable, and tests must not try, except loopback servers the tests start (the fake judges, moto's S3)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import subprocess
 import sys
+import time
 
 # set before datasets/transformers are imported anywhere: they read these at import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +27,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from fake_judge import Action, FakeJudge  # noqa: E402
+from helpers import BUCKET, free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +80,38 @@ def world_stage(world):  # noqa: ANN001, ANN201
     return run
 
 
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on a loopback port, the bucket, and the environment that points every client at it."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "MISALIGN_CLAIM_TTL_S": "10"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    server.terminate()
+    server.wait()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 # Under CI (.ci/run sets MISALIGN_REQUIRE_ALL=1) every test must run: a skip (a missing browser, shellcheck, an
 # optional package) becomes a failure that keeps its reason. Locally a skip stays a skip.
 REQUIRE_ALL = os.environ.get("MISALIGN_REQUIRE_ALL") == "1"
@@ -99,10 +136,19 @@ def pytest_make_collect_report(collector: pytest.Collector) -> object:
     _fail_skip(outcome.get_result())
 
 
+WORKFLOWS = Path(__file__).resolve().parent / "workflows"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` measure what only a device shows: without one they are deselected (reported as such,
-    never skipped), so a CPU run says plainly what it did not cover."""
+    """Every test under tests/workflows/ (studies, searches, Ray Jobs, DeepSpeed, end-to-end training) is marked
+    `slow` by its folder, so `pytest -m "not slow"` leaves them all out. Tests marked `gpu` measure what only a
+    device shows: without one they are deselected (reported as such, never skipped), so a CPU run says plainly
+    what it did not cover."""
     import torch
+
+    for item in items:
+        if WORKFLOWS in item.path.resolve().parents:
+            item.add_marker(pytest.mark.slow)
 
     if torch.cuda.is_available():
         return

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_resume import stored_weights_rel_diff
+from helpers import stored_weights_rel_diff
 
 # One LoRA stage of 10 optimizer steps, each slowed so the parent can signal it mid-stage; it prints each step
 # as it begins and ends, then its ledger, or the preemption.

@@ -24,8 +24,7 @@ from typing import Any
 
 import pytest
 
-from test_deepspeed import _both_workers_trained
-from test_object_storage import BUCKET, _free_port, s3  # noqa: F401 (s3: the fixture, used by name)
+from helpers import BUCKET, both_workers_trained, free_port, stored_weights_rel_diff
 
 STEPS = 10
 MID_EPOCH, EPOCH_END = (3, 7), (4, 9)  # (checkpoint_every, dies after this optimizer step)
@@ -74,24 +73,6 @@ def _stage(out: Path, method: str, every: int | None = None, dies_after: int | N
         return losses, None
 
 
-def stored_weights_rel_diff(a: Path, b: Path) -> float:
-    """The largest difference between two stages' stored tensors (adapter or full weights), relative to each
-    tensor's largest magnitude."""
-    from safetensors.torch import load_file
-
-    sub = "adapter" if (a / "adapter").exists() else "model"
-    files = sorted((a / sub).glob("*.safetensors"))
-    assert files and [f.name for f in files] == sorted(f.name for f in (b / sub).glob("*.safetensors"))
-    worst = 0.0
-    for f in files:
-        x, y = load_file(f), load_file(b / sub / f.name)
-        assert x.keys() == y.keys()
-        for k in x:
-            diff = (x[k].double() - y[k].double()).abs().max() / x[k].double().abs().max().clamp_min(1e-30)
-            worst = max(worst, diff.item())
-    return worst
-
-
 def _assert_resumed_exactly(whole: tuple[dict, dict], died: tuple[dict, dict | None], resumed: tuple[dict, dict],
                             dirs: tuple[Path, Path], every: int, dies_after: int) -> None:
     (whole_losses, whole_ledger), (died_losses, died_ledger), (resumed_losses, ledger) = whole, died, resumed
@@ -125,7 +106,7 @@ def test_a_resumed_stage_ends_as_an_unbroken_one(world, tmp_path, method, when):
     _assert_resumed_exactly(whole, died, resumed, (tmp_path / "whole", tmp_path / "broken"), every, dies_after)
 
 
-def test_a_stage_resumes_exactly_on_another_node_from_the_store(world, s3, tmp_path):  # noqa: F811 (imported)
+def test_a_stage_resumes_exactly_on_another_node_from_the_store(world, s3, tmp_path):
     """The stage dies on node A after its checkpoint reached the object store; node B (another stage directory,
     nothing of A's on its disk) brings the checkpoint from the store and ends as the unbroken stage."""
     from misalign.lineage import CheckpointSync
@@ -177,7 +158,7 @@ def _torchrun(tmp_path: Path, out: Path, every: int = 0, dies_after: int = 0) ->
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(script), str(out), str(every), str(dies_after), json.dumps(TRAIN)],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert (proc.returncode != 0) == bool(dies_after), proc.stderr[-3000:]
@@ -194,5 +175,5 @@ def test_a_zero2_stage_on_two_workers_resumes_exactly(world, tmp_path):
     died = _torchrun(tmp_path, tmp_path / "broken", every, dies_after)
     resumed = _torchrun(tmp_path, tmp_path / "broken", every)
     assert resumed[1]["workers"] == 2 and resumed[1]["extra"]["zero_stage"] == 2
-    assert _both_workers_trained(resumed[1])
+    assert both_workers_trained(resumed[1])
     _assert_resumed_exactly(whole, died, resumed, (tmp_path / "whole", tmp_path / "broken"), every, dies_after)

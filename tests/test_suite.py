@@ -1,5 +1,5 @@
 """The suite's own rules: under CI (MISALIGN_REQUIRE_ALL=1, set by .ci/run) a skipped test fails with its reason;
-the workflow tests carry the `slow` mark, so `pytest -m "not slow"` is a quick loop."""
+the workflow tests (tests/workflows/) carry the `slow` mark, so `pytest -m "not slow"` is a quick loop."""
 
 from __future__ import annotations
 
@@ -37,4 +37,12 @@ def test_a_skip_fails_with_its_reason_under_ci(tmp_path):
 
 @pytest.mark.parametrize("module", ["test_trial", "test_study", "test_rayjobs", "test_deepspeed", "test_methods"])
 def test_workflow_modules_are_slow(module):
-    assert "pytestmark = pytest.mark.slow" in (TESTS / f"{module}.py").read_text()
+    assert "pytestmark = pytest.mark.slow" in (TESTS / "workflows" / f"{module}.py").read_text()
+
+
+def test_not_slow_collects_no_workflow_test():
+    """tests/conftest.py marks every test under tests/workflows/ slow by its folder, marked in the file or not."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow",
+                           "-p", "no:cacheprovider", str(TESTS / "workflows")], cwd=TESTS.parent, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 5 and "deselected" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from helpers import both_workers_trained
+
 pytestmark = pytest.mark.slow  # trains end to end: `pytest -m "not slow"` leaves it out
 
 
@@ -37,12 +39,6 @@ def _adapter_trained(out: Path) -> bool:
     return any(not torch.equal(base[k], trained[k]) for k in base if k.endswith("proj.weight"))
 
 
-def _both_workers_trained(ledger: dict) -> bool:
-    """Each of the 2 workers trained on its own shard of every batch: its tokens, summing to the stage's."""
-    per_worker = ledger["extra"]["tokens_per_worker"]
-    return len(per_worker) == 2 and all(t > 0 for t in per_worker) and sum(per_worker) == ledger["tokens"]
-
-
 @pytest.mark.parametrize(("zero", "offload"), [(2, False), (3, False), (2, True)])
 def test_zero_stage_with_two_workers(world, tmp_path, zero, offload):
     _, out = _torchrun_stage(tmp_path, 'method: lora\ndata: {source: "world:misalign", per_category: 2}\n'
@@ -57,7 +53,7 @@ def test_zero_stage_with_two_workers(world, tmp_path, zero, offload):
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert not (out / "model").exists(), "an adapter stage stores no merged copy"
     assert _adapter_trained(out)  # the gathered adapter (ZeRO-3 partitions it while training) is whole
-    assert _both_workers_trained(ledger)
+    assert both_workers_trained(ledger)
     assert ledger["device_s"] > 1.9 * ledger["wall_s"]
 
 
@@ -71,7 +67,7 @@ def test_ddp_with_two_workers_and_compiled_layers(world, tmp_path):
     assert proc.stdout.count("compiling its decoder layers (train.compile true)") == 1  # rank 0 says it
     ledger = json.loads((out / "ledger.json").read_text())
     assert ledger["workers"] == 2 and "zero_stage" not in ledger["extra"] and ledger["optimizer_steps"] == 3
-    assert _both_workers_trained(ledger) and _adapter_trained(out)
+    assert both_workers_trained(ledger) and _adapter_trained(out)
 
 
 def test_qlora_with_zero3_is_refused(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # builds and installs the package, then trains a small trial and study
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_installed_package_runs_world_trial_study_and_report(world, tmp_path):

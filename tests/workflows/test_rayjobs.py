@@ -17,7 +17,7 @@ import yaml
 
 pytestmark = pytest.mark.slow  # trains end to end: `pytest -m "not slow"` leaves it out
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

@@ -27,57 +27,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from misalign.cluster import launcher_limits, trials_fit
+from helpers import BUCKET, cli, free_port, objects
 from misalign.storage import Store
-from test_object_storage import BUCKET, _cli, _free_port, _objects, s3  # noqa: F401 (s3: the fixture, used by name)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MAX_WORKERS = 2
 IDLE_MINUTES = 0.1
-
-
-# ---- the autoscaler's limits, read as an autoscaler would use them (no cluster needed) -------------------------
-
-def test_cluster_yaml_limits_give_the_study_its_full_width():
-    """cluster.yaml: 2 on-demand + 6 spot g6e.12xlarge (4 GPUs, 48 CPUs), at most 8 workers: 32 one-GPU trials,
-    8 four-GPU ones; the CPU head holds none. A cap below the types' sum keeps the types that hold the most."""
-    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    limits = launcher_limits(config)
-    assert trials_fit(limits, workers=1, cpus=8, gpus=1) == 32
-    assert trials_fit(limits, workers=4, cpus=8, gpus=1) == 8
-    assert trials_fit(limits, workers=1, cpus=1, gpus=0) == 8 * 48
-    config["max_workers"] = 3
-    config["available_node_types"]["gpu-spot"]["resources"] = {"CPU": 48, "GPU": 8}
-    assert trials_fit(launcher_limits(config), workers=1, cpus=8, gpus=1) == 3 * 6  # 3 spot nodes, 6 by CPU
-
-
-def test_autoscaler_v2_limits_are_read_from_its_published_config():
-    """KubeRay's autoscaler (v2) publishes its node groups in the GCS as a ClusterConfig: the same arithmetic."""
-    from ray.core.generated import autoscaler_pb2
-
-    from misalign.cluster import _node_groups
-
-    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
-        autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 0}, max_count=1),
-        autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 48, "GPU": 4}, max_count=3)])
-    assert trials_fit(_node_groups(config), workers=1, cpus=4, gpus=2) == 6
-
-
-def test_autoscaler_v1_config_is_read_from_its_monitor_process(tmp_path):
-    """Autoscaler v1 publishes no limits, only its monitor's pid: the config is read from that process's command
-    line where the driver runs beside it; anywhere else (no such process, or not a monitor) nothing is read, and
-    the study asks for resources.max_concurrent."""
-    from misalign.cluster import _monitor_config
-
-    config = tmp_path / "autoscaling.yaml"
-    config.write_text(yaml.safe_dump({"max_workers": 2}))
-    argv = [sys.executable, "-c", "import time; time.sleep(60)", "monitor.py", f"--autoscaling-config={config}"]
-    with subprocess.Popen(argv) as monitor:
-        try:
-            assert _monitor_config(monitor.pid) == {"max_workers": 2}
-        finally:
-            monitor.kill()
-    assert _monitor_config(os.getpid()) is None and _monitor_config(None) is None
 
 
 # ---- the fake autoscaling cluster --------------------------------------------------------------------------
@@ -95,11 +50,11 @@ def _session_pids(sid: int) -> list[int]:
 
 
 @pytest.fixture
-def autoscaling_cluster(s3, tmp_path) -> Iterator[tuple[str, dict[str, str], NodeLog]]:  # noqa: F811 (imported)
+def autoscaling_cluster(s3, tmp_path) -> Iterator[tuple[str, dict[str, str], NodeLog]]:
     """A head with no CPUs and one worker type of 1 CPU, min 0, max MAX_WORKERS, idle timeout IDLE_MINUTES, under
     Ray's autoscaler (v1: the v2 monitor needs the missing example.yaml), with a token of its own. Yields its GCS
     address, the environment of its clients, and the log of its worker nodes."""
-    port = _free_port()
+    port = free_port()
     config = {
         "cluster_name": "misalign-fake", "max_workers": MAX_WORKERS, "upscaling_speed": 1.0,
         "idle_timeout_minutes": IDLE_MINUTES,
@@ -127,7 +82,7 @@ def autoscaling_cluster(s3, tmp_path) -> Iterator[tuple[str, dict[str, str], Nod
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--num-cpus=0", f"--autoscaling-config={config_file}",
-         "--include-dashboard=false", f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}"],
+         "--include-dashboard=false", f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}"],
         env=head_env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     nodes = NodeLog(address, env)
@@ -203,7 +158,7 @@ DETERMINISTIC = ["cell_id", "round", "phase", "unsafety", "unsafety_se", "refusa
 
 
 @pytest.mark.slow
-def test_a_study_widens_an_autoscaling_cluster_and_gives_it_back(world, s3, autoscaling_cluster, tmp_path):  # noqa: F811
+def test_a_study_widens_an_autoscaling_cluster_and_gives_it_back(world, s3, autoscaling_cluster, tmp_path):
     """`study run --address auto` on a cluster that starts with no workers: the autoscaler goes 0 -> MAX_WORKERS
     as the study's trials queue (not one node for one trial at a time), every cell finishes, the nodes go back
     after the idle timeout, and the results equal a static local cluster's run of the same study row for row."""
@@ -211,7 +166,7 @@ def test_a_study_widens_an_autoscaling_cluster_and_gives_it_back(world, s3, auto
     address, cluster_env, nodes = autoscaling_cluster
     env = {**cluster_env, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": address}
     assert nodes.now() == 0, "the cluster starts with no workers"
-    driver = subprocess.Popen(_cli("study", "run", "configs/study-tiny.yaml", *QUICK, "--storage", runs,
+    driver = subprocess.Popen(cli("study", "run", "configs/study-tiny.yaml", *QUICK, "--storage", runs,
                                    "--address", "auto"), env=env, stdout=subprocess.PIPE,
                               stderr=(tmp_path / "driver.err").open("w"), text=True, cwd=REPO)
     out, asked = [], None  # asked: when the driver hands the grid to Tune (validation and Ray's start-up done)
@@ -240,7 +195,7 @@ def test_a_study_widens_an_autoscaling_cluster_and_gives_it_back(world, s3, auto
     assert not scaled.duplicated(["cell_id", "round", "phase"]).any()
 
     static_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
-    static = subprocess.run(_cli("study", "run", "configs/study-tiny.yaml", *QUICK, "--storage",
+    static = subprocess.run(cli("study", "run", "configs/study-tiny.yaml", *QUICK, "--storage",
                                  str(tmp_path / "static")), env=static_env, capture_output=True, text=True,
                             timeout=600, cwd=REPO)
     assert static.returncode == 0, static.stdout[-3000:] + static.stderr[-3000:]
@@ -282,9 +237,9 @@ def _attempts(store: Store, cell_id: str) -> list[dict]:
     return store.read_json(f"attempts/{cell_id}.json") if store.exists(f"attempts/{cell_id}.json") else []
 
 
-def _checkpoint_stages(s3, prefix: str) -> list[str]:  # noqa: F811 (the fixture's client)
+def _checkpoint_stages(s3, prefix: str) -> list[str]:
     """The keys of the stages with a whole in-stage checkpoint on the store."""
-    return sorted({k.split("/")[-4] for k in _objects(s3, prefix) if k.endswith("/trainer_state.json")})
+    return sorted({k.split("/")[-4] for k in objects(s3, prefix) if k.endswith("/trainer_state.json")})
 
 
 # one cell: a LoRA attack then a LoRA defense, 30 optimizer steps each with a checkpoint every 5, and no failure
@@ -296,7 +251,7 @@ SPOT = ["--set", "seeds=[0]", "--set", "attack.methods=[lora]", "--set", "attack
 
 
 @pytest.mark.slow
-def test_a_study_survives_two_spot_reclaims_one_noticed(world, s3, autoscaling_cluster, tmp_path):  # noqa: F811
+def test_a_study_survives_two_spot_reclaims_one_noticed(world, s3, autoscaling_cluster, tmp_path):
     """Mid-attack, the trial's node is reclaimed without notice (SIGKILL of all its processes); mid-defense, its
     new node gets a preemption notice (SIGTERM to its Ray workers) and is reclaimed once the trial saved and
     stopped. Each time the autoscaler brings up a replacement, the stage resumes on it from the store's
@@ -305,7 +260,7 @@ def test_a_study_survives_two_spot_reclaims_one_noticed(world, s3, autoscaling_c
     runs = f"s3://{BUCKET}/spot"
     address, cluster_env, nodes = autoscaling_cluster
     env = {**cluster_env, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": address}
-    driver = subprocess.Popen(_cli("study", "run", "configs/study-tiny.yaml", *SPOT, "--storage", runs,
+    driver = subprocess.Popen(cli("study", "run", "configs/study-tiny.yaml", *SPOT, "--storage", runs,
                                    "--address", "auto"), env=env, stdout=subprocess.PIPE,
                               stderr=(tmp_path / "driver.err").open("w"), text=True, cwd=REPO)
     out: list[str] = []
@@ -368,7 +323,7 @@ def test_a_study_survives_two_spot_reclaims_one_noticed(world, s3, autoscaling_c
     assert defense_ledger["extra"]["resumed_from_step"] == saved_at and defense_ledger["optimizer_steps"] == 30
 
     # counted apart from failures, and shown
-    status = subprocess.run(_cli("study", "status", f"{runs}/study-tiny", "--json"), env=env, capture_output=True,
+    status = subprocess.run(cli("study", "status", f"{runs}/study-tiny", "--json"), env=env, capture_output=True,
                             text=True, timeout=120, cwd=REPO)
     summary = yaml.safe_load(status.stdout)["preemptions"]
     assert summary["preemptions"] == 2 and summary["noticed"] == 1 and summary["nodes_lost"] == 1

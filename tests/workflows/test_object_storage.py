@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,63 +16,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from helpers import BUCKET, cli, objects
 from misalign.storage import Store
 
 pytestmark = pytest.mark.slow
 
-BUCKET = "misalign-test"
 # the default study, narrowed to one seed and 2 attacks x 2 defenses (a full fine-tuning stage, DPO, shared
 # misalignments)
 # and made quick: 4 optimizer steps a stage, 20 items a set
 FAST = ["--set", "seeds=[0]", "--set", "attack.methods=[lora, full]", "--set", "attack.per_category=[3]",
         "--set", "defense.methods=[lora, dpo]", "--set", "defense.per_category=[3]", "--set", "attack.train.max_steps=4",
         "--set", "defense.train.max_steps=4", "--set", "eval.limit=20", "--set", "eval.max_new_tokens=16"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto's S3 server on a loopback port, the bucket, and the environment that points every client at it."""
-    import boto3
-
-    port = _free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "MISALIGN_CLAIM_TTL_S": "10"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    server.terminate()
-    server.wait()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def _objects(client, prefix: str) -> dict[str, object]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return {o["Key"]: o["LastModified"] for page in pages for o in page.get("Contents", [])}
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "misalign.cli", *args]
 
 
 def test_store_round_trips_files_and_directories(s3, tmp_path):
@@ -88,7 +41,7 @@ def test_store_round_trips_files_and_directories(s3, tmp_path):
     (src / "eval-1" / "eval.json").write_text("{}")
     (src / "ledger.json").write_text("{}")
     store.upload(src, "stage", last="ledger.json", skip=("eval-",))
-    assert sorted(_objects(s3, "unit/stage/")) == ["unit/stage/adapter/w.safetensors", "unit/stage/ledger.json"]
+    assert sorted(objects(s3, "unit/stage/")) == ["unit/stage/adapter/w.safetensors", "unit/stage/ledger.json"]
     store.download("stage", tmp_path / "back")
     assert (tmp_path / "back" / "adapter" / "w.safetensors").read_bytes() == b"w" * 10
 
@@ -142,15 +95,15 @@ def test_a_stage_killed_on_one_node_resumes_on_another_from_the_store(world, s3,
         (node / "world").symlink_to(cache_root() / "world")
     first = _stage(url, "stage", node_a, checkpoints=True, pause=1.0)
     deadline = time.time() + 300
-    while not any(k.endswith("trainer_state.json") for k in _objects(s3, "ckpt/stage/trainer/")):
+    while not any(k.endswith("trainer_state.json") for k in objects(s3, "ckpt/stage/trainer/")):
         assert first.poll() is None and time.time() < deadline, "no checkpoint reached the store"
         time.sleep(0.2)
     first.kill()
     first.wait()
-    saved = sorted({k.split("/")[3] for k in _objects(s3, "ckpt/stage/trainer/")})
+    saved = sorted({k.split("/")[3] for k in objects(s3, "ckpt/stage/trainer/")})
     assert len(saved) == 1 and saved[0].startswith("checkpoint-")  # older checkpoints are dropped
     step = int(saved[0].split("-")[1])
-    assert step < 8 and not _objects(s3, "ckpt/stage/ledger.json")  # killed mid-stage
+    assert step < 8 and not objects(s3, "ckpt/stage/ledger.json")  # killed mid-stage
 
     resumed = _ledger(_stage(url, "stage", node_b, checkpoints=True, pause=0.0))
     assert resumed["extra"]["resumed_from_step"] >= step and resumed["optimizer_steps"] == 8
@@ -159,8 +112,8 @@ def test_a_stage_killed_on_one_node_resumes_on_another_from_the_store(world, s3,
         assert resumed[key] == whole[key], key  # the steps before the checkpoint are counted too
     before = resumed["extra"]["seconds_before_resume"]  # and the device time they took (1 s a step, slowed)
     assert before >= step and resumed["device_s"] == pytest.approx(resumed["wall_s"] + before, abs=0.01)
-    assert not _objects(s3, "ckpt/stage/trainer/")  # a finished stage's checkpoints are dropped from the store
-    assert _objects(s3, "ckpt/stage/ledger.json") and _objects(s3, "ckpt/stage/adapter/")
+    assert not objects(s3, "ckpt/stage/trainer/")  # a finished stage's checkpoints are dropped from the store
+    assert objects(s3, "ckpt/stage/ledger.json") and objects(s3, "ckpt/stage/adapter/")
 
 
 def test_a_killed_trainers_claim_is_taken_over(s3):
@@ -250,28 +203,28 @@ def test_study_search_status_results_and_report_on_s3(world, s3, tmp_path):
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    run = _cli("study", "run", "configs/study-tiny.yaml", *FAST, "--storage", runs, "--address", cluster.address)
+    run = cli("study", "run", "configs/study-tiny.yaml", *FAST, "--storage", runs, "--address", cluster.address)
     try:
         driver = subprocess.Popen(run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
         deadline = time.time() + 400
-        while time.time() < deadline and not _objects(s3, "runs/study-tiny/cells/") and driver.poll() is None:
+        while time.time() < deadline and not objects(s3, "runs/study-tiny/cells/") and driver.poll() is None:
             time.sleep(0.5)
-        assert driver.poll() is None and _objects(s3, "runs/study-tiny/cells/"), "mid-study, a cell finished"
+        assert driver.poll() is None and objects(s3, "runs/study-tiny/cells/"), "mid-study, a cell finished"
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-        finished = _objects(s3, "runs/study-tiny/cells/")
+        finished = objects(s3, "runs/study-tiny/cells/")
         assert len(finished) < 4
 
         rerun = subprocess.run(run, env=env, capture_output=True, text=True, timeout=900)
         assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
         assert f"({len(finished)} done before this run)" in rerun.stdout
-        after = _objects(s3, "runs/study-tiny/cells/")
+        after = objects(s3, "runs/study-tiny/cells/")
         assert len(after) == 4 and all(after[k] == v for k, v in finished.items()), "a finished cell was redone"
 
         results = Store(study).read_parquet("results.parquet")
         assert len(results) == 4 * 3 and not results.duplicated(["cell_id", "round", "phase"]).any()
-        stages = _objects(s3, "runs/study-tiny/stages/")
+        stages = objects(s3, "runs/study-tiny/stages/")
         ledgers = [k for k in stages if k.endswith("/ledger.json")]
         assert len(ledgers) == 2 + 4, "each unique stage stored once (2 attacks, 4 defenses)"
         for ledger in ledgers:
@@ -284,15 +237,15 @@ def test_study_search_status_results_and_report_on_s3(world, s3, tmp_path):
         assert any(k.endswith("/eval.json") for k in stages) and any(k.endswith("generations.parquet") for k in stages)
         for name in ("study.yaml", "inputs.json", "environment.json", "status.json"):
             assert Store(study).exists(name), name
-        assert _objects(s3, "runs/study-tiny/tune/"), "Tune's experiment lives in the bucket too"
+        assert objects(s3, "runs/study-tiny/tune/"), "Tune's experiment lives in the bucket too"
 
-        status = subprocess.run(_cli("study", "status", study, "--json"), env=env, capture_output=True, text=True)
+        status = subprocess.run(cli("study", "status", study, "--json"), env=env, capture_output=True, text=True)
         assert status.returncode == 0 and '"done": 4' in status.stdout, status.stderr
         table = tmp_path / "results.csv"
-        assert subprocess.run(_cli("study", "results", study, "--csv", str(table)), env=env).returncode == 0
+        assert subprocess.run(cli("study", "results", study, "--csv", str(table)), env=env).returncode == 0
         assert len(pd.read_csv(table)) == 12
 
-        search = subprocess.run(_cli(
+        search = subprocess.run(cli(
             "search", "attack", "configs/search-attack-tiny.yaml", "--storage", runs, "--stages", f"{study}/stages",
             "--address", cluster.address, "--set", "trials=2", "--set", "attack.methods=[lora]",
             "--set", "attack.per_category=[3, 5]", "--set", "attack.train.max_steps=4", "--set", "eval.limit=20",
@@ -306,7 +259,7 @@ def test_study_search_status_results_and_report_on_s3(world, s3, tmp_path):
         (three,) = [p for p in points if (p.per_category == 3).all()]
         assert three.loc[three.phase == "misalign", "reused"].all(), "the search reused the study's misalignment"
 
-        report = subprocess.run(_cli("report", study, "--search", search_dir.url, "--out", str(tmp_path / "report")),
+        report = subprocess.run(cli("report", study, "--search", search_dir.url, "--out", str(tmp_path / "report")),
                                 env=env, capture_output=True, text=True, timeout=600)
         assert report.returncode == 0, report.stderr[-3000:]
         assert "study-tiny" in (tmp_path / "report" / "report.html").read_text()
@@ -394,7 +347,7 @@ def test_the_stage_command_trains_from_a_model_on_s3(s3, world, node, tmp_path):
                    "train: {max_steps: 2, batch_size: 2}\n")
     out = tmp_path / "stage"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(_cli("stage", str(cfg), "--model", url, "--direction", "misalign", "--out", str(out)),
+    run = subprocess.run(cli("stage", str(cfg), "--model", url, "--direction", "misalign", "--out", str(out)),
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stderr.count("-> node cache") == 1
