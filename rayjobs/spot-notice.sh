@@ -1,7 +1,7 @@
 #!/bin/sh
 # The preemption notice, passed on to the trials: SIGTERM to this node's Ray training processes, which then save
 # an in-stage checkpoint at their next optimizer step and stop (misalign.preemption; tested in
-# tests/test_autoscaling.py). The study retries the cell on another node from that checkpoint, and counts it as a
+# tests/workflows/test_autoscaling.py). The study retries the cell on another node from that checkpoint, and counts it as a
 # preemption, not a failure. Without the notice a reclaimed node loses up to checkpoint_every steps.
 #
 #   spot-notice.sh now         send it (a Kubernetes preStop hook, a drain script)

@@ -154,7 +154,7 @@ report(ledger.to_dict())
 
 
 def _torchrun(tmp_path: Path, out: Path, every: int = 0, dies_after: int = 0) -> tuple[dict[int, float], Any]:
-    """The stage on 2 workers (gloo) under torchrun, as tests/test_deepspeed.py runs them."""
+    """The stage on 2 workers (gloo) under torchrun, as tests/workflows/test_deepspeed.py runs them."""
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     proc = subprocess.run(
