@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import stored_weights_rel_diff
 
 # One LoRA stage of 10 optimizer steps, each slowed so the parent can signal it mid-stage; it prints each step
@@ -49,6 +51,7 @@ def _stage(out: Path, pause: float, checkpoint_every: int = 4) -> subprocess.Pop
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # trains a stage in a subprocess, slowed a step at a time (about a minute)
 def test_sigterm_mid_stage_saves_at_the_next_step_and_the_retry_resumes_there(world, tmp_path):
     """SIGTERM after step 5 (between the checkpoints at 4 and 8): the stage saves checkpoint-6 at the end of the
     step then running, exits with StagePreempted, and a rerun resumes from step 6, not 4, and ends at 10."""

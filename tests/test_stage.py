@@ -87,6 +87,7 @@ def test_auto_compiles_a_large_enough_stage_on_a_gpu_only():
     assert decide(train={"compile": False}) == (False, "train.compile false")
 
 
+@pytest.mark.slow  # trains and compiles a stage per method (25-35 s each)
 @pytest.mark.parametrize("method", ["lora", "dpo"])
 def test_auto_compile_weighs_the_flops_the_ledger_then_counts(world, tmp_path, method):
     """The FLOPs auto weighs, estimated before training from the stage's rows as the plan estimates them, are

@@ -42,6 +42,7 @@ def test_module_patches_made_during_a_stage_are_undone_after_it():
     assert type(model.model.layers[0].mlp) is PatchedMLP
 
 
+@pytest.mark.slow  # trains each method twice, once compiled (20-35 s each)
 @pytest.mark.parametrize("method", ["dpo", "lora"])
 def test_compiled_layers_train_as_the_eager_ones_and_are_undone_after(world_stage, tmp_path, capsys, method):
     """train.compile on the CPU (inductor's C++ kernels): the same losses step by step as the eager layers,
