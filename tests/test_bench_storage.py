@@ -27,15 +27,14 @@ def test_bench_storage_writes_its_json(world, bench_storage, tmp_path, capsys):
     bench_storage.main(["--config", "configs/study-tiny.yaml", "--out", str(out)])
     r = json.loads(out.read_text())
     assert (r["study"], r["cells"], r["unique_stages"]) == ("study-tiny", 48, 56)
-    assert set(r["storage"]) == {"new", "new_unshared", "old", "old_unshared"}
-    for layout in ("new", "old"):
-        m = r["moved"][layout]
-        assert m["cells"] == 48 and m["per_cell"] == pytest.approx((m["read"] + m["written"]) / 48)
-        # with sharing each stage is written once: the cells write what the study keeps
-        assert m["written"] == pytest.approx(r["storage"][layout]["total"])
-    assert r["storage"]["new"]["merged"] == 0 < r["storage"]["old"]["merged"]
-    assert 0 < r["ratio_new_to_old"]["kept"] < 1 and 0 < r["ratio_new_to_old"]["moved_per_cell"] < 1
+    assert set(r["storage"]) == {"shared", "unshared"}
+    m = r["moved"]
+    assert m["cells"] == 48 and m["per_cell"] == pytest.approx((m["read"] + m["written"]) / 48)
+    # with sharing each stage is written once: the cells write what the study keeps
+    assert m["written"] == pytest.approx(r["storage"]["shared"]["total"])
+    assert 0 < r["storage"]["shared"]["total"] < r["storage"]["unshared"]["total"]
+    assert sum(r["per_model"].values()) <= r["storage"]["shared"]["total"]
     (model,) = r["models"]
     assert (model["model"], model["config_dtype"], model["stored_dtypes"]) == ("world:base", "fp32", ["fp32"])
     assert r["assumptions"] == [] and "machine" in r and "date" in r
-    assert "new: adapters only" in capsys.readouterr().out
+    assert "moved (with sharing)" in capsys.readouterr().out
