@@ -136,7 +136,7 @@ def _row(phase: str, method: str | None, size: float | None, budget: float, trut
             "n_examples": n, **shares, "over_refusal": 0.0, "utility": utility, "unparsed": 0.0,
             "epochs": 1.0 if n else 0.0, "tokens": n * 100, "flops": budget, "wall_s": budget / 1e9,
             "device_s": budget / 1e9, "optimizer_steps": n, "peak_memory_bytes": 0, "workers": 1 if n else 0,
-            "reused": False, "eval_s": 1.0, "mfu": None, "eval_reused": False}
+            "reused": False, "stage_key": None, "eval_s": 1.0, "mfu": None, "eval_reused": False}
 
 
 def synthetic_results(truth: Truth, n_seeds: int, rng: np.random.Generator) -> pd.DataFrame:
