@@ -36,26 +36,26 @@ def test_autoscaler_v2_limits_are_read_from_its_published_config():
     """KubeRay's autoscaler (v2) publishes its node groups in the GCS as a ClusterConfig: the same arithmetic."""
     from ray.core.generated import autoscaler_pb2
 
-    from misalign.cluster import _node_groups
+    from misalign.cluster import node_groups
 
     config = autoscaler_pb2.ClusterConfig(node_group_configs=[
         autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 0}, max_count=1),
         autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 48, "GPU": 4}, max_count=3)])
-    assert trials_fit(_node_groups(config), workers=1, cpus=4, gpus=2) == 6
+    assert trials_fit(node_groups(config), workers=1, cpus=4, gpus=2) == 6
 
 
 def test_autoscaler_v1_config_is_read_from_its_monitor_process(tmp_path):
     """Autoscaler v1 publishes no limits, only its monitor's pid: the config is read from that process's command
     line where the driver runs beside it; anywhere else (no such process, or not a monitor) nothing is read, and
     the study asks for resources.max_concurrent."""
-    from misalign.cluster import _monitor_config
+    from misalign.cluster import monitor_config
 
     config = tmp_path / "autoscaling.yaml"
     config.write_text(yaml.safe_dump({"max_workers": 2}))
     argv = [sys.executable, "-c", "import time; time.sleep(60)", "monitor.py", f"--autoscaling-config={config}"]
     with subprocess.Popen(argv) as monitor:
         try:
-            assert _monitor_config(monitor.pid) == {"max_workers": 2}
+            assert monitor_config(monitor.pid) == {"max_workers": 2}
         finally:
             monitor.kill()
-    assert _monitor_config(os.getpid()) is None and _monitor_config(None) is None
+    assert monitor_config(os.getpid()) is None and monitor_config(None) is None

@@ -183,19 +183,19 @@ def autoscaler_limits() -> list[tuple[dict[str, float], int]] | None:
 
     config = state.get_cluster_config()  # autoscaler v2 (KubeRay's default) publishes its config in the GCS
     if config is not None and config.node_group_configs:
-        return _node_groups(config)
+        return node_groups(config)
     report = _autoscaler_report()
     if report is None:
         return None
     # v1 publishes no limits, only its status: read them from its config file when the driver runs where the
     # autoscaler does (cluster.yaml's and the RayJob's driver run on the head)
-    launcher = _monitor_config(report.get("monitor_pid"))
+    launcher = monitor_config(report.get("monitor_pid"))
     if launcher is None:
         raise InputError(_UNREADABLE)
     return launcher_limits(launcher)
 
 
-def _node_groups(config: Any) -> list[tuple[dict[str, float], int]]:
+def node_groups(config: Any) -> list[tuple[dict[str, float], int]]:
     """An autoscaler v2 ClusterConfig's node groups as (resources, most nodes)."""
     groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs]
     if any(count < 0 for _, count in groups):
@@ -228,7 +228,7 @@ def _autoscaler_report() -> dict[str, Any] | None:
     return status if types - readonly else None
 
 
-def _monitor_config(pid: int | None) -> dict[str, Any] | None:
+def monitor_config(pid: int | None) -> dict[str, Any] | None:
     """The cluster config the autoscaler process `pid` was started with, if it runs on this machine."""
     import psutil
     import yaml

@@ -2,7 +2,7 @@
 
 The key is read from the environment at call time and sent only to the configured origin: no redirects, plain
 http only to loopback unless allowed, never echoed into an error or a verdict. Every request has a timeout, and
-the whole call a deadline (HttpJudge's docstring has the details; tests/test_http_judge_security.py checks them).
+the whole call a deadline (HttpJudge's docstring has the details; tests/test_judge_http.py checks them).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from misalign.runtime import cache_root, write_bytes_atomic
 from misalign.storage import Store, is_url, redacted
 
 # fields that change how a stage is run or logged, not what it trains: kept out of the key. Compiled layers
-# compute the same functions as eager ones (losses equal to 1e-4, tests/test_stage_kernels.py); like another
+# compute the same functions as eager ones (losses equal to 1e-4, tests/test_speedups.py); like another
 # device, they round and draw dropout's random numbers their own way, and "auto" decides by the device
 _NOT_LINEAGE = {"train": {"log_every", "compile"}}
 

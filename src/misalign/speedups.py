@@ -1,5 +1,5 @@
 """What the stage patches in transformers', peft's and Liger's objects to train faster, each undone or scoped to
-its stage and each leaving every number as it was (tests/test_stage.py, tests/test_stage_kernels.py):
+its stage and each leaving every number as it was (tests/test_stage.py, tests/test_speedups.py):
 - `layers_compiled`: train.compile, each decoder layer's forward compiled for the stage's training;
 - `model_module_restored`: what Liger patched in a modeling module, undone after the stage;
 - `module_walks_once`: the Trainer's per-step walks of the module tree, on lists made once;
