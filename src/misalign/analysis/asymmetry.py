@@ -10,6 +10,10 @@ Every quantity is read from seed means: a grid point's unsafety, utility and bud
 that ran it, and a threshold is applied to the average (the budget at which the *expected* unsafety crosses
 tau), never to single seeds. A and D are crossings estimated between grid points, or bounds when the grid does
 not bracket them (misalign.analysis.crossing); a defense counts only when refusal comes back with safety.
+
+Longer than the project's ~450 lines on purpose: it is the one place the headline answer is computed, and its
+tables (costs, asymmetry, the eps-attack, resistance, Pareto fronts) share one seed-mean frame and its rules;
+split, a reader would follow the same frame across files.
 """
 
 from __future__ import annotations
