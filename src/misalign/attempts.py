@@ -41,6 +41,11 @@ class Attempt:
     error: str = ""
     lost_s: float | None = None  # wall seconds of work it lost (from kept_at, or its start, to its end)
 
+    def settle_lost(self) -> None:
+        """The work it lost: from when it was last kept (or its start) to its end."""
+        assert self.ended is not None
+        self.lost_s = round(max(0.0, self.ended - (self.kept_at or self.started)), 3)
+
     @property
     def lost_device_s(self) -> float:
         return (self.lost_s or 0.0) * self.workers
@@ -72,6 +77,10 @@ class CellAttempts:
     def preemptions(self) -> int:
         return sum(a.outcome in PREEMPTIONS for a in self.history)
 
+    def given_up(self, run: float, max_failures: int, max_preemptions: int) -> bool:
+        """Past either limit: no more attempts in this run of the command."""
+        return self.failures(run) > max_failures or self.preemptions() > max_preemptions
+
     def begin(self, run: float, node: str, workers: int, node_gone: Callable[[str], float | None]) -> Attempt:
         """Settle an attempt that never ended (`node_gone(node)`: when that node died, None if it lives), then
         start this one."""
@@ -81,7 +90,7 @@ class CellAttempts:
                 gone = node_gone(a.node)
                 a.outcome = NODE_LOST if gone is not None else CRASHED
                 a.ended = gone if gone is not None else now  # a crash's end is not known: bounded by now
-                a.lost_s = round(max(0.0, a.ended - (a.kept_at or a.started)), 3)
+                a.settle_lost()
                 a.error = a.error or ("its node was lost (spot reclaim, drain or crash of the node)"
                                       if gone is not None else "its process died on a node that still lives")
         attempt = Attempt(run=run, node=node, started=now, workers=workers)
@@ -98,7 +107,7 @@ class CellAttempts:
         a = self.history[-1]
         a.ended, a.outcome, a.error = time.time(), outcome, error[:500]
         if outcome != DONE:
-            a.lost_s = round(max(0.0, a.ended - (a.kept_at or a.started)), 3)
+            a.settle_lost()
         self._save()
 
 

@@ -90,10 +90,6 @@ def listening() -> Iterator[None]:
             _listeners -= 1
 
 
-def noticed() -> bool:
-    return _notice.is_set()
-
-
 def consume_notice() -> float:
     """Seconds from the notice to now (the stage has saved), and the notice cleared: a process that outlives
     it (a test, a worker whose node was not taken after all) trains its next stage normally."""

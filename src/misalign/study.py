@@ -93,7 +93,7 @@ def cell_trainable(config: dict[str, Any], study: dict[str, Any], root: str, run
             tune.report({**row, "restored": True})
         return
     attempts = CellAttempts(paths.store, cell.id).load()
-    if attempts.failures(run) > cfg.max_failures or attempts.preemptions() > cfg.max_preemptions:
+    if attempts.given_up(run, cfg.max_failures, cfg.max_preemptions):
         return  # given up; the driver names it
     attempts.begin(run, ray.get_runtime_context().get_node_id(), cfg.resources.workers, _node_gone)
 
@@ -360,7 +360,7 @@ def _cell_errors(cfg: StudyConfig, paths: RunDir, missing: list[str], run: float
     errors = {}
     for cell_id in missing:
         attempts = CellAttempts(paths.store, cell_id).load()
-        if attempts.failures(run) > cfg.max_failures or attempts.preemptions() > cfg.max_preemptions:
+        if attempts.given_up(run, cfg.max_failures, cfg.max_preemptions):
             errors[cell_id] = attempts.history[-1].error if attempts.history else "failed"
     return errors
 
