@@ -42,6 +42,14 @@ __all__ = [
 ]
 
 
+def _sizes(values: list[Any]) -> list[int | float | None]:
+    """A swept list of examples per category: each > 0 (fractions below 1 allowed) or null (all rows), once."""
+    bad = [v for v in values if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0)]
+    if bad:
+        raise ValueError(f"sizes must be > 0 examples per category (or null: all rows), got {bad[0]!r}")
+    return _unique([whole_size(v) for v in values], "size")
+
+
 def _unique(values: list[Any], what: str) -> list[Any]:
     """A swept list must not repeat a value: the repeated cells would train and count twice."""
     seen: list[Any] = []
@@ -79,7 +87,8 @@ class StudySide(Strict):
     grid: dict[str, list[Any]] = Field(
         default_factory=dict, description="more axes: a dotted stage field -> its values, e.g. train.lr: [1e-4, 3e-4]")
     per_method: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="method -> {dotted stage field: value}, e.g. dpo: {train.lr: 3e-5}")
+        default_factory=dict, description="method -> {dotted stage field: value}, e.g. dpo: {train.lr: 3e-5}; "
+                                          "`per_category: [...]` there sweeps that method's own sizes")
     data: DataSettings = Field(description="training data (per_category is the axis above)")
     train: TrainSettings = Field(TrainSettings(), description="optimization shared by every cell")
     adapter: AdapterSettings = Field(AdapterSettings(), description="adapter shape shared by every cell")
@@ -90,11 +99,23 @@ class StudySide(Strict):
     @classmethod
     def _no_repeats(cls, values: list[Any], info: ValidationInfo) -> list[Any]:
         if info.field_name == "per_category":
-            bad = [v for v in values if v is not None and (isinstance(v, bool) or not v > 0)]
-            if bad:
-                raise ValueError(f"sizes must be > 0 examples per category (or null: all rows), got {bad[0]!r}")
-            values = [whole_size(v) for v in values]
-        return _unique(values, "method" if info.field_name == "methods" else "size")
+            return _sizes(values)
+        return _unique(values, "method")
+
+    @field_validator("per_method")
+    @classmethod
+    def _method_sizes(cls, per_method: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for method, overrides in per_method.items():
+            if "per_category" in overrides:
+                sizes = overrides["per_category"]
+                if not isinstance(sizes, list) or not sizes:
+                    raise ValueError(f"per_method[{method!r}].per_category: a non-empty list of sizes, "
+                                     f"e.g. [3, 10], got {sizes!r}")
+                try:
+                    overrides["per_category"] = _sizes(sizes)
+                except ValueError as e:
+                    raise ValueError(f"per_method[{method!r}].per_category: {e}") from None
+        return per_method
 
     @model_validator(mode="after")
     def _axes(self) -> StudySide:
@@ -113,20 +134,24 @@ class StudySide(Strict):
         self.stages()  # every cell must be a valid stage: checked here, before any compute
         return self
 
+    def sizes(self, method: str) -> list[int | float | None]:
+        """The sizes swept for `method`: its own `per_method` list, else the side's."""
+        return self.per_method.get(method, {}).get("per_category", self.per_category)
+
     def axis_values(self) -> list[dict[str, Any]]:
         """Every point of this side's grid, as {axis: value} (method, per_category, then the grid axes)."""
         import itertools
 
         keys = ["method", "per_category", *self.grid]
-        lists = [self.methods, self.per_category, *self.grid.values()]
-        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*lists)]
+        return [dict(zip(keys, (method, *combo), strict=True)) for method in self.methods
+                for combo in itertools.product(self.sizes(method), *self.grid.values())]
 
     def stage(self, point: dict[str, Any]) -> StageConfig:
         d = self.model_dump(exclude={"methods", "per_category", "grid", "per_method"})
         d["method"] = point["method"]
         d["data"]["per_category"] = point["per_category"]
-        for key, value in [*((k, v) for k, v in point.items() if "." in k),
-                           *self.per_method.get(point["method"], {}).items()]:
+        overrides = {k: v for k, v in self.per_method.get(point["method"], {}).items() if k != "per_category"}
+        for key, value in [*((k, v) for k, v in point.items() if "." in k), *overrides.items()]:
             _set_dotted(d, key, value)
         try:
             return StageConfig.model_validate(d)
@@ -247,6 +272,10 @@ class SearchConfig(Strict):
         if self.resources.workers != 1:
             raise ValueError("resources.workers: the search runs one-worker trials (multi-worker: use a study)")
         side = self.searched
+        for method, overrides in side.per_method.items():
+            if "per_category" in overrides:
+                raise ValueError(f"{self.kind}.per_method[{method!r}].per_category: a search samples sizes from "
+                                 f"{self.kind}.per_category, shared by its methods")
         for point in self.start_points:
             for key, value in point.items():
                 allowed = {"method": side.methods, "per_category": side.per_category}.get(key)
