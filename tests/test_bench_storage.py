@@ -26,10 +26,10 @@ def test_bench_storage_writes_its_json(world, bench_storage, tmp_path, capsys):
     out = tmp_path / "storage.json"
     bench_storage.main(["--config", "configs/study-tiny.yaml", "--out", str(out)])
     r = json.loads(out.read_text())
-    assert (r["study"], r["cells"], r["unique_stages"]) == ("study-tiny", 48, 56)
+    assert (r["study"], r["cells"], r["unique_stages"]) == ("study-tiny", 40, 48)
     assert set(r["storage"]) == {"shared", "unshared"}
     m = r["moved"]
-    assert m["cells"] == 48 and m["per_cell"] == pytest.approx((m["read"] + m["written"]) / 48)
+    assert m["cells"] == 40 and m["per_cell"] == pytest.approx((m["read"] + m["written"]) / 40)
     # with sharing each stage is written once: the cells write what the study keeps
     assert m["written"] == pytest.approx(r["storage"]["shared"]["total"])
     assert 0 < r["storage"]["shared"]["total"] < r["storage"]["unshared"]["total"]

@@ -61,12 +61,13 @@ def _check_hours(plan):
 
 def test_tiny_counts(tiny):
     _, p = tiny
-    # 2 seeds x (lora, orpo) x (0.25, 1) attacks x (lora, dpo) x (3, 10, 20) defenses
-    assert (p.cells, p.stage_uses, p.unique_stages) == (48, 96, 56)
-    assert (p.shared["misalign"].runs, p.shared["realign"].runs) == (8, 48)
-    assert (p.unshared["misalign"].runs, p.unshared["realign"].runs) == (48, 48)
-    # one eval per unique stage + the base model (seeds share it), vs one per row: 48 cells x (1 + 2 x 1 round)
-    assert (p.shared["eval"].runs, p.unshared["eval"].runs) == (57, 144)
+    # 2 seeds x (lora, orpo) x (0.25, 1) attacks x (lora at 3, 10, 20 + dpo at 3, 10: per_method) defenses
+    assert (p.cells, p.stage_uses, p.unique_stages) == (40, 80, 48)
+    assert (p.shared["misalign"].runs, p.shared["realign"].runs) == (8, 40)
+    assert (p.unshared["misalign"].runs, p.unshared["realign"].runs) == (40, 40)
+    assert not [s for s in p.stages if s.method == "dpo" and s.per_category == 20]
+    # one eval per unique stage + the base model (seeds share it), vs one per row: 40 cells x (1 + 2 x 1 round)
+    assert (p.shared["eval"].runs, p.unshared["eval"].runs) == (49, 120)
     assert p.assumptions == []  # every number is measured from the world's data and tokenizer
     assert [m.role for m in p.models] == ["model", "judge"]
     _check_hours(p)
@@ -114,8 +115,8 @@ def test_tiny_preference_and_benign_share(tiny):
     assert dpo.forward_tokens == dpo.tokens > 0  # the reference model forwards every training token once
     sft = _stage(p, "realign", "lora", 3)
     assert sft.forward_tokens == 0 and dpo.tokens_per_example > 1.5 * sft.tokens_per_example  # chosen + rejected
-    # a shared attack stage is used by every defense point (2 methods x 3 sizes); every defense stage by one cell
-    assert {s.uses for s in p.stages if s.phase == "misalign"} == {6}
+    # a shared attack stage is used by every defense point (lora at 3 sizes, dpo at 2); every defense stage by one
+    assert {s.uses for s in p.stages if s.phase == "misalign"} == {5}
     assert {s.uses for s in p.stages if s.phase == "realign"} == {1}
 
 
