@@ -1,5 +1,6 @@
-"""The HTTP judge's security rules, with real loopback servers: the API key goes only to the configured origin,
-plain http only to loopback, and a hanging endpoint ends the evaluation by its deadline with nothing written."""
+"""misalign.judge_http on real loopback servers (tests/fake_judge.py). Its security rules: the API key goes only
+to the configured origin, plain http only to loopback, and a hanging endpoint ends the evaluation by its deadline
+with nothing written. Its answers, retries (500, 429 with Retry-After, timeouts), and concurrency in order."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fake_judge import Hang, Redirect
+from fake_judge import Hang, Redirect, Sleep, Status
 from misalign.cli import main
 from misalign.errors import InputError
 from misalign.judges import HttpJudge, JudgeItem, JudgeUnavailable
@@ -145,3 +146,85 @@ def test_unset_key_and_unreachable_endpoint_stop_before_anything(tmp_path, monke
     err = capsys.readouterr().err
     assert code == 2 and f"endpoint {url}/chat/completions is unreachable" in err
     assert not out.exists()
+
+
+# ------------------------------------------- answers, retries, concurrency (moved from tests/test_judges.py)
+
+GUARD_KEY = "sk-test-SECRET-value-42"
+
+
+@pytest.fixture
+def server(fake_judge):
+    return fake_judge()
+
+
+@pytest.fixture
+def guard_key(monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", GUARD_KEY)
+
+
+def http_judge(srv, **kw) -> HttpJudge:
+    return HttpJudge(srv.url, "guard-model", api_key_env="JUDGE_TEST_KEY", backoff_s=0.01, **kw)
+
+
+def test_http_judge_answers_and_sends_key(server, guard_key):
+    items = [JudgeItem("p0", "step one"), JudgeItem("p1", "sorry no")]
+    verdicts = http_judge(server).judge(items)
+    assert [(v.unsafe, v.categories) for v in verdicts] == [(True, ("p0",)), (False, ())]
+    req = next(r for r in server.requests if "p0" in r.user)
+    assert req.auth == f"Bearer {GUARD_KEY}"
+    assert req.body["model"] == "guard-model" and req.body["temperature"] == 0
+    assert req.body["messages"][0]["role"] == "system"
+    assert "step one" in req.user
+
+
+def test_http_judge_retries_500_and_429(server, guard_key):
+    # Retry-After: 0 must win over a long exponential backoff.
+    server.script = [Status(500), Status(429, {"Retry-After": "0"}), Status(503)]
+    start = time.monotonic()
+    verdicts = HttpJudge(server.url, "m", api_key_env="JUDGE_TEST_KEY", backoff_s=0.01, concurrency=1).judge(
+        [JudgeItem("p0", "step")]
+    )
+    assert verdicts[0].unsafe and len(server.requests) == 4
+    assert time.monotonic() - start < 2
+
+
+def test_http_judge_gives_up_and_hides_key(server, guard_key):
+    server.script = [Status(500)] * 10
+    with pytest.raises(RuntimeError, match="after 2 retries") as err:
+        http_judge(server, max_retries=2).judge([JudgeItem("p0", "x")])
+    assert len(server.requests) == 3 and GUARD_KEY not in str(err.value) and "HTTP 500" in str(err.value)
+
+
+def test_http_judge_401_fails_immediately(server, guard_key):
+    server.script = [Status(401)]
+    with pytest.raises(RuntimeError, match="401") as err:
+        http_judge(server).judge([JudgeItem("p0", "x")])
+    assert len(server.requests) == 1 and GUARD_KEY not in str(err.value)
+
+
+def test_http_judge_key_never_in_raw(server, guard_key):
+    verdict = http_judge(server).judge([JudgeItem("p0", "echo please")])[0]
+    assert not verdict.unsafe and GUARD_KEY not in verdict.raw and "***" in verdict.raw
+
+
+def test_http_judge_missing_key(server, monkeypatch):
+    monkeypatch.delenv("JUDGE_TEST_KEY", raising=False)
+    with pytest.raises(InputError, match="JUDGE_TEST_KEY"):
+        http_judge(server).judge([JudgeItem("p0", "x")])
+    assert server.requests == []
+
+
+def test_http_judge_timeout_is_retried(server, guard_key):
+    server.script = [Sleep(1.0)]
+    verdicts = http_judge(server, timeout_s=0.3).judge([JudgeItem("p0", "step")])
+    assert verdicts[0].unsafe and len(server.requests) == 2
+
+
+def test_http_judge_concurrency_and_order(server, guard_key):
+    n = 12
+    server.delay = lambda tag: 0.02 * (n - int(tag[1:]))  # later items finish first
+    items = [JudgeItem(f"p{i}", "step") for i in range(n)]
+    verdicts = http_judge(server, concurrency=3).judge(items)
+    assert [v.categories for v in verdicts] == [(f"p{i}",) for i in range(n)]
+    assert server.max_in_flight == 3
