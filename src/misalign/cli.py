@@ -118,10 +118,8 @@ def _study(args: argparse.Namespace) -> int:
 
         started = time.time()
         cfg = load_config(args.target, args.set, schema=StudyConfig)
-        # the one validation pass. A plan starts no Ray (no resources check); one priced from stand-in
-        # architectures (plan.model_configs) is for models not on this machine, whose files cannot be checked
-        if args.action == "run" or not cfg.plan.model_configs:
-            check_study(cfg, local=args.action == "run" and args.address is None)
+        # the one validation pass; a plan may price models and data that are not on this machine
+        check_study(cfg, local=args.action == "run" and args.address is None, plan=args.action == "plan")
         if args.action == "plan":
             from misalign.plan import estimate
             from misalign.plan_render import render

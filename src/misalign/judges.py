@@ -92,15 +92,17 @@ def build_judge(name: str, **options: Any) -> Judge:
     return _judge_class(name, options)(**options)
 
 
-def check_vote(names_and_options: Sequence[tuple[str, dict[str, Any]]], rule: str) -> None:
+def check_vote(names_and_options: Sequence[tuple[str, dict[str, Any]]], rule: str, *,
+               endpoints: bool = True) -> None:
     """Check a vote's rule and every judge's options without loading a model; HTTP judges check their key's
-    environment variable and that their endpoint accepts connections. (Model judges' models: misalign.preflight.)"""
+    environment variable and that their endpoint accepts connections, unless `endpoints` is False (a plan, which
+    calls no judge). (Model judges' models: misalign.preflight.)"""
     if not names_and_options:
         raise InputError("a vote needs at least one judge")
     _parse_rule(rule, len(names_and_options))
     for name, options in names_and_options:
         cls = _judge_class(name, options)
-        if cls is HttpJudge:
+        if cls is HttpJudge and endpoints:
             HttpJudge(**options).preflight()
         elif cls is KeywordJudge:
             KeywordJudge(**options)

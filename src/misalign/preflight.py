@@ -76,29 +76,40 @@ def _check_method_needs(cfg: StageConfig, where: str) -> None:
 
 
 class _Stages:
-    """Checks distinct stages once each: data by (data settings, seed), adapters by (model, stage, steps)."""
+    """Checks distinct stages once each: data by (data settings, seed), adapters by (model, stage, steps).
+    `plan`: a data source that is not here is skipped (the plan assumes its size and says so)."""
 
-    def __init__(self, study: StudyConfig, model_paths: dict[str, str]) -> None:
+    def __init__(self, study: StudyConfig, model_paths: dict[str, str], plan: bool = False) -> None:
         from misalign.meta import MetaModels  # models on the meta device, with each stage's adapter
 
         self.meta = MetaModels(study.trust_remote_code, study.plan.model_configs)
         self.paths = model_paths
         self.workers = study.resources.workers
-        self._rows: dict[str, int] = {}
+        self.plan = plan
+        self._rows: dict[str, int | None] = {}
         self._done: set[str] = set()
+
+    def _rows_of(self, cfg: StageConfig, seed: int) -> int | None:
+        """Training rows of the stage's data; None when planning without its files."""
+        from misalign.data import source_present, stage_pairs
+
+        d = cfg.data
+        if self.plan and not all(source_present(s) for s in (d.source, d.benign_source if d.benign_ratio else None)
+                                 if s):
+            return None
+        return len(stage_pairs(cfg, seed))
 
     def check(self, model: str, cfg: StageConfig, seed: int, where: str) -> None:
         from misalign.costs import optimizer_steps
-        from misalign.data import stage_pairs
 
         cfg = cfg.resolved()
         data_key = f"{cfg.data.model_dump_json()}|{seed}"
         if data_key not in self._rows:
-            self._rows[data_key] = len(stage_pairs(cfg, seed))
+            self._rows[data_key] = self._rows_of(cfg, seed)
         rows = self._rows[data_key]
         if rows == 0:
             raise InputError(f"{where}.data: {cfg.data.source} gives no training rows")
-        steps = optimizer_steps(cfg, rows, self.workers)
+        steps = optimizer_steps(cfg, rows or 1, self.workers)
         key = f"{model}|{cfg.model_dump_json()}|{steps}"
         if key in self._done:
             return
@@ -116,16 +127,29 @@ class _Stages:
         self._done.add(key)
 
 
+def check_repair_sides(attack: str, defense: str | None) -> None:
+    """A repair (misalign.repair) is a defense, never an attack; SafeLoRA projects a LoRA update, so its attack
+    must train one."""
+    from misalign.methods import METHODS
+
+    if METHODS[attack].repairs:
+        raise InputError(f"attack.method {attack} is a repair: it runs as a defense only")
+    if defense == "safelora" and METHODS[attack].adapter not in ("lora", "qlora"):
+        raise InputError(f"defense.method safelora needs a LoRA parent (it projects the adapter's update B A); "
+                         f"attack.method {attack} trains {METHODS[attack].adapter} weights")
+
+
 def _where(side: str, point: dict[str, Any], several: bool) -> str:
     if not several:
         return side
     return f"{side} (cell " + ", ".join(f"{k}={v!r}" for k, v in point.items()) + ")"
 
 
-def _check_grid(study: StudyConfig, model_paths: dict[str, str], phases: tuple[str, ...]) -> None:
+def _check_grid(study: StudyConfig, model_paths: dict[str, str], phases: tuple[str, ...],
+                plan: bool = False) -> None:
     from misalign.grid import cells
 
-    stages = _Stages(study, model_paths)
+    stages = _Stages(study, model_paths, plan)
     several = {side: len(getattr(study, side).axis_values()) > 1 for side in ("attack", "defense")}
     for cell in cells(study):
         trial = cell.trial_config(study)
@@ -133,23 +157,28 @@ def _check_grid(study: StudyConfig, model_paths: dict[str, str], phases: tuple[s
             if phase in phases:
                 stages.check(cell.model, getattr(trial, side), cell.seed,
                              _where(side, getattr(cell, side), several[side]))
+        # a repair defends, and SafeLoRA's parent is LoRA: refused before the attack trains
+        check_repair_sides(trial.attack.method, trial.defense.method if "realign" in phases else None)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------
 
 
 def check_eval(cfg: EvalConfig, *, trust_remote_code: bool = False, allow_pickle: bool = False,
-               field: str = "eval", items: bool = True) -> None:
-    """Eval sets (unless `items` is False: re-judging needs none), judges, judge models, lm-eval."""
+               field: str = "eval", items: bool = True, plan: bool = False,
+               stand_ins: frozenset[str] = frozenset()) -> None:
+    """Eval sets (unless `items` is False: re-judging needs none), judges, judge models, lm-eval. `plan`: no
+    judge is called, so HTTP judges' keys and endpoints are not needed, and judge models in `stand_ins` are
+    priced from a stand-in config (plan.model_configs): their files are not checked."""
     from misalign.evaluation import load_eval_sets
     from misalign.judges import check_vote
 
     if items:
         load_eval_sets(cfg)
-    check_vote([(j.name, dict(j.options)) for j in cfg.judges], cfg.vote)
+    check_vote([(j.name, dict(j.options)) for j in cfg.judges], cfg.vote, endpoints=not plan)
     for i, j in enumerate(cfg.judges):
         model = j.options.get("model")
-        if j.name == "classifier" and isinstance(model, str):
+        if j.name == "classifier" and isinstance(model, str) and model not in stand_ins:
             check_model(model, trust_remote_code=bool(j.options.get("trust_remote_code", trust_remote_code)),
                         allow_pickle=bool(j.options.get("allow_pickle", allow_pickle)),
                         field=f"{field}.judges.{i}.options.model")
@@ -166,9 +195,13 @@ def _side(stage: StageConfig) -> StudySide:
                      **stage.model_dump(exclude={"method"}))
 
 
-def _models(refs: list[str], trust_remote_code: bool, allow_pickle: bool, field: str) -> dict[str, str]:
-    return {ref: check_model(ref, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                             field=f"{field}.{i}" if len(refs) > 1 else field) for i, ref in enumerate(refs)}
+def _models(refs: list[str], trust_remote_code: bool, allow_pickle: bool, field: str,
+            stand_ins: frozenset[str] = frozenset()) -> dict[str, str]:
+    """ref -> where its config is read. A ref in `stand_ins` (a plan's plan.model_configs: a model not on this
+    machine) is checked through its stand-in config, on the meta device, by the stage checks."""
+    return {ref: ref if ref in stand_ins else check_model(
+        ref, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        field=f"{field}.{i}" if len(refs) > 1 else field) for i, ref in enumerate(refs)}
 
 
 def check_trial(cfg: TrialConfig) -> None:
@@ -192,15 +225,27 @@ def check_stage(cfg: StageConfig, model: str, seed: int, *, trust_remote_code: b
     stages.check(model, cfg, seed, "stage")
 
 
-def check_study(cfg: StudyConfig, *, local: bool = True) -> None:
-    """`misalign study run` (and `plan`, which needs no loggers or resources): every model, every distinct stage
-    of every cell, the evaluation, the loggers, and (`local`: Ray starts on this machine) that a trial fits."""
-    paths = _models(cfg.models, cfg.trust_remote_code, cfg.allow_pickle, "models")
-    _check_grid(cfg, paths, ("misalign", "realign"))
-    check_eval(cfg.eval, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+def check_study(cfg: StudyConfig, *, local: bool = True, plan: bool = False) -> None:
+    """`misalign study run`: every model, every distinct stage of every cell, the evaluation, the loggers, and
+    (`local`: Ray starts on this machine) that a trial fits. `plan` (`misalign study plan`, which trains nothing
+    and may price models and data not on this machine): models and judges named in plan.model_configs are
+    checked through their stand-in configs, data and eval files that are not here are skipped (the plan assumes
+    their sizes and says so; a file that is here and wrong still fails), and HTTP judges' keys and endpoints
+    are not needed (no judge is called)."""
+    stand_ins = frozenset(cfg.plan.model_configs) if plan else frozenset()
+    paths = _models(cfg.models, cfg.trust_remote_code, cfg.allow_pickle, "models", stand_ins)
+    _check_grid(cfg, paths, ("misalign", "realign"), plan)
+    check_eval(cfg.eval, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
+               items=not plan or _eval_files_here(cfg.eval), plan=plan, stand_ins=stand_ins)
     check_loggers(cfg.loggers)
     if local:
         check_resources(cfg.resources)
+
+
+def _eval_files_here(cfg: EvalConfig) -> bool:
+    from misalign.data import source_present
+
+    return all(source_present(s) for s in (cfg.harmful, cfg.benign, cfg.utility) if s)
 
 
 def check_search(cfg: SearchConfig, *, local: bool = True) -> None:
