@@ -8,7 +8,7 @@ hold for every method.
 Here: the configs a command reads (TrialConfig, StudyConfig with its StudySide, SearchConfig with its
 SearchKnob), loading with overrides, and the generated reference (`python -m misalign.config`). Their parts live
 beside it and are re-exported from here: config_stage.py (StageConfig and its data, train, adapter, preference
-and deepspeed settings), config_eval.py (EvalConfig, JudgeSpec), config_resources.py (ResourceSettings,
+deepspeed and repair settings), config_eval.py (EvalConfig, JudgeSpec), config_resources.py (ResourceSettings,
 PlanSettings), over config_base.py (the strict base every config class shares).
 """
 
@@ -29,6 +29,7 @@ from misalign.config_stage import (
     DataSettings,
     DeepSpeedSettings,
     PreferenceSettings,
+    RepairSettings,
     StageConfig,
     TrainSettings,
 )
@@ -36,9 +37,9 @@ from misalign.errors import InputError
 
 __all__ = [
     "AdapterSettings", "DataSettings", "DeepSpeedSettings", "EvalConfig", "JudgeSpec", "PlanSettings",
-    "PreferenceSettings", "ResourceSettings", "SearchConfig", "SearchKnob", "StageConfig", "StudyConfig",
-    "StudySide", "TrainSettings", "TrialConfig", "format_validation_error", "load_config", "parse_overrides",
-    "reference_markdown",
+    "PreferenceSettings", "RepairSettings", "ResourceSettings", "SearchConfig", "SearchKnob", "StageConfig",
+    "StudyConfig", "StudySide", "TrainSettings", "TrialConfig", "format_validation_error", "load_config",
+    "parse_overrides", "reference_markdown",
 ]
 
 
@@ -77,8 +78,8 @@ class TrialConfig(Strict):
 class StudySide(Strict):
     """One side of the study grid (attack or defense): the axes it sweeps and the settings every cell shares.
 
-    A cell's stage is `data`/`train`/`adapter`/`preference`/`deepspeed` with one method, one per_category,
-    one value of every `grid` axis, and that method's `per_method` overrides applied.
+    A cell's stage is `data`/`train`/`adapter`/`preference`/`deepspeed`/`repair` with one method, one
+    per_category, one value of every `grid` axis, and that method's `per_method` overrides applied.
     """
 
     methods: list[str] = Field(min_length=1, description="methods swept (`misalign methods`)")
@@ -94,6 +95,8 @@ class StudySide(Strict):
     adapter: AdapterSettings = Field(AdapterSettings(), description="adapter shape shared by every cell")
     preference: PreferenceSettings = Field(PreferenceSettings(), description="DPO/ORPO settings")
     deepspeed: DeepSpeedSettings = Field(DeepSpeedSettings(), description="ZeRO settings")
+    repair: RepairSettings = Field(RepairSettings(), description="post-hoc repair settings (safelora, resta, "
+                                                                 "antidote)")
 
     @field_validator("methods", "per_category")
     @classmethod
@@ -126,8 +129,9 @@ class StudySide(Strict):
                 _unique(values, "value")
             except ValueError as e:
                 raise ValueError(f"grid[{key!r}]: {e}") from None
-            if key.split(".")[0] not in ("data", "train", "adapter", "preference", "deepspeed"):
-                raise ValueError(f"grid[{key!r}]: axes are dotted stage fields such as train.lr or adapter.r")
+            if key.split(".")[0] not in ("data", "train", "adapter", "preference", "deepspeed", "repair"):
+                raise ValueError(f"grid[{key!r}]: axes are dotted stage fields such as train.lr, adapter.r or "
+                                 "repair.scale")
         for method in self.per_method:
             if method not in self.methods:
                 raise ValueError(f"per_method[{method!r}]: not one of methods {self.methods}")
@@ -386,7 +390,7 @@ def reference_markdown() -> str:
     for model in (TrialConfig, StudyConfig, StudySide, ResourceSettings, PlanSettings, SearchConfig, SearchKnob,
                   StageConfig, DataSettings,
                   TrainSettings, AdapterSettings, PreferenceSettings,
-                  DeepSpeedSettings, EvalConfig, JudgeSpec):
+                  DeepSpeedSettings, RepairSettings, EvalConfig, JudgeSpec):
         lines += [f"## {model.__name__}", "", (model.__doc__ or "").strip(), "",
                   "| field | type | default | meaning |", "|---|---|---|---|"]
         for name, f in model.model_fields.items():

@@ -1,4 +1,4 @@
-"""One fine-tuning stage's config: `StageConfig` and its settings (data, train, adapter, preference, deepspeed).
+"""One stage's config: `StageConfig` and its settings (data, train, adapter, preference, deepspeed, repair).
 
 Re-exported by misalign.config, where the configs that hold stages (TrialConfig, StudySide) live.
 """
@@ -112,6 +112,22 @@ class DeepSpeedSettings(Strict):
     offload: bool = Field(False, description="offload optimizer state (and ZeRO-3 params) to CPU")
 
 
+class RepairSettings(Strict):
+    """The post-hoc repairs' settings (methods safelora, resta, antidote; misalign.repair). Ignored by training."""
+
+    aligned: str = Field("world:base", description="the aligned model (SafeLoRA's W_aligned, RESTA's plus-model): "
+                                                   "HF id, local path, or world:NAME")
+    unaligned: str = Field("world:pretrained", description="the same model before alignment (SafeLoRA's "
+                                                           "W_unaligned, RESTA's minus-model)")
+    threshold: float = Field(0.5, ge=-1, le=1, description="SafeLoRA: a LoRA layer whose update has cosine "
+                             "similarity below this with its projection is projected (0.5: the paper's code)")
+    scale: float = Field(1.0, description="RESTA: alpha, the safety vector's scale (0: the parent unchanged); "
+                                          "the repair's budget axis")
+    sparsity: float = Field(0.2, ge=0, lt=1, description="Antidote: share of each linear layer's weights pruned "
+                            "(the most important on harmful data); its calibration rows are the stage's data "
+                            "(harmful rows: prompt and harmful response)")
+
+
 class DataSettings(Strict):
     """Where a stage's training pairs come from and how many per category."""
 
@@ -132,14 +148,17 @@ class DataSettings(Strict):
 
 
 class StageConfig(Strict):
-    """One fine-tuning stage: a method, its data and every hyperparameter."""
+    """One stage: a method, its data and every hyperparameter."""
 
-    method: str = Field(description="lora | qlora | adalora | ia3 | full | dpo | orpo (`misalign methods`)")
+    method: str = Field(description="lora | qlora | adalora | ia3 | full | dpo | orpo, or a repair: safelora | "
+                                    "resta | antidote (`misalign methods`)")
     data: DataSettings = Field(description="training data")
     train: TrainSettings = Field(TrainSettings(), description="optimization (shared by all methods)")
     adapter: AdapterSettings = Field(AdapterSettings(), description="adapter shape")
     preference: PreferenceSettings = Field(PreferenceSettings(), description="DPO/ORPO settings")
     deepspeed: DeepSpeedSettings = Field(DeepSpeedSettings(), description="ZeRO settings")
+    repair: RepairSettings = Field(RepairSettings(), description="post-hoc repair settings (safelora, resta, "
+                                                                 "antidote)")
 
     @model_validator(mode="before")
     @classmethod

@@ -61,12 +61,40 @@ def training_flops(objective: str, seqs: list[tuple[int, int]], passes: float, f
     return tokens, forward, flops
 
 
+# ---- repairs (misalign.repair): what a stage that trains nothing spends -------------------------------------
+
+def safelora_flops(d_out: int, d_in: int, r: int) -> float:
+    """One LoRA layer through Safe LoRA: C = V V^T / ||V|| (2 d_out^2 d_in), C B (2 d_out^2 r), Delta W = B A and
+    C Delta W = (C B) A (2 d_out r d_in each), the cosine between them (6 d_out d_in)."""
+    return float(2 * d_out * d_out * d_in + 2 * d_out * d_out * r + 4 * d_out * r * d_in + 6 * d_out * d_in)
+
+
+def resta_flops(params: int) -> float:
+    """theta + alpha (theta_aligned - theta_unaligned): 3 FLOPs a parameter (paid again by every load)."""
+    return 3.0 * params
+
+
+def antidote_flops(widths: Iterable[int], matmul: int, layers: int, d_model: int, pruned_weights: int) -> float:
+    """Antidote: one no-grad forward of every calibration sequence (`forward_flops`, a sequence of w tokens at
+    width w) and Wanda's score |W| * ||X|| (2 FLOPs a weight of the pruned layers); the top-k selection is not
+    counted (comparisons)."""
+    return sum(forward_flops(matmul, layers, d_model, w) for w in widths) + 2.0 * pruned_weights
+
+
 # ---- steps -------------------------------------------------------------------------------------------------
+
+def _repairs(cfg: StageConfig) -> bool:
+    from misalign.methods import METHODS
+
+    return METHODS[cfg.method].repairs
+
 
 def optimizer_steps(cfg: StageConfig, n_examples: int, workers: int) -> int:
     """Optimizer steps a stage takes (as transformers counts them: whole micro-batches per step), on `workers`
-    data-parallel workers; the stage, the plan and the preflight all use this one count."""
+    data-parallel workers; the stage, the plan and the preflight all use this one count. A repair takes none."""
     t = cfg.train
+    if _repairs(cfg):
+        return 0
     if t.max_steps:
         return t.max_steps
     micro_batches = math.ceil(n_examples / (t.batch_size * workers))
@@ -74,8 +102,11 @@ def optimizer_steps(cfg: StageConfig, n_examples: int, workers: int) -> int:
 
 
 def data_passes(cfg: StageConfig, n_examples: int, workers: int) -> float:
-    """Passes a stage makes over its examples: its epochs, or what max_steps' micro-batches come to."""
+    """Passes a stage makes over its examples: its epochs, or what max_steps' micro-batches come to (a repair:
+    none that trains)."""
     t = cfg.train
+    if _repairs(cfg):
+        return 0.0
     return t.max_steps * t.batch_size * t.grad_accum * workers / n_examples if t.max_steps else float(t.epochs)
 
 

@@ -138,12 +138,18 @@ def source_identity(source: str | None) -> str | None:
 
 
 def stage_fingerprint(direction: str, cfg: StageConfig, seed: int) -> dict[str, Any]:
+    from misalign.methods import METHODS
+
     d = cfg.resolved().model_dump(mode="json")
     for section, keys in _NOT_LINEAGE.items():
         for k in keys:
             d[section].pop(k, None)
     d["data"]["source"] = source_identity(d["data"]["source"])
     d["data"]["benign_source"] = source_identity(d["data"]["benign_source"])
+    repair = d.pop("repair")  # a trained stage's key stays what it was before repairs existed
+    if METHODS[cfg.method].repairs:  # the models a repair reads, by what they are
+        d["repair"] = {**repair, "aligned": model_identity(repair["aligned"]),
+                       "unaligned": model_identity(repair["unaligned"])}
     return {"direction": direction, "config": d, "seed": seed}
 
 

@@ -71,6 +71,8 @@ class MetaModels:
         arch = self.model_arch(ref)
         if method.adapter == "full":
             return arch.total, 0, arch.matmul
+        if method.repairs:  # trains nothing (misalign.repair)
+            return 0, arch.matmul, 0
         if method.adapter == "adalora":  # its step schedule is checked per stage: a short stage is an input error
             peft_config(method, cfg, arch.model, steps)
         kind = "lora" if method.adapter == "qlora" else method.adapter  # QLoRA's adapter is LoRA's

@@ -1,7 +1,9 @@
-"""The seven fine-tuning methods, one registry.
+"""The seven fine-tuning methods and the three post-hoc repairs, one registry.
 
-A method is an objective (sft, dpo, orpo) and a parameterization (lora, qlora, adalora, ia3, full). Its
-defaults are the offline world's working settings; the paper's (lr 2e-4 SFT / 3e-5 PFT, r=16, alpha=32,
+A fine-tuning method is an objective (sft, dpo, orpo) and a parameterization (lora, qlora, adalora, ia3, full). A
+repair (safelora, resta, antidote; misalign.repair) trains nothing: a defense stage that edits its parent's
+weights, settings under `repair` (misalign.config_stage.RepairSettings). Their defaults are the offline world's
+working settings; the paper's (lr 2e-4 SFT / 3e-5 PFT, r=16, alpha=32,
 5 epochs) are set in configs/trial-paper.yaml and configs/study-paper.yaml. Set the shared fields explicitly to
 hold them equal across methods.
 """
@@ -16,8 +18,8 @@ import torch
 
 from misalign.errors import InputError
 
-Objective = Literal["sft", "dpo", "orpo"]
-Adapter = Literal["lora", "qlora", "adalora", "ia3", "full"]
+Objective = Literal["sft", "dpo", "orpo", "repair"]
+Adapter = Literal["lora", "qlora", "adalora", "ia3", "full", "none"]  # none: a repair trains no parameters
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,11 @@ class Method:
     adapter: Adapter
     summary: str
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def repairs(self) -> bool:
+        """A post-hoc repair (misalign.repair): a defense stage that trains nothing."""
+        return self.objective == "repair"
 
 
 _LORA = {"r": 16, "alpha": 32, "targets": "all-linear"}
@@ -50,7 +57,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
             "preference": {"beta": 0.1, "loss_type": "sigmoid,sft"}}),
     Method("orpo", "orpo", "lora", "odds-ratio preference optimization of a LoRA adapter",
            {"train": {**_SFT, "lr": 1e-3}, "adapter": _LORA, "preference": {"orpo_lambda": 0.1}}),
+    # post-hoc repairs (misalign.repair): defense stages only, no training; settings in `repair`
+    Method("safelora", "repair", "none", "Safe LoRA: project a LoRA parent's updates onto the alignment subspace"),
+    Method("resta", "repair", "none", "RESTA: add the safety vector (aligned - unaligned weights) x scale"),
+    Method("antidote", "repair", "none", "Antidote: prune the weights most important on harmful data (Wanda)"),
 ]}
+REPAIRS = tuple(name for name, m in METHODS.items() if m.repairs)
 
 
 # ---- target modules per architecture ---------------------------------------------------------------------
@@ -65,13 +77,16 @@ _ROLES = {
 }
 
 
+OUTPUT_HEADS = ("lm_head", "score", "classifier", "output")  # linear layers that are no adapter's (or pruning's)
+
+
 def linear_leaf_names(model: torch.nn.Module) -> list[str]:
     names = set()
     for full_name, module in model.named_modules():
         leaf = full_name.rsplit(".", 1)[-1]
         is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit",
                                                                                      "Linear8bitLt")
-        if is_linear and leaf not in ("lm_head", "score", "classifier", "output"):
+        if is_linear and leaf not in OUTPUT_HEADS:
             names.add(leaf)
     return sorted(names)
 
@@ -112,11 +127,11 @@ def resolve_targets(model: torch.nn.Module, targets: str | list[str]) -> tuple[l
 
 
 def peft_config(method: Method, stage: Any, model: torch.nn.Module, total_steps: int) -> Any:
-    """The peft config of a resolved StageConfig for this model, or None for full fine-tuning."""
+    """The peft config of a resolved StageConfig for this model, or None for full fine-tuning (and a repair)."""
     from peft import AdaLoraConfig, IA3Config, LoraConfig, TaskType
 
     a = stage.adapter
-    if method.adapter == "full":
+    if method.adapter in ("full", "none"):
         return None
     targets, feedforward = resolve_targets(model, a.targets)
     if method.adapter == "ia3":

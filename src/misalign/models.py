@@ -3,12 +3,14 @@
 A stage directory (misalign.stage) keeps what the stage trained, never a merged copy of a model:
     adapter/     an adapter stage's adapter (safetensors, in the parent's dtype)
     model/       a full fine-tuning stage's weights (safetensors, in the parent's dtype) and tokenizer
+    repair/      a repair stage's files (Antidote's pruning mask; misalign.repair); RESTA's recipe is all in
+                 stage.json
     stage.json   its record (misalign.records.StageRecord): `root` (the model reference the lineage starts from)
                  and `parent_dir` (the parent stage's directory relative to this one; None when the parent is the root)
-A stage's model is its root, loaded once in the root's own dtype, with the lineage's adapters merged in order;
-a full fine-tuning stage on the way replaces everything before it. `materialize` builds it in memory;
-`export` writes it as a standalone HF model for people who want to ship or inspect one. What a model reference
-is (world:NAME, a path, a URL, a hub id pinned or not) and where its files are: misalign.modelref.
+A stage's model is its root, loaded once in the root's own dtype, with the lineage's adapters merged and repair
+recipes applied in order; a full fine-tuning stage on the way replaces everything before it. `materialize` builds
+it in memory; `export` writes it as a standalone HF model for people who want to ship or inspect one. What a
+model reference is (world:NAME, a path, a URL, a hub id pinned or not) and where its files are: misalign.modelref.
 """
 
 from __future__ import annotations
@@ -152,15 +154,15 @@ def root_of(ref: str | Path) -> str:
 
 
 def lineage(stage_dir: Path) -> tuple[str, list[Path]]:
-    """(where to load weights from, the adapter stages to merge in order). A full fine-tuning stage on the way
-    is a new start: its model/ holds every earlier stage's effect."""
+    """(where to load weights from, the stages to apply in order: adapters and repairs). A full fine-tuning stage
+    on the way is a new start: its model/ holds every earlier stage's effect."""
     chain: list[Path] = []
     d: Path | None = stage_dir
     while d is not None:
         if not is_stage_dir(d):
             raise InputError(f"{d}: stage directory without {RECORD_FILE} (its lineage cannot be rebuilt)")
         record = StageRecord.read(d)
-        if not record.has_adapter:
+        if not record.applies_on_parent:
             return str(d / "model"), chain[::-1]
         chain.append(d)
         d = record.parent(d)
@@ -178,9 +180,14 @@ def peft_wrapping() -> Iterator[None]:
 
 def apply_stage(model: Any, stage_dir: Path) -> Any:
     """The model of `stage_dir` from its parent's model (which it consumes): the adapter merged in place, in
-    the parent's dtype."""
+    the parent's dtype, or a repair stage's recipe applied (misalign.repair; RESTA materializes its two models)."""
     from peft import PeftModel
 
+    from misalign.repair import apply_recipe
+
+    recipe = StageRecord.read(stage_dir).repair
+    if recipe is not None:
+        return apply_recipe(model, stage_dir, recipe, materialize)
     with peft_wrapping(), warnings.catch_warnings():
         # an AdaLoRA adapter keeps its rank pattern under peft's own keys (`...q_proj.lora_E`), which peft's
         # check for patterns that match no module does not know: it warned about every key of every such load

@@ -3,7 +3,8 @@
     StageRecord(...).write(stage_dir);  StageRecord.read(stage_dir) -> StageRecord
 
 A leaf: it imports nothing of ours but misalign.runtime. The JSON keeps the keys, their order and their values
-exactly as the stage has always written them, so existing stage caches read as before.
+exactly as the stage has always written them, so existing stage caches read as before; a repair stage
+(misalign.repair) adds one key, `repair`, last.
 """
 
 from __future__ import annotations
@@ -29,11 +30,23 @@ class StageRecord:
     has_adapter: bool                 # adapter/ (merged into the parent) or model/ (a full stage's weights)
     dtype: str | None = None          # the dtype the outputs are stored in (the lineage start's)
     versions: dict[str, str] = field(default_factory=dict)  # misalign.runtime.package_versions()
+    # a repair stage's recipe, applied to its parent's weights when the lineage loads (misalign.repair.apply_recipe):
+    # {"kind": "resta", "plus", "minus", "scale"} or {"kind": "antidote", "mask": file}; None: none (the file omits it)
+    repair: dict[str, Any] | None = None
 
     def write(self, stage_dir: Path) -> Path:
         path = stage_dir / FILE
-        write_json_atomic(path, asdict(self))
+        data = asdict(self)
+        if data["repair"] is None:  # a trained stage's file keeps the keys it always had
+            del data["repair"]
+        write_json_atomic(path, data)
         return path
+
+    @property
+    def applies_on_parent(self) -> bool:
+        """Whether loading this stage starts from its parent's model (an adapter or a repair recipe), not from
+        weights of its own (a full stage's model/)."""
+        return self.has_adapter or self.repair is not None
 
     @classmethod
     def read(cls, stage_dir: Path) -> StageRecord:

@@ -5,12 +5,15 @@
 What it supports:
 - the seven methods of misalign.methods (SFT via trl's SFTTrainer, DPO via DPOTrainer, ORPO via
   trl.experimental.orpo), with LoRA / QLoRA (4-bit) / AdaLoRA / IA3 adapters or full fine-tuning;
+- the three post-hoc repairs (safelora, resta, antidote: misalign.repair), which train nothing: `repair_stage`
+  stores a SafeLoRA adapter, a RESTA recipe or an Antidote mask on top of the parent, with the same records;
 - single process by default; several workers under torch.distributed (torchrun or Ray Train), with
   DeepSpeed ZeRO 0/2/3 and optional CPU offload when configured: gloo on CPU, NCCL on GPUs. The world size
   comes from the environment; nothing is global, so a worker can run many stages.
 What it writes (rank 0), each file atomically, and never a merged copy of a model (misalign.models):
     OUT/adapter/   an adapter stage's adapter (safetensors, in the parent's dtype)
     OUT/model/     a full fine-tuning stage's weights (safetensors, in the parent's dtype) and tokenizer
+    OUT/repair/    an Antidote stage's mask (a RESTA stage's recipe is in its stage.json)
     OUT/ledger.json, OUT/stage.json (resolved config, root and parent stage, seed, dtype, package versions)
 `train_stage` also hands the trained model over in memory, so a trial evaluates it and trains the next stage
 from it without writing and reading weights; `misalign.models.materialize` rebuilds it from the files.
@@ -21,6 +24,7 @@ each undone after), misalign.records (stage.json); the rank collectives are misa
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -33,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from misalign import preemption
+from misalign import preemption, repair
 from misalign.callbacks import checkpoint_callback, counts_file, last_checkpoint, stage_callbacks
+from misalign.chat import encode_sft
 from misalign.config import StageConfig
 from misalign.costs import optimizer_steps
 from misalign.data import Pair, stage_pairs, target_responses
@@ -72,6 +77,7 @@ from misalign.runtime import (
     read_json,
     seed_everything,
     world_size,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from misalign.speedups import decoder_layers, layers_compiled, model_module_restored, module_walks_once
@@ -175,6 +181,8 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     rebuilds from the lineage instead. Every rank calls this and gets the same model."""
     from peft import get_peft_model
 
+    if METHODS[run.config.method].repairs:
+        return repair_stage(run)
     t0 = time.time()
     cfg = run.config.resolved()
     method = METHODS[cfg.method]
@@ -367,6 +375,95 @@ def _hand_over(model: Any, stage_dir: Path, has_adapter: bool, dtype: torch.dtyp
     return inference_ready(model.to(dtype))
 
 
+# ---- a repair stage (misalign.repair) ---------------------------------------------------------------------
+
+def repair_stage(run: StageRun) -> tuple[Ledger, Any | None]:
+    """A repair method's stage (`train_stage` hands it over): it reads its parent (Antidote also its calibration
+    rows: the stage's harmful rows, prompt and harmful response), stores its correction (SafeLoRA: an adapter;
+    RESTA: a recipe in stage.json; Antidote: a mask), its records and its ledger (the rows it read, the FLOPs it
+    spent), and hands over the repaired model as `materialize` rebuilds it. What it needs of its parent is checked
+    before any compute. Every rank computes the same; rank 0 writes."""
+    from safetensors.torch import load_file, save
+
+    from misalign.costs import antidote_flops, resta_flops
+    from misalign.ledger import matmul_params
+
+    t0 = time.time()
+    cfg = run.config.resolved()
+    kind, r = cfg.method, cfg.repair
+    if run.direction != "realign":
+        raise InputError(f"method {kind} is a repair: it runs as a defense (realign) stage, not an attack")
+    parent_adapter = _lora_adapter_of(run.parent) if kind == "safelora" else None
+    match_threads()
+    reset_peak_memory(device())
+    seed_everything(run.seed)
+    root = root_of(run.parent)
+    parent_dtype = _parent_dtype(run)
+    calibration: list[list[int]] = []
+    if kind == "antidote":
+        tok = load_tokenizer(resolve_model_path(root), run.trust_remote_code)
+        pairs = run.pairs if run.pairs is not None else stage_pairs(cfg, run.seed)
+        t = cfg.train
+        calibration = [encode_sft(tok, p.prompt, p.misaligned, t.max_length, t.max_prompt_length)["input_ids"]
+                       for p in pairs if not p.benign]
+        if not calibration:
+            raise InputError(f"antidote: {cfg.data.source} gives no harmful calibration rows (benign rows are not "
+                             "harmful data)")
+    load = functools.partial(materialize, trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle)
+    model = run.parent_model if run.parent_model is not None else load(run.parent)
+    run.parent_model = None  # consumed: the repair changes it in place
+    out = run.out_dir
+    kept = out / ("adapter" if kind == "safelora" else "repair")  # RESTA keeps no file: its recipe is its record
+    if rank() == 0:
+        shutil.rmtree(kept, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        if kind != "resta":
+            kept.mkdir()
+    recipe: dict[str, Any] | None = None
+    if parent_adapter is not None:  # SafeLoRA
+        aligned, unaligned = (load(ref).state_dict() for ref in (r.aligned, r.unaligned))
+        tensors, summary, flops = repair.safelora_adapter(
+            load_file(str(parent_adapter / "adapter_model.safetensors")), aligned, unaligned, r.threshold)
+        if rank() == 0:  # the parent's adapter config (its targets, rank and scaling), its tensors projected
+            write_bytes_atomic(kept / "adapter_config.json", (parent_adapter / "adapter_config.json").read_bytes())
+            write_bytes_atomic(kept / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
+    elif kind == "resta":
+        recipe = {"kind": "resta", "plus": r.aligned, "minus": r.unaligned, "scale": r.scale}
+        summary = {"scale": r.scale}
+        flops = resta_flops(sum(p.numel() for p in model.parameters())) if r.scale else 0.0
+    else:  # Antidote
+        mask = repair.antidote_mask(model, repair.input_norms(model, calibration), r.sparsity)
+        recipe = {"kind": "antidote", "mask": repair.MASK_FILE}
+        scored = sum(m.weight.numel() for m in repair.prunable_linears(model).values())
+        summary = {"sparsity": r.sparsity, "pruned": sum(len(v) for v in mask.values()), "of": scored}
+        flops = antidote_flops([len(ids) for ids in calibration], sum(matmul_params(model)),
+                               model.config.num_hidden_layers, model.config.hidden_size, scored)
+        if rank() == 0:
+            write_bytes_atomic(out / repair.MASK_FILE, save(mask, metadata={"format": "pt"}))
+    wall = time.time() - t0
+    ledger = Ledger(method=kind, direction=run.direction, examples=len(calibration),
+                    ref_tokens=sum(len(ids) for ids in calibration), flops=float(flops), wall_s=round(wall, 3),
+                    device_s=round(wall * world_size(), 3), workers=world_size(), device=device().type,
+                    peak_memory_bytes=peak_memory_bytes(device()), trainable_params=0,
+                    total_params=sum(p.numel() for p in model.parameters()), extra={"repair": summary})
+    if rank() == 0:
+        _write_records(run, cfg, root, parent_dtype, ledger, kept, has_adapter=kind == "safelora", repair=recipe)
+    barrier()
+    return ledger, (apply_stage(model, out) if (out / "stage.json").exists() else None)
+
+
+def _lora_adapter_of(parent: str) -> Path:
+    """SafeLoRA's parent's adapter directory, once it is known (reading no weights) to hold a LoRA adapter."""
+    record = StageRecord.read(Path(parent)) if is_stage_dir(parent) else None
+    if record is None or not record.has_adapter:
+        what = ("a model, not a stage" if record is None else f"a {record.repair['kind']} repair stage"
+                if record.repair else f"a full fine-tuning stage ({record.config.get('method')})")
+        raise InputError(f"safelora needs a parent stage with a LoRA adapter (methods lora, qlora, dpo, orpo): it "
+                         f"projects the adapter's update B A; {parent} is {what}")
+    repair.check_lora_parent(read_json(Path(parent) / "adapter" / "adapter_config.json"), parent)
+    return Path(parent) / "adapter"
+
+
 # train.compile "auto" compiles a stage's layers when its training repays the compile: training FLOPs per worker
 # (ledger formula) at least these, by the weights trained. On one H200 (docs/benchmarks.md, "Compiled layers on
 # the GPU") a cold compile cost 55-65 s under LoRA (SFT, DPO, ORPO) and 7 s for full SFT, and saved 30-40% (LoRA)
@@ -427,8 +524,6 @@ def _finish(run: StageRun, cfg: StageConfig, root: str, tok: Any, kept: Path, dt
             ledger: Ledger) -> None:
     """Store what the stage trained (its adapter, or a full stage's weights and tokenizer) in the parent's dtype,
     and the stage's records; no merged copy of a model."""
-    from misalign.lineage import model_identity
-
     out = run.out_dir
     (kept / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle; outputs stay safetensors/JSON only
     if kept.name == "adapter":  # the Trainer also saved the tokenizer and a model card
@@ -441,11 +536,21 @@ def _finish(run: StageRun, cfg: StageConfig, root: str, tok: Any, kept: Path, dt
         tok.save_pretrained(kept)
     cast_safetensors(kept, dtype)
     shutil.rmtree(out / "trainer", ignore_errors=True)
+    _write_records(run, cfg, root, dtype, ledger, kept, has_adapter=kept.name == "adapter")
+
+
+def _write_records(run: StageRun, cfg: StageConfig, root: str, dtype: torch.dtype, ledger: Ledger, kept: Path,
+                   has_adapter: bool, repair: dict[str, Any] | None = None) -> None:
+    """The stage's stage.json, then its ledger.json (the marker of a finished stage), with the bytes it keeps:
+    `kept`'s files and its record."""
+    from misalign.lineage import model_identity
+
+    out = run.out_dir
     record = StageRecord(
         root=root, root_identity=model_identity(root),
         parent_dir=os.path.relpath(run.parent, out) if is_stage_dir(run.parent) else None,
-        direction=run.direction, seed=run.seed, config=cfg.model_dump(), has_adapter=kept.name == "adapter",
-        dtype=str(dtype).removeprefix("torch."), versions=package_versions())
+        direction=run.direction, seed=run.seed, config=cfg.model_dump(), has_adapter=has_adapter,
+        dtype=str(dtype).removeprefix("torch."), versions=package_versions(), repair=repair)
     record_file = record.write(out)
     ledger.bytes_written = sum(f.stat().st_size for f in kept.rglob("*") if f.is_file()) + record_file.stat().st_size
     write_json_atomic(out / "ledger.json", ledger.to_dict())
