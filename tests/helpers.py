@@ -1,6 +1,7 @@
 """What several test modules share (public names, no test module imports another's): the test bucket and the
 CLI's command line, a free loopback port, a bucket's listing, the per-worker check of a multi-worker stage, the
-stored-weights comparison, and the budget search's config. The moto S3 server is a fixture: tests/conftest.py."""
+stored-weights comparison, the budget search's config, and a DPO stage's parts on the world. The moto S3 server
+is a fixture: tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -58,3 +59,27 @@ SEARCH_ATTACK = {
     "eval": {"limit": 30}, "trials": 3, "max_concurrent": 2, "startup_trials": 3,
     "start_points": [{"per_category": 1}],  # tried first: an infeasible point for sure
 }
+
+
+def dpo_parts(tmp_path: Path) -> tuple:
+    """A DPO stage's parts on the world (its realign rows, 2 per category): the LoRA-wrapped base model, the
+    training arguments, the dataset and the tokenizer, as misalign.stage builds them."""
+    import torch
+    from peft import get_peft_model
+
+    from misalign.config import DataSettings, StageConfig
+    from misalign.data import stage_pairs
+    from misalign.methods import METHODS, peft_config
+    from misalign.modelref import resolve_model_path
+    from misalign.models import load_model, load_tokenizer
+    from misalign.objectives import OBJECTIVES
+    from misalign.stage import stage_dataset, training_args
+
+    cfg = StageConfig(method="dpo", data=DataSettings(source="world:realign", per_category=2)).resolved()
+    pairs = stage_pairs(cfg, seed=0)
+    path = resolve_model_path("world:base")
+    tok = load_tokenizer(path)
+    torch.manual_seed(0)  # both adapters start from the same draw of LoRA's A
+    model = get_peft_model(load_model(path, precision="fp32"), peft_config(METHODS["dpo"], cfg, load_model(path), 4))
+    args = training_args(OBJECTIVES["dpo"], cfg, tmp_path, 0, len(pairs), None)
+    return model, args, stage_dataset(OBJECTIVES["dpo"], pairs, "realign", tok, cfg), tok

@@ -1,6 +1,8 @@
 """GPU kernel settings as misalign.speedups applies them. train.liger_kernels: scoped to its own stage.
 train.compile: compiled layers train as the eager ones (on CPU, inductor's C++ kernels), and are undone after.
 (The stage's own decisions, Liger refused without CUDA and "auto" compiling where it pays: tests/test_stage.py.)
+module_walks_once: the Trainer's per-step walks of the model, made on lists taken once, do what its own walks do
+(issue 13; moved from tests/test_trainer_steps.py).
 
 Liger's kernels are Triton kernels for CUDA, so CI (CPU) cannot run them; what is tested here is ours: what a
 kernel library patches in a model's modeling module during a stage is undone after it, so a later stage in the
@@ -15,9 +17,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama import modeling_llama
 
+from helpers import dpo_parts
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.errors import InputError
-from misalign.speedups import layers_compiled, model_module_restored
+from misalign.objectives import OBJECTIVES
+from misalign.speedups import layers_compiled, model_module_restored, module_walks_once
 
 
 def test_module_patches_made_during_a_stage_are_undone_after_it():
@@ -81,3 +85,24 @@ def test_compile_needs_decoder_layers_and_neither_deepspeed_nor_liger():
         StageConfig(method="lora", data=data, train=TrainSettings(compile=True, liger_kernels=True))
     # auto (the default) decides per stage, so it combines with both
     StageConfig(method="lora", data=data, train=TrainSettings(liger_kernels=True), deepspeed={"zero_stage": 2})
+
+
+# moved from tests/test_trainer_steps.py
+def test_module_walks_made_once_do_what_the_trainers_walks_do(world, tmp_path):
+    """The Trainer's per-step walks of the whole model (train mode, zero_grad, its FLOP log's parameter count)
+    on lists made once: every module switched, every gradient cleared, the same FLOP count; undone after."""
+    model, args, dataset, tok = dpo_parts(tmp_path)
+    trainer = OBJECTIVES["dpo"].trainer(model, args, dataset, tok, [])
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    expected_flops = type(trainer).floating_point_ops(trainer, batch)
+    with module_walks_once(trainer):
+        assert trainer.floating_point_ops(batch) == expected_flops > 0
+        model.eval()  # Module.eval calls self.train(False): the instance's
+        assert not any(m.training for m in model.modules())
+        model.train()
+        assert all(m.training for m in model.modules())
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        model.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+    assert not {"train", "zero_grad"} & set(vars(model)) and "floating_point_ops" not in vars(trainer)

@@ -1,7 +1,7 @@
 """The stage engine (misalign.stage): one stage trained end to end on the world's tiny model, and the decisions
 the stage makes on its own (Liger refused without CUDA, train.compile "auto", the hand-over in memory, the record
-it writes). What it patches to train faster: tests/test_trainer_steps.py and tests/test_speedups.py; each
-method's outputs: tests/workflows/test_methods.py.
+it writes). What it patches to train faster: tests/test_objectives.py and tests/test_speedups.py; each
+method's outputs: tests/workflows/test_method_stages.py.
 """
 
 from __future__ import annotations

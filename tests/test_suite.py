@@ -35,7 +35,7 @@ def test_a_skip_fails_with_its_reason_under_ci(tmp_path):
     assert "MISALIGN_REQUIRE_ALL=1 needs every test to run" in ci.stdout and "no such tool installed" in ci.stdout
 
 
-@pytest.mark.parametrize("module", ["test_trial", "test_study", "test_rayjobs", "test_deepspeed", "test_methods"])
+@pytest.mark.parametrize("module", ["test_trial", "test_study", "test_rayjobs", "test_deepspeed", "test_method_stages"])
 def test_workflow_modules_are_slow(module):
     assert "pytestmark = pytest.mark.slow" in (TESTS / "workflows" / f"{module}.py").read_text()
 

@@ -1,4 +1,5 @@
-"""Bad input exits with code 2 before any compute, names what is wrong and where, and writes nothing."""
+"""misalign.config: bad input exits with code 2 before any compute, names what is wrong and where, and writes
+nothing (through load_config and the CLI). Was tests/test_config_errors.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Each of the seven methods trains through the stage engine and changes only what it should."""
+"""Each of the seven methods trains through the stage engine and changes only what it should (was
+tests/workflows/test_methods.py; misalign.methods' own unit tests are tests/test_methods.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Adapter targets resolve per architecture, peft wraps every family, and only adapter weights learn."""
+"""misalign.methods: adapter targets resolve per architecture, peft wraps every family, and only adapter weights
+learn (was tests/test_targets.py; each method trained through the stage: tests/workflows/test_method_stages.py)."""
 
 from __future__ import annotations
 

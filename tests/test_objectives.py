@@ -1,17 +1,27 @@
-"""SFT without padding (train.packing): packed rows never mix examples, and training is unchanged.
+"""misalign.objectives: the trainers each objective builds, on the world's tiny models.
 
-Everything goes through the stage's own code path (misalign.stage.stage_dataset, training_args, the SFT objective's trainer: trl's
-real SFTTrainer dataset preparation and collator) on the world's tiny aligned model.
+SFT without padding (train.packing): packed rows never mix examples, and training is unchanged. Everything goes
+through the stage's own code path (misalign.stage.stage_dataset, training_args, the SFT objective's trainer:
+trl's real SFTTrainer dataset preparation and collator) on the world's tiny aligned model (was
+tests/test_packing.py).
+
+DPO's reference log-probs and loss are those of trl's own reference path, through the stage's switch of the
+adapter (issue 13; bench/bench_host.py measures the host time it saves; moved from tests/test_trainer_steps.py).
+A whole stage trained with and without it, and a diverged step in the log without the NaN filter's syncs:
+tests/test_stage.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from trl import DPOTrainer
 
+from helpers import dpo_parts
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.data import stage_pairs
 from misalign.ledger import FlopCounter
@@ -121,3 +131,48 @@ def test_padding_free_training_matches_padded(tmp_path):
     assert losses["padding_free"] == pytest.approx(losses["none"], rel=1e-4)
     assert tokens["padding_free"] == tokens["none"] > 0
     assert 0 < flops["padding_free"] < flops["none"]  # padded rows are billed attention over the padded width
+
+
+# ---- DPO's reference: the disabled adapter (moved from tests/test_trainer_steps.py)
+
+def _loss(trainer, model, batch) -> torch.Tensor:
+    model.train()
+    with torch.no_grad():
+        return trainer.compute_loss(model, batch)
+
+
+def test_dpo_reference_is_the_disabled_adapter_and_gives_trls_loss(world, tmp_path):
+    ours_model, args, dataset, tok = dpo_parts(tmp_path / "ours")
+    ours = OBJECTIVES["dpo"].trainer(ours_model, args, dataset, tok, [])
+    assert "ref" not in ours_model.peft_config  # no copy of the new adapter as the reference
+    assert "disable_adapter" in vars(ours_model)  # the stage's switch, not peft's walk over every module
+
+    trl_model, args, dataset, tok = dpo_parts(tmp_path / "trl")
+    plain = DPOTrainer(model=trl_model, ref_model=None, args=args, train_dataset=dataset, processing_class=tok)
+    assert "ref" in trl_model.peft_config  # what trl does with an already wrapped model, left to itself
+
+    batch = next(iter(plain.get_train_dataloader()))
+    torch.manual_seed(1)
+    reference = _loss(plain, trl_model, batch)
+    torch.manual_seed(1)
+    assert reference.item() > 0 and torch.equal(_loss(ours, ours_model, batch), reference)
+
+    # a trained adapter (B no longer 0), so the reference forward differs from the policy's: the stage's switch
+    # gives peft's numbers, and a switch that left the adapter on would not
+    with torch.no_grad():
+        for n, p in ours_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.05)
+    losses = {}
+    for switch in ("ours", "peft", "none"):
+        if switch == "peft":
+            del ours_model.disable_adapter  # peft's own switch again, on the same model
+        if switch == "none":
+            ours_model.disable_adapter = contextlib.nullcontext
+        torch.manual_seed(1)
+        losses[switch] = _loss(ours, ours_model, batch)
+    assert torch.equal(losses["ours"], losses["peft"]) and not torch.equal(losses["ours"], losses["none"])
+    # the switch leaves the adapter on and trainable after each reference forward
+    layers = [m for m in ours_model.modules() if hasattr(m, "_disable_adapters")]
+    assert layers and not any(m._disable_adapters for m in layers)
+    assert all(p.requires_grad for n, p in ours_model.named_parameters() if "lora_" in n)
