@@ -53,7 +53,7 @@ def test_budget_spent_counts_each_trained_point_once(tmp_path):
 def test_trials_an_interrupted_run_left_running_are_marked_failed(tmp_path):
     """Through Optuna's public API (study.tell): a resumed search counts finished trials only."""
     from misalign.config import SearchConfig
-    from misalign.search import _finished_trials
+    from misalign.search import finished_trials
 
     cfg = SearchConfig.model_validate(SEARCH_ATTACK)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -62,7 +62,7 @@ def test_trials_an_interrupted_run_left_running_are_marked_failed(tmp_path):
     done = study.ask()
     study.tell(done, 1.0)
     running = study.ask()
-    assert _finished_trials(cfg, storage) == 1
+    assert finished_trials(cfg, storage) == 1
     assert study.trials[running.number].state == optuna.trial.TrialState.FAIL
 
 

@@ -299,7 +299,7 @@ def run_search(cfg: SearchConfig, paths: RunDir, *, address: str | None = None,
     # The Optuna database is the search's state: a rerun continues the study it holds (TPE learns from every
     # finished trial) and runs only the trials still missing. (Tune's own restore lags the database by up to its
     # checkpoint period, so after a SIGKILL it would run trials Optuna already has.)
-    finished = _finished_trials(cfg, storage) if resuming else 0
+    finished = finished_trials(cfg, storage) if resuming else 0
     run = sum(d.startswith("tune") for d in paths.store.subdirs())  # each run keeps its own Tune experiment
     remaining = cfg.trials - finished
     if remaining > 0:
@@ -340,7 +340,7 @@ def _database_copier(cfg: SearchConfig, paths: RunDir) -> Any:
     return CopyDatabase()
 
 
-def _finished_trials(cfg: SearchConfig, storage: Any) -> int:
+def finished_trials(cfg: SearchConfig, storage: Any) -> int:
     """Finished trials in the database. Trials an interrupted run left RUNNING are marked FAIL: their points,
     if they finished, are in the point cache and cost nothing when proposed again."""
     try:
