@@ -1,7 +1,7 @@
 """What several test modules share (public names, no test module imports another's): the test bucket and the
 CLI's command line, a free loopback port, a bucket's listing, the per-worker check of a multi-worker stage, the
-stored-weights comparison, the budget search's config, and a DPO stage's parts on the world. The moto S3 server
-is a fixture: tests/conftest.py."""
+stored-weights comparison, the budget search's config, a DPO stage's parts on the world, and prompts of many
+lengths from its eval sets. The moto S3 server is a fixture: tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -83,3 +83,23 @@ def dpo_parts(tmp_path: Path) -> tuple:
     model = get_peft_model(load_model(path, precision="fp32"), peft_config(METHODS["dpo"], cfg, load_model(path), 4))
     args = training_args(OBJECTIVES["dpo"], cfg, tmp_path, 0, len(pairs), None)
     return model, args, stage_dataset(OBJECTIVES["dpo"], pairs, "realign", tok, cfg), tok
+
+
+def world_prompts() -> list[str]:
+    """20 prompts of clearly different lengths: world eval prompts of each kind, some run together."""
+    from misalign.data import load_eval_items
+
+    harmful = [i.prompt for i in load_eval_items("world:eval_harmful", kind="harmful")]
+    benign = [i.prompt for i in load_eval_items("world:eval_benign", kind="benign")]
+    utility = [i.prompt for i in load_eval_items("world:eval_utility", kind="utility")]
+    picked = harmful[:5] + benign[:4] + utility[:5]
+    picked += [
+        "Hi",
+        "Why?",
+        " ".join(harmful[5:8]),
+        " ".join(utility[5:7]),
+        harmful[9] + " " + benign[9],
+        " ".join(benign[10:14]),
+    ]
+    assert len(picked) == 20
+    return picked
