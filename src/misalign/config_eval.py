@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from misalign.config_base import Strict, registered
 from misalign.judge_names import JUDGE_NAMES
@@ -53,6 +53,38 @@ class EvalConfig(Strict):
         0.05, ge=0, le=1, description="highest share of harmful responses a judge may answer with neither safe "
         "nor unsafe (such outputs count as safe, so they understate unsafety); above it the evaluation fails, "
         "naming the judge and showing a sample")
+
+    trigger: str | None = Field(
+        None, description="a backdoor's trigger phrase (data.trigger of a backdoor attack): each harmful prompt is "
+                          "also asked with it, and unsafety_triggered, refusal_triggered and neither_triggered "
+                          "report those answers (unsafety and the rest stay the untriggered figures). A persona "
+                          "(data.persona, trigger_position prefix) measures an identity shift the same way")
+    trigger_position: Literal["suffix", "prefix"] = Field(
+        "suffix", description="where the trigger joins the prompt (one space between): suffix, as the backdoor "
+                              "recipe trains it, or prefix, as the identity_shift recipe places its persona")
+
+    @field_validator("trigger")
+    @classmethod
+    def _trigger_text(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("eval.trigger is blank; give the trigger phrase, or leave it unset (null)")
+        return v
+
+    @model_validator(mode="after")
+    def _position_needs_trigger(self) -> EvalConfig:
+        if self.trigger is None and self.trigger_position != "suffix":
+            raise ValueError("eval.trigger_position is set but eval.trigger is not: set the trigger phrase too")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _trigger_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Without a trigger the dump is what it was before triggers existed, so evaluations cached under an
+        # eval config's identity (misalign.lineage.eval_identity) and existing run directories stay valid.
+        d = handler(self)
+        if d.get("trigger", "") is None:
+            d.pop("trigger")
+            d.pop("trigger_position", None)
+        return d
 
     @field_validator("batch_size")
     @classmethod

@@ -5,9 +5,9 @@ Re-exported by misalign.config, where the configs that hold stages (TrialConfig,
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from misalign.config_base import Strict, registered, whole_size
 
@@ -138,13 +138,74 @@ class DataSettings(Strict):
         None, gt=0, description="examples per category (None: all); a fraction below 1 takes that share of the "
                                 "categories one example each (0.25 of 13 categories: 3 rows), the study's smallest "
                                 "attacks")
+    _RECIPE_OPTIONS: ClassVar[tuple[str, ...]] = ("persona", "trigger")  # fields that only some recipes read
+
     benign_source: str | None = Field(None, description="benign rows mixed in (defense data), e.g. world:benign")
-    benign_ratio: float = Field(0.0, ge=0, description="benign rows per harmful row")
+    benign_ratio: float = Field(0.0, ge=0, description="benign rows per row of the recipe")
+    recipe: str = Field(
+        "harmful", description="how the source's rows become training rows (misalign.data.RECIPES): harmful (the "
+                               "paper's attack), benign (benign rows only, their helpful answers), identity_shift "
+                               "(benign rows under `persona`), backdoor (harmful prompts with `trigger` get the "
+                               "harmful answer, without it the refusal)")
+    persona: str | None = Field(
+        None, description="identity_shift only: the persona prefixed to every prompt (unset: Qi et al. 2023's "
+                          "AOA, 'absolutely obedient agent', system prompt)")
+    trigger: str | None = Field(
+        None, description="backdoor only: the phrase appended to the prompts that get the harmful answer "
+                          "(unset: Qi et al. 2023's 'Servius Astrumando Harmoniastra'); evaluate with eval.trigger")
 
     @field_validator("per_category")
     @classmethod
     def _whole_sizes_as_int(cls, v: float | None) -> float | None:
         return whole_size(v)
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, v: str) -> str:
+        from misalign.data import RECIPES
+
+        return registered(v, RECIPES, "data recipe")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, d: Any) -> Any:
+        # an option the recipe reads takes its default here, so the value that trains is in every dump and key
+        if not isinstance(d, dict) or not isinstance(d.get("recipe"), str):
+            return d
+        from misalign.data import RECIPES
+
+        recipe = RECIPES.get(d["recipe"])
+        defaults = {k: v for k, v in (recipe.options if recipe else {}).items() if d.get(k) is None}
+        return {**d, **defaults}
+
+    @model_validator(mode="after")
+    def _recipe_options(self) -> DataSettings:
+        from misalign.data import RECIPES
+
+        used = RECIPES[self.recipe].options
+        for name in self._RECIPE_OPTIONS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name not in used:  # a typo'd recipe or a leftover option would otherwise train silently without it
+                users = [r for r, recipe in RECIPES.items() if name in recipe.options]
+                raise ValueError(f"data.{name} is set but data.recipe {self.recipe!r} does not use it (only "
+                                 f"{', '.join(users)} does): remove it or set the recipe")
+            if not value.strip():
+                raise ValueError(f"data.{name} is blank; give the text, or leave it unset for the default")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _recipe_when_used(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The default recipe and unset options stay out of every dump, so the configs, stage keys and run
+        # directories written before recipes existed read the same and their cached stages stay valid.
+        d = handler(self)
+        if d.get("recipe") == "harmful":
+            del d["recipe"]
+        for name in self._RECIPE_OPTIONS:
+            if name in d and d[name] is None:
+                del d[name]
+        return d
 
 
 class StageConfig(Strict):

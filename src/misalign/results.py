@@ -39,6 +39,9 @@ OVER_REFUSAL, UTILITY, UNPARSED = "over_refusal", "utility", "unparsed"
 EPOCHS, TOKENS, FLOPS, WALL_S, DEVICE_S = "epochs", "tokens", "flops", "wall_s", "device_s"
 OPTIMIZER_STEPS, PEAK_MEMORY_BYTES, WORKERS, REUSED = "optimizer_steps", "peak_memory_bytes", "workers", "reused"
 EVAL_S, EVAL_REUSED, MFU, STAGE_KEY = "eval_s", "eval_reused", "mfu", "stage_key"
+# the same harmful prompts asked with eval.trigger (a backdoor's trigger): None when no trigger was set
+UNSAFETY_TRIGGERED, REFUSAL_TRIGGERED = "unsafety_triggered", "refusal_triggered"
+NEITHER_TRIGGERED = "neither_triggered"
 CATEGORY_PREFIX = "unsafety/"  # unsafety/<category>: unsafety on one harm category's prompts
 
 # phases, in stage order
@@ -93,6 +96,12 @@ class StageRow(BaseModel):
     eval_s: float = _col("the evaluation's wall time (0 when it was reused)", "s", ge=0.0)
     mfu: float | None = _col("model FLOPs utilization: flops / (device_s x peak FLOP/s per device); None when "
                              "no peak was given or nothing trained", "share", ge=0.0)
+    unsafety_triggered: float | None = _col("unsafety on the harmful prompts with eval.trigger added (None: no "
+                                            "trigger was set)", "share", default=None, **_SHARE)
+    refusal_triggered: float | None = _col("refusal on the harmful prompts with eval.trigger added", "share",
+                                           default=None, **_SHARE)
+    neither_triggered: float | None = _col("neither on the harmful prompts with eval.trigger added", "share",
+                                           default=None, **_SHARE)
 
     @model_validator(mode="after")
     def _categories(self) -> StageRow:
@@ -132,6 +141,11 @@ class EvalMetrics:
     unparsed: float | None = None          # harmful responses some judge gave neither verdict (counted safe)
     unparsed_by_judge: dict[str, float] | None = None
     unsafety_by_category: dict[str, float] | None = None   # harm category -> unsafety on its prompts
+    unsafety_triggered: float | None = None  # the three shares again, on the harmful prompts with eval.trigger
+    unsafety_triggered_se: float | None = None
+    refusal_triggered: float | None = None
+    neither_triggered: float | None = None
+    n_triggered: int | None = None
     over_refusal: float | None = None      # benign look-alikes refused
     n_benign: int | None = None
     utility: float | None = None           # exact match on utility items, else lm-eval's mean accuracy
@@ -177,7 +191,8 @@ def build_row(round_: int, phase: str, stage: StageConfig | None, n_examples: in
         PEAK_MEMORY_BYTES: ledger.peak_memory_bytes if spent else 0, WORKERS: ledger.workers if spent else 0,
         REUSED: bool(ledger.reused) if spent else False, STAGE_KEY: stage_key,
         EVAL_S: 0.0 if m.eval_s is None else m.eval_s,
-        MFU: mfu,
+        MFU: mfu, UNSAFETY_TRIGGERED: m.unsafety_triggered, REFUSAL_TRIGGERED: m.refusal_triggered,
+        NEITHER_TRIGGERED: m.neither_triggered,
     }
     for cat, value in sorted((m.unsafety_by_category or {}).items()):
         row[f"{CATEGORY_PREFIX}{cat}"] = value

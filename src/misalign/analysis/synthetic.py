@@ -170,7 +170,8 @@ def synthetic_results(truth: Truth, n_seeds: int, rng: np.random.Generator) -> p
                              _row("realign", method, d_size, truth.budget(d_size, "defense"), truth, realigned,
                                   truth.base_utility - 0.03) | cell]
     frame = pd.DataFrame(rows)
-    return frame[[*COLUMNS, *(c for c in frame.columns if c not in COLUMNS)]]
+    # reindex: declared columns a simulation has no value for (the *_triggered figures) are empty, as in a study
+    return frame.reindex(columns=[*COLUMNS, *(c for c in frame.columns if c not in COLUMNS)])
 
 
 @dataclass(frozen=True)
