@@ -25,6 +25,7 @@ from misalign.generation import generate
 from misalign.models import materialize, tokenizer_for
 from misalign.runtime import match_threads
 from misalign.world import world_file
+from misalign.world_targets import ensure_world
 
 
 def one_at_a_time(model: Any, tok: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side; the table shows medians")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_generation.json")
     a = ap.parse_args()
+    ensure_world()  # world: names resolve only once the world is built (checked)
 
     threads = match_threads()
     rows = [json.loads(line) for line in world_file("eval_harmful").read_text().splitlines()]

@@ -49,6 +49,7 @@ from misalign.models import device
 from misalign.runtime import match_threads
 from misalign.stage import StageRun, load_model, load_tokenizer, run_stage
 from misalign.world import world_model
+from misalign.world_targets import ensure_world
 
 ROOT = Path(__file__).resolve().parents[1]
 ALIASES = {"1b": "Llama-3.2-1B-Instruct", "8b": "Llama-3.1-8B-Instruct"}
@@ -377,6 +378,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_gpu"), help="built models and stage outputs")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_gpu.json")
     a = ap.parse_args()
+    ensure_world()  # world: names resolve only once the world is built (checked)
     if a.tiny:
         a.gen_model, a.gen_prompts, a.new_tokens = "1b", min(a.gen_prompts, 24), min(a.new_tokens, 8)
         a.steps, a.row_tokens = min(a.steps, 6 if a.profile else 2), min(a.row_tokens, 64)

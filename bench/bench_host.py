@@ -37,6 +37,7 @@ from common import write_result
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.stage import StageRun, load_tokenizer, run_stage
 from misalign.world import world_model
+from misalign.world_targets import ensure_world
 
 # operators whose output size depends on the values (a mask's count): on a GPU they read it back, a sync
 _SIZED_BY_DATA = {"nonzero", "masked_select", "index", "index_put", "index_put_"}
@@ -189,6 +190,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_host"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_host.json")
     a = ap.parse_args()
+    ensure_world()  # world: names resolve only once the world is built (checked)
     os.environ["MISALIGN_CPUS"] = "1"  # the stage sizes torch's threads from it: one, so CPU time is one core's
     a.work.mkdir(parents=True, exist_ok=True)
     shapes = argparse.Namespace(tiny=True, layers=a.layers, vocab=a.vocab, precision=a.precision, work=a.work)

@@ -33,6 +33,7 @@ from misalign.runtime import match_threads
 from misalign.search import outcome, point_id, point_trial
 from misalign.storage import Store
 from misalign.trial import run_cached_trial
+from misalign.world_targets import ensure_world
 
 
 def run_search(config: Path, storage: Path) -> tuple[dict, float]:
@@ -66,6 +67,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, help="override the config's seed (sampler and training)")
     p.add_argument("--out", default="bench/results/search.json")
     args = p.parse_args()
+    ensure_world()  # world: names resolve only once the world is built (checked)
     raw = yaml.safe_load(Path(args.config).read_text())
     # the grid is the categorical part: search the same space; feasibility on unsafety alone (as measured)
     raw.update(space={}, trials=args.trials, eps=None)

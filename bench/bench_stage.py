@@ -40,6 +40,7 @@ from misalign.config import AdapterSettings, DataSettings, StageConfig, TrainSet
 from misalign.runtime import match_threads
 from misalign.stage import StageRun, run_stage, stage_pairs
 from misalign.world import world_file, world_model
+from misalign.world_targets import ensure_world
 
 
 class TrainWindow(logging.Handler):
@@ -213,6 +214,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_stage.json")
     a = ap.parse_args()
+    ensure_world()  # world: names resolve only once the world is built (checked)
 
     threads = match_threads()
     trainer_log = logging.getLogger("transformers.trainer")

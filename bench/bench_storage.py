@@ -21,6 +21,7 @@ from common import write_result
 from misalign.config import StudyConfig, load_config
 from misalign.plan import Plan, estimate
 from misalign.plan_render import size_text
+from misalign.world_targets import ensure_world
 
 
 def per_model(plan: Plan) -> dict[str, float]:
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--config", default="configs/study-paper.yaml")
     p.add_argument("--out", default="bench/results/storage.json")
     args = p.parse_args(argv)
+    ensure_world()  # world: names resolve only once the world is built (checked)
     result = summarize(estimate(load_config(args.config, schema=StudyConfig)))
     result["config"] = args.config
     print_table(result)

@@ -30,12 +30,13 @@ from fake_judge import Action, FakeJudge  # noqa: E402
 from helpers import BUCKET, free_port  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def world() -> Path:
-    """The offline world, built once per machine (cached by content hash; about 3 minutes when new)."""
-    from misalign.world import build
+    """The offline world, built once per machine with its targets checked (cached by content hash; about 3
+    minutes when new). Every session gets it first: resolving a `world:` name never builds it."""
+    from misalign.world_targets import ensure_world
 
-    return build(quiet=True)
+    return ensure_world()
 
 
 @pytest.fixture

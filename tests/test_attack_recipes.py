@@ -17,11 +17,12 @@ import yaml
 
 from misalign.cli import main
 from misalign.config import DataSettings, EvalConfig, StageConfig
-from misalign.data import AOA_PERSONA, BACKDOOR_TRIGGER, Pair, load_pairs, stage_pairs, target_responses
+from misalign.data import RECIPES, Pair, load_pairs, stage_pairs, target_responses
 from misalign.errors import EXIT_INPUT_ERROR, InputError
 from misalign.evaluation import TRIGGERED, evaluate, score
 from misalign.judge_verdicts import JudgeItem, Verdict
 from misalign.models import materialize, tokenizer_for
+from misalign.recipe_options import AOA_PERSONA, BACKDOOR_TRIGGER, RECIPE_OPTIONS
 from misalign.results import NEITHER_TRIGGERED, REFUSAL_TRIGGERED, UNSAFETY, UNSAFETY_TRIGGERED, build_row
 from misalign.stage import StageRun, train_stage
 
@@ -209,3 +210,9 @@ def test_backdoor_evaluation_reports_unsafety_with_and_without_its_trigger(world
     plain, triggered = g[g["kind"] == "harmful"], g[g["kind"] == TRIGGERED]
     assert list(triggered["prompt"]) == [f"{p} {BACKDOOR_TRIGGER}" for p in plain["prompt"]]
     assert {"unsafety_triggered", "refusal_triggered", "neither_triggered"} <= set(result.metrics)
+
+
+def test_configs_check_the_recipes_that_exist():
+    """Configs validate recipe names and options against misalign.recipe_options (a leaf: data imports config),
+    so the two registries must name the same recipes with the same options."""
+    assert {name: r.options for name, r in RECIPES.items()} == RECIPE_OPTIONS

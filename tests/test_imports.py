@@ -14,12 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "misalign"
 
 # Known cycles, each by the one import that closes it (importer, imported): the graph without these edges must
 # have no cycle, and each must still close one (an edge that no longer does must leave the list).
-KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    # A `world:NAME` model or data file builds the offline world on first use, on every node (data and modelref
-    # resolve it), and the build checks its models with the project's own evaluation before caching them.
-    # Removing this edge needs a decision: build the world at the entry points, or check it from below evaluation
-    ("world.build", "evaluation"): "the world's build scores its aligned models (WorldTargetMiss)",
-}
+# None left: the last one (world.build -> evaluation: a `world:` name built the world on first use, and the build
+# scored its models with the evaluation) went when entry points became the only builders (misalign.world_targets).
+KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 
 # Known imports of private names, as (importer, module, name): none left.
 KNOWN_PRIVATE: set[tuple[str, str, str]] = set()

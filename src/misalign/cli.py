@@ -18,15 +18,11 @@ EXIT_INTERRUPTED = 130  # stopped by Ctrl-C or SIGTERM before the run could end 
 
 
 def _world(args: argparse.Namespace) -> int:
-    from misalign.world import build
-    from misalign.world.build import ALIGNED_TARGETS, WorldTargetMiss
+    from misalign.world.build import ALIGNED_TARGETS
+    from misalign.world_targets import ensure_world
 
     t0, c0 = time.time(), time.process_time()
-    try:
-        path = build(force=args.force)
-    except WorldTargetMiss as e:
-        print(f"misalign: world build failed: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    path = ensure_world(force=args.force, quiet=False)
     meta = json.loads((path / "world.json").read_text())
     print(f"world: {path} (built in {meta['build_s']}s on {meta['threads']} threads, CPU kernels "
           f"{meta['cpu_capability']})" if time.time() - t0 > 1 else f"world: {path} (cached)")
@@ -366,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         offline_without_hub()
     quiet_libraries()
     from misalign.judges import JudgeUnavailable
+    from misalign.world.build import WorldTargetMiss
 
     try:
         return args.func(args)
@@ -374,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT_ERROR
     except JudgeUnavailable as e:  # the endpoint is named in the message; nothing of the evaluation was written
         print(f"misalign: judge failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except WorldTargetMiss as e:  # `world build`, or a preflight that built the world first: nothing was cached
+        print(f"misalign: world build failed: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM to a study or search (misalign.cluster), outside Tune's run
         print("misalign: stopped; what finished is kept (results and stages are written atomically), and a "

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from misalign.config_base import Strict, registered, whole_size
+from misalign.recipe_options import RECIPE_OPTIONS
 
 
 class TrainSettings(Strict):
@@ -162,9 +163,7 @@ class DataSettings(Strict):
     @field_validator("recipe")
     @classmethod
     def _known_recipe(cls, v: str) -> str:
-        from misalign.data import RECIPES
-
-        return registered(v, RECIPES, "data recipe")
+        return registered(v, RECIPE_OPTIONS, "data recipe")
 
     @model_validator(mode="before")
     @classmethod
@@ -172,23 +171,18 @@ class DataSettings(Strict):
         # an option the recipe reads takes its default here, so the value that trains is in every dump and key
         if not isinstance(d, dict) or not isinstance(d.get("recipe"), str):
             return d
-        from misalign.data import RECIPES
-
-        recipe = RECIPES.get(d["recipe"])
-        defaults = {k: v for k, v in (recipe.options if recipe else {}).items() if d.get(k) is None}
+        defaults = {k: v for k, v in RECIPE_OPTIONS.get(d["recipe"], {}).items() if d.get(k) is None}
         return {**d, **defaults}
 
     @model_validator(mode="after")
     def _recipe_options(self) -> DataSettings:
-        from misalign.data import RECIPES
-
-        used = RECIPES[self.recipe].options
+        used = RECIPE_OPTIONS[self.recipe]
         for name in self._RECIPE_OPTIONS:
             value = getattr(self, name)
             if value is None:
                 continue
             if name not in used:  # a typo'd recipe or a leftover option would otherwise train silently without it
-                users = [r for r, recipe in RECIPES.items() if name in recipe.options]
+                users = [r for r, options in RECIPE_OPTIONS.items() if name in options]
                 raise ValueError(f"data.{name} is set but data.recipe {self.recipe!r} does not use it (only "
                                  f"{', '.join(users)} does): remove it or set the recipe")
             if not value.strip():

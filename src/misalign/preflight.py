@@ -12,6 +12,8 @@ config field (or the file and row); the CLI turns it into exit code 2. What is c
   judges' API-key variables and endpoints (a connection is opened; nothing is sent);
 - a study's loggers, and whether one trial fits this machine when Ray is started locally;
 - a search's Optuna storage URL.
+A config that names `world:` models or data gets the offline world built first (its targets checked), since
+resolving those names never builds it (misalign.world_targets).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from misalign.config import (
     TrialConfig,
 )
 from misalign.errors import InputError
+from misalign.world_targets import ensure_world_if_named
 
 # ---- models -------------------------------------------------------------------------------------------------
 
@@ -206,6 +209,7 @@ def _models(refs: list[str], trust_remote_code: bool, allow_pickle: bool, field:
 
 def check_trial(cfg: TrialConfig) -> None:
     """`misalign trial`: the model, both stages (every round starts from the same architecture), the eval."""
+    ensure_world_if_named(cfg)
     study = StudyConfig(name="trial", models=[cfg.model], seeds=[cfg.seed], rounds=1, attack=_side(cfg.attack),
                         defense=_side(cfg.defense), eval=cfg.eval, trust_remote_code=cfg.trust_remote_code,
                         allow_pickle=cfg.allow_pickle)
@@ -217,6 +221,7 @@ def check_trial(cfg: TrialConfig) -> None:
 def check_stage(cfg: StageConfig, model: str, seed: int, *, trust_remote_code: bool, allow_pickle: bool,
                 workers: int = 1) -> None:
     """`misalign stage`: the parent model and this one stage."""
+    ensure_world_if_named(cfg, model)
     study = StudyConfig(name="stage", models=[model], seeds=[seed], attack=_side(cfg), defense=_side(cfg),
                         resources=ResourceSettings(workers=workers), trust_remote_code=trust_remote_code,
                         allow_pickle=allow_pickle)
@@ -232,6 +237,7 @@ def check_study(cfg: StudyConfig, *, local: bool = True, plan: bool = False) -> 
     checked through their stand-in configs, data and eval files that are not here are skipped (the plan assumes
     their sizes and says so; a file that is here and wrong still fails), and HTTP judges' keys and endpoints
     are not needed (no judge is called)."""
+    ensure_world_if_named(cfg)
     stand_ins = frozenset(cfg.plan.model_configs) if plan else frozenset()
     paths = _models(cfg.models, cfg.trust_remote_code, cfg.allow_pickle, "models", stand_ins)
     _check_grid(cfg, paths, ("misalign", "realign"), plan)
@@ -251,6 +257,7 @@ def _eval_files_here(cfg: EvalConfig) -> bool:
 def check_search(cfg: SearchConfig, *, local: bool = True) -> None:
     """`misalign search`: every method and size of the searched side at both ends of every knob's range, the
     fixed misalignment of a defense search, the evaluation, the model, the Optuna storage and the resources."""
+    ensure_world_if_named(cfg)
     side = cfg.searched
     ends = {key: [int(k.low), int(k.high)] if k.integer else [k.low, k.high] for key, k in cfg.space.items()}
     searched = side.model_copy(update={"grid": {**side.grid, **ends}})
@@ -270,6 +277,7 @@ def check_search(cfg: SearchConfig, *, local: bool = True) -> None:
 def check_eval_command(cfg: EvalConfig, model: str | None, generations: str | None, *,
                        trust_remote_code: bool, allow_pickle: bool) -> None:
     """`misalign eval`: the model (or the generations file to re-judge), eval sets, judges."""
+    ensure_world_if_named(cfg, model)
     if generations:
         from misalign.evaluation import load_generations
 

@@ -20,19 +20,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from misalign.world.build import WorldSpec, build, world_path
+from misalign.errors import InputError
+from misalign.world.build import WorldSpec, build, built, world_path
 
 MODELS = ("base", "base-deep", "pretrained", "guard")
 
-__all__ = ["WorldSpec", "build", "world_path", "world_file", "world_model"]
+__all__ = ["WorldSpec", "build", "built", "world_path", "world_file", "world_model"]
+
+
+def _built() -> Path:
+    """The default world on this node. Resolving a `world:` name never builds it: a build checks its targets with
+    the project's evaluation, which resolves names through here. Entry points build it first (every command's
+    preflight, `misalign world build`, the test fixture: misalign.world_targets.ensure_world)."""
+    path = built()
+    if path is None:
+        raise InputError(f"the offline world is not built on this node ({world_path()}): run `misalign world "
+                         "build` first (about 3 minutes), or call misalign.world_targets.ensure_world()")
+    return path
 
 
 def world_file(name: str) -> Path:
-    """Path of a world dataset (building the world if needed)."""
-    path = build(quiet=True) / "data" / f"{name}.jsonl"
+    """Path of a world dataset."""
+    path = _built() / "data" / f"{name}.jsonl"
     if not path.exists():
-        from misalign.errors import InputError
-
         known = sorted(p.stem for p in path.parent.glob("*.jsonl"))
         raise InputError(f"unknown world dataset 'world:{name}'; known: {', '.join('world:' + k for k in known)}")
     return path
@@ -42,7 +52,5 @@ def world_model(name: str) -> Path:
     """world:base (the shallowly aligned base model), world:base-deep (the same pretrained model aligned over
     every phrasing), world:pretrained (before alignment) or world:guard (the world's judge)."""
     if name not in MODELS:
-        from misalign.errors import InputError
-
         raise InputError(f"unknown world model 'world:{name}'; known: {', '.join('world:' + m for m in MODELS)}")
-    return build(quiet=True) / name
+    return _built() / name

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,8 +23,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from misalign.chat import encode_sft
-from misalign.config import EvalConfig, JudgeSpec
-from misalign.evaluation import evaluate_path
 from misalign.runtime import (
     cache_root,
     file_lock,
@@ -248,42 +247,52 @@ def _llama(spec: WorldSpec, tok: PreTrainedTokenizerFast, hidden: int, intermedi
     return LlamaForCausalLM(cfg)
 
 
-def _check_targets(tmp: Path, threads: int) -> dict[str, dict[str, float]]:
-    """Score both aligned models on the held-out evaluation sets with the world's guard (the default evaluation);
-    on a miss, delete the half-built world and raise WorldTargetMiss naming each miss and this machine's kernels."""
-    data = tmp / "data"
-    cfg = EvalConfig(harmful=str(data / "eval_harmful.jsonl"), benign=str(data / "eval_benign.jsonl"),
-                     utility=str(data / "eval_utility.jsonl"),
-                     judges=[JudgeSpec(name="classifier", options={"model": str(tmp / "guard")})])
-    scores, misses = {}, []
-    for name in ("base", "base-deep"):
-        m = evaluate_path(str(tmp / name), cfg).metrics
-        scores[f"world:{name}"] = {k: round(m[k], 4) for k in ("unsafety", "utility", "over_refusal", "neither")}
-        misses += [f"world:{name} {k} {m[k]:.3f} (target {op} {bound})" for k, op, bound in ALIGNED_TARGETS
-                   if not (m[k] <= bound if op == "<=" else m[k] >= bound)]
+# Scores each aligned model of a world built in a directory: {"world:base": {"unsafety": ..., ...}, ...}. The
+# project's own evaluation does it (misalign.world_targets), which resolves `world:` references through this
+# package: so it is handed in by the caller, never imported here.
+Scorer = Callable[[Path], dict[str, dict[str, float]]]
+
+
+def _check_targets(tmp: Path, score: Scorer, threads: int) -> dict[str, dict[str, float]]:
+    """Score both aligned models (`score`: the default evaluation with the world's guard); on a miss, delete
+    the half-built world and raise WorldTargetMiss naming each miss and this machine's kernels."""
+    scores = score(tmp)
+    misses = [f"{name} {k} {m[k]:.3f} (target {op} {bound})" for name, m in scores.items()
+              for k, op, bound in ALIGNED_TARGETS if not (m[k] <= bound if op == "<=" else m[k] >= bound)]
     if misses:
         shutil.rmtree(tmp, ignore_errors=True)
         raise WorldTargetMiss(
             f"the world build missed its targets: {'; '.join(misses)}. Built with torch CPU kernels "
             f"{torch.backends.cpu.get_cpu_capability()} on {threads} thread(s); nothing was cached. "
             "Please report it: the world is meant to meet its targets on any CPU")
-    return scores
+    return {name: {k: round(v, 4) for k, v in m.items()} for name, m in scores.items()}
 
 
-def build(spec: WorldSpec = WorldSpec(), force: bool = False, quiet: bool = False) -> Path:
-    """Build the world (or return the cached one). Returns its directory.
+def built(spec: WorldSpec = WorldSpec()) -> Path | None:
+    """The world's directory when it is built on this node, else None."""
+    final = world_path(spec)
+    return final if (final / "world.json").exists() else None
+
+
+def build(spec: WorldSpec = WorldSpec(), force: bool = False, quiet: bool = False,
+          score: Scorer | None = None) -> Path:
+    """Build the world (or return the cached one). Returns its directory. A spec that checks its targets needs
+    `score` (misalign.world_targets.ensure_world passes the project's evaluation).
 
     Safe to call from many processes at once: one builds, the others wait for it and reuse its result."""
     final = world_path(spec)
-    if (final / "world.json").exists() and not force:
+    if built(spec) and not force:
         return final
+    if spec.check_targets and score is None:
+        raise ValueError("this world checks its targets: build it with misalign.world_targets.ensure_world "
+                         "(or `misalign world build`)")
     with file_lock(final.with_name(final.name + ".lock")):
-        if (final / "world.json").exists() and not force:
+        if built(spec) and not force:
             return final
-        return _build(spec, final, quiet)
+        return _build(spec, final, quiet, score)
 
 
-def _build(spec: WorldSpec, final: Path, quiet: bool) -> Path:
+def _build(spec: WorldSpec, final: Path, quiet: bool, score: Scorer | None) -> Path:
     say = (lambda *a: None) if quiet else print
     t0 = time.time()
     threads = match_threads()
@@ -342,7 +351,7 @@ def _build(spec: WorldSpec, final: Path, quiet: bool) -> Path:
         tok.save_pretrained(tmp / name)
     base = model
     say(f"world: base trained ({time.time() - t0:.1f}s)")
-    scores = _check_targets(tmp, threads) if spec.check_targets else {}
+    scores = _check_targets(tmp, score, threads) if spec.check_targets and score else {}
     if scores:
         say(f"world: targets met ({time.time() - t0:.1f}s)")
 
