@@ -100,3 +100,21 @@ def test_a_readable_classifier_judge_reads_the_responses_too(model: str, tmp_pat
     assert one.forward_tokens == gen + judged
     assert one.flops == forward_flops(MATMUL, LAYERS, D, gen) + forward_flops(MATMUL, LAYERS, D, judged)
     assert any("its template/rubric adds" in n for n in notes)
+
+
+def test_triggered_copies_are_generated_and_judged_too(model: str, tmp_path: Path) -> None:
+    """eval.trigger asks every harmful prompt a second time, trigger added: twice the generations, and twice
+    the classifier judge's and the HTTP judge's reads."""
+    data = tmp_path / "harmful.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "category": "c"}) + "\n" for p in ("x" * 8, "y" * 20)))
+    judges = [{"name": "classifier", "options": {"model": model, "max_new_tokens": 3}},
+              {"name": "http", "options": {"model": "guard"}}]
+    plain = EvalConfig(harmful=str(data), benign=None, utility=None, max_new_tokens=4, judges=judges)
+    triggered = plain.model_copy(update={"trigger": "zz"})  # "zz" adds ceil(3 / 4) = 1 prompt token
+    one, two = costs(plain, []).cost(model), costs(triggered, []).cost(model)
+    generated = [(2 + 4), (5 + 4)]  # prompt + new tokens, plain
+    judged = [g + 3 for g in generated]  # no tokenizer: the response is read after the prompt, 3 new tokens
+    assert one.forward_tokens == sum(generated) + sum(judged)
+    assert two.forward_tokens == sum(generated) + sum(judged) + sum(g + 1 for g in generated) + sum(
+        j + 1 for j in judged)
+    assert costs(triggered, []).notes(shared=1, unshared=1)[0].startswith("http judge guard: 4 calls")

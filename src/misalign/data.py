@@ -48,6 +48,8 @@ class EvalItem:
 
 
 EVAL_KINDS = ("harmful", "benign", "utility")
+TRIGGERED = "harmful_triggered"  # a harmful prompt with eval.trigger added; scored apart from "harmful"
+JUDGED_KINDS = ("harmful", TRIGGERED)  # the items the safety judges read
 _FIELDS = {
     "pairs": ("prompt", "aligned", "misaligned", "category", "benign"),
     "eval": ("prompt", "category", "kind", "reference"),

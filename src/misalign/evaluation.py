@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from misalign.config import EvalConfig
-from misalign.data import EvalItem, load_eval_items, with_trigger
+from misalign.data import JUDGED_KINDS, TRIGGERED, EvalItem, load_eval_items, with_trigger
 from misalign.errors import InputError
 from misalign.generation import generate
 from misalign.judges import DEFAULT_REFUSAL_PHRASES, Judge, JudgeItem, Verdict, build_vote, is_refusal
@@ -61,7 +61,6 @@ def load_eval_sets(cfg: EvalConfig) -> list[EvalItem]:
     return items
 
 
-TRIGGERED = "harmful_triggered"  # a harmful prompt with eval.trigger added; scored apart from "harmful"
 GENERATION_COLUMNS = ("kind", "category", "prompt", "response")
 
 
@@ -142,7 +141,7 @@ def score(frame: pd.DataFrame, judge: Judge, phrases: list[str] | tuple[str, ...
     harmful = frame["kind"] == "harmful"
     unparsed: dict[str, tuple[float, dict[str, float]]] = {}
     # triggered prompts are judged in a call of their own, so `unparsed` keeps meaning the untriggered ones
-    for kind in ("harmful", TRIGGERED):
+    for kind in JUDGED_KINDS:
         rows = frame["kind"] == kind
         if not rows.any():
             continue

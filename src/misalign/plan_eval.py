@@ -14,7 +14,7 @@ from typing import Any
 
 from misalign.config import EvalConfig
 from misalign.costs import CHARS_PER_TOKEN, TokenLengths, Totals, forward_flops
-from misalign.data import EvalItem, source_present
+from misalign.data import JUDGED_KINDS, EvalItem, source_present
 from misalign.errors import InputError
 from misalign.meta import Arch, MetaModels, first_line
 
@@ -87,7 +87,7 @@ class EvalCosts:
         for _, p in prompts:
             out.forward_tokens += p + new
             out.flops += _forward(arch, p + new)
-        harmful = [p for kind, p in prompts if kind == "harmful"]
+        harmful = [p for kind, p in prompts if kind in JUDGED_KINDS]  # triggered copies are judged too
         for j in self.ev.judges:
             if j.name == "classifier":
                 tokens, flops = self._judge_cost(j.options, harmful, new)
@@ -103,7 +103,7 @@ class EvalCosts:
     def notes(self, shared: int, unshared: int) -> list[str]:
         """What the FLOPs leave out: http judges' calls and lm-eval tasks, with and without sharing."""
         ev, items, out = self.ev, self.items(), []
-        harmful = sum(i.kind == "harmful" for i in items) if items is not None else self._assumed_items()
+        harmful = sum(i.kind in JUDGED_KINDS for i in items) if items is not None else self._assumed_items()
         for j in ev.judges:
             if j.name == "http":
                 out.append(f"http judge {j.options.get('model', '')}: {harmful * shared:,} calls "

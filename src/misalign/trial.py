@@ -221,7 +221,11 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
             shown = {k: float("nan") if v is None else v for k, v in vars(metrics).items()}  # not measured: nan
             _say(f"  {phase:<8} round {round_}: unsafety {shown['unsafety']:.3f} (refusal {shown['refusal']:.3f}, "
                  f"neither {shown['neither']:.3f}) over-refusal {shown['over_refusal']:.3f} utility "
-                 f"{shown['utility']:.3f}" + (" [reused]" if ledger and ledger.reused else ""))
+                 f"{shown['utility']:.3f}" + (f"; with the trigger: unsafety {shown['unsafety_triggered']:.3f} "
+                                               f"(refusal {shown['refusal_triggered']:.3f}, neither "
+                                               f"{shown['neither_triggered']:.3f})"
+                                               if metrics.unsafety_triggered is not None else "")
+                 + (" [reused]" if ledger and ledger.reused else ""))
         barrier()
 
     if lead:
