@@ -18,7 +18,14 @@ from misalign.lineage import model_identity, trial_stages
 from misalign.models import materialize
 from misalign.preflight import check_repair_sides
 from misalign.records import StageRecord
-from misalign.repair import MASK_FILE, prunable_linears, safelora_adapter, safelora_b, safelora_projection
+from misalign.repair import (
+    MASK_FILE,
+    check_lora_parent,
+    prunable_linears,
+    safelora_adapter,
+    safelora_b,
+    safelora_projection,
+)
 from misalign.stage import StageRun, train_stage
 from misalign.storage import Store
 from misalign.trial import run_cached_trial
@@ -72,6 +79,15 @@ def attacked(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short LoRA attack on world:base (2 optimizer steps)."""
     out = tmp_path_factory.mktemp("repair") / "attack"
     train_stage(StageRun("world:base", ATTACK, "misalign", out, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fully_attacked(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short full fine-tuning attack on world:base (2 optimizer steps)."""
+    out = tmp_path_factory.mktemp("repair") / "full"
+    train_stage(StageRun("world:base", ATTACK.model_copy(update={"method": "full"}), "misalign", out,
+                         progress=False))
     return out
 
 
@@ -129,16 +145,25 @@ def test_safelora_stores_an_adapter_the_size_of_its_parents(attacked: Path, tmp_
     assert not torch.equal(logits(handed), logits(materialize(attacked)))
 
 
-def test_safelora_refuses_a_parent_that_is_not_lora(world: Path, tmp_path: Path) -> None:
+def test_resta_and_antidote_repair_a_full_stage(fully_attacked: Path, tmp_path: Path) -> None:
+    parent = materialize(fully_attacked)
+    for cfg in (repair_config("resta", scale=0.5), repair_config("antidote", sparsity=0.1)):
+        handed = repaired(fully_attacked, cfg, tmp_path / cfg.method)
+        rebuilt = materialize(tmp_path / cfg.method)  # model/ of the full stage, then the recipe
+        assert torch.equal(logits(handed), logits(rebuilt)) and not torch.equal(logits(rebuilt), logits(parent))
+
+
+def test_safelora_refuses_a_parent_that_is_not_lora(fully_attacked: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="safelora needs a LoRA parent.*full"):
         check_repair_sides("full", "safelora")  # the trial's and the study's preflight: before the attack trains
     with pytest.raises(InputError, match="is a repair"):
         check_repair_sides("resta", "lora")
-    full = tmp_path / "full"
-    train_stage(StageRun("world:base", ATTACK.model_copy(update={"method": "full"}), "misalign", full,
-                         progress=False))
+    for adapter in ({"peft_type": "IA3"}, {"peft_type": "ADALORA"}, {"peft_type": "LORA", "use_dora": True}):
+        with pytest.raises(InputError, match="safelora needs a parent stage with a LoRA adapter"):
+            check_lora_parent(adapter, "stages/x")
+    check_lora_parent({"peft_type": "LORA"}, "stages/x")
     with pytest.raises(InputError, match="safelora needs a parent stage with a LoRA adapter.*full fine-tuning"):
-        repaired(full, repair_config("safelora"), tmp_path / "safelora")
+        repaired(fully_attacked, repair_config("safelora"), tmp_path / "safelora")
     assert not (tmp_path / "safelora").exists()  # refused before anything was computed or written
     with pytest.raises(InputError, match="is a model, not a stage"):
         repaired(Path("world:base"), repair_config("safelora"), tmp_path / "root")

@@ -40,16 +40,17 @@ def safelora_projection(aligned: torch.Tensor, unaligned: torch.Tensor) -> torch
     """C = V V^T / ||V||_F with V = W_aligned - W_unaligned (a layer the alignment left alone: C = 0)."""
     v = (aligned - unaligned).float()
     norm = torch.linalg.matrix_norm(v)
-    return v @ v.T / norm if norm > 0 else torch.zeros(v.shape[0], v.shape[0])
+    return v @ v.T / norm if norm > 0 else torch.zeros(v.shape[0], v.shape[0], device=v.device)
 
 
 def safelora_b(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, threshold: float) -> tuple[torch.Tensor, float]:
     """(B' of the stored adapter, cos(Delta W, C Delta W)) for one layer: (C - I) B when the cosine is below the
-    threshold, else zeros (the layer is left as it is). A zero update (cosine undefined) is left too."""
-    b32, a32 = b.float(), a.float()
+    threshold, else zeros (the layer is left as it is). A zero update (cosine undefined) is left too. Computed
+    in float32 on C's device; B' comes back in B's dtype and device."""
+    b32, a32 = b.to(c.device, torch.float32), a.to(c.device, torch.float32)
     cb = c @ b32
     cos = float(torch.nn.functional.cosine_similarity((b32 @ a32).flatten(), (cb @ a32).flatten(), dim=0))
-    return ((cb - b32) if cos < threshold else torch.zeros_like(b32)).to(b.dtype), cos
+    return ((cb - b32) if cos < threshold else torch.zeros_like(b32)).to(b.device, b.dtype), cos
 
 
 def lora_module(key: str) -> str:
