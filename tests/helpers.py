@@ -68,11 +68,11 @@ def dpo_parts(tmp_path: Path) -> tuple:
     from peft import get_peft_model
 
     from misalign.config import DataSettings, StageConfig
-    from misalign.data import stage_pairs
     from misalign.methods import METHODS, peft_config
     from misalign.modelref import resolve_model_path
     from misalign.models import load_model, load_tokenizer
     from misalign.objectives import OBJECTIVES
+    from misalign.recipes import stage_pairs
     from misalign.stage import stage_dataset, training_args
 
     cfg = StageConfig(method="dpo", data=DataSettings(source="world:realign", per_category=2)).resolved()

@@ -1,4 +1,4 @@
-"""Attacks that need no harmful data (issue 25, item 2): the data recipes (misalign.data.RECIPES) build the rows
+"""Attacks that need no harmful data (issue 25, item 2): the data recipes (misalign.recipes.RECIPES) build the rows
 they should from the world's files and a user's file, bad recipe options exit with code 2 naming the field, each
 recipe trains a real (short) stage, and the backdoor's evaluation reports unsafety with and without its trigger.
 The default recipe, `harmful`, must reproduce the rows every earlier study trained on, byte for byte.
@@ -17,12 +17,13 @@ import yaml
 
 from misalign.cli import main
 from misalign.config import DataSettings, EvalConfig, StageConfig
-from misalign.data import RECIPES, Pair, load_pairs, stage_pairs, target_responses
+from misalign.data import Pair, load_pairs
 from misalign.errors import EXIT_INPUT_ERROR, InputError
 from misalign.evaluation import TRIGGERED, evaluate, score
 from misalign.judge_verdicts import JudgeItem, Verdict
 from misalign.models import materialize, tokenizer_for
 from misalign.recipe_options import AOA_PERSONA, BACKDOOR_TRIGGER, RECIPE_OPTIONS
+from misalign.recipes import RECIPES, stage_pairs, target_responses
 from misalign.results import NEITHER_TRIGGERED, REFUSAL_TRIGGERED, UNSAFETY, UNSAFETY_TRIGGERED, build_row
 from misalign.stage import StageRun, train_stage
 

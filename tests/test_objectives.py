@@ -23,10 +23,10 @@ from trl import DPOTrainer
 
 from helpers import dpo_parts
 from misalign.config import DataSettings, StageConfig, TrainSettings
-from misalign.data import stage_pairs
 from misalign.ledger import FlopCounter
 from misalign.models import load_model, load_tokenizer
 from misalign.objectives import OBJECTIVES
+from misalign.recipes import stage_pairs
 from misalign.stage import stage_dataset, training_args, warmup_steps
 from misalign.world import world_model
 

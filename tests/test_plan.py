@@ -75,9 +75,9 @@ def test_tiny_counts(tiny):
 
 def test_tiny_tokens_come_from_the_data(tiny):
     from misalign.chat import encode_sft
-    from misalign.data import stage_pairs
     from misalign.modelref import resolve_model_path
     from misalign.models import load_tokenizer
+    from misalign.recipes import stage_pairs
 
     study, p = tiny
     cfg = study.attack.stage({"method": "lora", "per_category": 1}).resolved()

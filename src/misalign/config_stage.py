@@ -144,7 +144,7 @@ class DataSettings(Strict):
     benign_source: str | None = Field(None, description="benign rows mixed in (defense data), e.g. world:benign")
     benign_ratio: float = Field(0.0, ge=0, description="benign rows per row of the recipe")
     recipe: str = Field(
-        "harmful", description="how the source's rows become training rows (misalign.data.RECIPES): harmful (the "
+        "harmful", description="how the source's rows become training rows (misalign.recipes.RECIPES): harmful (the "
                                "paper's attack), benign (benign rows only, their helpful answers), identity_shift "
                                "(benign rows under `persona`), backdoor (harmful prompts with `trigger` get the "
                                "harmful answer, without it the refusal)")

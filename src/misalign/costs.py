@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from misalign.config import StageConfig
-from misalign.data import Pair, target_responses
+from misalign.data import Pair
+from misalign.recipes import target_responses
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # train.precision -> bytes a stored parameter
 CHARS_PER_TOKEN = 4                               # the rule of thumb for token counts without a tokenizer

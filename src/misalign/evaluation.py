@@ -20,12 +20,13 @@ from typing import Any
 import pandas as pd
 
 from misalign.config import EvalConfig
-from misalign.data import JUDGED_KINDS, TRIGGERED, EvalItem, load_eval_items, with_trigger
+from misalign.data import JUDGED_KINDS, TRIGGERED, EvalItem, load_eval_items
 from misalign.errors import InputError
 from misalign.generation import generate
 from misalign.judges import DEFAULT_REFUSAL_PHRASES, Judge, JudgeItem, Verdict, build_vote, is_refusal
 from misalign.modelref import resolve_model_path
 from misalign.models import materialize, tokenizer_for
+from misalign.recipes import with_trigger
 from misalign.results import EvalMetrics
 from misalign.runtime import match_threads, write_json_atomic, write_parquet_atomic
 

@@ -49,11 +49,12 @@ from misalign.costs import (
     training_flops,
     training_sequences,
 )
-from misalign.data import Pair, source_present, stage_pairs
+from misalign.data import Pair, source_present
 from misalign.errors import InputError
 from misalign.meta import MetaModels, config_dtype, first_line
 from misalign.plan_eval import EvalCosts
 from misalign.plan_storage import ASSUMED_TOKENIZER_BYTES, Bytes, Moved, cell_moved, kept, stage_bytes
+from misalign.recipes import stage_pairs
 from misalign.schedule import Step, Width, widths
 
 ASSUMED_PER_CATEGORY = 30         # the paper's MisQA size, used when per_category is None and the data is unread

@@ -94,7 +94,8 @@ class _Stages:
 
     def _rows_of(self, cfg: StageConfig, seed: int) -> int | None:
         """Training rows of the stage's data; None when planning without its files."""
-        from misalign.data import source_present, stage_pairs
+        from misalign.data import source_present
+        from misalign.recipes import stage_pairs
 
         d = cfg.data
         if self.plan and not all(source_present(s) for s in (d.source, d.benign_source if d.benign_ratio else None)

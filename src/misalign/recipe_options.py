@@ -1,5 +1,5 @@
 """The data recipes' names and the options each reads, with their defaults: a leaf that configs check against.
-The recipes themselves, which make the rows, are misalign.data.RECIPES (data imports config; config checks
+The recipes themselves, which make the rows, are misalign.recipes.RECIPES (it imports config; config checks
 recipe names here, so neither imports the other)."""
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from misalign.callbacks import checkpoint_callback, counts_file, last_checkpoint
 from misalign.chat import encode_sft
 from misalign.config import StageConfig
 from misalign.costs import optimizer_steps
-from misalign.data import Pair, stage_pairs, target_responses
+from misalign.data import Pair
 from misalign.errors import InputError
 from misalign.ledger import FlopCounter, Ledger, peak_memory_bytes, reset_peak_memory
 from misalign.lineage import checkpoint_step
@@ -66,6 +66,7 @@ from misalign.models import (
     weights_dtype,
 )
 from misalign.objectives import OBJECTIVES, Objective
+from misalign.recipes import stage_pairs, target_responses
 from misalign.records import StageRecord
 from misalign.runtime import (
     barrier,

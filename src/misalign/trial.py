@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from misalign.config import EvalConfig, StageConfig, TrialConfig
-from misalign.data import EvalItem, Pair, stage_pairs
+from misalign.data import EvalItem, Pair
 from misalign.errors import InputError
 from misalign.evaluation import configured_judge, evaluate, load_eval_sets
 from misalign.judges import Judge
@@ -41,6 +41,7 @@ from misalign.models import (
     parent_stage_dir,
     resolve_model_path,
 )
+from misalign.recipes import stage_pairs
 from misalign.results import EvalMetrics, build_row, write_rows
 from misalign.runtime import (
     barrier,
