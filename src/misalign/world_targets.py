@@ -13,6 +13,7 @@ above both, and is handed to the build. Resolving a `world:` name never builds; 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from misalign.config import EvalConfig, JudgeSpec
@@ -48,4 +49,6 @@ def ensure_world_if_named(*configs: object) -> None:
     if any("world:" in t for t in texts) and built() is None:
         print(f"world: building the offline world in {world_path()} (about 3 minutes, once per node)",
               file=sys.stderr, flush=True)
+        t0 = time.time()
         ensure_world()
+        print(f"world: built in {time.time() - t0:.0f}s, its targets met", file=sys.stderr, flush=True)
