@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from analysis_tables import study_table  # the hand-made results tables with known answers
 from misalign.errors import InputError
 from misalign.report import write_report
-from test_analysis import study_table  # the hand-made results tables with known answers
 
 FIXTURE = Path(__file__).parent / "fixtures" / "study-tiny"  # results of `make study` (configs/study-tiny.yaml)
 FIGURES = ["attack_curves", "defense_curves", "asymmetry", "realignment_matrix", "trajectories", "per_category",
