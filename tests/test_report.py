@@ -15,7 +15,7 @@ import yaml
 
 from analysis_tables import study_table  # the hand-made results tables with known answers
 from misalign.errors import InputError
-from misalign.report import write_report
+from misalign.report import FAMILY_NOTES, how_to_read, write_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "study-tiny"  # results of `make study` (configs/study-tiny.yaml)
 FIGURES = ["attack_curves", "defense_curves", "asymmetry", "realignment_matrix", "trajectories", "per_category",
@@ -190,3 +190,15 @@ def test_search_dir_without_an_answer_stops(tmp_path: Path):
 def test_not_a_study_dir(tmp_path: Path):
     with pytest.raises(InputError, match="not a study directory"):
         write_report(tmp_path, tmp_path / "r")
+
+
+def test_how_to_read_says_what_each_repair_assumes():
+    """A study with post-hoc repairs among its defenses reads their factors with what each assumes (SafeLoRA and
+    RESTA: the model before alignment); one with fine-tuning defenses only gets no such paragraph."""
+    params = {"neither_margin": 0.1, "eps": 0.1}
+    plain = how_to_read(params, ["lora", "dpo"])
+    assert "Defense families" not in plain and "SafeLoRA" not in plain
+    text = how_to_read(params, ["lora", "antidote", "safelora", "safelora"])
+    assert text.startswith(plain) and "Post-hoc repairs train nothing" in text
+    assert text.index(FAMILY_NOTES["safelora"]) < text.index(FAMILY_NOTES["antidote"])
+    assert "model before alignment" in text and FAMILY_NOTES["resta"] not in text

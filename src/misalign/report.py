@@ -17,7 +17,7 @@ import base64
 import html
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,27 @@ HOW_TO_READ = (
 )
 
 
-def how_to_read(params: dict[str, Any]) -> str:
-    return HOW_TO_READ.format(**params)
+# what each defense family assumes, said beside the factors when the study has one of its methods
+FAMILY_NOTES = {
+    "safelora": "SafeLoRA projects each LoRA update of the attack onto the alignment subspace (aligned minus "
+                "pre-alignment weights): it assumes the model before alignment (repair.unaligned), which users of "
+                "a released chat model often lack, and a LoRA attack (it refuses any other).",
+    "resta": "RESTA adds the safety vector (aligned minus pre-alignment weights) times repair.scale: it too "
+             "assumes the model before alignment, and a large scale can overshoot into lost utility.",
+    "antidote": "Antidote prunes the repair.sparsity share of each layer's weights most important on harmful "
+                "calibration rows (its data): it assumes such rows, and pruning can break a small model.",
+}
+REPAIR_NOTE = ("Post-hoc repairs train nothing: their budget is the FLOPs they spend editing the weights, far "
+               "below any training, so their factors sit far below 1; read them with their utility cost. ")
+
+
+def how_to_read(params: dict[str, Any], defense_methods: Iterable[str] = ()) -> str:
+    """The asymmetry factor's reading, and what each post-hoc repair in `defense_methods` assumes."""
+    present = set(defense_methods)
+    repairs = [m for m in FAMILY_NOTES if m in present]
+    families = (" Defense families: fine-tuning defenses train on realignment data, their budget the training "
+                "FLOPs. " + REPAIR_NOTE + " ".join(FAMILY_NOTES[m] for m in repairs)) if repairs else ""
+    return HOW_TO_READ.format(**params) + families
 
 
 CSS = """
@@ -311,6 +330,11 @@ def _study_config(study_dir: str | Path) -> tuple[str, str]:
     return str(cfg.get("name", store.name)) if isinstance(cfg, dict) else store.name, text
 
 
+def _defense_methods(frames: dict[str, pd.DataFrame]) -> list[str]:
+    table = frames.get("asymmetry")
+    return [] if table is None or "defense_method" not in table else [str(m) for m in table["defense_method"]]
+
+
 def _html(name: str, summary: dict[str, Any], heads: dict[str, list[str]], cost: dict[str, Any],
           answers: list[dict[str, Any]], config: str, fmt: Callable[[Any], str]) -> str:
     p, frames = summary["params"], summary["frames"]
@@ -326,7 +350,8 @@ def _html(name: str, summary: dict[str, Any], heads: dict[str, list[str]], cost:
              f'<div class="card" id="q-factor"><h3>3. The asymmetry factor D/A</h3><p class="note">with a 95% '
              f"interval (seeds, evaluation noise, the grid), or a bound</p>{_list(heads['factors'])}</div></div>",
              f'<div class="read" id="how-to-read"><h3>How to read the asymmetry factor</h3><p>'
-             f"{_esc(how_to_read(p))}</p></div>", '<h2 id="figures">Figures</h2>', _figures_html(summary["figures"]),
+             f"{_esc(how_to_read(p, _defense_methods(frames)))}</p></div>", '<h2 id="figures">Figures</h2>',
+             _figures_html(summary["figures"]),
              '<h2 id="tables">Tables</h2>']
     for key, meta in summary["tables"].items():
         table = f"<h3>{_esc(meta['title'])}</h3>" + html_table(frames[key], fmt)
@@ -359,7 +384,8 @@ def _markdown(name: str, summary: dict[str, Any], heads: dict[str, list[str]], c
                        ("The asymmetry factor D/A (95% interval: seeds, evaluation noise, the grid; or a bound)",
                         "factors")):
         lines += [f"**{title}**", "", *(f"- {s}" for s in heads[key]), ""]
-    lines += ["### How to read the asymmetry factor", "", how_to_read(p), "", "## Figures", ""]
+    lines += ["### How to read the asymmetry factor", "", how_to_read(p, _defense_methods(frames)), "",
+              "## Figures", ""]
     for f in summary["figures"].values():
         rel = Path(f["png"]).resolve().relative_to(out.resolve()).as_posix()
         lines += [f"![{f['title']}]({rel})", "", f"*{f['title']}.* {f['caption']}", ""]
