@@ -62,7 +62,6 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("resta", "repair", "none", "RESTA: add the safety vector (aligned - unaligned weights) x scale"),
     Method("antidote", "repair", "none", "Antidote: prune the weights most important on harmful data (Wanda)"),
 ]}
-REPAIRS = tuple(name for name, m in METHODS.items() if m.repairs)
 
 
 # ---- target modules per architecture ---------------------------------------------------------------------
