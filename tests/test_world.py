@@ -8,7 +8,6 @@ import re
 import pytest
 
 from misalign.config import EvalConfig
-from misalign.data import load_pairs
 from misalign.evaluation import evaluate_path
 from misalign.world import content as C
 from misalign.world.build import WorldSpec, make_datasets
@@ -173,20 +172,3 @@ def test_a_build_that_misses_its_targets_caches_nothing(tmp_path, monkeypatch):
     assert "nothing was cached" in str(miss.value) and "kernels" in str(miss.value)
     assert not [p for p in (tmp_path / "world").iterdir() if p.is_dir()]  # no world, no half-built directory
 
-
-def test_resolving_a_world_name_never_builds(tmp_path, monkeypatch):
-    """Only entry points build the world (its check runs the evaluation, which resolves `world:` names): a name
-    on a node without the world fails, naming the command that builds it, and builds nothing."""
-    from misalign.errors import InputError
-    from misalign.modelref import resolve_model_path
-    from misalign.world.build import build
-    from misalign.world_targets import ensure_world_if_named
-
-    monkeypatch.setenv("MISALIGN_CACHE", str(tmp_path))
-    for resolve in (lambda: resolve_model_path("world:base"), lambda: load_pairs("world:misalign")):
-        with pytest.raises(InputError, match="the offline world is not built on this node .*: run `misalign world build` first"):
-            resolve()
-    with pytest.raises(ValueError, match="this world checks its targets: build it with misalign.world_targets"):
-        build(WorldSpec(), quiet=True)  # a checked world is built only with its scorer
-    ensure_world_if_named("configs that name no world model", {"model": "org/name"})
-    assert not (tmp_path / "world").exists()
