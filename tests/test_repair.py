@@ -179,6 +179,7 @@ def test_each_repair_is_a_defense_stage_of_a_trial(world: Path, tmp_path_factory
     rows = run_cached_trial(trial, {"method": method}, Store(cache), (Store(cache), f"rows-{method}.parquet"))
     defense = next(r for r in rows if r["phase"] == "realign")
     assert 0 <= defense["unsafety"] <= 1 and defense["utility"] is not None
+    assert defense["n_examples"] == (13 if method == "antidote" else 0)  # rows read: one per category, or none
     key = trial_stages(model_identity("world:base"), 1, ATTACK.resolved(), trial.defense.resolved(), 0)[-1][3]
     stage = cache / key
     record = StageRecord.read(stage)

@@ -240,8 +240,9 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
         with _claimed_on_rank0(layout, stage_dir):
             done = broadcast_from_rank0(layout.done(stage_dir, "ledger.json") if lead else None)
             if lead:
-                _say(f"== round {r}/{cfg.rounds}: {phase} with {stage.method} on {len(pairs)} examples "
-                     f"({stage.data.per_category or 'all'} per category)" + (" [reused]" if done else ""))
+                on = ("(a repair: it trains nothing)" if METHODS[stage.method].repairs else
+                      f"on {len(pairs)} examples ({stage.data.per_category or 'all'} per category)")
+                _say(f"== round {r}/{cfg.rounds}: {phase} with {stage.method} {on}" + (" [reused]" if done else ""))
             if done:
                 ledger = Ledger(**layout.read(stage_dir, "ledger.json"))
                 ledger.reused = True
@@ -257,7 +258,9 @@ def trial_loop(cfg: TrialConfig, layout: Layout, *, attack_pairs: list[Pair], de
                 current.put(stage_dir, trained)
                 if lead:
                     layout.publish(stage_dir, "ledger.json")
-        record(r, phase, stage, len(pairs), ledger, layout.stage_eval_dir(stage_dir, cfg.eval), stage_dir, key)
+        # a repair's examples are the rows it read (Antidote's calibration rows; none for the others)
+        n = ledger.examples if METHODS[stage.method].repairs else len(pairs)
+        record(r, phase, stage, n, ledger, layout.stage_eval_dir(stage_dir, cfg.eval), stage_dir, key)
         previous_stage = stage_dir
     return rows
 
