@@ -9,6 +9,7 @@ and FLOPs within 1% (the plan ignores padding to the batch's longest example).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -272,3 +273,24 @@ def test_tiny_adapter_bytes_are_trainable_params_in_fp32(tiny):
         else:
             assert s.stored.adapters == 4 * s.trainable_params and s.stored.weights == 0
     assert 0 < p.storage["shared"].total < p.storage["unshared"].total
+
+
+def test_repairs_are_priced_as_what_they_do(world):
+    """A post-hoc repair trains nothing: RESTA adds a vector (3 FLOPs a parameter), Antidote forwards its harmful
+    calibration rows, SafeLoRA is priced over every linear layer and says it is an upper bound."""
+    import yaml
+
+    from misalign.costs import resta_flops
+
+    d = yaml.safe_load(Path("configs/study-tiny.yaml").read_text())
+    d["defense"] = {"methods": ["safelora", "resta", "antidote"], "per_category": [3],
+                    "data": {"source": "world:misalign"}}
+    p = estimate(StudyConfig.model_validate(d))
+    realign = {s.method: s for s in p.stages if s.phase == "realign"}
+    assert all(s.tokens == 0 and s.optimizer_steps == 0 and s.trainable_params == 0 for s in realign.values())
+    params = next(m.total_params for m in p.models if m.role == "model")
+    assert realign["resta"].flops == resta_flops(params) and realign["resta"].forward_tokens == 0
+    assert realign["antidote"].examples == 3 * 13 and realign["antidote"].forward_tokens > 0
+    assert realign["antidote"].flops > realign["resta"].flops
+    assert realign["safelora"].flops > 0 and any("safelora stages priced over every linear" in a
+                                                 for a in p.assumptions)

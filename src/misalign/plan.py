@@ -321,6 +321,8 @@ class _Estimator:
 
         cfg, ref, seed = use.config, use.cell.model, use.cell.seed
         objective = METHODS[cfg.method].objective
+        if METHODS[cfg.method].repairs:
+            return self._repair_cost(use)
         pairs = self.pairs(cfg, seed)
         if pairs is None:
             seqs = self._assumed_sequences(cfg, objective)
@@ -345,6 +347,40 @@ class _Estimator:
             trainable_params=trainable, tokens=tokens, forward_tokens=forward, flops=flops,
             device_hours=flops / self.effective / 3600, uses=1,
             dtype=self.precision(ref, cfg), stored=self._stage_bytes(ref, cfg, trainable), compiled_on_gpu=compiled)
+
+    def _repair_cost(self, use: Any) -> StagePlan:
+        """A post-hoc repair (misalign.repair) trains nothing: RESTA adds a vector (3 FLOPs a parameter),
+        Antidote forwards its calibration rows and scores every weight, SafeLoRA projects the attack's LoRA
+        layers (priced here over every linear layer, since the attack's targets are a subset: an upper bound).
+        It keeps a recipe, a mask or an adapter the size of the attack's: priced as an adapter of the model."""
+        from misalign.costs import antidote_flops, resta_flops, safelora_flops
+
+        cfg, ref, seed = use.config, use.cell.model, use.cell.seed
+        arch, r = self.meta.model_arch(ref), cfg.repair
+        examples, forward, flops = 0, 0.0, 0.0
+        if cfg.method == "resta":
+            flops = resta_flops(arch.total) if r.scale else 0.0
+        elif cfg.method == "antidote":
+            pairs = self.pairs(cfg, seed)
+            harmful = [p for p in pairs if not p.benign] if pairs is not None else None
+            seqs = (training_sequences("sft", harmful, "misalign", TokenLengths(self.tokenizer(ref)), cfg)
+                    if harmful is not None else self._assumed_sequences(cfg, "sft"))
+            examples, forward = len(seqs), float(sum(k for k, _ in seqs))
+            flops = antidote_flops([k for k, _ in seqs], arch.matmul, arch.layers, arch.d_model, arch.matmul)
+        else:
+            import torch
+
+            linears = [m for m in arch.model.modules() if isinstance(m, torch.nn.Linear)]
+            flops = sum(safelora_flops(m.out_features, m.in_features, 0) for m in linears)
+            self.assume("safelora stages priced over every linear layer of the model (the attack's LoRA targets "
+                        "are a subset): an upper bound")
+        return StagePlan(
+            key=use.key, model=ref, phase=use.phase, round=use.round, seed=seed, method=cfg.method,
+            per_category=cfg.data.per_category, examples=examples, examples_assumed=False,
+            tokens_per_example=forward / examples if examples else 0.0, passes=0.0, optimizer_steps=0,
+            trainable_params=0, tokens=0.0, forward_tokens=forward, flops=flops,
+            device_hours=flops / self.effective / 3600, uses=1, dtype=self.precision(ref, cfg),
+            stored=self._stage_bytes(ref, cfg, 0))
 
     def precision(self, ref: str, cfg: StageConfig) -> str:
         """train.precision as the stage resolves it: "auto" from the weights' dtype where they are on this disk
