@@ -25,10 +25,10 @@ $(BIN)/misalign: pyproject.toml constraints/ci.txt
 venv: $(BIN)/misalign
 
 # the default study on a local Ray, the cheapest-attack search (reusing the study's stages), then the report;
-# rerunning resumes each step (finished cells and trials are not redone)
+# rerunning resumes each step (finished cells and trials are not redone). The study ends with its own summary
+# line; `misalign study status runs/study-tiny` says more (preemptions, failed attempts)
 study: venv
 	$(BIN)/misalign study run configs/study-tiny.yaml --storage runs
-	$(BIN)/misalign study status runs/study-tiny
 	$(BIN)/misalign search attack configs/search-attack-tiny.yaml --storage runs --stages runs/study-tiny/stages
 	$(BIN)/misalign report runs/study-tiny --search runs/search-attack-tiny --out runs/study-tiny/report
 

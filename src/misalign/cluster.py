@@ -49,6 +49,10 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     else:
+        # Ray turns token authentication on for a new local cluster and says so at WARNING on every start; it is
+        # what we want, not a problem (setting RAY_AUTH_MODE ourselves instead leaves ray.init's cached config
+        # without the token it then generates)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # the dashboard (bound to 127.0.0.1) serves the state API Ray Train's controller polls; trials without
         # Train workers do not need it, and it costs about 2 s of start-up. "local": a new Ray of our own, never
         # one a `ray start` left running on this machine
