@@ -28,6 +28,8 @@ Cost of one stage, with the ledger's formula so an estimate and a measured ledge
                 d_model x the example's width; DPO adds a no-grad reference forward, tokens x (2N + A).
   device-hours  FLOPs / (plan.peak_flops x plan.mfu) / 3600; money = device-hours x plan.price_per_device_hour.
 These are model FLOPs: gradient checkpointing's recomputation and padding are not in them (as in the ledger).
+Slightly over ~450 lines: each kind of stage (trained, repair, assumed data) is priced here, where it meets the
+grid; the formulas themselves are misalign.costs'.
 """
 
 from __future__ import annotations

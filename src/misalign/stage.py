@@ -20,6 +20,8 @@ from it without writing and reading weights; `misalign.models.materialize` rebui
 Its parts, in reading order: misalign.objectives (what SFT, DPO and ORPO each need: rows, trl config, trainer),
 misalign.callbacks (progress lines, resumable checkpoints), misalign.speedups (what it patches to train faster,
 each undone after), misalign.records (stage.json); the rank collectives are misalign.runtime's.
+Longer than ~450 lines because a trained stage and a repair share one contract here (the parent's checks and
+dtype, the records, the ledger, the hand-over in memory); the repairs' math is misalign.repair.
 """
 
 from __future__ import annotations
