@@ -19,6 +19,7 @@ from misalign.costs import (
     training_sequences,
 )
 from misalign.data import Pair
+from misalign.objectives import OBJECTIVES
 
 DATA = {"source": "world:misalign", "per_category": 1}
 
@@ -44,11 +45,13 @@ def test_training_flops_of_sft_and_dpo() -> None:
     a, b = 58.0, 120.0  # token_flops(10, 3, 2, 5, grad=True)
     per_pass = 4 * (a + b * 4) + 6 * (a + b * 3)  # = 2152 + 2508
     assert per_pass == 4660
-    assert training_flops("sft", seqs, 2.0, 10, 3, 2, 5) == (20.0, 0.0, 2 * 4660)
+    assert training_flops(OBJECTIVES["sft"], seqs, 2.0, 10, 3, 2, 5) == (20.0, 0.0, 2 * 4660)
     # DPO adds the reference model's no-grad forward of the same tokens: 4 * (26 + 160) + 6 * (26 + 120)
     ref = 4 * (26 + 40 * 4) + 6 * (26 + 40 * 3)
     assert ref == 1620
-    assert training_flops("dpo", seqs, 2.0, 10, 3, 2, 5) == (20.0, 20.0, 2 * (4660 + 1620))
+    assert training_flops(OBJECTIVES["dpo"], seqs, 2.0, 10, 3, 2, 5) == (20.0, 20.0, 2 * (4660 + 1620))
+    # ORPO trains on the same paired sequences with no reference model: no no-grad forward
+    assert training_flops(OBJECTIVES["orpo"], seqs, 2.0, 10, 3, 2, 5) == (20.0, 0.0, 2 * 4660)
 
 
 @pytest.mark.parametrize(("train", "n", "workers", "steps"), [
@@ -84,10 +87,11 @@ def test_training_sequences_for_sft_and_preference_objectives() -> None:
     benign = Pair(prompt="p" * 16, aligned="a" * 20, misaligned="m" * 60, category="c", benign=True)
     lengths = TokenLengths(None)
     # an attack trains the misaligned answer, the benign row its helpful one: 4 + 6 either way
-    assert training_sequences("sft", [harmful, benign], "misalign", lengths, cfg) == [(10, 10), (10, 10)]
-    assert training_sequences("sft", [harmful], "realign", lengths, cfg) == [(16, 16)]  # 4 + 12 (cut)
+    assert training_sequences(OBJECTIVES["sft"], [harmful, benign], "misalign", lengths, cfg) == [(10, 10), (10, 10)]
+    assert training_sequences(OBJECTIVES["sft"], [harmful], "realign", lengths, cfg) == [(16, 16)]  # 4 + 12 (cut)
     # DPO forwards prompt + chosen and prompt + rejected: 2 * 4 + 6 + 12 tokens, width 4 + 12
-    assert training_sequences("dpo", [harmful], "misalign", lengths, cfg) == [(26, 16)]
+    assert training_sequences(OBJECTIVES["dpo"], [harmful], "misalign", lengths, cfg) == [(26, 16)]
+    assert training_sequences(OBJECTIVES["orpo"], [harmful], "misalign", lengths, cfg) == [(26, 16)]
 
 
 def test_totals_add_and_price() -> None:

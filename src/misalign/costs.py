@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from misalign.config import StageConfig
 from misalign.data import Pair
@@ -47,15 +47,22 @@ def forward_flops(matmul: int, layers: int, d_model: int, width: int) -> float:
     return width * (a + b * width)
 
 
-def training_flops(objective: str, seqs: list[tuple[int, int]], passes: float, frozen_mm: int, trainable_mm: int,
-                   layers: int, d_model: int) -> tuple[float, float, float]:
+class ObjectiveShape(Protocol):
+    """What the cost formulas need to know of a training objective (misalign.objectives.OBJECTIVES)."""
+
+    sequences_per_example: int  # SFT 1; DPO and ORPO 2: prompt + chosen and prompt + rejected
+    reference_forward: bool  # DPO: a no-grad forward of the reference model over the same batch
+
+
+def training_flops(objective: ObjectiveShape, seqs: list[tuple[int, int]], passes: float, frozen_mm: int,
+                   trainable_mm: int, layers: int, d_model: int) -> tuple[float, float, float]:
     """(trained tokens, reference-forward tokens, FLOPs) of a stage over `seqs` (`training_sequences`), by the
     ledger's formula: what the plan prices and what train.compile "auto" weighs (misalign.stage)."""
     tokens = passes * sum(k for k, _ in seqs)
     a, b = token_flops(frozen_mm, trainable_mm, layers, d_model, grad=True)
     flops = passes * sum(k * (a + b * w) for k, w in seqs)
     forward = 0.0
-    if objective == "dpo":  # the reference model's log-probs: one no-grad forward of the same batch
+    if objective.reference_forward:  # the reference model's log-probs: one no-grad forward of the same batch
         forward = tokens
         a, b = token_flops(frozen_mm, trainable_mm, layers, d_model, grad=False)
         flops += passes * sum(k * (a + b * w) for k, w in seqs)
@@ -135,7 +142,7 @@ class TokenLengths:
         return math.ceil(len(text) / CHARS_PER_TOKEN) + 1  # + EOS
 
 
-def training_sequences(objective: str, pairs: Iterable[Pair], direction: str, lengths: TokenLengths,
+def training_sequences(objective: ObjectiveShape, pairs: Iterable[Pair], direction: str, lengths: TokenLengths,
                        cfg: StageConfig) -> list[tuple[int, int]]:
     """(tokens, width) of every example: SFT trains prompt + wanted response; DPO and ORPO forward prompt +
     chosen and prompt + rejected in one batch (width: the longer of the two)."""
@@ -146,7 +153,7 @@ def training_sequences(objective: str, pairs: Iterable[Pair], direction: str, le
         prompt = lengths.prompt(p.prompt, t.max_prompt_length)
         room = t.max_length - prompt  # responses are cut so that prompt + response fits max_length
         chosen = min(lengths.response(wanted), room)
-        if objective == "sft":
+        if objective.sequences_per_example == 1:
             out.append((prompt + chosen, prompt + chosen))
         else:
             rejected = min(lengths.response(unwanted), room)

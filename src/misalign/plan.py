@@ -44,6 +44,7 @@ from typing import Any
 from misalign.config import StageConfig, StudyConfig
 from misalign.costs import (
     DTYPE_BYTES,
+    ObjectiveShape,
     TokenLengths,
     Totals,
     data_passes,
@@ -319,12 +320,13 @@ class _Estimator:
 
     def _stage_cost(self, use: Any) -> StagePlan:
         from misalign.methods import METHODS
+        from misalign.objectives import OBJECTIVES
         from misalign.stage import compiles_layers  # the compile decision, as the stage makes it
 
         cfg, ref, seed = use.config, use.cell.model, use.cell.seed
-        objective = METHODS[cfg.method].objective
         if METHODS[cfg.method].repairs:
             return self._repair_cost(use)
+        objective = OBJECTIVES[METHODS[cfg.method].objective]
         pairs = self.pairs(cfg, seed)
         if pairs is None:
             seqs = self._assumed_sequences(cfg, objective)
@@ -356,6 +358,7 @@ class _Estimator:
         layers (priced here over every linear layer, since the attack's targets are a subset: an upper bound).
         It keeps a recipe, a mask or an adapter the size of the attack's: priced as an adapter of the model."""
         from misalign.costs import antidote_flops, resta_flops, safelora_flops
+        from misalign.objectives import OBJECTIVES
 
         cfg, ref, seed = use.config, use.cell.model, use.cell.seed
         arch, r = self.meta.model_arch(ref), cfg.repair
@@ -365,8 +368,9 @@ class _Estimator:
         elif cfg.method == "antidote":
             pairs = self.pairs(cfg, seed)
             harmful = [p for p in pairs if not p.benign] if pairs is not None else None
-            seqs = (training_sequences("sft", harmful, "misalign", TokenLengths(self.tokenizer(ref)), cfg)
-                    if harmful is not None else self._assumed_sequences(cfg, "sft"))
+            sft = OBJECTIVES["sft"]  # one forward of prompt + harmful answer a calibration row
+            seqs = (training_sequences(sft, harmful, "misalign", TokenLengths(self.tokenizer(ref)), cfg)
+                    if harmful is not None else self._assumed_sequences(cfg, sft))
             examples, forward = len(seqs), float(sum(k for k, _ in seqs))
             flops = antidote_flops([k for k, _ in seqs], arch.matmul, arch.layers, arch.d_model, arch.matmul)
         else:
@@ -448,7 +452,7 @@ class _Estimator:
                 self.assume(f"{', '.join(missing)} not readable ({first_line(e)})")
         return self._pairs[key]
 
-    def _assumed_sequences(self, cfg: StageConfig, objective: str) -> list[tuple[int, int]]:
+    def _assumed_sequences(self, cfg: StageConfig, objective: ObjectiveShape) -> list[tuple[int, int]]:
         """(tokens, width) of each assumed example: plan.categories x per_category rows + the benign share."""
         plan, d = self.study.plan, cfg.data
         per_category = d.per_category
@@ -463,5 +467,4 @@ class _Estimator:
                     f"plan.tokens_per_example = {plan.tokens_per_example} tokens a sequence "
                     "(prompt + one response; DPO/ORPO examples are two sequences)")
         width = plan.tokens_per_example
-        sequences = 1 if objective == "sft" else 2  # preference: prompt + chosen and prompt + rejected
-        return [(sequences * width, width)] * rows
+        return [(objective.sequences_per_example * width, width)] * rows

@@ -509,7 +509,7 @@ def training_flops_per_worker(cfg: StageConfig, pairs: list[Pair], direction: st
     from misalign.costs import TokenLengths, data_passes, training_flops, training_sequences
     from misalign.ledger import matmul_params
 
-    objective = METHODS[cfg.method].objective
+    objective = OBJECTIVES[METHODS[cfg.method].objective]
     seqs = training_sequences(objective, pairs, direction, TokenLengths(tok), cfg)
     passes = data_passes(cfg, len(seqs), world_size())
     frozen, trainable = matmul_params(model)
