@@ -125,3 +125,12 @@ def test_shared_stages_train_once(study: StudyConfig) -> None:
     for u in uses:
         first.setdefault(u.key, u)
     assert all(unique[k] is first[k] for k in first)  # the first use of each stage is the one that trains it
+
+
+def test_method_settings_for_a_method_not_swept_are_unused_and_a_typo_fails():
+    """`--set defense.methods=[lora]` on a config whose per_method names dpo: dpo's entry is unused; a per_method
+    key that names no method at all is a typo and fails, naming the known methods."""
+    only_lora = _study(methods=["lora"], per_method={"dpo": {"per_category": [3, 10]}})
+    assert {c.defense["method"] for c in cells(only_lora)} == {"lora"}
+    with pytest.raises(ValueError, match="per_method\\['dop'\\]: no such method; known: lora"):
+        _study(per_method={"dop": {"train.lr": 1e-4}})

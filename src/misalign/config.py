@@ -132,9 +132,11 @@ class StudySide(Strict):
             if key.split(".")[0] not in ("data", "train", "adapter", "preference", "deepspeed", "repair"):
                 raise ValueError(f"grid[{key!r}]: axes are dotted stage fields such as train.lr, adapter.r or "
                                  "repair.scale")
-        for method in self.per_method:
-            if method not in self.methods:
-                raise ValueError(f"per_method[{method!r}]: not one of methods {self.methods}")
+        from misalign.methods import METHODS
+
+        for method in self.per_method:  # a method not swept here is unused (`--set ...methods=[lora]` keeps the
+            if method not in METHODS:    # shipped per_method entries of the others); a name no method has fails
+                raise ValueError(f"per_method[{method!r}]: no such method; known: {', '.join(METHODS)}")
         self.stages()  # every cell must be a valid stage: checked here, before any compute
         return self
 

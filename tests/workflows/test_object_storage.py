@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 # misalignments)
 # and made quick: 4 optimizer steps a stage, 20 items a set
 FAST = ["--set", "seeds=[0]", "--set", "attack.methods=[lora, full]", "--set", "attack.per_category=[3]",
-        "--set", "defense.methods=[lora, dpo]", "--set", "defense.per_category=[3]", "--set", "attack.train.max_steps=4",
+        "--set", "defense.methods=[lora, dpo]", "--set", "defense.per_category=[3]", "--set", "defense.per_method={}",
+        "--set", "attack.train.max_steps=4",
         "--set", "defense.train.max_steps=4", "--set", "eval.limit=20", "--set", "eval.max_new_tokens=16"]
 
 
