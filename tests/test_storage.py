@@ -1,13 +1,18 @@
 """misalign.storage: a Store on a local directory (the same operations a bucket gets: tests/workflows/
-test_object_storage.py runs them on moto's S3), URLs kept free of credentials, and the writability check."""
+test_object_storage.py runs them on moto's S3), URLs kept free of credentials, the writability check, and
+reads of an object that is being replaced (on moto's S3)."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from helpers import BUCKET
 from misalign.errors import InputError
 from misalign.storage import Store, check_store, is_url, redacted
 
@@ -102,3 +107,30 @@ def test_check_store_writes_a_probe_and_leaves_nothing(tmp_path: Path) -> None:
 def test_an_unknown_url_scheme_is_an_input_error() -> None:
     with pytest.raises(InputError, match="no filesystem understands this URL"):
         Store("nosuchscheme://bucket/x")
+
+
+def test_an_object_read_while_it_is_replaced_is_one_whole_version(s3) -> None:
+    """An attempt log is rewritten while others read it (the autoscaling workflow's poll tore one): each read
+    gives one whole version, never a prefix of a longer one. Before the fix, about one read in five tore here."""
+    store = Store(f"s3://{BUCKET}/torn-read")
+    versions = [["x" * (7 * i)] * (1 + i % 5) for i in range(12)]  # each a different length
+    store.write_json("log.json", versions[0])
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            store.write_json("log.json", versions[i % len(versions)])
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    reads, deadline = [], time.time() + 6
+    try:
+        while time.time() < deadline:
+            reads.append(store.read_bytes("log.json"))
+    finally:
+        stop.set()
+        writer.join()
+    assert len(reads) > 50, "too few reads to have raced the writer"
+    assert all(json.loads(r) in versions for r in reads)

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+_READ_TRIES = 20  # reads of an object that keeps changing under the reader before giving up
+
+
 def is_url(location: str | Path) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
 
@@ -109,11 +112,19 @@ class Store:
         return self.fs.get_file_info(self._path(rel)).type != pafs.FileType.NotFound
 
     def read_bytes(self, rel: str) -> bytes:
-        try:
-            with self.fs.open_input_stream(self._path(rel)) as f:
-                return f.read()
-        except FileNotFoundError:
-            raise InputError(f"{self.url}/{rel}: not found") from None
+        """A file's whole contents, as one version of it. An object store's reader asks for the object's size and
+        then reads that many bytes in a second request: an object replaced in between (an attempt log, a claim)
+        would give a prefix of the new version. Such a read is noticed (the size has changed) and read again."""
+        path = self._path(rel)
+        for _ in range(_READ_TRIES):
+            try:
+                with self.fs.open_input_stream(path) as f:
+                    data = f.read()
+            except FileNotFoundError:
+                raise InputError(f"{self.url}/{rel}: not found") from None
+            if not self.remote or len(data) == self.fs.get_file_info(path).size:
+                return data
+        raise OSError(f"{self.url}/{rel}: the object changed during each of {_READ_TRIES} reads in a row")
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode()
