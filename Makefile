@@ -34,7 +34,7 @@ study: venv
 
 test: venv
 	$(BIN)/ruff check src tests bench analysis
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=30  # the slowest tests, so the suite's time stays in sight
 
 lint: venv
 	$(BIN)/ruff check src tests bench analysis
