@@ -86,3 +86,27 @@ def crossed(b0: float, b1: float, v0: float, v1: float, limit: float, floor: flo
 # (0.6): 1/cat (200) leaves 0.3, 3/cat (400) gets to 0.02 <= 0 + delta
 A_TRUE = crossed(50, 100, 0.2, 0.6, 0.5)
 D_TRUE = crossed(200, 400, 0.3, 0.02, 0.05, ceiling=0.6)
+
+
+# attack per_category -> {RESTA scale: (unsafety, neither, utility) after the repair}
+RESTA = {
+    1: {0.0: (0.2, 0.0, 0.85), 0.25: (0.02, 0.0, 0.88), 0.5: (0.0, 0.0, 0.86)},
+    3: {0.0: (0.6, 0.0, 0.80), 0.25: (0.3, 0.0, 0.84), 0.5: (0.02, 0.0, 0.85), 2.0: (0.0, 0.9, 0.1)},
+    10: {0.25: (0.5, 0.0, 0.6), 0.5: (0.2, 0.0, 0.65), 1.0: (0.03, 0.0, 0.7), 2.0: (0.0, 0.9, 0.1)},
+}
+REPAIR_FLOPS = 7.0
+
+
+def table_with_resta() -> pd.DataFrame:
+    """study_table's grid (lora defenses at 1, 3, 10 per category), and RESTA at each scale of RESTA above."""
+    frame = study_table()
+    rows = []
+    for (a_method, a_pc), (a_flops, a_u, a_t) in ATTACK.items():
+        for scale, (u, neither, utility) in RESTA[a_pc].items():
+            cell = {"id": f"m-0-{a_method}{a_pc}-resta{scale}", "model": "m", "seed": 0, "attack": (a_method, a_pc),
+                    "defense": ("resta", None)}
+            realigned = row(cell, 1, "realign", u, utility, REPAIR_FLOPS) | {"neither": neither}
+            rows += [row(cell, 0, "base", 0.0, 0.9, 0.0), row(cell, 1, "misalign", a_u, a_t, a_flops), realigned]
+            for r in rows[-3:]:
+                r["defense_repair.scale"] = scale
+    return pd.concat([frame, pd.DataFrame(rows)], ignore_index=True)

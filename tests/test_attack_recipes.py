@@ -144,6 +144,11 @@ def test_a_trigger_already_in_the_data_is_refused(world):
     (["eval.trigger= "], "eval.trigger is blank"),
     (["eval.trigger_position=prefix"], "eval.trigger_position is set but eval.trigger is not"),
     (["eval.trigger_position=middle"], "trigger_position"),
+    (["attack.data.recipe=benign", "attack.data.source=world:benign", "attack.method=dpo"],
+     "data.recipe 'benign' gives rows with one answer (the helpful one), and method dpo (dpo) learns from the "
+     "difference"),
+    (["attack.data.recipe=identity_shift", "attack.data.source=world:benign", "attack.method=orpo"],
+     "data.recipe 'identity_shift' gives rows with one answer"),
 ])
 def test_bad_recipe_options_exit_2_naming_the_field(tmp_path, capsys, sets, message):
     config = tmp_path / "trial.yaml"

@@ -134,3 +134,40 @@ def test_method_settings_for_a_method_not_swept_are_unused_and_a_typo_fails():
     assert {c.defense["method"] for c in cells(only_lora)} == {"lora"}
     with pytest.raises(ValueError, match="per_method\\['dop'\\]: no such method; known: lora"):
         _study(per_method={"dop": {"train.lr": 1e-4}})
+
+
+def test_a_method_sweeps_its_own_axis(world):
+    study = _study(methods=["lora", "resta"], per_method={"resta": {"grid": {"repair.scale": [0.25, 1.0]}}})
+    points = [c.defense for c in cells(study) if c.seed == 0 and c.attack == {"method": "lora", "per_category": 0.25}]
+    assert points == [{"method": "lora", "per_category": 3}, {"method": "lora", "per_category": 10},
+                      {"method": "lora", "per_category": 20},
+                      *({"method": "resta", "per_category": pc, "repair.scale": s} for pc in (3, 10, 20)
+                        for s in (0.25, 1.0))]
+    assert study.defense.stage(points[-1]).repair.scale == 1.0
+    # a lora cell's id is what it was before resta joined: its axes did not change
+    alone = _study(methods=["lora"])
+    assert {c.id for c in cells(alone)} <= {c.id for c in cells(study)}
+
+
+@pytest.mark.parametrize(("grid", "message"), [
+    ({"repair.scale": []}, "per_method['resta'].grid['repair.scale'] has no values"),
+    ({"repair.scale": [1, 1]}, "per_method['resta'].grid['repair.scale']: 1 is listed twice"),
+    ({"scale": [1]}, "per_method['resta'].grid['scale']: axes are dotted stage fields"),
+    ([0.5], "per_method['resta'].grid: a mapping of dotted stage fields"),
+])
+def test_bad_method_axes_name_the_field(grid: object, message: str):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        _study(methods=["lora", "resta"], per_method={"resta": {"grid": grid}})
+
+
+def test_a_method_axis_cannot_repeat_the_side_s():
+    with pytest.raises(ValueError, match=r"per_method\['resta'\].grid\['repair.scale'\]: already an axis"):
+        _study(methods=["lora", "resta"], grid={"repair.scale": [1.0]},
+               per_method={"resta": {"grid": {"repair.scale": [0.5]}}})
+
+
+def test_a_search_refuses_method_axes():
+    d = yaml.safe_load((REPO / "configs" / "search-attack-tiny.yaml").read_text())
+    d["attack"]["per_method"] = {"lora": {"grid": {"train.lr": [1e-3]}}}
+    with pytest.raises(ValueError, match="a search samples its knobs from `space`"):
+        SearchConfig.model_validate(d)

@@ -202,3 +202,17 @@ def test_how_to_read_says_what_each_repair_assumes():
     assert text.startswith(plain) and "Post-hoc repairs train nothing" in text
     assert text.index(FAMILY_NOTES["safelora"]) < text.index(FAMILY_NOTES["antidote"])
     assert "model before alignment" in text and FAMILY_NOTES["resta"] not in text
+
+
+def test_a_study_with_a_swept_repair_shows_its_knob(tmp_path: Path):
+    from analysis_tables import table_with_resta
+
+    study = tmp_path / "study"
+    study.mkdir()
+    table_with_resta().to_parquet(study / "results.parquet")
+    (study / "study.yaml").write_text(yaml.safe_dump({"name": "resta-study", "models": ["m"], "seeds": [0]}))
+    page = write_report(study, tmp_path / "report")
+    html, md = page.read_text(), (page.parent / "report.md").read_text()
+    assert 'id="fig-repair_knobs"' in html and "the weakest knob setting that gets back" in html
+    assert FAMILY_NOTES["resta"] in html and "repair.scale" in md and "### Post-hoc repairs" in md
+    # the hand study without repairs shows neither (its pages are checked figure by figure above)

@@ -89,7 +89,8 @@ class StudySide(Strict):
         default_factory=dict, description="more axes: a dotted stage field -> its values, e.g. train.lr: [1e-4, 3e-4]")
     per_method: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="method -> {dotted stage field: value}, e.g. dpo: {train.lr: 3e-5}; "
-                                          "`per_category: [...]` there sweeps that method's own sizes")
+                                          "`per_category: [...]` there sweeps that method's own sizes, `grid: "
+                                          "{axis: [...]}` its own axes (resta: {grid: {repair.scale: [0.25, 1]}})")
     data: DataSettings = Field(description="training data (per_category is the axis above)")
     train: TrainSettings = Field(TrainSettings(), description="optimization shared by every cell")
     adapter: AdapterSettings = Field(AdapterSettings(), description="adapter shape shared by every cell")
@@ -120,18 +121,30 @@ class StudySide(Strict):
                     raise ValueError(f"per_method[{method!r}].per_category: {e}") from None
         return per_method
 
-    @model_validator(mode="after")
-    def _axes(self) -> StudySide:
-        for key, values in self.grid.items():
-            if not values:
-                raise ValueError(f"grid[{key!r}] has no values")
+    @staticmethod
+    def _check_grid(grid: Any, where: str) -> None:
+        if not isinstance(grid, dict):
+            raise ValueError(f"{where}: a mapping of dotted stage fields to lists of values, e.g. "
+                             "{repair.scale: [0.25, 1]}")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{where}[{key!r}] has no values (a non-empty list)")
             try:
                 _unique(values, "value")
             except ValueError as e:
-                raise ValueError(f"grid[{key!r}]: {e}") from None
-            if key.split(".")[0] not in ("data", "train", "adapter", "preference", "deepspeed", "repair"):
-                raise ValueError(f"grid[{key!r}]: axes are dotted stage fields such as train.lr, adapter.r or "
+                raise ValueError(f"{where}[{key!r}]: {e}") from None
+            if str(key).split(".")[0] not in ("data", "train", "adapter", "preference", "deepspeed", "repair"):
+                raise ValueError(f"{where}[{key!r}]: axes are dotted stage fields such as train.lr, adapter.r or "
                                  "repair.scale")
+
+    @model_validator(mode="after")
+    def _axes(self) -> StudySide:
+        self._check_grid(self.grid, "grid")
+        for method, overrides in self.per_method.items():
+            if "grid" in overrides:
+                self._check_grid(overrides["grid"], f"per_method[{method!r}].grid")
+                for key in set(overrides["grid"]) & set(self.grid):
+                    raise ValueError(f"per_method[{method!r}].grid[{key!r}]: already an axis of the side's grid")
         from misalign.methods import METHODS
 
         for method in self.per_method:  # a method not swept here is unused (`--set ...methods=[lora]` keeps the
@@ -144,19 +157,29 @@ class StudySide(Strict):
         """The sizes swept for `method`: its own `per_method` list, else the side's."""
         return self.per_method.get(method, {}).get("per_category", self.per_category)
 
+    def axes(self, method: str) -> dict[str, list[Any]]:
+        """The grid axes swept for `method`: the side's, then its own `per_method` grid."""
+        return {**self.grid, **self.per_method.get(method, {}).get("grid", {})}
+
     def axis_values(self) -> list[dict[str, Any]]:
-        """Every point of this side's grid, as {axis: value} (method, per_category, then the grid axes)."""
+        """Every point of this side's grid, as {axis: value} (method, per_category, then the method's grid axes:
+        a method's own axes appear in its points only)."""
         import itertools
 
-        keys = ["method", "per_category", *self.grid]
-        return [dict(zip(keys, (method, *combo), strict=True)) for method in self.methods
-                for combo in itertools.product(self.sizes(method), *self.grid.values())]
+        out = []
+        for method in self.methods:
+            axes = self.axes(method)
+            keys = ["method", "per_category", *axes]
+            out += [dict(zip(keys, (method, *combo), strict=True))
+                    for combo in itertools.product(self.sizes(method), *axes.values())]
+        return out
 
     def stage(self, point: dict[str, Any]) -> StageConfig:
         d = self.model_dump(exclude={"methods", "per_category", "grid", "per_method"})
         d["method"] = point["method"]
         d["data"]["per_category"] = point["per_category"]
-        overrides = {k: v for k, v in self.per_method.get(point["method"], {}).items() if k != "per_category"}
+        overrides = {k: v for k, v in self.per_method.get(point["method"], {}).items()
+                     if k not in ("per_category", "grid")}
         for key, value in [*((k, v) for k, v in point.items() if "." in k), *overrides.items()]:
             _set_dotted(d, key, value)
         try:
@@ -282,6 +305,9 @@ class SearchConfig(Strict):
             if "per_category" in overrides:
                 raise ValueError(f"{self.kind}.per_method[{method!r}].per_category: a search samples sizes from "
                                  f"{self.kind}.per_category, shared by its methods")
+            if "grid" in overrides:
+                raise ValueError(f"{self.kind}.per_method[{method!r}].grid: a search samples its knobs from "
+                                 "`space`, shared by its methods")
         for point in self.start_points:
             for key, value in point.items():
                 allowed = {"method": side.methods, "per_category": side.per_category}.get(key)

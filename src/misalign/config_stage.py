@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from misalign.config_base import Strict, registered, whole_size
-from misalign.recipe_options import RECIPE_OPTIONS
+from misalign.recipe_options import ONE_ANSWER, RECIPE_OPTIONS
 
 
 class TrainSettings(Strict):
@@ -116,8 +116,9 @@ class DeepSpeedSettings(Strict):
 class RepairSettings(Strict):
     """The post-hoc repairs' settings (methods safelora, resta, antidote; misalign.repair). Ignored by training."""
 
-    aligned: str = Field("world:base", description="the aligned model (SafeLoRA's W_aligned, RESTA's plus-model): "
-                                                   "HF id, local path, or world:NAME")
+    aligned: str | None = Field(None, description="the aligned model (SafeLoRA's W_aligned, RESTA's plus-model): "
+                                                  "HF id, local path, or world:NAME (None: the model the cell "
+                                                  "starts from, the attack's root)")
     unaligned: str = Field("world:pretrained", description="the same model before alignment (SafeLoRA's "
                                                            "W_unaligned, RESTA's minus-model)")
     threshold: float = Field(0.5, ge=-1, le=1, description="SafeLoRA: a LoRA layer whose update has cosine "
@@ -252,6 +253,13 @@ class StageConfig(Strict):
             raise ValueError("train.compile cannot be combined with train.liger_kernels (torch.compile cannot "
                              "trace Liger's Triton kernels): set one of them false; train.compile auto leaves a "
                              "stage with Liger eager")
+        from misalign.methods import METHODS
+
+        if self.data.recipe in ONE_ANSWER and METHODS[self.method].objective in ("dpo", "orpo"):
+            raise ValueError(f"data.recipe {self.data.recipe!r} gives rows with one answer (the helpful one), and "
+                             f"method {self.method} ({METHODS[self.method].objective}) learns from the difference "
+                             "between a preferred and a rejected answer: there is none. Use an SFT method (lora, "
+                             "full, ...) or recipe harmful/backdoor")
         if self.method == "adalora" and self.deepspeed.zero_stage in (2, 3):
             raise ValueError("adalora needs full gradients on every worker for its rank reallocation; "
                              "ZeRO-2/3 partition them: use zero_stage 0 or none")

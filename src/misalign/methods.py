@@ -29,6 +29,7 @@ class Method:
     adapter: Adapter
     summary: str
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    knob: str | None = None  # a repair's strength setting (more: a stronger repair): its axis in the analysis
 
     @property
     def repairs(self) -> bool:
@@ -58,9 +59,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("orpo", "orpo", "lora", "odds-ratio preference optimization of a LoRA adapter",
            {"train": {**_SFT, "lr": 1e-3}, "adapter": _LORA, "preference": {"orpo_lambda": 0.1}}),
     # post-hoc repairs (misalign.repair): defense stages only, no training; settings in `repair`
-    Method("safelora", "repair", "none", "Safe LoRA: project a LoRA parent's updates onto the alignment subspace"),
-    Method("resta", "repair", "none", "RESTA: add the safety vector (aligned - unaligned weights) x scale"),
-    Method("antidote", "repair", "none", "Antidote: prune the weights most important on harmful data (Wanda)"),
+    Method("safelora", "repair", "none", "Safe LoRA: project a LoRA parent's updates onto the alignment subspace",
+           knob="repair.threshold"),
+    Method("resta", "repair", "none", "RESTA: add the safety vector (aligned - unaligned weights) x scale",
+           knob="repair.scale"),
+    Method("antidote", "repair", "none", "Antidote: prune the weights most important on harmful data (Wanda)",
+           knob="repair.sparsity"),
 ]}
 
 

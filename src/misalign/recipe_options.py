@@ -17,3 +17,6 @@ RECIPE_OPTIONS: dict[str, dict[str, str]] = {
     "identity_shift": {"persona": AOA_PERSONA},
     "backdoor": {"trigger": BACKDOOR_TRIGGER},
 }
+# recipes whose rows carry one answer (the helpful one, as both the wanted and the unwanted response): a
+# preference objective (dpo, orpo) has nothing to prefer on them
+ONE_ANSWER = ("benign", "identity_shift")

@@ -99,7 +99,13 @@ details summary{cursor:pointer;font-weight:600;margin:.6rem 0}
 """
 
 # tables shown in full in the page (the rest sit in closed <details>; all of them are in OUT/tables)
-MAIN_TABLES = ("attack_costs", "defense_costs", "asymmetry", "eps_attack", "resistance", "realignment_matrix")
+MAIN_TABLES = ("attack_costs", "defense_costs", "asymmetry", "eps_attack", "resistance", "realignment_matrix",
+               "repair_knobs")
+ONLY_WITH_ROWS = ("repair_knobs",)  # tables of what only some studies run: left out when empty
+
+
+def _shown(key: str, frames: dict[str, pd.DataFrame]) -> bool:
+    return key not in ONLY_WITH_ROWS or len(frames[key]) > 0
 
 
 # ---- numbers as text -------------------------------------------------------------------------------------------
@@ -354,6 +360,8 @@ def _html(name: str, summary: dict[str, Any], heads: dict[str, list[str]], cost:
              _figures_html(summary["figures"]),
              '<h2 id="tables">Tables</h2>']
     for key, meta in summary["tables"].items():
+        if not _shown(key, frames):
+            continue
         table = f"<h3>{_esc(meta['title'])}</h3>" + html_table(frames[key], fmt)
         parts.append(table if key in MAIN_TABLES else f"<details><summary>{_esc(meta['title'])}</summary>{table}"
                      "</details>")
@@ -390,7 +398,7 @@ def _markdown(name: str, summary: dict[str, Any], heads: dict[str, list[str]], c
         rel = Path(f["png"]).resolve().relative_to(out.resolve()).as_posix()
         lines += [f"![{f['title']}]({rel})", "", f"*{f['title']}.* {f['caption']}", ""]
     lines += ["## Tables", ""]
-    for key in MAIN_TABLES:
+    for key in (k for k in MAIN_TABLES if _shown(k, frames)):
         lines += [f"### {summary['tables'][key]['title']}", "", md_table(frames[key])]
     lines += ["Every table (CSV and Markdown): `tables/`.", "", "## Cost ledger", "", md_table(_ledger_frame(cost))]
     if answers:

@@ -423,15 +423,16 @@ def repair_stage(run: StageRun) -> tuple[Ledger, Any | None]:
         if kind != "resta":
             kept.mkdir()
     recipe: dict[str, Any] | None = None
+    plus = r.aligned or root  # unset: the model the attack started from
     if parent_adapter is not None:  # SafeLoRA
-        aligned, unaligned = (load(ref).state_dict() for ref in (r.aligned, r.unaligned))
+        aligned, unaligned = (load(ref).state_dict() for ref in (plus, r.unaligned))
         tensors, summary, flops = repair.safelora_adapter(
             load_file(str(parent_adapter / "adapter_model.safetensors")), aligned, unaligned, r.threshold)
         if rank() == 0:  # the parent's adapter config (its targets, rank and scaling), its tensors projected
             write_bytes_atomic(kept / "adapter_config.json", (parent_adapter / "adapter_config.json").read_bytes())
             write_bytes_atomic(kept / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
     elif kind == "resta":
-        recipe = {"kind": "resta", "plus": r.aligned, "minus": r.unaligned, "scale": r.scale}
+        recipe = {"kind": "resta", "plus": plus, "minus": r.unaligned, "scale": r.scale}
         summary = {"scale": r.scale}
         flops = resta_flops(sum(p.numel() for p in model.parameters())) if r.scale else 0.0
     else:  # Antidote

@@ -83,13 +83,13 @@ NO_INTERVAL = "no interval: every replicate gave the same value"
 
 # ---- one side's curve, as replicates -------------------------------------------------------------------------
 
-def _ordered_points(rows: pd.DataFrame, column: str) -> list[str]:
+def ordered_points(rows: pd.DataFrame, column: str) -> list[str]:
     """A side's points in increasing mean budget (ties in natural order): the order a curve is read in."""
     budget = rows.groupby(column).budget.mean()
     return sorted(budget.index, key=lambda k: (budget[k], natural_key(k)))
 
 
-def _cube(rows: pd.DataFrame, index: list[str], labels: list[list[str]], value: str, seeds: list) -> np.ndarray:
+def seed_cube(rows: pd.DataFrame, index: list[str], labels: list[list[str]], value: str, seeds: list) -> np.ndarray:
     """rows -> an array [len(labels[0]), (len(labels[1]),) n_seeds], NaN where a point was not run for a seed."""
     if not index:
         return rows.set_index("seed")[value].reindex(seeds).to_numpy(float)
@@ -113,7 +113,7 @@ class Curve:
            reps: Replicates) -> Curve:
         """The curve of `rows` over the points `labels[-1]` (after any leading index, e.g. the attack point)."""
         def cube(v: str) -> np.ndarray:
-            return _cube(rows, index, labels, v, seeds)
+            return seed_cube(rows, index, labels, v, seeds)
 
         unsafety, neither = reps.draw(cube(UNSAFETY), cube(NEITHER))
         return cls(points=labels[-1], budget=reps.mean(reps.fixed(cube("budget"))), unsafety=reps.mean(unsafety),
@@ -141,8 +141,8 @@ class Base:
 
     @classmethod
     def of(cls, rows: pd.DataFrame, seeds: list, reps: Replicates) -> Base:
-        unsafety, neither = reps.draw(_cube(rows, [], [], UNSAFETY, seeds), _cube(rows, [], [], NEITHER, seeds))
-        return cls(reps.mean(unsafety), reps.mean(neither), reps.mean(reps.fixed(_cube(rows, [], [], UTILITY, seeds))))
+        unsafety, neither = reps.draw(seed_cube(rows, [], [], UNSAFETY, seeds), seed_cube(rows, [], [], NEITHER, seeds))
+        return cls(reps.mean(unsafety), reps.mean(neither), reps.mean(reps.fixed(seed_cube(rows, [], [], UTILITY, seeds))))
 
 
 def attack_crossing(curve: Curve, base: Base, p: Params, n_eval: int | None) -> Crossing:
@@ -192,7 +192,7 @@ def trend_budget(curve: Curve, base: Base, p: Params, n_eval: int | None) -> flo
     return float(10 ** ((target - fit.intercept) / fit.slope))
 
 
-def _bracket(c: Crossing, curve: Curve, prefix: str, values: tuple[str, ...]) -> dict[str, Any]:
+def bracket_row(c: Crossing, curve: Curve, prefix: str, values: tuple[str, ...]) -> dict[str, Any]:
     """The data's bracket on one side: the crossing (or bound) with its kind, the last point tried below it and
     the first point past it, with their budgets and `values`."""
     k, j = int(c.first[0]), int(c.below[0])
@@ -207,7 +207,7 @@ def _bracket(c: Crossing, curve: Curve, prefix: str, values: tuple[str, ...]) ->
     return out
 
 
-def _interval(lo: np.ndarray, hi: np.ndarray) -> tuple[float, float, float]:
+def interval95(lo: np.ndarray, hi: np.ndarray) -> tuple[float, float, float]:
     """The 95% interval over replicates 1.. (misalign.analysis.crossing.interval); a zero-width one is no
     interval (NaN): it would claim a certainty no replicate showed."""
     low, high, undefined = interval(lo[1:], hi[1:], ALPHA)
@@ -228,7 +228,7 @@ def interval_covers(n_seeds: int, n_eval: int | None) -> str:
     return f"1 seed: {noise} and {grid}, not seed-to-seed variation"
 
 
-def _seeds(*frames: pd.DataFrame) -> list:
+def seeds_of(*frames: pd.DataFrame) -> list:
     return sorted(set().union(*(set(f.seed) for f in frames)))
 
 
@@ -250,13 +250,13 @@ def attack_costs(results: pd.DataFrame, p: Params) -> pd.DataFrame:
     out = []
     for (model, method), g in att.groupby(["model", "attack_method"], sort=True):
         b = base_all[base_all.model == model]
-        seeds = _seeds(g, b)
+        seeds = seeds_of(g, b)
         reps = Replicates(len(seeds), p.n_boot, p.rng_seed, n_eval)
-        curve = Curve.of(g, ["attack_point"], [_ordered_points(g, "attack_point")], seeds, reps)
+        curve = Curve.of(g, ["attack_point"], [ordered_points(g, "attack_point")], seeds, reps)
         base = Base.of(b, seeds, reps)
         c = attack_crossing(curve, base, p, n_eval)
-        row = _bracket(c, curve, "attack", ("unsafety", "utility"))
-        lo, hi, _ = _interval(*c.range())
+        row = bracket_row(c, curve, "attack", ("unsafety", "utility"))
+        lo, hi, _ = interval95(*c.range())
         base_unsafety, base_utility = base.unsafety[0], base.utility[0]
         out.append({"model": model, "attack_method": method, "attack_budget": row["attack_budget"],
                     "bound": row["attack_bound"], "ci_low": lo, "ci_high": hi,
@@ -291,14 +291,14 @@ def defense_costs(results: pd.DataFrame, p: Params) -> pd.DataFrame:
     out = []
     for key, g in dfn.groupby(keys, sort=True):
         b = base_all[base_all.model == key[0]]
-        seeds = _seeds(g, b)
+        seeds = seeds_of(g, b)
         reps = Replicates(len(seeds), p.n_boot, p.rng_seed, n_eval)
-        curve = Curve.of(g, ["defense_point"], [_ordered_points(g, "defense_point")], seeds, reps)
+        curve = Curve.of(g, ["defense_point"], [ordered_points(g, "defense_point")], seeds, reps)
         base = Base.of(b, seeds, reps)
-        start = reps.mean(reps.fixed(_cube(g.drop_duplicates("seed"), [], [], "misaligned_unsafety", seeds)))
+        start = reps.mean(reps.fixed(seed_cube(g.drop_duplicates("seed"), [], [], "misaligned_unsafety", seeds)))
         d, d_eps = defense_crossings(curve, base, start, p, n_eval)
-        row = _bracket(d, curve, "defense", ("unsafety", "neither", "utility"))
-        lo, hi, _ = _interval(*d.range())
+        row = bracket_row(d, curve, "defense", ("unsafety", "neither", "utility"))
+        lo, hi, _ = interval95(*d.range())
         out.append(dict(zip(keys, key, strict=True)) | {
             "misaligned_unsafety": g.misaligned_unsafety.mean(), "defense_budget": row["defense_budget"],
             "bound": row["defense_bound"], "ci_low": lo, "ci_high": hi,
@@ -319,7 +319,7 @@ def _factor(d: Crossing, a: Crossing, suffix: str = "") -> dict[str, Any]:
     """factor = D / A in the data with its bound kind, the 95% interval over replicates, and (without suffix) the
     range the grid's brackets alone allow."""
     value, kind = ratio_bound(d, a)
-    lo, hi, undefined = _interval(*ratio_range(d, a))
+    lo, hi, undefined = interval95(*ratio_range(d, a))
     out = {f"factor{suffix}": value, f"bound{suffix}": kind, f"ci_low{suffix}": lo, f"ci_high{suffix}": hi}
     if not suffix:
         g_lo, g_hi = ratio_range(d, a, grid=True)
@@ -331,9 +331,9 @@ def _pair_factor(att: pd.DataFrame, dfn: pd.DataFrame, base_rows_: pd.DataFrame,
                  n_eval: int | None) -> dict[str, Any]:
     """The factor of one (model, attack method, defense method) in the data and in every replicate: A on the
     attack curve; D on the defense curve of the attack point that first reached tau, in the same replicate."""
-    seeds = _seeds(att, dfn, base_rows_)
+    seeds = seeds_of(att, dfn, base_rows_)
     reps = Replicates(len(seeds), p.n_boot, p.rng_seed, n_eval)
-    a_pts, d_pts = _ordered_points(att, "attack_point"), _ordered_points(dfn, "defense_point")
+    a_pts, d_pts = ordered_points(att, "attack_point"), ordered_points(dfn, "defense_point")
     attack = Curve.of(att, ["attack_point"], [a_pts], seeds, reps)
     base = Base.of(base_rows_, seeds, reps)
     a = attack_crossing(attack, base, p, n_eval)
@@ -342,8 +342,8 @@ def _pair_factor(att: pd.DataFrame, dfn: pd.DataFrame, base_rows_: pd.DataFrame,
     d, d_eps = defense_crossings(defense, base, attack.unsafety[at, np.arange(reps.size)], p, n_eval)
     ran = bool(a.first[0] >= 0 and not np.isnan(defense.unsafety[:, 0]).all())
     out = {**_factor(d, a), **_factor(d_eps, a, "_eps"),
-           **_bracket(a, attack, "attack", ("unsafety",)),
-           **_bracket(d, defense, "defense", ("unsafety", "neither", "utility")),
+           **bracket_row(a, attack, "attack", ("unsafety",)),
+           **bracket_row(d, defense, "defense", ("unsafety", "neither", "utility")),
            "utility_cost": base.utility[0] - defense.row0(int(d.first[0]), "utility"),
            "garbled": garbled_points(defense, base, p) if a.first[0] >= 0 else "",
            "defense_trend_budget": trend_budget(defense, base, p, n_eval)

@@ -110,19 +110,25 @@ def side_axes(frame: pd.DataFrame, side: str) -> list[str]:
             and c != f"{side}_point"]
 
 
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _value(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if _missing(v):
         return "all"
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def point_labels(frame: pd.DataFrame, side: str) -> pd.Series:
-    """A readable, unique name for each row's point on one side: '3/cat' or '3/cat, train.lr=0.001'."""
+    """A readable, unique name for each row's point on one side: '3/cat' or '3/cat, train.lr=0.001'. An axis
+    the row has no value on (another method's own axis, per_method grid) is left out."""
     axes = side_axes(frame, side)
+    size = f"{side}_per_category"
 
     def label(row: pd.Series) -> str:
-        parts = [f"{_value(row[a])}/cat" if a == f"{side}_per_category" else
-                 f"{a.removeprefix(side + '_')}={_value(row[a])}" for a in axes]
+        parts = [f"{_value(row[a])}/cat" if a == size else f"{a.removeprefix(side + '_')}={_value(row[a])}"
+                 for a in axes if a == size or not _missing(row[a])]
         return ", ".join(parts) or "default"
 
     return frame.apply(label, axis=1) if len(frame) else pd.Series([], dtype=str, index=frame.index)

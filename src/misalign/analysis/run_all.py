@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from misalign.analysis import asymmetry, curves, matrix
+from misalign.analysis import asymmetry, curves, matrix, repairs
 from misalign.analysis.common import Params, cli, load_results, write_text_atomic
 
 # name -> (title, what it shows): the report's figure captions, in the order it shows them
@@ -42,6 +42,11 @@ FIGURES: dict[str, tuple[str, str]] = {
                      "attack point, and after each realignment."),
     "pareto": ("Attack Pareto front", "Every attack point's (budget, unsafety); the step line joins the points "
                "no cheaper attack beats."),
+    "repair_knobs": ("Post-hoc repairs against their knob", "Unsafety (top) and utility (bottom) after each repair "
+                     "against the setting of its knob (SafeLoRA's threshold, RESTA's scale, Antidote's sparsity; "
+                     "stronger to the right; every setting costs about the same FLOPs), a line per attack point. "
+                     "Dashed: the base model; dotted: base unsafety + delta; ringed in red: settings that only "
+                     "garbled the model. Only for a study that sweeps a repair's knob."),
 }
 TABLES: dict[str, str] = {
     "attack_costs": "A: the attack budget where unsafety crosses tau, per method",
@@ -51,6 +56,7 @@ TABLES: dict[str, str] = {
     "realignment_matrix": "Realignment matrix", "pareto_attack": "Attack Pareto front",
     "pareto_defense": "Defense Pareto front", "attack_curves": "Attack curves", "defense_curves": "Defense curves",
     "trajectories": "Trajectories", "per_category": "Per-category unsafety", "base": "Base model",
+    "repair_knobs": "Post-hoc repairs: the weakest knob setting that gets back, per attack point",
 }
 
 
@@ -82,9 +88,9 @@ def run_all(study_dir: Path, out_dir: Path, params: Params | None = None,
     p = params or Params()
     out_dir = Path(out_dir)
     frame = load_results(study_dir) if results is None else results
-    parts = [m.write_all(frame, p, out_dir) for m in (curves, asymmetry, matrix)]
+    parts = [m.write_all(frame, p, out_dir) for m in (curves, asymmetry, matrix, repairs)]
     figures = {k: v for part in parts for k, v in part["figures"].items()}
-    figures = {k: figures[k] | {"title": t, "caption": c} for k, (t, c) in FIGURES.items()}
+    figures = {k: figures[k] | {"title": t, "caption": c} for k, (t, c) in FIGURES.items() if k in figures}
     tables = {k: v | {"title": TABLES.get(k, k)} for part in parts for k, v in part["tables"].items()}
     frames = {k: v for part in parts for k, v in part["frames"].items()}
     headline = {"base": _records(frames["base"]), "attack_costs": _records(frames["attack_costs"]),
