@@ -167,6 +167,19 @@ def defense_crossings(curve: Curve, base: Base, start: np.ndarray, p: Params, n_
     return crossing(curve.budget, restored, n_eval), crossing(curve.budget, [*restored, cheap], n_eval)
 
 
+def read_defense(rows: pd.DataFrame, base_rows_: pd.DataFrame, point_column: str, p: Params, n_eval: int | None
+                 ) -> tuple[Curve, Base, list, Crossing, Crossing]:
+    """One defense curve read with D's rules: `rows` are one attack point's defenses of one method, their points
+    in `point_column` (ordered by `budget`). Returns the curve, the base, the seeds, D and D under the eps limit,
+    per replicate."""
+    seeds = seeds_of(rows, base_rows_)
+    reps = Replicates(len(seeds), p.n_boot, p.rng_seed, n_eval)
+    curve = Curve.of(rows, [point_column], [ordered_points(rows, point_column)], seeds, reps)
+    base = Base.of(base_rows_, seeds, reps)
+    start = reps.mean(reps.fixed(seed_cube(rows.drop_duplicates("seed"), [], [], "misaligned_unsafety", seeds)))
+    return (curve, base, seeds, *defense_crossings(curve, base, start, p, n_eval))
+
+
 def garbled_points(curve: Curve, base: Base, p: Params) -> str:
     """The data's defense points that got unsafety down only by garbling, with their numbers (never used as D)."""
     status = defense_status(curve.unsafety[:, 0], curve.neither[:, 0], base.unsafety[0], base.neither[0], p)
@@ -290,13 +303,7 @@ def defense_costs(results: pd.DataFrame, p: Params) -> pd.DataFrame:
     keys = ["model", "attack_method", "attack_point", "defense_method"]
     out = []
     for key, g in dfn.groupby(keys, sort=True):
-        b = base_all[base_all.model == key[0]]
-        seeds = seeds_of(g, b)
-        reps = Replicates(len(seeds), p.n_boot, p.rng_seed, n_eval)
-        curve = Curve.of(g, ["defense_point"], [ordered_points(g, "defense_point")], seeds, reps)
-        base = Base.of(b, seeds, reps)
-        start = reps.mean(reps.fixed(seed_cube(g.drop_duplicates("seed"), [], [], "misaligned_unsafety", seeds)))
-        d, d_eps = defense_crossings(curve, base, start, p, n_eval)
+        curve, base, seeds, d, d_eps = read_defense(g, base_all[base_all.model == key[0]], "defense_point", p, n_eval)
         row = bracket_row(d, curve, "defense", ("unsafety", "neither", "utility"))
         lo, hi, _ = interval95(*d.range())
         out.append(dict(zip(keys, key, strict=True)) | {

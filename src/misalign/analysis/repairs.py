@@ -25,17 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from misalign.analysis.asymmetry import (
-    Base,
-    Curve,
-    bracket_row,
-    defense_crossings,
-    garbled_points,
-    interval95,
-    ordered_points,
-    seed_cube,
-    seeds_of,
-)
+from misalign.analysis.asymmetry import bracket_row, garbled_points, interval95, read_defense
 from misalign.analysis.common import (
     GARBLED,
     UNSAFETY_LABEL,
@@ -55,7 +45,7 @@ from misalign.analysis.common import (
     with_neither,
     write_table,
 )
-from misalign.analysis.crossing import AT_LEAST, AT_MOST, BOUND_NAMES, Replicates, eval_size
+from misalign.analysis.crossing import AT_LEAST, AT_MOST, BOUND_NAMES, eval_size
 from misalign.methods import METHODS
 from misalign.results import NEITHER, UNSAFETY, UTILITY
 
@@ -97,13 +87,7 @@ def repair_knobs(results: pd.DataFrame, p: Params) -> pd.DataFrame:
     out = []
     for key, g in rows.groupby(keys, sort=True):
         g = g.assign(budget=g.knob_value, setting=g.knob_value.map(lambda v: f"{v:g}"))
-        b = base_all[base_all.model == key[0]]
-        seeds = seeds_of(g, b)
-        reps = Replicates(len(seeds), p.n_boot, p.rng_seed, n_eval)
-        curve = Curve.of(g, ["setting"], [ordered_points(g, "setting")], seeds, reps)
-        base = Base.of(b, seeds, reps)
-        start = reps.mean(reps.fixed(seed_cube(g.drop_duplicates("seed"), [], [], "misaligned_unsafety", seeds)))
-        d, d_eps = defense_crossings(curve, base, start, p, n_eval)
+        curve, base, seeds, d, d_eps = read_defense(g, base_all[base_all.model == key[0]], "setting", p, n_eval)
         row = bracket_row(d, curve, "knob", (UNSAFETY, NEITHER, UTILITY))
         lo, hi, _ = interval95(*d.range())
         out.append(dict(zip(keys, key, strict=True)) | {
