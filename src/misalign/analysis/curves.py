@@ -42,6 +42,7 @@ from misalign.analysis.common import (
     seed_mean,
     write_table,
 )
+from misalign.methods import METHODS
 from misalign.results import (
     ATTACK_METHOD,
     BASE,
@@ -127,7 +128,9 @@ def defense_figure(curves: pd.DataFrame, p: Params, out_dir: Path) -> dict:
             if m.empty:
                 continue
             k = points.index(a_point)
-            kw = {"color": f"C{methods.index(d_method)}", "ls": styles[k % len(styles)],
+            # a repair's settings share one budget (misalign.analysis.repairs reads its knob): markers, no line
+            kw = {"color": f"C{methods.index(d_method)}",
+                  "ls": "none" if d_method in METHODS and METHODS[d_method].repairs else styles[k % len(styles)],
                   "marker": markers[k % len(markers)],
                   "label": d_method if len(points) == 1 else f"{d_method} (attack {a_point})"}
             _errorbar(top, m.budget, m.unsafety, m.unsafety_err, **kw)

@@ -29,7 +29,8 @@ FIGURES: dict[str, tuple[str, str]] = {
                        "defense budget, a column per misaligning method, a colour per defense method. Dashed: "
                        "the base model; dotted: base unsafety + delta, the line a defense must get under; ringed "
                        "in red: points that got unsafety down only by garbling ('neither' above the base's by "
-                       "more than the margin), which never count."),
+                       "more than the margin), which never count. A post-hoc repair is markers without a line: "
+                       "its settings share one budget (their knob has its own figure when swept)."),
     "asymmetry": ("Asymmetry factors", "D/A per (attack, defense) pair, log scale: a dot where both crossings lie "
                   "between grid points, with its 95% interval (seeds, evaluation noise, interpolation between "
                   "grid points); a triangle where the grid gives only a bound (up: at least, down: at most). "
