@@ -56,3 +56,13 @@ def test_the_figure_and_the_report_show_repairs_only_when_swept(tmp_path):
     without = run_all(tmp_path / "s", tmp_path / "without", Params(n_boot=20), results=study_table())
     assert "repair_knobs" not in without["figures"] and without["frames"]["repair_knobs"].empty
     assert np.isfinite(with_resta["frames"]["repair_knobs"].knob_value).all()
+
+
+def test_a_repair_that_never_gets_back_has_no_trend_along_the_budget():
+    """Its settings share one budget: D is 'at least' that budget, and no trend is drawn through points that
+    stand at one budget (the default study-repairs run crashed in scipy's linregress there)."""
+    from misalign.analysis import asymmetry
+
+    costs = asymmetry.defense_costs(table_with_resta(), Params(delta=0.0, n_boot=20))
+    resta = one(costs, attack_point="10/cat", defense_method="resta")
+    assert resta.bound == "at least" and resta.defense_budget == REPAIR_FLOPS and np.isnan(resta.trend_budget)

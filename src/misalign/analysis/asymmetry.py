@@ -191,10 +191,10 @@ def trend_budget(curve: Curve, base: Base, p: Params, n_eval: int | None) -> flo
     """Where a defense that never got back would, if its trend went on: the line through its last two points that
     did not garble (logit of seed-mean unsafety against log budget, scipy's linregress) solved for base + delta.
     An extrapolation for the report's 'where the grid ended' note, never an estimate of D; NaN when the curve is
-    not falling or has fewer than two such points."""
+    not falling, has fewer than two such points, or they share one budget (a repair's knob settings)."""
     status = defense_status(curve.unsafety[:, 0], curve.neither[:, 0], base.unsafety[0], base.neither[0], p)
     idx = [i for i in range(len(curve.points)) if status[i] != GARBLED and np.isfinite(curve.unsafety[i, 0])][-2:]
-    if len(idx) < 2:
+    if len(idx) < 2 or curve.budget[idx[0], 0] == curve.budget[idx[1], 0]:  # a repair's settings: one budget
         return np.nan
     half = 0.5 / (n_eval or 1000)  # keeps the logit of 0 and 1 finite, as the crossing's empirical logit does
     y = logit(np.clip(curve.unsafety[idx, 0], half, 1 - half))
