@@ -121,13 +121,16 @@ class RepairSettings(Strict):
                                                   "starts from, the attack's root)")
     unaligned: str = Field("world:pretrained", description="the same model before alignment (SafeLoRA's "
                                                            "W_unaligned, RESTA's minus-model)")
-    threshold: float = Field(0.5, ge=-1, le=1, description="SafeLoRA: a LoRA layer whose update has cosine "
-                             "similarity below this with its projection is projected (0.5: the paper's code)")
-    scale: float = Field(1.0, description="RESTA: alpha, the safety vector's scale (0: the parent unchanged); "
-                                          "the repair's budget axis")
-    sparsity: float = Field(0.2, ge=0, lt=1, description="Antidote: share of each linear layer's weights pruned "
+    # defaults: the offline world's working settings, from configs/study-repairs.yaml (README, "Post-hoc repairs")
+    threshold: float = Field(0.75, ge=-1, le=1, description="SafeLoRA: a LoRA layer whose update has cosine "
+                             "similarity below this with its projection is projected (the authors' code: 0.5, "
+                             "which leaves the world's attacks in place; 0.75 removes them)")
+    scale: float = Field(0.5, description="RESTA: alpha, the safety vector's scale (0: the parent unchanged; 1, the "
+                                          "whole vector, costs the world's model most of its utility)")
+    sparsity: float = Field(0.005, ge=0, lt=1, description="Antidote: share of each linear layer's weights pruned "
                             "(the most important on harmful data); its calibration rows are the stage's data "
-                            "(harmful rows: prompt and harmful response)")
+                            "(harmful rows: prompt and harmful response). No setting restores the world's model: "
+                            "0.02 and more garble it")
 
 
 class DataSettings(Strict):

@@ -141,6 +141,10 @@ def knob_figure(results: pd.DataFrame, p: Params, out_dir: Path) -> dict | None:
         top.set_title(f"{model}: {method}", fontsize=9)
         top.legend(fontsize=7)
         bottom.set_xlabel(f"{knob} (stronger to the right)")
+        values = g.knob_value[g.knob_value > 0]
+        if len(values) == len(g) and values.max() >= 10 * values.min():  # settings over decades: read them so
+            for ax in (top, bottom):
+                ax.set_xscale("log")
     axes[0][0].set_ylabel(UNSAFETY_LABEL, fontsize=8)
     axes[1][0].set_ylabel(UTILITY_LABEL, fontsize=8)
     for ax in itertools.chain(axes[0], axes[1]):
