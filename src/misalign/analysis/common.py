@@ -148,8 +148,19 @@ def points_naturally(column: pd.Series) -> pd.Series:
     return natural(column) if str(column.name).endswith("_point") else column
 
 
+RECIPE_AXIS = "data.recipe"  # a swept data recipe makes another attack, not another point of the same one
+
+
 def _with_points(frame: pd.DataFrame) -> pd.DataFrame:
+    """Point labels on both sides; a side that sweeps data.recipe names it with the method ('lora (benign)'):
+    a benign fine-tune and a harmful one are two attacks, each with its own curve and A."""
     frame = frame.copy()
+    for side in ("attack", "defense"):
+        column = f"{side}_{RECIPE_AXIS}"
+        if column in frame:
+            recipe = frame.pop(column)
+            named = recipe.notna() & (recipe != "harmful")
+            frame.loc[named, f"{side}_method"] = frame.loc[named, f"{side}_method"] + " (" + recipe[named] + ")"
     frame["attack_point"] = point_labels(frame, "attack")
     frame["defense_point"] = point_labels(frame, "defense")
     return frame
