@@ -64,7 +64,9 @@ FAMILY_NOTES = {
                 "calibration rows (its data): it assumes such rows, and pruning can break a small model.",
 }
 REPAIR_NOTE = ("Post-hoc repairs train nothing: their budget is the FLOPs they spend editing the weights, far "
-               "below any training, so their factors sit far below 1; read them with their utility cost. ")
+               "below any training, so their factors sit far below 1; read them with their utility cost, and "
+               "with the weakest setting of their knob that gets back (the 'Post-hoc repairs' table, when the "
+               "study swept it). ")
 
 
 def how_to_read(params: dict[str, Any], defense_methods: Iterable[str] = ()) -> str:
