@@ -30,7 +30,8 @@ def study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_run_all_writes_every_figure_and_table(study_dir: Path, tmp_path: Path):
     summary = run_all(study_dir, tmp_path, Params(n_boot=50))
-    assert list(summary["figures"]) == list(FIGURES)
+    # every figure but the repairs' knob, which only a study sweeping a repair has (test_analysis_repairs.py)
+    assert list(summary["figures"]) == [f for f in FIGURES if f != "repair_knobs"]
     for name, f in summary["figures"].items():
         png, svg = Path(f["png"]), Path(f["svg"])
         assert png.stat().st_size > 1000 and svg.stat().st_size > 1000, name
