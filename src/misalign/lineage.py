@@ -147,9 +147,10 @@ def stage_fingerprint(direction: str, cfg: StageConfig, seed: int) -> dict[str, 
     d["data"]["source"] = source_identity(d["data"]["source"])
     d["data"]["benign_source"] = source_identity(d["data"]["benign_source"])
     repair = d.pop("repair")  # a trained stage's key stays what it was before repairs existed
-    if METHODS[cfg.method].repairs:  # the models a repair reads, by what they are (an unset aligned model is
-        d["repair"] = {**repair, "aligned": repair["aligned"] and model_identity(repair["aligned"]),  # the root,
-                       "unaligned": model_identity(repair["unaligned"])}  # in the parent's key already
+    if METHODS[cfg.method].repairs:  # the models a repair reads, by what they are; an unset aligned model is
+        # the lineage's root, which the parent's key already holds
+        d["repair"] = {**repair, "aligned": repair["aligned"] and model_identity(repair["aligned"]),
+                       "unaligned": model_identity(repair["unaligned"])}
     return {"direction": direction, "config": d, "seed": seed}
 
 
