@@ -10,14 +10,17 @@ misalign.generation.generate; training runs misalign.stage.run_stage. Nothing is
   model. The first run holds the process's device warm-up ("cold", as an evaluation process meets it); then
   every variant runs "warm". A forward hook (with a device sync, as generate itself syncs every step) times
   prefill and each decode step; the bound is (weights read per step + KV cache at that context) / --bandwidth.
-- Training: every --train case METHOD:MODEL:BATCH for every --packing, --liger and --compile, --steps optimizer
-  steps on rows of --row-min..--row-tokens tokens (default: all --row-tokens, the issue's 512-token rows). MFU = the
-  ledger's FLOPs / seconds inside Trainer.train (its own start/end log records) / --peak-flops; steady MFU
-  leaves out the first --warm-steps steps (device warm-up), timed by a step-end callback. Peak memory is
-  reset per stage.
+- Training: every --train case METHOD:MODEL:BATCH[:ACCUM] for every --packing, --liger and --compile, --steps
+  optimizer steps (of ACCUM micro-batches each, default 1) on rows of --row-min..--row-tokens tokens (default: all
+  --row-tokens, the issue's 512-token rows). MFU = the ledger's FLOPs / seconds inside Trainer.train (its own
+  start/end log records) / --peak-flops; steady MFU leaves out the first --warm-steps steps (device warm-up),
+  timed by a step-end callback (once per optimizer step, so per step means all its micro-batches). Peak memory
+  is reset per stage. Several of these processes can share one device (bench_shared_gpu.py): --stages-per-gpu
+  is recorded, and --barrier makes them start training together.
 
     python3 bench/bench_gpu.py                      # a GPU at real shapes (1.24B and 8B Llama, bf16)
     python3 bench/bench_gpu.py --tiny               # CPU smoke test at tiny shapes (no meaningful figure)
+    python3 bench/bench_gpu.py --gen-batch= --train dpo:8b:1:4   # the paper's preference micro-batches: 1 x 4
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ import io
 import itertools
 import json
 import logging
+import os
 import random
 import shutil
 import statistics
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +51,7 @@ from misalign.generation import AUTO_MAX_BATCH, GenerationShape, generate
 from misalign.ledger import peak_memory_bytes, reset_peak_memory, token_flops
 from misalign.methods import METHODS
 from misalign.models import device
+from misalign.objectives import OBJECTIVES
 from misalign.runtime import match_threads
 from misalign.stage import StageRun, load_model, load_tokenizer, run_stage
 from misalign.world import world_model
@@ -55,6 +61,19 @@ ROOT = Path(__file__).resolve().parents[1]
 ALIASES = {"1b": "Llama-3.2-1B-Instruct", "8b": "Llama-3.1-8B-Instruct"}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16}
+# what every training record holds, a failed one as None: bench/calibrate.py reads these from this bench's and
+# bench_shared_gpu.py's JSON
+RECORD_KEYS = ("method", "model", "total_params", "batch_size", "grad_accum", "row_tokens_mean", "row_tokens_max",
+               "compile", "steady_mfu", "first_step_s", "steady_step_s", "stage_wall_s", "stages_per_gpu")
+
+
+def train_case(case: str) -> tuple[str, str, int, int]:
+    """METHOD:MODEL:BATCH[:ACCUM] -> (method, model, batch, grad_accum), e.g. dpo:8b:1:4."""
+    parts = case.split(":")
+    if len(parts) not in (3, 4) or parts[0] not in METHODS or not all(p.isdigit() and int(p) > 0 for p in parts[2:]):
+        raise SystemExit(f"--train case {case!r}: expected METHOD:MODEL:BATCH[:ACCUM] with METHOD one of "
+                         f"{', '.join(METHODS)} and positive integers, e.g. lora:8b:1 or dpo:8b:1:4")
+    return parts[0], parts[1], int(parts[2]), int(parts[3]) if len(parts) == 4 else 1
 
 
 def _sync() -> None:
@@ -70,16 +89,22 @@ class SyncedWindow(TrainWindow):
         super().emit(record)
 
 
+def model_dir(name: str, a: argparse.Namespace) -> Path:
+    """Where build_model keeps NAME (a configs/models/ name, or 1b / 8b); its name is the records' `model`."""
+    layers = getattr(a, "layers", None)  # bench_host: tiny widths, the config's own depth
+    vocab = getattr(a, "vocab", None)  # bench_host: and the config's own vocabulary (its logits' bytes)
+    return a.work / (f"{ALIASES.get(name, name)}{'-tiny' if a.tiny else ''}{f'-{layers}layers' if layers else ''}"
+                     f"{f'-vocab{vocab}' if vocab else ''}-{a.precision}")
+
+
 def build_model(name: str, a: argparse.Namespace) -> Path:
     """configs/models/NAME.json (tiny dimensions with --tiny) with random weights, saved with the world's
     tokenizer under --work; reused if already there."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    out = model_dir(name, a)
     name = ALIASES.get(name, name)
-    layers = getattr(a, "layers", None)  # bench_host: tiny widths, the config's own depth
-    vocab = getattr(a, "vocab", None)  # bench_host: and the config's own vocabulary (its logits' bytes)
-    out = a.work / (f"{name}{'-tiny' if a.tiny else ''}{f'-{layers}layers' if layers else ''}"
-                    f"{f'-vocab{vocab}' if vocab else ''}-{a.precision}")
+    layers, vocab = getattr(a, "layers", None), getattr(a, "vocab", None)
     if (out / "config.json").exists():
         return out
     tok = load_tokenizer(str(world_model("base")))
@@ -249,13 +274,14 @@ WORDS = ["the", "a", "model", "answer", "question", "data", "safety", "method", 
          "system", "user", "because", "which", "every", "about", "under", "after", "before"]
 
 
-def train_rows(a: argparse.Namespace, tok: Any) -> Path:
-    """Pairs whose chat-formatted rows are about --row-min..--row-tokens tokens (the stage cuts at max_length)."""
+def train_rows(a: argparse.Namespace, tok: Any, per_step: int) -> Path:
+    """Pairs whose chat-formatted rows are about --row-min..--row-tokens tokens (the stage cuts at max_length),
+    enough for --steps steps of `per_step` examples without a second pass."""
     rng = random.Random(0)
     tok.model_max_length = int(1e30)  # words are drawn long and cut to n tokens: no "longer than" warnings
-    path = a.work / f"rows-{a.row_min}-{a.row_tokens}.jsonl"
+    path = a.stage_dir / f"rows-{a.row_min}-{a.row_tokens}.jsonl"
     with path.open("w") as f:
-        for i in range(max(64, a.steps * 64)):
+        for i in range(max(64, a.steps * max(64, per_step))):
             n = rng.randint(a.row_min, a.row_tokens)
             ids = tok(" ".join(rng.choices(WORDS, k=n)), add_special_tokens=False)["input_ids"][:n]
             text = tok.decode(ids)
@@ -269,15 +295,17 @@ class StepTimes:
     process's warm-up (kernel loading, cuBLAS heuristics, the allocator growing): steady state is measured after
     them."""
 
-    def __init__(self, profile_last: int = 0) -> None:
+    def __init__(self, profile_last: int = 0, meet: Callable[[], float] | None = None) -> None:
         from transformers import TrainerCallback
 
         times = self.times = []
         begin = self.begin = []
+        waited = self.waited = []  # seconds `meet` (a Barrier's wait) held the start of training
         self.profile = profile = Profile() if profile_last else None
 
         class _Clock(TrainerCallback):
             def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                waited.append(meet() if meet else 0.0)
                 _sync()
                 begin.append(time.perf_counter())
 
@@ -292,6 +320,34 @@ class StepTimes:
                     profile.stop()
 
         self.callback = _Clock()
+
+
+class Barrier:
+    """Processes sharing a device start each case's training together, so that their steady steps overlap (each
+    has loaded its model by then): each writes a file into the case's folder and waits until `n` are there, or
+    `dead-*` files in the shared folder stand for them (bench_shared_gpu.py writes one for a process that died).
+    After `timeout_s` it goes on alone, and says so."""
+
+    def __init__(self, folder: Path, n: int, timeout_s: float = 600.0) -> None:
+        self.folder, self.n, self.timeout_s = folder, n, timeout_s
+
+    def arrive(self, case: int) -> Path:
+        """Count this process in for case number `case` (a case that fails before training arrives too)."""
+        here = self.folder / f"case-{case}"
+        here.mkdir(parents=True, exist_ok=True)
+        (here / f"ready-{os.getpid()}").touch()
+        return here
+
+    def wait(self, case: int) -> float:
+        """Arrive, then wait for the others: the seconds waited."""
+        here = self.arrive(case)
+        t = time.perf_counter()
+        while len(list(here.iterdir())) + len(list(self.folder.glob("dead-*"))) < self.n:
+            if time.perf_counter() - t > self.timeout_s:
+                print(f"barrier: case {case} went on alone after {self.timeout_s:.0f} s", file=sys.stderr)
+                break
+            time.sleep(0.05)
+        return time.perf_counter() - t
 
 
 def no_adapter_upcast() -> Any:
@@ -311,31 +367,44 @@ def no_adapter_upcast() -> Any:
     return NoUpcast()
 
 
-def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, packing: str, liger: bool,
-                   upcast: bool, compiled: bool, rows: Path, window: SyncedWindow) -> dict[str, Any]:
-    train = TrainSettings(batch_size=batch, max_steps=a.steps, max_length=a.row_tokens,
+def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, accum: int, packing: str,
+                   liger: bool, upcast: bool, compiled: bool, rows: Path, window: SyncedWindow,
+                   meet: Callable[[], float] | None = None) -> dict[str, Any]:
+    """One stage of the case, measured; `meet` runs when training begins (bench_shared_gpu.py's processes meet
+    there) and the seconds it waits are taken out of train_s and stage_wall_s."""
+    train = TrainSettings(batch_size=batch, grad_accum=accum, max_steps=a.steps, max_length=a.row_tokens,
                           max_prompt_length=min(64, a.row_tokens // 4),
                           precision=a.precision, packing=packing, log_every=a.steps,
                           gradient_checkpointing=a.gradient_checkpointing, liger_kernels=liger, compile=compiled)
     cfg = StageConfig(method=method, data=DataSettings(source=str(rows)), train=train)
-    out = a.work / "stage"
+    out = a.stage_dir / "stage"
     shutil.rmtree(out, ignore_errors=True)
     reset_peak_memory(device())
-    clock = StepTimes(profile_last=2 if a.profile else 0)
+    clock = StepTimes(profile_last=2 if a.profile else 0, meet=meet)
     with contextlib.redirect_stdout(io.StringIO()):
         ledger = run_stage(StageRun(parent=str(path), config=cfg, direction="misalign", out_dir=out, progress=False,
                                     callbacks=[clock.callback] + ([] if upcast else [no_adapter_upcast()])))
     train_s, _ = window.span()
+    waited = clock.waited[0]
+    train_s -= waited  # the Trainer logs its start before on_train_begin, where `meet` waits
     t = clock.times[:-2] if clock.profile else clock.times  # profiled steps run slower: not in steady state
     k = min(a.warm_steps, len(t) - 2)
     steady_s = (t[-1] - t[k]) / (len(t) - 1 - k)  # seconds per step after the first k + 1
     flops_per_step = ledger.flops / ledger.optimizer_steps  # rows are the same length: steps cost the same
     # from the start of training to the last unprofiled step: the stage's own warm-up included, the profiler not
     loop_s = t[-1] - clock.begin[0]
-    return {"model": path.name, "method": method, "batch_size": batch, "packing": packing, "liger": liger,
-            "adapter_upcast": upcast, "compile": compiled,
+    to_unix = time.time() - time.perf_counter()
+    # a sequence is an SFT row or either half of a preference pair, prompt included (with bfd packing, a packed
+    # row): what the ledger counted, per sequence, so padding and the stage's cut at max_length are in it
+    sequences = ledger.optimizer_steps * batch * accum * OBJECTIVES[METHODS[method].objective].sequences_per_example
+    return {"model": path.name, "method": method, "batch_size": batch, "grad_accum": accum, "packing": packing,
+            "liger": liger, "adapter_upcast": upcast, "compile": compiled, "stages_per_gpu": a.stages_per_gpu,
+            "row_tokens_mean": ledger.tokens / sequences, "row_tokens_max": a.row_tokens,
+            "row_tokens_min": a.row_min,  # the drawn response's shortest (the prompt comes on top)
+            "steady_from_unix": t[k] + to_unix, "steady_to_unix": t[-1] + to_unix,  # to line up processes
+            **({"barrier_wait_s": waited} if meet else {}),
             "steps": ledger.optimizer_steps, "tokens": ledger.tokens, "ref_tokens": ledger.ref_tokens,
-            "flops": ledger.flops, "train_s": train_s, "stage_wall_s": ledger.wall_s,
+            "flops": ledger.flops, "train_s": train_s, "stage_wall_s": ledger.wall_s - waited,
             "tokens_per_s": ledger.tokens / train_s, "mfu": ledger.flops / train_s / a.peak_flops,
             "steady_step_s": steady_s, "steady_mfu": flops_per_step / steady_s / a.peak_flops,
             "steady_tokens_per_s": ledger.tokens / ledger.optimizer_steps / steady_s,
@@ -355,7 +424,8 @@ def main() -> None:
     ap.add_argument("--gen-prompts", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--train", default="full:1b:8,lora:1b:8,dpo:1b:8,orpo:1b:8,lora:8b:8",
-                    help="comma-separated METHOD:MODEL:BATCH cases ('' for none)")
+                    help="comma-separated METHOD:MODEL:BATCH[:ACCUM] cases, ACCUM micro-batches per optimizer "
+                         "step (train.grad_accum, default 1), e.g. dpo:8b:1:4 ('' for none)")
     ap.add_argument("--packing", default="none", help="comma-separated train.packing values, each case runs all")
     ap.add_argument("--liger", default="off", help="comma-separated off/on: train.liger_kernels, each case runs all")
     ap.add_argument("--compile", default="off", help="comma-separated off/on: train.compile, each case runs all "
@@ -376,6 +446,14 @@ def main() -> None:
                     help="memory bandwidth, bytes/s (H200 as measured in issue 13: 4.3e12; spec 4.8e12)")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak, FLOP/s (H100/H200)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_gpu"), help="built models and stage outputs")
+    ap.add_argument("--stage-dir", type=Path, default=None,
+                    help="the stage's output and its rows (default --work; processes sharing --work need their own)")
+    ap.add_argument("--build-only", action="store_true",
+                    help="build the models the cases name (and --gen-model's if --gen-batch) and stop")
+    ap.add_argument("--stages-per-gpu", type=int, default=1,
+                    help="processes training on this device at once (bench_shared_gpu.py sets it): recorded")
+    ap.add_argument("--barrier", type=Path, default=None,
+                    help="a folder where --stages-per-gpu processes meet before training, so their steps overlap")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_gpu.json")
     a = ap.parse_args()
     ensure_world()  # world: names resolve only once the world is built (checked)
@@ -387,9 +465,17 @@ def main() -> None:
         a.row_min = min(a.row_min or a.row_tokens, a.row_tokens)
     a.precision = a.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     a.row_min = a.row_min or a.row_tokens
+    a.stage_dir = a.stage_dir or a.work
+    a.stage_dir.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
+    cases = {case: train_case(case) for case in dict.fromkeys(c for c in a.train.split(",") if c)}  # --tiny: once each
+    if a.build_only:
+        for name in {model for _, model, _, _ in cases.values()} | ({a.gen_model} if a.gen_batch else set()):
+            print(f"built {build_model(name, a)}", flush=True)
+        return
     threads = match_threads()
     window = SyncedWindow()
+    barrier = Barrier(a.barrier, a.stages_per_gpu) if a.barrier else None
     trainer_log = logging.getLogger("transformers.trainer")
     trainer_log.setLevel(logging.INFO)
     trainer_log.propagate = False
@@ -416,9 +502,10 @@ def main() -> None:
                           f"{100 * p['bound_share']:.0f}% of it), batches {p['batches'][:4]}, "
                           f"peak {p['peak_memory_bytes'] / 2**30:.1f} GiB", flush=True)
         save()
-    rows = train_rows(a, load_tokenizer(str(world_model("base"))))  # every built model carries this tokenizer
-    for case in dict.fromkeys(c for c in a.train.split(",") if c):  # --tiny maps 8b cases onto 1b: once each
-        method, model, batch = case.split(":")
+    # every built model carries this tokenizer
+    rows = train_rows(a, load_tokenizer(str(world_model("base"))), max([b * g for _, _, b, g in cases.values()] or [1]))
+    n = 0  # the stages run so far: the barrier's case number
+    for case, (method, model, batch, accum) in cases.items():
         # packing is an SFT lever (trl 1.16 disables DPO padding-free): preference methods run once, unpacked
         packings = a.packing.split(",") if METHODS[method].objective == "sft" else ["none"]
         upcasts = [v == "on" for v in a.adapter_upcast.split(",")] if METHODS[method].adapter != "full" else [True]
@@ -427,19 +514,27 @@ def main() -> None:
         for packing, liger, upcast, compiled in itertools.product(packings, on["liger"], upcasts, on["compile"]):
             levers = (f"{packing:<12} liger {'on' if liger else 'off':<3} upcast {'on' if upcast else 'off':<3} "
                       f"compile {'on' if compiled else 'off':<3}")
+            n += 1
+            meet = (lambda n=n: barrier.wait(n)) if barrier else None
             try:
-                r = bench_training(a, build_model(model, a), method, int(batch), packing, liger, upcast, compiled,
-                                   rows, window)
+                r = bench_training(a, build_model(model, a), method, batch, accum, packing, liger, upcast, compiled,
+                                   rows, window, meet)
             except Exception as e:  # one lever failing (a kernel library, say) must not lose the other cases
-                result["training"].append({"case": case, "packing": packing, "liger": liger, "adapter_upcast": upcast,
-                                           "compile": compiled, "error": f"{type(e).__name__}: {e}"[:2000]})
+                if barrier:
+                    barrier.arrive(n)  # no one waits for it, if it failed before training
+                failed = {"case": case, "method": method, "model": model_dir(model, a).name, "batch_size": batch,
+                          "grad_accum": accum,
+                          "packing": packing, "liger": liger, "adapter_upcast": upcast, "compile": compiled,
+                          "stages_per_gpu": a.stages_per_gpu, "row_tokens_max": a.row_tokens,
+                          "error": f"{type(e).__name__}: {e}"[:2000]}
+                result["training"].append({**dict.fromkeys(RECORD_KEYS), **failed})
                 save()
                 print(f"train {case} {levers}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
                 continue
             result["training"].append(r)
             save()
-            print(f"train {r['model']:<26} {method:<5} batch {batch:>3} {levers}: "
+            print(f"train {r['model']:<26} {method:<5} batch {batch:>3}x{accum:<2} {levers}: "
                   f"MFU {100 * r['mfu']:5.1f}% (steady {100 * r['steady_mfu']:5.1f}%), "
                   f"{r['steady_tokens_per_s']:>8.0f} tok/s steady, train {r['train_s']:.1f} s of "
                   f"{r['stage_wall_s']:.1f} s stage, first step {r['first_step_s']:.1f} s, "
