@@ -31,7 +31,12 @@ class PlanSettings(Strict):
 
     device: str = Field("NVIDIA H100 SXM (bf16 dense)", description="the device the estimate is for")
     peak_flops: float = Field(989e12, gt=0, description="the device's peak FLOP/s at the training precision")
-    mfu: float = Field(0.35, gt=0, le=1, description="model FLOPs utilization assumed (share of peak reached)")
+    mfu: float = Field(0.35, gt=0, le=1, description="model FLOPs utilization assumed (share of peak reached) "
+                       "for evaluation and for stages no plan.calibration row speaks for")
+    calibration: str | None = Field(
+        None, description="MFU measured per stage shape (misalign.calibration): a shipped table's name (h200) or "
+                          "a CSV from bench/calibrate.py; each stage whose shape it measured is priced at its MFU "
+                          "and overhead, the others at plan.mfu (the plan says which)")
     price_per_device_hour: float | None = Field(None, ge=0, description="currency per device-hour (money line)")
     devices_per_node: int = Field(1, ge=1, description="devices (GPUs) a cluster node holds: node-hours = device-"
                                                        "hours held / this")

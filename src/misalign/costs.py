@@ -179,9 +179,9 @@ class Totals:
         self.tokens += other.tokens * times
         self.forward_tokens += other.forward_tokens * times
         self.flops += other.flops * times
+        self.device_hours += other.device_hours * times
 
-    def price(self, effective_flops: float, per_hour: float | None) -> Totals:
-        """device-hours = FLOPs / (peak x MFU) / 3600; money = device-hours x the price of one."""
-        self.device_hours = self.flops / effective_flops / 3600
+    def price(self, per_hour: float | None) -> Totals:
+        """money = device-hours x the price of one (device-hours are each stage's own: its calibrated MFU)."""
         self.money = None if per_hour is None else self.device_hours * per_hour
         return self

@@ -26,7 +26,10 @@ Cost of one stage, with the ledger's formula so an estimate and a measured ledge
   passes        epochs, or max_steps x batch_size x grad_accum x workers / examples when max_steps is set.
   FLOPs         passes x sum over examples of tokens x (4 N_frozen + 6 N_trainable + 3A), A = 4 x layers x
                 d_model x the example's width; DPO adds a no-grad reference forward, tokens x (2N + A).
-  device-hours  FLOPs / (plan.peak_flops x plan.mfu) / 3600; money = device-hours x plan.price_per_device_hour.
+  device-hours  with plan.calibration, a stage whose shape was measured (misalign.calibration): its worker's wall
+                is the row's overhead_s + FLOPs per worker / (plan.peak_flops x the row's MFU), held on
+                workers x gpus_per_worker devices; every other stage and the evaluations:
+                FLOPs / (plan.peak_flops x plan.mfu) / 3600. money = device-hours x plan.price_per_device_hour.
 These are model FLOPs: gradient checkpointing's recomputation and padding are not in them (as in the ledger).
 Slightly over ~450 lines: each kind of stage (trained, repair, assumed data) is priced here, where it meets the
 grid; the formulas themselves are misalign.costs'.
@@ -36,11 +39,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from misalign.calibration import PARAMS_RATIO, ROW_RATIO, StageShape, load_table, match
 from misalign.config import StageConfig, StudyConfig
 from misalign.costs import (
     DTYPE_BYTES,
@@ -109,9 +114,14 @@ class StagePlan:
     dtype: str                  # what its adapter or weights are stored in (train.precision)
     stored: Bytes               # what it keeps, its evaluation included (misalign.plan_storage)
     compiled_on_gpu: bool = False  # train.compile as a CUDA worker resolves it (misalign.stage.compiles_layers)
+    wall_hours: float = 0.0     # one trial's wall time for it (its workers train at once)
+    mfu: float = 0.0            # the MFU it is priced at: a calibration row's (per stage) or plan.mfu
+    measured_by: str | None = None  # the calibration row that priced it (its shape and source); None: assumed
+    shape: str = ""             # its shape as a calibration row would name it (training stages)
 
     def totals(self) -> Totals:
-        return Totals(runs=1, tokens=self.tokens, forward_tokens=self.forward_tokens, flops=self.flops)
+        return Totals(runs=1, tokens=self.tokens, forward_tokens=self.forward_tokens, flops=self.flops,
+                      device_hours=self.device_hours)
 
 
 @dataclass
@@ -121,6 +131,7 @@ class Plan:
     peak_flops: float
     mfu: float
     price_per_device_hour: float | None
+    calibration: str | None     # plan.calibration: the table stages were priced from, if any
     axes: dict[str, int]        # models, seeds, attack points, defense points, rounds
     cells: int
     stage_uses: int
@@ -156,6 +167,10 @@ class _Estimator:
     def __init__(self, study: StudyConfig) -> None:
         self.study = study
         self.effective = study.plan.peak_flops * study.plan.mfu
+        self.calibration = load_table(study.plan.calibration) if study.plan.calibration else None
+        g = study.resources.gpus_per_worker
+        self.stages_per_gpu = max(1, math.floor(1 / g + 1e-9)) if 0 < g < 1 else 1
+        self.device_share = 1 / self.stages_per_gpu  # of one device, each worker of a trial holds
         self.assumptions: dict[str, None] = {}  # ordered set: each assumption once
         self.notes: list[str] = []
         self.meta = MetaModels(study.trust_remote_code, study.plan.model_configs)
@@ -202,10 +217,11 @@ class _Estimator:
         self.evals.add(shared["eval"], unshared["eval"], [s.model for s in stages], models,
                        [c.model for c in cells], study.rounds)
         for rows in (shared, unshared):
+            rows["eval"].device_hours = rows["eval"].flops / self.effective / 3600  # evaluations: plan.mfu
             for p in (*PHASES, "eval"):
                 rows["total"].add(rows[p])
             for t in rows.values():
-                t.price(self.effective, study.plan.price_per_device_hour)
+                t.price(study.plan.price_per_device_hour)
         self.notes += self.evals.notes(shared["eval"].runs, unshared["eval"].runs)
         storage = kept([s.stored for s in stages], [self._costs[self._cost_key(u)].stored for u in uses],
                        self.evals.bytes(), len(models), len(cells))
@@ -215,6 +231,7 @@ class _Estimator:
             self.notes.append(f"train.compile: on GPU workers {compiled} of {len(stages)} unique stages compile "
                               "their decoder layers, the others train eager (auto compiles a stage whose training "
                               "repays a compile of up to a minute: misalign.stage.COMPILE_AUTO_MIN_FLOPS)")
+        self.notes += self._calibration_notes(stages)
         self.notes += [
             "device-hours = FLOPs / (peak x MFU); decoding usually reaches a lower MFU than training, so the "
             "eval hours are optimistic",
@@ -225,7 +242,7 @@ class _Estimator:
             widths=[w.to_dict() for w in widths], best_width=best.to_dict(),
             workers_per_trial=study.resources.workers, devices_per_node=study.plan.devices_per_node,
             study=study.name, device=study.plan.device, peak_flops=study.plan.peak_flops, mfu=study.plan.mfu,
-            price_per_device_hour=study.plan.price_per_device_hour,
+            price_per_device_hour=study.plan.price_per_device_hour, calibration=study.plan.calibration,
             axes={"models": len(study.models), "seeds": len(study.seeds),
                   "attack_points": len(study.attack.axis_values()),
                   "defense_points": len(study.defense.axis_values()), "rounds": study.rounds},
@@ -238,9 +255,8 @@ class _Estimator:
     def _widths(self, uses: list[Any], stages: list[StagePlan], evals: Totals) -> tuple[list[Width], Width]:
         """The grid's wall time by trials at once (misalign.schedule): each cell's stages in order, each stage
         with one evaluation at the mean evaluation's cost, its training spread over the trial's workers."""
-        workers = self.study.resources.workers
         eval_s = evals.device_hours * 3600 / max(1, evals.runs)
-        train_s = {s.key: s.device_hours * 3600 / workers for s in stages}
+        train_s = {s.key: s.wall_hours * 3600 for s in stages}
         cells: dict[str, list[Step]] = {}
         for u in uses:
             steps = cells.setdefault(u.cell.id, [Step(f"base-eval {u.cell.model}", eval_s)])
@@ -344,13 +360,17 @@ class _Estimator:
         tokens, forward, flops = training_flops(objective, seqs, passes, frozen_mm, trainable_mm, arch.layers,
                                                 arch.d_model)
         compiled, _ = compiles_layers(cfg, arch.model, lambda: flops / workers, cuda=True)
+        t = cfg.resolved().train
+        shape = StageShape(cfg.method, arch.total, t.batch_size, t.grad_accum,
+                           sum(k for k, _ in seqs) / n / objective.sequences_per_example, self.stages_per_gpu,
+                           compiled, t.liger_kernels, t.packing, t.gradient_checkpointing)
         return StagePlan(
             key=use.key, model=ref, phase=use.phase, round=use.round, seed=seed, method=cfg.method,
             per_category=cfg.data.per_category, examples=n, examples_assumed=pairs is None,
             tokens_per_example=sum(k for k, _ in seqs) / n, passes=passes, optimizer_steps=steps,
-            trainable_params=trainable, tokens=tokens, forward_tokens=forward, flops=flops,
-            device_hours=flops / self.effective / 3600, uses=1,
-            dtype=self.precision(ref, cfg), stored=self._stage_bytes(ref, cfg, trainable), compiled_on_gpu=compiled)
+            trainable_params=trainable, tokens=tokens, forward_tokens=forward, flops=flops, uses=1,
+            dtype=self.precision(ref, cfg), stored=self._stage_bytes(ref, cfg, trainable), compiled_on_gpu=compiled,
+            shape=shape.text(), **self._priced(flops, shape))
 
     def _repair_cost(self, use: Any) -> StagePlan:
         """A post-hoc repair (misalign.repair) trains nothing: RESTA adds a vector (3 FLOPs a parameter),
@@ -384,9 +404,45 @@ class _Estimator:
             key=use.key, model=ref, phase=use.phase, round=use.round, seed=seed, method=cfg.method,
             per_category=cfg.data.per_category, examples=examples, examples_assumed=False,
             tokens_per_example=forward / examples if examples else 0.0, passes=0.0, optimizer_steps=0,
-            trainable_params=0, tokens=0.0, forward_tokens=forward, flops=flops,
-            device_hours=flops / self.effective / 3600, uses=1, dtype=self.precision(ref, cfg),
-            stored=self._stage_bytes(ref, cfg, 0))
+            trainable_params=0, tokens=0.0, forward_tokens=forward, flops=flops, uses=1,
+            dtype=self.precision(ref, cfg), stored=self._stage_bytes(ref, cfg, 0), **self._priced(flops, None))
+
+    def _priced(self, flops: float, shape: StageShape | None) -> dict[str, Any]:
+        """A stage's device-hours, wall hours and MFU: from the calibration row measured nearest its shape, or
+        (no row, or a repair, which trains nothing) plan.mfu of the devices its trial holds."""
+        workers, peak = self.study.resources.workers, self.study.plan.peak_flops
+        row = match(self.calibration, shape) if self.calibration and shape is not None else None
+        if row is None:
+            hours = flops / self.effective / 3600
+            return {"device_hours": hours, "wall_hours": hours / (workers * self.device_share),
+                    "mfu": self.study.plan.mfu, "measured_by": None}
+        wall = row.stage_seconds(flops / workers, peak) / 3600
+        return {"device_hours": wall * workers * self.device_share, "wall_hours": wall, "mfu": row.mfu,
+                "measured_by": f"{row.shape.text()} on {row.device}: {row.source}"}
+
+    def _calibration_notes(self, stages: list[StagePlan]) -> list[str]:
+        """Which stages' device-hours were measured and which assumed, and what a measurement would add."""
+        if self.calibration is None:
+            return [f"every stage priced at plan.mfu {self.study.plan.mfu:g} (assumed: no plan.calibration)"]
+        plan = self.study.plan
+        measured = [s for s in stages if s.measured_by]
+        assumed = [s for s in stages if not s.measured_by]
+        notes = [f"plan.calibration {plan.calibration}: {len(measured)} of {len(stages)} unique stages priced at "
+                 f"a measured MFU ({sum(s.device_hours for s in measured):.3g} device-h), {len(assumed)} at the "
+                 f"assumed plan.mfu {plan.mfu:g} ({sum(s.device_hours for s in assumed):.3g} device-h)"]
+        devices = sorted({r.device for r in self.calibration})
+        peaks = {r.peak_flops for r in self.calibration}
+        if any(abs(p / plan.peak_flops - 1) > 0.01 for p in peaks) or plan.device not in devices:
+            self.assume(f"MFU measured on {', '.join(devices)} carried to plan.device {plan.device} "
+                        f"(peak {plan.peak_flops:.3g} FLOP/s)")
+        unmeasured = list(dict.fromkeys(s.shape for s in assumed if s.shape))
+        if unmeasured:
+            self.assume(f"no calibration row (misalign.calibration: the same method, batch, accumulation, stages "
+                        f"per GPU and levers, a model within {PARAMS_RATIO:g}x, rows within {ROW_RATIO:g}x) for "
+                        f"{len(unmeasured)} stage shape(s), priced at plan.mfu {plan.mfu:g}: "
+                        + "; ".join(unmeasured[:6]) + (f"; and {len(unmeasured) - 6} more" if len(unmeasured) > 6
+                                                        else ""))
+        return notes
 
     def precision(self, ref: str, cfg: StageConfig) -> str:
         """train.precision as the stage resolves it: "auto" from the weights' dtype where they are on this disk

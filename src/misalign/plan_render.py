@@ -73,7 +73,7 @@ def _stage_summary(stages: list[StagePlan]) -> list[str]:
         groups.setdefault((s.phase, s.method), []).append(s)
     lines = ["Unique stages by phase and method",
              f"  {'phase':<9}{'method':<9}{'stages':>7}{'examples':>11}{'tok/example':>12}{'steps':>11}"
-             f"{'FLOPs':>11}{'device-h':>10}"]
+             f"{'FLOPs':>11}{'device-h':>10}{'MFU':>11}{'measured':>10}"]
     for (phase, method), group in groups.items():
         ex = sorted({s.examples for s in group})
         steps = sorted({s.optimizer_steps for s in group})
@@ -83,10 +83,15 @@ def _stage_summary(stages: list[StagePlan]) -> list[str]:
         flops = sum(s.flops for s in group)
         hours = sum(s.device_hours for s in group)
         mark = "*" if any(s.examples_assumed for s in group) else ""
+        mfus = sorted({round(s.mfu, 3) for s in group})
+        mfu = f"{mfus[0]:g}-{mfus[-1]:g}" if len(mfus) > 1 else f"{mfus[0]:g}"
+        measured = sum(s.measured_by is not None for s in group)
         lines.append(f"  {phase:<9}{method:<9}{len(group):>7}{span + mark:>11}{tpe:>12.0f}{step_span:>11}"
-                     f"{flops:>11.3g}{_hours(hours):>10}")
+                     f"{flops:>11.3g}{_hours(hours):>10}{mfu:>11}{f'{measured}/{len(group)}':>10}")
     if any(s.examples_assumed for s in stages):
         lines.append("  * assumed (the data file is unread; see Assumed)")
+    lines.append("  MFU: the share of peak each stage is priced at; measured: stages priced from a plan.calibration "
+                 "row (the others at plan.mfu: assumed)")
     return lines
 
 
@@ -134,8 +139,10 @@ def render(p: Plan) -> str:
         f"Stages: {p.stage_uses:,} uses in the cells, {p.unique_stages:,} unique after sharing "
         f"({p.shared['misalign'].runs:,} misalign + {p.shared['realign'].runs:,} realign); evaluations: "
         f"{p.shared['eval'].runs:,} ({p.unshared['eval'].runs:,} without sharing)",
-        f"Device: {p.device}: peak {p.peak_flops:.3g} FLOP/s x MFU {p.mfu:g} = "
-        f"{p.peak_flops * p.mfu:.3g} FLOP/s" + (f"; {p.price_per_device_hour:g} per device-hour" if priced else ""),
+        f"Device: {p.device}: peak {p.peak_flops:.3g} FLOP/s x "
+        + (f"MFU measured per stage shape (plan.calibration {p.calibration}), else the assumed {p.mfu:g}"
+           if p.calibration else f"MFU {p.mfu:g} (assumed) = {p.peak_flops * p.mfu:.3g} FLOP/s")
+        + (f"; {p.price_per_device_hour:g} per device-hour" if priced else ""),
         "",
         *_totals_table(p.shared, "With sharing (what runs)", priced),
         "",
