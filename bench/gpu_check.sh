@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# Issue 13's GPU measurement in one call of under 10 minutes on one H200, through the gpu-kit (docs/benchmarks.md,
-# "GPU"):  bash .whl/on-device.sh bash bench/gpu_check.sh
-# Each step is its own process (its "cold" figures hold that process's device warm-up), writes its JSON as it goes
-# (to $OUT when the run tool sets it: 8 files, what comes back at most) and is cut at its own time limit without
-# losing the others. The most important steps run first.
+# GPU measurements in one call of under 10 minutes on one H200, through the gpu-kit (docs/benchmarks.md, "GPU"):
+#   bash .whl/on-device.sh bash bench/gpu_check.sh [levers|batch1]
+# levers: issue 13's levers at batch 1; batch1: issue 24's batch 1, 1 x 4 preference micro-batches and several
+# stages per GPU. Each step is its own process (its "cold" figures hold that process's device warm-up), writes its
+# JSON as it goes (to $OUT when the run tool sets it: 8 files, what comes back at most) and is cut at its own time
+# limit without losing the others. The most important steps run first.
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 work=${BENCH_WORK:-/tmp/bench_gpu}
 mkdir -p "$out"
-b() { # NAME SECONDS ARGS...: one bench process; its lines go to the shared log
-  local name=$1 limit=$2; shift 2
-  echo "== $name (limit ${limit}s) $*" | tee -a "$out/log.txt"
+run() { # SCRIPT NAME SECONDS ARGS...: one bench process; its lines go to the shared log
+  local script=$1 name=$2 limit=$3; shift 3
+  echo "== $name (limit ${limit}s) $script $*" | tee -a "$out/log.txt"
   # shellcheck disable=SC2086  # BENCH_ARGS=--tiny: the CPU smoke test of this script
-  timeout "$limit" python3 bench/bench_gpu.py --work "$work" --out "$out/$name.json" "$@" ${BENCH_ARGS:-} 2>&1 \
-    | grep --line-buffered -e "^gen " -e "^train " -e "Error" -e "error:" -e "Traceback" -e "^  File" \
+  timeout "$limit" python3 "bench/$script" --work "$work" --out "$out/$name.json" "$@" ${BENCH_ARGS:-} 2>&1 \
+    | grep --line-buffered -e "^gen " -e "^train " -e "^shared" -e "Error" -e "error:" -e "Traceback" -e "^  File" \
     | tee -a "$out/log.txt"
 }
+b() { run bench_gpu.py "$@"; }         # NAME SECONDS ARGS...: bench_gpu.py
+s() { run bench_shared_gpu.py "$@"; }  # NAME SECONDS ARGS...: bench_shared_gpu.py (its processes are timeout's too)
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
 case ${1:-levers} in
 levers) # what train.compile "auto" should weigh at the paper's micro-batch of 1 (h200-2026-11-30-compile measured
@@ -30,6 +33,21 @@ levers) # what train.compile "auto" should weigh at the paper's micro-batch of 1
   # 3. evaluation at the defaults again: 8B, 1,900 prompts x 100 new tokens, warm-up included
   b gen-default 90 --gen-model 8b --gen-batch auto --gen-prompts 1900 --new-tokens 100 --train ''
   ;;
-*) echo "usage: gpu_check.sh [levers]" >&2; exit 2 ;;
+batch1) # issue 24: the paper trains at batch 1 on rows of up to 1,024 tokens, DPO and ORPO at 1 x 4 accumulated
+  # micro-batches; what one 8B stage does so, eager and compiled, and what 1-4 such stages on one GPU do together.
+  # Limits: 530 s in all. 1. 8B LoRA SFT at batch 1, eager then compiled (builds the 8B model: ~100 s when fresh)
+  b train-8b-batch1 210 --gen-batch '' --train lora:8b:1 --compile off,on --row-tokens 1024 --row-min 128 \
+    --steps 40 --warm-steps 10
+  # 2. 8B DPO and ORPO (LoRA) at 1 x 4, eager
+  b pref-8b-1x4 70 --gen-batch '' --train dpo:8b:1:4,orpo:8b:1:4 --compile off --row-tokens 1024 --row-min 128 \
+    --steps 12 --warm-steps 4
+  # 3. 1, 2, 3 and 4 stages of 8B LoRA at batch 1 on the GPU at once (MISALIGN_GPU_SHARE=1/N each)
+  s shared-8b-batch1 130 --stages 1,2,3,4 --train lora:8b:1 --row-tokens 1024 --row-min 128 --steps 20 \
+    --warm-steps 5 --timeout 100
+  # 4. the same DPO and ORPO compiled (a cold compile each, ~60 s at batch 8: ORPO's may not fit; then rerun it alone)
+  b pref-8b-1x4-compiled 120 --gen-batch '' --train dpo:8b:1:4,orpo:8b:1:4 --compile on --row-tokens 1024 \
+    --row-min 128 --steps 12 --warm-steps 4
+  ;;
+*) echo "usage: gpu_check.sh [levers|batch1]" >&2; exit 2 ;;
 esac
 ls -la "$out"
