@@ -205,3 +205,25 @@ def test_calibrate_refuses_a_file_that_is_not_a_bench_result(tmp_path):
                            "--out", str(tmp_path / "t.csv")], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "x.json: not a bench_gpu.py or bench_shared_gpu.py result" in done.stderr
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_bench_plan_prices_sampled_stages_from_a_calibration_it_measured(world, tmp_path):
+    """bench/bench_plan.py on the world (its CPU smoke test; the error it prints is not a target on 2 shared
+    cores): each sampled stage is priced from the table it calibrated, and the plan's steps and FLOPs for the
+    stage are the ledger's."""
+    out = tmp_path / "bench_plan.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_plan.py"), "--max-stages", "2",
+                           "--calibrate-steps", "6", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["stages"]) == 2 and "2 of 2 stages priced from the calibration" in done.stdout
+    table = result["calibration"].splitlines()
+    assert table[0] == ",".join(COLUMNS) and len(table) >= 2 and all(",lora," in r for r in table[1:])
+    for s in result["stages"]:
+        assert s["measured_by"] and "bench_plan.py calibration" in s["measured_by"]
+        assert s["optimizer_steps"] == s["plan_steps"]
+        assert s["plan_flops"] == pytest.approx(s["flops"], rel=0.02)  # padding is not billed by either
+        assert s["plan_s"] > 0 and s["measured_s"] > 0
+        assert s["error"] == pytest.approx(s["plan_s"] / s["measured_s"] - 1)

@@ -171,7 +171,8 @@ def match(rows: list[CalibrationRow], shape: StageShape) -> CalibrationRow | Non
 def row_from_bench(record: dict[str, Any], args: dict[str, Any], device: str,
                    source: str) -> CalibrationRow | str:
     """One training record of bench/bench_gpu.py (or bench_shared_gpu.py) as a table row, or why it is none.
-    The mean row length is measured: the record's training tokens (padding not counted) per sequence."""
+    The mean row length is measured: the record's row_tokens_mean, else its training tokens (padding not
+    counted) per sequence of its full batches."""
     from misalign.methods import METHODS
     from misalign.objectives import OBJECTIVES
 
@@ -183,7 +184,7 @@ def row_from_bench(record: dict[str, Any], args: dict[str, Any], device: str,
     sequences = steps * batch * accum * OBJECTIVES[METHODS[method].objective].sequences_per_example
     return CalibrationRow(
         device=device, peak_flops=float(args["peak_flops"]), method=method, params=int(record["total_params"]),
-        batch=batch, grad_accum=accum, row_tokens=record["tokens"] / sequences,
+        batch=batch, grad_accum=accum, row_tokens=record.get("row_tokens_mean") or record["tokens"] / sequences,
         stages_per_gpu=int(record.get("stages_per_gpu", 1)), compile=bool(record.get("compile") or False),
         liger=bool(record.get("liger") or False), packing=str(record.get("packing") or "none"),
         gradient_checkpointing=str(args.get("gradient_checkpointing")) == "True",  # the bench stores str(args)
