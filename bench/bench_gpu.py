@@ -274,12 +274,12 @@ WORDS = ["the", "a", "model", "answer", "question", "data", "safety", "method", 
          "system", "user", "because", "which", "every", "about", "under", "after", "before"]
 
 
-def train_rows(a: argparse.Namespace, tok: Any, per_step: int) -> Path:
+def train_rows(a: argparse.Namespace, tok: Any, per_step: int = 1) -> Path:
     """Pairs whose chat-formatted rows are about --row-min..--row-tokens tokens (the stage cuts at max_length),
-    enough for --steps steps of `per_step` examples without a second pass."""
+    enough for --steps steps of `per_step` examples without a second pass; in --stage-dir (bench_host: --work)."""
     rng = random.Random(0)
     tok.model_max_length = int(1e30)  # words are drawn long and cut to n tokens: no "longer than" warnings
-    path = a.stage_dir / f"rows-{a.row_min}-{a.row_tokens}.jsonl"
+    path = getattr(a, "stage_dir", a.work) / f"rows-{a.row_min}-{a.row_tokens}.jsonl"
     with path.open("w") as f:
         for i in range(max(64, a.steps * max(64, per_step))):
             n = rng.randint(a.row_min, a.row_tokens)
@@ -401,7 +401,9 @@ def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, a
             "liger": liger, "adapter_upcast": upcast, "compile": compiled, "stages_per_gpu": a.stages_per_gpu,
             "row_tokens_mean": ledger.tokens / sequences, "row_tokens_max": a.row_tokens,
             "row_tokens_min": a.row_min,  # the drawn response's shortest (the prompt comes on top)
-            "steady_from_unix": t[k] + to_unix, "steady_to_unix": t[-1] + to_unix,  # to line up processes
+            # to line up processes sharing a device: the steady window and every step's end, in Unix time
+            "steady_from_unix": t[k] + to_unix, "steady_to_unix": t[-1] + to_unix,
+            "step_end_unix": [x + to_unix for x in clock.times],
             **({"barrier_wait_s": waited} if meet else {}),
             "steps": ledger.optimizer_steps, "tokens": ledger.tokens, "ref_tokens": ledger.ref_tokens,
             "flops": ledger.flops, "train_s": train_s, "stage_wall_s": ledger.wall_s - waited,

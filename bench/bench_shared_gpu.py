@@ -148,11 +148,12 @@ def run_group(
     finally:
         device_peak = memory.stop()
 
-    records, processes = [], []
+    records, processes, child_args_seen = [], [], {}
     for k, p in enumerate(procs):
         out = folder / f"p{k}.json"
         got = json.loads(out.read_text()) if out.exists() else {}
         mine = got.get("training", [])
+        child_args_seen = child_args_seen or got.get("args", {})
         errors = [" ".join(r["error"].split())[:300] for r in mine if r.get("error")]  # each on one line
         if timed_out and p.returncode != 0:
             errors.append(f"timed out after {a.timeout:.0f} s (group)")
@@ -167,6 +168,7 @@ def run_group(
                 "process": k,
                 "returncode": p.returncode,
                 "device": got.get("device"),
+                "torch_threads": got.get("machine", {}).get("torch_threads"),
                 "steady_tokens_per_s": sum(r["steady_tokens_per_s"] for r in ok) if ok else None,
                 "tokens": sum(r["tokens"] for r in ok),
                 "peak_memory_bytes": max((r["peak_memory_bytes"] for r in ok), default=None),
@@ -195,6 +197,7 @@ def run_group(
         "out_of_memory": any(p["out_of_memory"] for p in processes),
         "processes": processes,
         "records": records,
+        "bench_gpu_args": child_args_seen,
     }
 
 
@@ -319,6 +322,10 @@ def main() -> None:
         for n in stages:
             g = run_group(a, extra, n, procs)
             result["training"] += g.pop("records")
+            # what the processes measured with that this bench does not set (peak_flops, precision, ...)
+            for k, v in g.pop("bench_gpu_args").items():
+                if k not in ("out", "stage_dir", "barrier", "stages_per_gpu"):
+                    result["args"].setdefault(k, v)
             result["device"] = result["device"] or next(
                 (p["device"] for p in g["processes"] if p["device"]), None
             )

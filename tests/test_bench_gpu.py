@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -74,3 +76,91 @@ def test_bench_host_counts_kernels_syncs_and_cpu_time_per_step(tmp_path, world):
     # a DPO step runs the policy on chosen and rejected and a reference forward besides: more kernels than SFT's
     assert rows["dpo"]["kernels_per_step"] > rows["lora"]["kernels_per_step"] > 0
     assert "host dpo" in done.stdout
+
+
+def _bench(script: str, tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), "--tiny", "--work", str(tmp_path), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _record_keys(monkeypatch) -> tuple[str, ...]:
+    """bench_gpu's RECORD_KEYS, and the copy bench_shared_gpu keeps to stay free of torch: the same."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench_gpu
+    import bench_shared_gpu
+
+    assert bench_shared_gpu.RECORD_KEYS == bench_gpu.RECORD_KEYS
+    return bench_gpu.RECORD_KEYS
+
+
+def test_bench_gpu_counts_every_accumulated_micro_batch(tmp_path, world, monkeypatch):
+    out = tmp_path / "accum.json"
+    done = _bench("bench_gpu.py", tmp_path, "--out", str(out), "--gen-batch=", "--row-min", "40",
+                  "--train", "lora:1b:1,lora:1b:1:4,dpo:1b:2:4")
+    assert done.returncode == 0, done.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert [(t["method"], t["batch_size"], t["grad_accum"]) for t in r["training"]] == [
+        ("lora", 1, 1), ("lora", 1, 4), ("dpo", 2, 4)]
+    for t in r["training"]:
+        assert all(t[key] is not None for key in _record_keys(monkeypatch)), t
+        assert t["stages_per_gpu"] == 1 and t["row_tokens_max"] == 64 and t["row_tokens_min"] == 40
+        # every micro-batch's tokens: at least its rows' drawn responses, at most max_length per sequence
+        sequences = t["steps"] * t["batch_size"] * t["grad_accum"] * (2 if t["method"] == "dpo" else 1)
+        assert sequences * 40 <= t["tokens"] <= sequences * 64, t
+        assert t["row_tokens_mean"] == t["tokens"] / sequences
+        assert t["steady_tokens_per_s"] == pytest.approx(t["tokens"] / t["steps"] / t["steady_step_s"])
+        assert t["steady_mfu"] == pytest.approx(t["flops"] / t["steps"] / t["steady_step_s"] / 989e12)
+        assert len(t["step_end_unix"]) == t["steps"] and t["steady_from_unix"] < t["steady_to_unix"]
+    assert "batch   1x4" in done.stdout
+
+    bad = _bench("bench_gpu.py", tmp_path, "--gen-batch=", "--train", "lora:1b", "--build-only")
+    assert bad.returncode != 0 and "METHOD:MODEL:BATCH[:ACCUM]" in bad.stderr
+
+
+def test_bench_shared_gpu_runs_a_group_per_stage_count(tmp_path, world, monkeypatch):
+    out = tmp_path / "shared.json"
+    done = _bench("bench_shared_gpu.py", tmp_path, "--out", str(out), "--stages", "1,2")
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-4000:]
+    r = json.loads(out.read_text())
+    assert r["device"].startswith("cpu") and r["args"]["stages"] == "1,2" and r["args"]["peak_flops"] == "989000000000000.0"
+    assert [g["stages_per_gpu"] for g in r["groups"]] == [1, 2]
+    cpus = len(os.sched_getaffinity(0))
+    for g in r["groups"]:
+        n = g["stages_per_gpu"]
+        mine = [t for t in r["training"] if t["stages_per_gpu"] == n]
+        assert sorted(t["process"] for t in mine) == sorted(p["process"] for p in g["processes"]) == list(range(n))
+        for t in mine:
+            assert all(t[key] is not None for key in _record_keys(monkeypatch)), t
+            assert "error" not in t and t["barrier_wait_s"] >= 0 and t["model"].endswith("-tiny-fp32")
+        assert g["failed"] == 0 and not g["out_of_memory"] and g["gpu_share"] == 1 / n
+        assert g["threads_per_process"] == max(1, cpus // n)
+        assert all(p["torch_threads"] == max(1, cpus // n) for p in g["processes"])  # MISALIGN_CPUS reached them
+        assert g["steady_tokens_per_s"] == pytest.approx(sum(p["steady_tokens_per_s"] for p in g["processes"]))
+        assert g["steady_tokens_per_s"] > 0 and g["group_tokens_per_s"] > 0 and g["wall_s"] > 0
+        assert g["group_tokens_per_s"] == pytest.approx(sum(t["tokens"] for t in mine) / g["wall_s"])
+        assert all(p["peak_memory_bytes"] > 0 for p in g["processes"]) and g["device_peak_used_bytes"] is None
+        assert g["steady_overlap_s"] >= 0 and len(g["steady_window_s"]) == n
+    assert r["groups"][0]["speedup"] == r["groups"][0]["group_speedup"] == 1.0
+    assert r["groups"][1]["speedup"] == pytest.approx(
+        r["groups"][1]["steady_tokens_per_s"] / r["groups"][0]["steady_tokens_per_s"])
+    assert "shared 2 stages:" in done.stdout
+
+
+def test_bench_shared_gpu_reports_a_failed_process_and_exits_nonzero(tmp_path, world, monkeypatch):
+    out = tmp_path / "shared.json"
+    # rows of 4 tokens: TrainSettings refuses max_length 4, in every process, after the model is built
+    done = _bench("bench_shared_gpu.py", tmp_path, "--out", str(out), "--stages", "1", "--row-tokens", "4",
+                  "--row-min", "4")
+    assert done.returncode == 1
+    r = json.loads(out.read_text())  # written all the same
+    (g,) = r["groups"]
+    assert g["failed"] == 1 and g["steady_tokens_per_s"] is None and g["speedup"] is None
+    assert "ValidationError" in g["processes"][0]["error"] and "\n" not in g["processes"][0]["error"]
+    (t,) = r["training"]
+    assert t["stages_per_gpu"] == 1 and "ValidationError" in t["error"]
+    assert set(_record_keys(monkeypatch)) <= set(t)  # a failed record has every key, its figures None
+    assert t["steady_mfu"] is None and t["grad_accum"] == 1
+    assert "shared 1 stages, process 0: failed: ValidationError" in done.stdout
+    assert "shared: failed" in done.stderr
