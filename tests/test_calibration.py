@@ -134,6 +134,7 @@ def test_stages_sharing_a_gpu_hold_their_share_of_it(tmp_path):
         assert s.device_hours == pytest.approx(wall / 4)
     for s in dpo:
         assert s.measured_by is None and s.wall_hours == pytest.approx(4 * s.device_hours)
+    assert "0.25 device(s) a trial" in render(p)
 
 
 def test_bad_tables_are_refused_naming_file_row_and_column(tmp_path):

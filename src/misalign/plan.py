@@ -145,6 +145,7 @@ class Plan:
     storage: dict[str, Bytes]   # shared, unshared: kept until the study ends (misalign.plan_storage.kept)
     moved: Moved                # read and written by the cells, with sharing
     workers_per_trial: int = 1
+    device_share: float = 1.0   # of one device each worker holds (1 / stages per GPU when they share one)
     devices_per_node: int = 1
     widths: list[dict[str, float]] = field(default_factory=list)  # wall time by trials at once (misalign.schedule)
     best_width: dict[str, float] = field(default_factory=dict)    # the fewest trials at once for the shortest wall
@@ -241,6 +242,7 @@ class _Estimator:
         return Plan(
             widths=[w.to_dict() for w in widths], best_width=best.to_dict(),
             workers_per_trial=study.resources.workers, devices_per_node=study.plan.devices_per_node,
+            device_share=self.device_share,
             study=study.name, device=study.plan.device, peak_flops=study.plan.peak_flops, mfu=study.plan.mfu,
             price_per_device_hour=study.plan.price_per_device_hour, calibration=study.plan.calibration,
             axes={"models": len(study.models), "seeds": len(study.seeds),

@@ -109,17 +109,18 @@ def _model_lines(models: list[ModelPlan]) -> list[str]:
 
 def _width_table(p: Plan) -> list[str]:
     """Wall time by trials at once, and the fewest that give the shortest (misalign.schedule)."""
-    devices = p.workers_per_trial
+    devices = p.workers_per_trial * p.device_share
     lines = [f"Wall time by trials at once (the grid in order, attacks before their defenses, shared stages "
-             f"trained once; {devices} device(s) a trial)",
+             f"trained once; {devices:g} device(s) a trial)",
              f"  {'trials':>7}{'devices':>9}{'wall h':>10}{'device-h held':>15}{'busy':>7}"]
     for w in p.widths:
         held = w["held_h"] * devices
         busy = _percent(w["busy_h"], w["held_h"]) if w["held_h"] else "-"
-        lines.append(f"  {int(w['slots']):>7,}{int(w['slots']) * devices:>9,}{_hours(w['wall_h']):>10}"
+        held_devices = math.ceil(int(w["slots"]) * devices - 1e-9)  # trials sharing a device hold it whole
+        lines.append(f"  {int(w['slots']):>7,}{held_devices:>9,}{_hours(w['wall_h']):>10}"
                      f"{_hours(held):>15}{busy:>7}")
     b = p.best_width
-    nodes = math.ceil(int(b["slots"]) * devices / p.devices_per_node)
+    nodes = math.ceil(int(b["slots"]) * devices / p.devices_per_node - 1e-9)
     lines.append(f"  shortest wall time {_hours(b['wall_h'])} h at {int(b['slots']):,} trials at once "
                  f"({nodes:,} node(s) of {p.devices_per_node} device(s)): {_hours(b['held_h'] * devices / p.devices_per_node)}"
                  f" node-hours held, on a cluster that releases idle nodes (start-up and idle timeouts not counted)")
