@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from bench_stage import TrainWindow
-from common import write_result
+from common import RECORD_KEYS, write_result
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.data import load_eval_items
 from misalign.generation import AUTO_MAX_BATCH, GenerationShape, generate
@@ -61,10 +61,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ALIASES = {"1b": "Llama-3.2-1B-Instruct", "8b": "Llama-3.1-8B-Instruct"}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16}
-# what every training record holds, a failed one as None: bench/calibrate.py reads these from this bench's and
-# bench_shared_gpu.py's JSON
-RECORD_KEYS = ("method", "model", "total_params", "batch_size", "grad_accum", "row_tokens_mean", "row_tokens_max",
-               "compile", "steady_mfu", "first_step_s", "steady_step_s", "stage_wall_s", "stages_per_gpu")
 
 
 def train_case(case: str) -> tuple[str, str, int, int]:

@@ -37,14 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import write_result
+from common import RECORD_KEYS, write_result
 from misalign.runtime import cpus_held
 
 BENCH_GPU = Path(__file__).with_name("bench_gpu.py")
-# bench_gpu.RECORD_KEYS, here without importing torch (tests/test_bench_gpu.py checks they agree): what a record
-# holds, None where unmeasured, for a process that died before it wrote one
-RECORD_KEYS = ("method", "model", "total_params", "batch_size", "grad_accum", "row_tokens_mean", "row_tokens_max",
-               "compile", "steady_mfu", "first_step_s", "steady_step_s", "stage_wall_s", "stages_per_gpu")  # fmt: skip
 
 
 class DeviceMemory:

@@ -11,6 +11,11 @@ from typing import Any
 
 from misalign.runtime import cpus_held, package_versions
 
+# what every training record of bench_gpu.py and bench_shared_gpu.py holds, a failed one as None (with an
+# `error`): bench/calibrate.py reads these
+RECORD_KEYS = ("method", "model", "total_params", "batch_size", "grad_accum", "row_tokens_mean", "row_tokens_max",
+               "compile", "steady_mfu", "first_step_s", "steady_step_s", "stage_wall_s", "stages_per_gpu")
+
 
 def machine_busy_s() -> float:
     """CPU seconds the whole machine has been busy (all processes, /proc/stat): others = delta - ours."""

@@ -86,13 +86,11 @@ def _bench(script: str, tmp_path: Path, *args: str, timeout: int = 300) -> subpr
 
 
 def _record_keys(monkeypatch) -> tuple[str, ...]:
-    """bench_gpu's RECORD_KEYS, and the copy bench_shared_gpu keeps to stay free of torch: the same."""
+    """The keys every training record of both benches holds (bench/common.py)."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import bench_gpu
-    import bench_shared_gpu
+    import common
 
-    assert bench_shared_gpu.RECORD_KEYS == bench_gpu.RECORD_KEYS
-    return bench_gpu.RECORD_KEYS
+    return common.RECORD_KEYS
 
 
 def test_bench_gpu_counts_every_accumulated_micro_batch(tmp_path, world, monkeypatch):

@@ -197,6 +197,8 @@ def test_a_bench_record_becomes_a_row_with_its_measured_row_length():
     assert row.row_tokens == 700 and row.overhead_s == pytest.approx(20.0) and row.stages_per_gpu == 2
     assert row.grad_accum == 4 and row.compile and not row.gradient_checkpointing
     assert isinstance(row_from_bench({**record, "adapter_upcast": False}, {"peak_flops": PEAK}, "d", "x"), str)
+    failed = {**record, "steady_mfu": None, "steps": None, "error": "CUDA out of memory"}  # a failed process's
+    assert row_from_bench(failed, {"peak_flops": PEAK}, "d", "x") == "failed: CUDA out of memory"
 
 
 def test_calibrate_refuses_a_file_that_is_not_a_bench_result(tmp_path):

@@ -176,6 +176,8 @@ def row_from_bench(record: dict[str, Any], args: dict[str, Any], device: str,
     from misalign.methods import METHODS
     from misalign.objectives import OBJECTIVES
 
+    if record.get("error") or record.get("steady_mfu") is None:
+        return f"failed: {record.get('error') or 'no steady figures'}"
     if record.get("adapter_upcast") is False:
         return "peft's input up-cast off: a bench lever no stage setting turns off"
     method = record["method"]
