@@ -14,7 +14,10 @@ calibration stages are short runs; the sampled stages are the study's real ones,
 check is whether overhead + FLOPs / (peak x MFU) carries from one to the other.
 
     python3 bench/bench_plan.py                                   # CPU: configs/study-tiny.yaml on the world
-    python3 bench/bench_plan.py --config configs/study-paper.yaml --set models=[PATH] --set ... --calibration h200
+    bash bench/gpu_check.sh plan                                  # a GPU: study-paper's settings on an 8B Llama
+
+--rows MIN-MAX trains every stage on bench_gpu.py's rows (random words, MIN-MAX tokens, 13 categories) instead
+of the study's data: the paper's files are not on a lent machine, and the world's rows are ~35 tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 import shutil
 import sys
 import time
@@ -69,11 +73,12 @@ def run(use: Any, out: Path, steps: int | None = None, callbacks: list[Any] | No
 
 def calibrate(picked: list[StagePlan], uses: dict[str, Any], a: argparse.Namespace, peak: float,
               work: Path) -> list[Any]:
-    """One short stage per shape in the sample, measured into a calibration row."""
+    """One short stage per shape in the sample (its row length aside: a row speaks for rows within
+    misalign.calibration.ROW_RATIO of its own), on the largest stage's rows, measured into a calibration row."""
     rows, shapes = [], {}
-    for s in picked:
-        shapes.setdefault(s.shape, s)
-    for shape, s in shapes.items():
+    for s in sorted(picked, key=lambda s: -s.examples):
+        shapes.setdefault((s.model, re.sub(r", [\d.]+ tok/row", "", s.shape)), s)
+    for s in shapes.values():
         use = uses[s.key]
         run(use, work / "calibrate", 2)  # the process's first stage of a method pays its imports: not a shape's cost
         clock = StepTimes()
@@ -96,9 +101,20 @@ def calibrate(picked: list[StagePlan], uses: dict[str, Any], a: argparse.Namespa
                              a.device_name, f"bench_plan.py calibration ({a.config})")
         assert not isinstance(row, str), row
         rows.append(row)
-        print(f"calibrate {shape}: {ledger.optimizer_steps} steps, steady {step_s * 1e3:.1f} ms/step, MFU "
+        print(f"calibrate {s.shape}: {ledger.optimizer_steps} steps, steady {step_s * 1e3:.1f} ms/step, MFU "
               f"{row.mfu:.3g}, overhead {row.overhead_s:.1f} s ({time.perf_counter() - t0:.1f} s)", flush=True)
     return rows
+
+
+def bench_rows(a: argparse.Namespace, model: str) -> str:
+    """bench_gpu.py's rows of --rows MIN-MAX tokens in `model`'s tokenizer, enough for every sampled stage."""
+    from bench_gpu import train_rows
+    from misalign.models import config_path, load_tokenizer
+
+    low, high = (int(x) for x in a.rows.split("-"))
+    a.work.mkdir(parents=True, exist_ok=True)
+    rows = argparse.Namespace(row_min=low, row_tokens=high, steps=40, work=a.work)  # 2,560 rows: 196 a category
+    return str(train_rows(rows, load_tokenizer(config_path(model), False)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,14 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-steps", type=int, default=3, help="first steps left out of the steady step time")
     ap.add_argument("--max-stages", type=int, default=8, help="at most this many sampled stages")
     ap.add_argument("--device-name", default=None, help="the device's name in the table (default: torch's)")
+    ap.add_argument("--rows", default=None, metavar="MIN-MAX", help="train on rows of MIN-MAX tokens (see above)")
+    ap.add_argument("--tiny", action="store_true", help="the CPU smoke test: 2 stages, 6 calibration steps")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_plan"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_plan.json")
     a = ap.parse_args(argv)
     threads = match_threads()
     cuda = torch.cuda.is_available()
     a.device_name = a.device_name or (torch.cuda.get_device_name() if cuda else "cpu")
+    if a.tiny:
+        a.max_stages, a.calibrate_steps = min(a.max_stages, 2), min(a.calibrate_steps, 6)
     try:
         study = load_config(a.config, a.set, schema=StudyConfig)
+        if a.rows:
+            a.set += [f"{side}.data.{k}={v}" for side in ("attack", "defense")
+                      for k, v in (("source", bench_rows(a, study.models[0])), ("format", "pairs"),
+                                   ("benign_source", "null"))]
+            study = load_config(a.config, a.set, schema=StudyConfig)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU measurements in one call of under 10 minutes on one H200, through the gpu-kit (docs/benchmarks.md, "GPU"):
-#   bash .whl/on-device.sh bash bench/gpu_check.sh [levers|batch1]
+#   bash .whl/on-device.sh bash bench/gpu_check.sh [levers|batch1|plan]
 # levers: issue 13's levers at batch 1; batch1: issue 24's batch 1, 1 x 4 preference micro-batches and several
-# stages per GPU. Each step is its own process (its "cold" figures hold that process's device warm-up), writes its
-# JSON as it goes (to $OUT when the run tool sets it: 8 files, what comes back at most) and is cut at its own time
-# limit without losing the others. The most important steps run first.
+# stages per GPU; plan: issue 24's calibrated plan against a sample of study-paper's stages. Each step is its own
+# process (its "cold" figures hold that process's device warm-up), writes its JSON as it goes (to $OUT when the
+# run tool sets it: 8 files, what comes back at most) and is cut at its own time limit without losing the others.
+# The most important steps run first.
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 work=${BENCH_WORK:-/tmp/bench_gpu}
@@ -14,7 +15,8 @@ run() { # SCRIPT NAME SECONDS ARGS...: one bench process; its lines go to the sh
   echo "== $name (limit ${limit}s) $script $*" | tee -a "$out/log.txt"
   # shellcheck disable=SC2086  # BENCH_ARGS=--tiny: the CPU smoke test of this script
   timeout "$limit" python3 "bench/$script" --work "$work" --out "$out/$name.json" "$@" ${BENCH_ARGS:-} 2>&1 \
-    | grep --line-buffered -e "^gen " -e "^train " -e "^shared" -e "Error" -e "error:" -e "Traceback" -e "^  File" \
+    | grep --line-buffered -e "^gen " -e "^train " -e "^shared" -e "^calibrate " -e "^misalign " -e "^realign " \
+      -e "stages priced" -e "Error" -e "error:" -e "Traceback" -e "^  File" \
     | tee -a "$out/log.txt"
 }
 b() { run bench_gpu.py "$@"; }         # NAME SECONDS ARGS...: bench_gpu.py
@@ -48,6 +50,19 @@ batch1) # issue 24: the paper trains at batch 1 on rows of up to 1,024 tokens, D
   b pref-8b-1x4-compiled 120 --gen-batch '' --train dpo:8b:1:4,orpo:8b:1:4 --compile on --row-tokens 1024 \
     --row-min 128 --steps 12 --warm-steps 4
   ;;
-*) echo "usage: gpu_check.sh [levers|batch1]" >&2; exit 2 ;;
+plan) # issue 24: does `study plan` know what study-paper's stages cost? bench_plan.py calibrates each stage shape
+  # with a short stage of it, then trains a sample of the paper's own stages whole (8B Llama with random weights,
+  # the paper's settings: LoRA SFT at batch 1, DPO and ORPO at 1 x 4, 5 epochs; rows of 128-1,024 tokens) and
+  # compares the plan's wall time with theirs. Limits: 560 s in all.
+  echo "== build-8b (limit 180s)" | tee -a "$out/log.txt"
+  # shellcheck disable=SC2086
+  built=$(timeout 180 python3 bench/bench_gpu.py --work "$work" --build-only --train lora:8b:1 --gen-batch '' \
+    ${BENCH_ARGS:-} 2>&1 | tee -a "$out/log.txt" | sed -n 's/^built //p' | tail -1)
+  [ -n "$built" ] || { echo "error: the 8B model was not built" | tee -a "$out/log.txt"; exit 1; }
+  run bench_plan.py plan-8b 380 --config configs/study-paper.yaml --set "models=[$built]" --rows 128-1024 \
+    --set 'attack.methods=[lora,dpo,orpo]' --set 'attack.per_category=[1,3]' --set 'defense.methods=[lora]' \
+    --set 'defense.per_category=[3]' --max-stages 7
+  ;;
+*) echo "usage: gpu_check.sh [levers|batch1|plan]" >&2; exit 2 ;;
 esac
 ls -la "$out"
