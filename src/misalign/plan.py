@@ -434,7 +434,7 @@ class _Estimator:
                  f"assumed plan.mfu {plan.mfu:g} ({sum(s.device_hours for s in assumed):.3g} device-h)"]
         devices = sorted({r.device for r in self.calibration})
         peaks = {r.peak_flops for r in self.calibration}
-        if any(abs(p / plan.peak_flops - 1) > 0.01 for p in peaks) or plan.device not in devices:
+        if measured and (any(abs(p / plan.peak_flops - 1) > 0.01 for p in peaks) or plan.device not in devices):
             self.assume(f"MFU measured on {', '.join(devices)} carried to plan.device {plan.device} "
                         f"(peak {plan.peak_flops:.3g} FLOP/s)")
         unmeasured = list(dict.fromkeys(s.shape for s in assumed if s.shape))
