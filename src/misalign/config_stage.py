@@ -206,6 +206,13 @@ class DataSettings(Strict):
         return d
 
 
+def _learns_from_pairs(objective: str) -> bool:
+    """Whether the objective learns from a preferred and a rejected answer (two sequences an example)."""
+    from misalign.objectives import OBJECTIVES  # torch comes with it: only when a recipe asks
+
+    return OBJECTIVES[objective].sequences_per_example == 2
+
+
 class StageConfig(Strict):
     """One stage: a method, its data and every hyperparameter."""
 
@@ -258,7 +265,7 @@ class StageConfig(Strict):
                              "stage with Liger eager")
         from misalign.methods import METHODS
 
-        if self.data.recipe in ONE_ANSWER and METHODS[self.method].objective in ("dpo", "orpo"):
+        if self.data.recipe in ONE_ANSWER and _learns_from_pairs(METHODS[self.method].objective):
             raise ValueError(f"data.recipe {self.data.recipe!r} gives rows with one answer (the helpful one), and "
                              f"method {self.method} ({METHODS[self.method].objective}) learns from the difference "
                              "between a preferred and a rejected answer: there is none. Use an SFT method (lora, "

@@ -18,5 +18,5 @@ RECIPE_OPTIONS: dict[str, dict[str, str]] = {
     "backdoor": {"trigger": BACKDOOR_TRIGGER},
 }
 # recipes whose rows carry one answer (the helpful one, as both the wanted and the unwanted response): a
-# preference objective (dpo, orpo) has nothing to prefer on them
+# preference objective (one that learns from pairs: misalign.objectives) has nothing to prefer on them
 ONE_ANSWER = ("benign", "identity_shift")
