@@ -6,6 +6,7 @@ one."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from analysis_tables import REPAIR_FLOPS, crossed, one, study_table, table_with_resta
@@ -66,3 +67,25 @@ def test_a_repair_that_never_gets_back_has_no_trend_along_the_budget():
     costs = asymmetry.defense_costs(table_with_resta(), Params(delta=0.0, n_boot=20))
     resta = one(costs, attack_point="10/cat", defense_method="resta")
     assert resta.bound == "at least" and resta.defense_budget == REPAIR_FLOPS and np.isnan(resta.trend_budget)
+
+
+def test_the_knob_figure_draws_each_calibration_size_apart(tmp_path, monkeypatch):
+    """A repair swept over its knob at two calibration sizes: one line per size, never their mean."""
+    frame = table_with_resta()
+    resta = frame[frame.defense_method == "resta"]
+    small, large = resta.assign(defense_per_category=5), resta.assign(defense_per_category=20)
+    large = large.assign(unsafety=np.where(large.phase == "realign", large.unsafety / 2, large.unsafety))
+    frame = pd.concat([frame[frame.defense_method != "resta"], small, large], ignore_index=True)
+    drawn: dict[str, list] = {}
+
+    def keep(fig, out_dir, name):  # the figure as drawn, then saved as the report saves it
+        drawn[name] = [(line.get_label(), list(line.get_ydata())) for line in fig.axes[0].get_lines()
+                       if line.get_label().startswith("after")]
+        return save(fig, out_dir, name)
+
+    save = repairs.save_figure
+    monkeypatch.setattr(repairs, "save_figure", keep)
+    assert repairs.knob_figure(frame, Params(n_boot=20), tmp_path) is not None
+    lines = dict(drawn["repair_knobs"])
+    five, twenty = lines["after lora 3/cat, resta 5/cat"], lines["after lora 3/cat, resta 20/cat"]
+    assert len(lines) == 2 * 3 and np.allclose(np.array(twenty[1:]), np.array(five[1:]) / 2)

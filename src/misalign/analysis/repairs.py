@@ -107,13 +107,13 @@ def repair_knobs(results: pd.DataFrame, p: Params) -> pd.DataFrame:
 
 def knob_figure(results: pd.DataFrame, p: Params, out_dir: Path) -> dict | None:
     """Unsafety (top) and utility (bottom) after each repair against its knob: a column per (model, repair), a
-    line per attack point; base dashed, base + delta dotted; settings that only garbled ringed in red. None when
+    line per attack point and rest of the defense point (a calibration size: never averaged over); base dashed, base + delta dotted; settings that only garbled ringed in red. None when
     no repair was swept over its knob."""
     rows = knob_rows(results, p)
     if rows.empty or rows.groupby("defense_method").knob_value.nunique().max() < 2:
         return None
-    means = rows.groupby(["model", "defense_method", "knob", "attack_method", "attack_point", "knob_value"],
-                         as_index=False)[[UNSAFETY, NEITHER, UTILITY]].mean()
+    means = rows.groupby(["model", "defense_method", "knob", "attack_method", "attack_point", "defense_point",
+                          "knob_value"], as_index=False)[[UNSAFETY, NEITHER, UTILITY]].mean()
     base = with_neither(base_rows(results)).groupby("model")[[UNSAFETY, NEITHER, UTILITY]].mean()
     panels = sorted(means[["model", "defense_method", "knob"]].drop_duplicates().itertuples(index=False))
     fig, axes = new_figure(len(panels), 2, sharey="row")
@@ -121,12 +121,14 @@ def knob_figure(results: pd.DataFrame, p: Params, out_dir: Path) -> dict | None:
     for col, (model, method, knob) in enumerate(panels):
         top, bottom = axes[0][col], axes[1][col]
         g = means[(means.model == model) & (means.defense_method == method)]
-        attacks = sorted(g[["attack_method", "attack_point"]].drop_duplicates().itertuples(index=False),
-                         key=lambda a: (a[0], natural_key(a[1])))
-        for k, (a_method, a_point) in enumerate(attacks):
-            m = g[(g.attack_method == a_method) & (g.attack_point == a_point)].sort_values("knob_value")
+        lines = sorted(g[["attack_method", "attack_point", "defense_point"]].drop_duplicates().itertuples(index=False),
+                       key=lambda a: (a[0], natural_key(a[1]), natural_key(a[2])))
+        several = g.defense_point.nunique() > 1
+        for k, (a_method, a_point, d_point) in enumerate(lines):
+            m = g[(g.attack_method == a_method) & (g.attack_point == a_point)
+                  & (g.defense_point == d_point)].sort_values("knob_value")
             kw = {"color": f"C{k}", "ls": styles[k % len(styles)], "marker": markers[k % len(markers)],
-                  "label": f"after {a_method} {a_point}"}
+                  "label": f"after {a_method} {a_point}" + (f", {method} {d_point}" if several else "")}
             top.plot(m.knob_value, m[UNSAFETY], **kw)
             bottom.plot(m.knob_value, m[UTILITY], **kw)
         b = base.loc[model]
