@@ -4,7 +4,6 @@ One flat MFU misprices a study whose stages differ in shape: at the paper's batc
 of what it reaches at batch 8. A calibration table holds one row per measured shape, each from a bench run
 (bench/calibrate.py turns bench_gpu.py's and bench_shared_gpu.py's JSON into rows):
 
-    device, peak_flops          the device measured and the peak its MFU is a share of
     method                      the stage's method (misalign.methods.METHODS)
     params                      the model's total parameters
     batch, grad_accum           micro-batch rows and accumulated micro-batches per optimizer step
@@ -13,14 +12,15 @@ of what it reaches at batch 8. A calibration table holds one row per measured sh
     compile                     decoder layers compiled (train.compile as the stage resolved it)
     liger, packing,             train.liger_kernels, train.packing and train.gradient_checkpointing
     gradient_checkpointing
+    device, peak_flops          the device measured and the peak its MFU is a share of
     mfu                         steady MFU of one stage (its own FLOPs / its steady time / peak_flops)
     overhead_s                  the stage's wall time that steady steps do not explain: loading, compiling,
                                 the first steps, saving (stage wall - steps x steady step time)
     source                      where the row was measured (bench JSON, commit)
 
 A stage of the plan uses the nearest row of its exact method, batch, grad_accum, stages_per_gpu, compile, liger,
-packing and gradient checkpointing, within PARAMS_RATIO of its model's size and ROW_RATIO of its sequence length; without one it is priced at the
-flat plan.mfu and the plan says so. Its wall time on one worker is overhead_s + FLOPs / (peak x mfu).
+packing and gradient checkpointing, within PARAMS_RATIO of its model's size and ROW_RATIO of its sequence
+length; without one it is priced at the flat plan.mfu and the plan says so. Its wall time on one worker is overhead_s + FLOPs / (peak x mfu).
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ class StageShape:
     row_tokens: float
     stages_per_gpu: int
     compile: bool
-    liger: bool = False
-    packing: str = "none"
-    gradient_checkpointing: bool = False
+    liger: bool
+    packing: str
+    gradient_checkpointing: bool
 
     def exact(self) -> tuple:
         """What a row must equal to speak for this shape (params and row_tokens need only be near)."""
@@ -69,27 +69,18 @@ class StageShape:
 
 
 @dataclass(frozen=True)
-class CalibrationRow:
+class CalibrationRow(StageShape):
+    """A measured shape: the device, its peak, and what the stage reached there."""
+
     device: str
     peak_flops: float
-    method: str
-    params: int
-    batch: int
-    grad_accum: int
-    row_tokens: float
-    stages_per_gpu: int
-    compile: bool
-    liger: bool
-    packing: str
-    gradient_checkpointing: bool
     mfu: float
     overhead_s: float
     source: str
 
     @property
     def shape(self) -> StageShape:
-        return StageShape(self.method, self.params, self.batch, self.grad_accum, self.row_tokens,
-                          self.stages_per_gpu, self.compile, self.liger, self.packing, self.gradient_checkpointing)
+        return StageShape(*(getattr(self, f.name) for f in fields(StageShape)))
 
     def stage_seconds(self, flops: float, peak_flops: float) -> float:
         """Wall seconds of one worker's stage of `flops` at this row's MFU of `peak_flops`."""
