@@ -51,5 +51,8 @@ def test_installed_package_runs_world_trial_study_and_report(world, tmp_path):
         "--set", "defense.methods=[lora]", "--set", "defense.per_category=[3]",
         "--set", "attack.train.max_steps=2", "--set", "defense.train.max_steps=2", "--set", "eval.limit=8",
         "--set", "eval.max_new_tokens=8")
+    # the shipped calibration table comes with the wheel (package data), found by its name
+    plan = run("study", "plan", str(REPO / "configs" / "study-tiny.yaml"), "--set", "plan.calibration=h200")
+    assert "plan.calibration h200: 0 of 48 unique stages priced at a measured MFU" in plan
     run("report", "runs/study-tiny", "--out", "report")
     assert "study-tiny" in (tmp_path / "report" / "report.html").read_text()
