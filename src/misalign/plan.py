@@ -31,7 +31,7 @@ Cost of one stage, with the ledger's formula so an estimate and a measured ledge
                 workers x gpus_per_worker devices; every other stage and the evaluations:
                 FLOPs / (plan.peak_flops x plan.mfu) / 3600. money = device-hours x plan.price_per_device_hour.
 These are model FLOPs: gradient checkpointing's recomputation and padding are not in them (as in the ledger).
-Slightly over ~450 lines: each kind of stage (trained, repair, assumed data) is priced here, where it meets the
+About 520 lines: each kind of stage (trained, repair, assumed data) is priced here, where it meets the
 grid; the formulas themselves are misalign.costs'.
 """
 
