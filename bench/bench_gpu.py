@@ -318,6 +318,13 @@ class StepTimes:
         self.callback = _Clock()
 
 
+def steady_step_s(step_ends: list[float], warm: int) -> tuple[int, float]:
+    """(k, seconds per step after the first k + 1): the steady step time from StepTimes' step ends, leaving out
+    the first `warm` steps (at least two steps stay in)."""
+    k = min(warm, len(step_ends) - 2)
+    return k, (step_ends[-1] - step_ends[k]) / (len(step_ends) - 1 - k)
+
+
 class Barrier:
     """Processes sharing a device start each case's training together, so that their steady steps overlap (each
     has loaded its model by then): each writes a file into the case's folder and waits until `n` are there, or
@@ -384,8 +391,7 @@ def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, a
     waited = clock.waited[0]
     train_s -= waited  # the Trainer logs its start before on_train_begin, where `meet` waits
     t = clock.times[:-2] if clock.profile else clock.times  # profiled steps run slower: not in steady state
-    k = min(a.warm_steps, len(t) - 2)
-    steady_s = (t[-1] - t[k]) / (len(t) - 1 - k)  # seconds per step after the first k + 1
+    k, steady_s = steady_step_s(t, a.warm_steps)
     flops_per_step = ledger.flops / ledger.optimizer_steps  # rows are the same length: steps cost the same
     # from the start of training to the last unprofiled step: the stage's own warm-up included, the profiler not
     loop_s = t[-1] - clock.begin[0]

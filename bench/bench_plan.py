@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from bench_gpu import StepTimes
+from bench_gpu import StepTimes, steady_step_s
 from common import write_result
 from misalign.calibration import row_from_bench, table_path, write_table
 from misalign.config import StudyConfig, load_config
@@ -84,9 +84,7 @@ def calibrate(picked: list[StagePlan], uses: dict[str, Any], a: argparse.Namespa
         clock = StepTimes()
         t0 = time.perf_counter()
         ledger = run(use, work / "calibrate", a.calibrate_steps, [clock.callback])
-        t = clock.times
-        k = min(a.warm_steps, len(t) - 2)
-        step_s = (t[-1] - t[k]) / (len(t) - 1 - k)
+        _, step_s = steady_step_s(clock.times, a.warm_steps)
         record = {"method": s.method, "batch_size": use.config.resolved().train.batch_size,
                   "grad_accum": use.config.resolved().train.grad_accum, "steps": ledger.optimizer_steps,
                   "steady_step_s": step_s, "stage_wall_s": ledger.wall_s, "tokens": ledger.tokens,
