@@ -145,14 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     uses = {u.key: u for u in stage_uses(study)}
-    picked = sample(estimate(study).stages, study.seeds[0])[:a.max_stages]
-    peak = study.plan.peak_flops
+
+    def plan_with(table: str) -> list[StagePlan]:
+        return estimate(load_config(a.config, [*a.set, f"plan.calibration={table}"], schema=StudyConfig)).stages
+
+    # the sample depends on FLOPs only, not on the table: with a given table one estimate does both
     table = a.calibration
+    stages = plan_with(table) if table else estimate(study).stages
+    picked = sample(stages, study.seeds[0])[:a.max_stages]
     if table is None:
         table = str(a.work / "calibration.csv")
-        write_table(calibrate(picked, uses, a, peak, a.work), Path(table))
-    planned = {s.key: s for s in estimate(load_config(a.config, [*a.set, f"plan.calibration={table}"],
-                                                      schema=StudyConfig)).stages}
+        write_table(calibrate(picked, uses, a, study.plan.peak_flops, a.work), Path(table))
+        stages = plan_with(table)
+    planned = {s.key: s for s in stages}
     results = []
     print(f"{'stage':<44}{'shape':<52}{'steps':>6}{'plan s':>9}{'measured s':>12}{'error':>8}", flush=True)
     for s in picked:

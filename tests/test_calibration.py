@@ -230,3 +230,13 @@ def test_bench_plan_prices_sampled_stages_from_a_calibration_it_measured(world, 
         assert s["plan_flops"] == pytest.approx(s["flops"], rel=0.02)  # padding is not billed by either
         assert s["plan_s"] > 0 and s["measured_s"] > 0
         assert s["error"] == pytest.approx(s["plan_s"] / s["measured_s"] - 1)
+
+    # --calibration checks a given table: the same sample, priced the same, with no calibration stage run
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_plan.py"), "--max-stages", "1",
+                            "--calibration", str(tmp_path / "work" / "calibration.csv"), "--work",
+                            str(tmp_path / "again"), "--out", str(tmp_path / "again.json")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    first, second = result["stages"][0], json.loads((tmp_path / "again.json").read_text())["stages"]
+    assert [s["key"] for s in second] == [first["key"]] and second[0]["plan_s"] == pytest.approx(first["plan_s"])
+    assert not (tmp_path / "again" / "calibration.csv").exists()

@@ -88,6 +88,7 @@ class CalibrationRow(StageShape):
 
 
 COLUMNS = tuple(f.name for f in fields(CalibrationRow))
+_COLUMN_TYPES = {f.name: f.type for f in fields(CalibrationRow)}  # annotations as strings (postponed)
 
 
 def shipped_tables() -> dict[str, Path]:
@@ -109,7 +110,7 @@ def table_path(ref: str) -> Path:
 
 
 def _cell(value: str, column: str, where: str) -> Any:
-    kind = {f.name: f.type for f in fields(CalibrationRow)}[column]
+    kind = _COLUMN_TYPES[column]
     try:
         if kind == "bool":
             if value.strip().lower() not in ("true", "false"):
