@@ -297,6 +297,7 @@ class StepTimes:
         times = self.times = []
         begin = self.begin = []
         waited = self.waited = []  # seconds `meet` (a Barrier's wait) held the start of training
+        train_loss = self.train_loss = []  # trl's mean loss over the stage, logged when training ends
         self.profile = profile = Profile() if profile_last else None
 
         class _Clock(TrainerCallback):
@@ -308,6 +309,10 @@ class StepTimes:
             def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 if profile and state.global_step == state.max_steps - profile_last:
                     profile.start()
+
+            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+                if logs and "train_loss" in logs:
+                    train_loss.append(float(logs["train_loss"]))
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 _sync()
@@ -371,15 +376,17 @@ def no_adapter_upcast() -> Any:
 
 
 def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, accum: int, packing: str,
-                   liger: bool, upcast: bool, compiled: bool, rows: Path, window: SyncedWindow,
+                   liger: bool, upcast: bool, compiled: bool | str, rows: Path, window: SyncedWindow,
                    meet: Callable[[], float] | None = None) -> dict[str, Any]:
     """One stage of the case, measured; `meet` runs when training begins (bench_shared_gpu.py's processes meet
     there) and the seconds it waits are taken out of train_s and stage_wall_s."""
     train = TrainSettings(batch_size=batch, grad_accum=accum, max_steps=a.steps, max_length=a.row_tokens,
                           max_prompt_length=min(64, a.row_tokens // 4),
                           precision=a.precision, packing=packing, log_every=a.steps,
-                          gradient_checkpointing=a.gradient_checkpointing, liger_kernels=liger, compile=compiled)
-    cfg = StageConfig(method=method, data=DataSettings(source=str(rows)), train=train)
+                          gradient_checkpointing=a.gradient_checkpointing, liger_kernels=liger, compile=compiled,
+                          pad_to_multiple_of=a.pad_to)
+    cfg = StageConfig(method=method, data=DataSettings(source=str(rows)), train=train,
+                      **({"adapter": {"dropout": a.dropout}} if a.dropout is not None else {}))
     out = a.stage_dir / "stage"
     shutil.rmtree(out, ignore_errors=True)
     reset_peak_memory(device())
@@ -401,6 +408,10 @@ def bench_training(a: argparse.Namespace, path: Path, method: str, batch: int, a
     sequences = ledger.optimizer_steps * batch * accum * OBJECTIVES[METHODS[method].objective].sequences_per_example
     return {"model": path.name, "method": method, "batch_size": batch, "grad_accum": accum, "packing": packing,
             "liger": liger, "adapter_upcast": upcast, "compile": compiled, "stages_per_gpu": a.stages_per_gpu,
+            "pad_to_multiple_of": a.pad_to, "adapter_dropout": a.dropout,
+            # the mean loss over the stage's steps (trl's train_loss): with --dropout 0 the same across --compile
+            # variants up to rounding, which checks compiled and graph-replayed steps against eager ones
+            "train_loss": clock.train_loss[-1] if clock.train_loss else None,
             "row_tokens_mean": ledger.tokens / sequences, "row_tokens_max": a.row_tokens,
             "row_tokens_min": a.row_min,  # the drawn response's shortest (the prompt comes on top)
             # to line up processes sharing a device: the steady window and every step's end, in Unix time
@@ -432,8 +443,14 @@ def main() -> None:
                          "step (train.grad_accum, default 1), e.g. dpo:8b:1:4 ('' for none)")
     ap.add_argument("--packing", default="none", help="comma-separated train.packing values, each case runs all")
     ap.add_argument("--liger", default="off", help="comma-separated off/on: train.liger_kernels, each case runs all")
-    ap.add_argument("--compile", default="off", help="comma-separated off/on: train.compile, each case runs all "
+    ap.add_argument("--compile", default="off", help="comma-separated off/on/graphs: train.compile (graphs: also "
+                                                     "replayed as CUDA graphs, needs --pad-to), each case runs all "
                                                      "(its first step holds the compile: see first_step_s)")
+    ap.add_argument("--pad-to", type=int, default=None, help="train.pad_to_multiple_of: rows padded to a multiple "
+                                                             "of this many tokens")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="adapter dropout (default: the stage's 0.05); 0 makes train_loss comparable across "
+                         "--compile variants (compiled dropout draws other random numbers)")
     ap.add_argument("--adapter-upcast", default="on",
                     help="comma-separated on/off: peft's cast of adapter inputs to float32 (off: an experiment, "
                          "see no_adapter_upcast); adapter methods run all")
@@ -513,11 +530,12 @@ def main() -> None:
         # packing is an SFT lever (trl 1.16 disables DPO padding-free): preference methods run once, unpacked
         packings = a.packing.split(",") if METHODS[method].objective == "sft" else ["none"]
         upcasts = [v == "on" for v in a.adapter_upcast.split(",")] if METHODS[method].adapter != "full" else [True]
-        on = {lever: [v == "on" for v in values.split(",")] for lever, values in
-              (("liger", a.liger), ("compile", a.compile))}
+        on: dict[str, list[Any]] = {"liger": [v == "on" for v in a.liger.split(",")],
+                                    "compile": [{"on": True, "graphs": "graphs"}.get(v, False)
+                                                for v in a.compile.split(",")]}
         for packing, liger, upcast, compiled in itertools.product(packings, on["liger"], upcasts, on["compile"]):
             levers = (f"{packing:<12} liger {'on' if liger else 'off':<3} upcast {'on' if upcast else 'off':<3} "
-                      f"compile {'on' if compiled else 'off':<3}")
+                      f"compile {compiled if compiled == 'graphs' else 'on' if compiled else 'off':<6}")
             n += 1
             meet = (lambda n=n: barrier.wait(n)) if barrier else None
             try:
@@ -542,8 +560,12 @@ def main() -> None:
                   f"MFU {100 * r['mfu']:5.1f}% (steady {100 * r['steady_mfu']:5.1f}%), "
                   f"{r['steady_tokens_per_s']:>8.0f} tok/s steady, train {r['train_s']:.1f} s of "
                   f"{r['stage_wall_s']:.1f} s stage, first step {r['first_step_s']:.1f} s, "
-                  f"peak {r['peak_memory_bytes'] / 2**30:.1f} GiB", flush=True)
+                  f"peak {r['peak_memory_bytes'] / 2**30:.1f} GiB, loss {r['train_loss']:.4f}", flush=True)
     save()
+    failed = [t for t in result["training"] if t.get("error")]
+    if failed:  # written all the same; a partly failed bench says so and exits 1
+        print(f"error: {len(failed)} of {len(result['training'])} training cases failed", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def run_group(
         errors = [" ".join(r["error"].split())[:300] for r in mine if r.get("error")]  # each on one line
         if timed_out and p.returncode != 0:
             errors.append(f"timed out after {a.timeout:.0f} s (group)")
-        elif p.returncode != 0 or not mine:
+        elif (p.returncode != 0 and not errors) or not mine:  # a recorded failure exits 1 too: said once
             errors.append(f"exit {p.returncode}: {error_line(folder / f'p{k}.log')}")
         ok = [r for r in mine if not r.get("error")]
         records += [{**r, "stages_per_gpu": n, "process": k} for r in mine]

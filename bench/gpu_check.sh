@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU measurements in one call of under 10 minutes on one H200, through the gpu-kit (docs/benchmarks.md, "GPU"):
-#   bash .whl/on-device.sh bash bench/gpu_check.sh [levers|batch1|plan]
+#   bash .whl/on-device.sh bash bench/gpu_check.sh [levers|batch1|graphs|plan]
 # levers: issue 13's levers at batch 1; batch1: issue 24's batch 1, 1 x 4 preference micro-batches and several
-# stages per GPU; plan: issue 24's calibrated plan against a sample of study-paper's stages. Each step is its own
-# process (its "cold" figures hold that process's device warm-up), writes its JSON as it goes (to $OUT when the
-# run tool sets it: 8 files, what comes back at most) and is cut at its own time limit without losing the others.
+# stages per GPU; graphs: batch 1 with the layers replayed as CUDA graphs; plan: issue 24's calibrated plan
+# against a sample of study-paper's stages. Each step is its own process (its "cold" figures hold that process's
+# device warm-up), writes its JSON as it goes (to $OUT when the run tool sets it: 8 files, what comes back at
+# most) and is cut at its own time limit without losing the others.
 # The most important steps run first.
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
@@ -50,6 +51,16 @@ batch1) # issue 24: the paper trains at batch 1 on rows of up to 1,024 tokens, D
   b pref-8b-1x4-compiled 120 --gen-batch '' --train dpo:8b:1:4,orpo:8b:1:4 --compile on --row-tokens 1024 \
     --row-min 128 --steps 12 --warm-steps 4
   ;;
+graphs) # issue 24's third column: the compiled layers replayed as CUDA graphs (train.compile graphs) over rows
+  # padded to 64-token buckets, against eager and compiled on the same padded rows, at the paper's batch of 1.
+  # LoRA dropout 0, so every variant's train_loss must agree (the graphs' correctness check). Limits: 540 s in all.
+  # 1. 8B LoRA SFT at batch 1: eager, compiled, graphs (builds the 8B model: ~100 s when fresh)
+  b graphs-8b-batch1 300 --gen-batch '' --train lora:8b:1 --compile off,on,graphs --pad-to 64 --dropout 0 \
+    --row-tokens 1024 --row-min 128 --steps 40 --warm-steps 10
+  # 2. 8B DPO and ORPO at 1 x 4 as graphs (their eager and compiled figures: the batch1 mode)
+  b graphs-8b-pref 240 --gen-batch '' --train dpo:8b:1:4,orpo:8b:1:4 --compile graphs --pad-to 64 --dropout 0 \
+    --row-tokens 1024 --row-min 128 --steps 12 --warm-steps 4
+  ;;
 plan) # issue 24: does `study plan` know what study-paper's stages cost? bench_plan.py calibrates each stage shape
   # with a short stage of it, then trains a sample of the paper's own stages whole (8B Llama with random weights,
   # the paper's settings: LoRA SFT at batch 1, DPO and ORPO at 1 x 4, 5 epochs; rows of 128-1,024 tokens) and
@@ -63,6 +74,6 @@ plan) # issue 24: does `study plan` know what study-paper's stages cost? bench_p
     --set 'attack.methods=[lora,dpo,orpo]' --set 'attack.per_category=[1,3]' --set 'defense.methods=[lora]' \
     --set 'defense.per_category=[3]' --max-stages 7
   ;;
-*) echo "usage: gpu_check.sh [levers|batch1|plan]" >&2; exit 2 ;;
+*) echo "usage: gpu_check.sh [levers|batch1|graphs|plan]" >&2; exit 2 ;;
 esac
 ls -la "$out"

@@ -57,15 +57,15 @@ def fake_judge() -> Iterator[Callable[..., FakeJudge]]:
 @pytest.fixture
 def world_stage(world):  # noqa: ANN001, ANN201
     """Train one stage from world:base on world:misalign rows (4 per category), logging every step:
-    `world_stage(out, method=..., adapter=..., progress=..., **train)` gives its logged losses and the model it
-    hands over."""
+    `world_stage(out, method=..., adapter=..., progress=..., callbacks=..., **train)` gives its logged losses and
+    the model it hands over."""
     from transformers import TrainerCallback
 
     from misalign.config import DataSettings, StageConfig, TrainSettings
     from misalign.stage import StageRun, train_stage
 
     def run(out: Path, method: str = "lora", adapter: dict | None = None, progress: bool = False,
-            **train: object) -> tuple[list, object]:
+            callbacks: list | None = None, **train: object) -> tuple[list, object]:
         losses: list[float] = []
 
         class Losses(TrainerCallback):
@@ -75,7 +75,7 @@ def world_stage(world):  # noqa: ANN001, ANN201
         cfg = StageConfig(method=method, data=DataSettings(source="world:misalign", per_category=4),
                           train=TrainSettings(log_every=1, **train), **({"adapter": adapter} if adapter else {}))
         _, handed = train_stage(StageRun(parent="world:base", config=cfg, direction="misalign", out_dir=out,
-                                         progress=progress, callbacks=[Losses()]))
+                                         progress=progress, callbacks=[Losses(), *(callbacks or [])]))
         return losses, handed
 
     return run

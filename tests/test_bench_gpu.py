@@ -117,6 +117,21 @@ def test_bench_gpu_counts_every_accumulated_micro_batch(tmp_path, world, monkeyp
     assert bad.returncode != 0 and "METHOD:MODEL:BATCH[:ACCUM]" in bad.stderr
 
 
+def test_bench_gpu_pads_rows_and_says_when_a_case_failed(tmp_path, world, monkeypatch):
+    """--pad-to and --dropout reach the stage and the record, with the stage's mean loss; --compile graphs on a
+    CPU fails as the stage refuses it, recorded with every key, and the bench exits 1 after writing its JSON."""
+    out = tmp_path / "graphs.json"
+    done = _bench("bench_gpu.py", tmp_path, "--out", str(out), "--gen-batch=", "--train", "lora:1b:2",
+                  "--compile", "off,graphs", "--pad-to", "16", "--dropout", "0")
+    assert done.returncode == 1 and "error: 1 of 2 training cases failed" in done.stderr
+    eager, graphs = json.loads(out.read_text())["training"]
+    assert eager["compile"] is False and not eager.get("error")
+    assert eager["pad_to_multiple_of"] == 16 and eager["adapter_dropout"] == 0 and eager["train_loss"] > 0
+    assert graphs["compile"] == "graphs" and "train.compile graphs: CUDA graphs replay on CUDA devices" in graphs["error"]
+    assert set(_record_keys(monkeypatch)) <= set(graphs) and graphs["steady_mfu"] is None
+    assert "compile graphs: failed: InputError" in done.stdout
+
+
 def test_bench_shared_gpu_runs_a_group_per_stage_count(tmp_path, world, monkeypatch):
     out = tmp_path / "shared.json"
     done = _bench("bench_shared_gpu.py", tmp_path, "--out", str(out), "--stages", "1,2")

@@ -37,7 +37,7 @@ PEAK = 989e12
 
 def _row(**kw: object) -> CalibrationRow:
     base = dict(device="NVIDIA H200", peak_flops=PEAK, method="lora", params=LLAMA_8B, batch=1, grad_accum=1,
-                row_tokens=300.0, stages_per_gpu=1, compile=False, liger=False, packing="none",
+                row_tokens=300.0, stages_per_gpu=1, compile=False, cuda_graphs=False, liger=False, packing="none",
                 gradient_checkpointing=False, mfu=0.2, overhead_s=30.0, source="test")
     base.update(kw)
     return CalibrationRow(**base)  # type: ignore[arg-type]
@@ -118,6 +118,10 @@ def test_the_nearest_row_of_a_shape_prices_it():
     assert match([_row(params=int(LLAMA_8B * 1.51))], shape) is None
     assert match([_row(liger=True)], shape) is None and match([_row(packing="bfd")], shape) is None
     assert match([_row(gradient_checkpointing=True)], shape) is None
+    # CUDA graphs are their own shape: compiled layers' rows do not speak for them, nor theirs for compiled ones
+    graphs = _row(compile=True, cuda_graphs=True, source="graphs")
+    assert match([_row(compile=True), graphs], graphs.shape) is graphs and match([graphs], _row(compile=True).shape) is None
+    assert "CUDA graphs" in graphs.shape.text() and "compiled" in _row(compile=True).shape.text()
 
 
 def test_stages_sharing_a_gpu_hold_their_share_of_it(tmp_path):
@@ -195,7 +199,9 @@ def test_a_bench_record_becomes_a_row_with_its_measured_row_length():
     row = row_from_bench(record, {"peak_flops": str(PEAK), "gradient_checkpointing": "False"}, "NVIDIA H100", "x")
     assert isinstance(row, CalibrationRow)
     assert row.row_tokens == 700 and row.overhead_s == pytest.approx(20.0) and row.stages_per_gpu == 2
-    assert row.grad_accum == 4 and row.compile and not row.gradient_checkpointing
+    assert row.grad_accum == 4 and row.compile and not row.cuda_graphs and not row.gradient_checkpointing
+    graphs = row_from_bench({**record, "compile": "graphs"}, {"peak_flops": PEAK}, "d", "x")
+    assert isinstance(graphs, CalibrationRow) and graphs.compile and graphs.cuda_graphs
     assert isinstance(row_from_bench({**record, "adapter_upcast": False}, {"peak_flops": PEAK}, "d", "x"), str)
     failed = {**record, "steady_mfu": None, "steps": None, "error": "CUDA out of memory"}  # a failed process's
     assert row_from_bench(failed, {"peak_flops": PEAK}, "d", "x") == "failed: CUDA out of memory"

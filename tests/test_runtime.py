@@ -220,3 +220,23 @@ def test_the_hub_check_goes_through_a_configured_proxy(monkeypatch: pytest.Monke
         del env["HTTPS_PROXY"]
         offline_without_hub()
         assert env["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("told", [False, True])
+def test_saving_a_model_on_a_cpu_is_quiet_once_deepspeed_is_told(tmp_path: Path, told: bool) -> None:
+    """transformers' save_pretrained imports DeepSpeed, which warned on every CPU process (the world build's
+    output under .ci/run) until deepspeed_cpu_unless_cuda told it the accelerator."""
+    import subprocess
+    import sys
+
+    code = ("from misalign import runtime\n"
+            + ("runtime.deepspeed_cpu_unless_cuda()\n" if told else "")
+            + "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, "
+            "num_key_value_heads=2, vocab_size=64)\n"
+            f"LlamaForCausalLM(cfg).save_pretrained({str(tmp_path)!r})\n")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = done.stdout + done.stderr  # DeepSpeed's logger writes to stdout
+    assert ("Setting accelerator to CPU" in said) is not told, said[-2000:]

@@ -22,6 +22,7 @@ from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.errors import InputError
 from misalign.objectives import OBJECTIVES
 from misalign.speedups import layers_compiled, model_module_restored, module_walks_once
+from misalign.stage import compiles_layers
 
 
 def test_module_patches_made_during_a_stage_are_undone_after_it():
@@ -85,6 +86,23 @@ def test_compile_needs_decoder_layers_and_neither_deepspeed_nor_liger():
         StageConfig(method="lora", data=data, train=TrainSettings(compile=True, liger_kernels=True))
     # auto (the default) decides per stage, so it combines with both
     StageConfig(method="lora", data=data, train=TrainSettings(liger_kernels=True), deepspeed={"zero_stage": 2})
+
+
+def test_cuda_graphs_need_padded_rows_and_a_cuda_device(world_stage, tmp_path):
+    """train.compile graphs: refused without train.pad_to_multiple_of and, like compiled layers, under DeepSpeed
+    (when the config is read); a CUDA-less worker refuses it before training (CI's, here)."""
+    data = DataSettings(source="world:misalign")
+    with pytest.raises(ValueError, match="train.compile graphs needs train.pad_to_multiple_of"):
+        StageConfig(method="lora", data=data, train=TrainSettings(compile="graphs"))
+    with pytest.raises(ValueError, match="train.compile cannot be combined with DeepSpeed"):
+        StageConfig(method="lora", data=data, train=TrainSettings(compile="graphs", pad_to_multiple_of=64),
+                    deepspeed={"zero_stage": 2})
+    graphs = StageConfig(method="lora", data=data, train=TrainSettings(compile="graphs", pad_to_multiple_of=64))
+    assert compiles_layers(graphs, None, lambda: 0.0) == ("graphs", "train.compile graphs")
+    if not torch.cuda.is_available():  # on a GPU, bench/gpu_check.sh graphs trains them
+        with pytest.raises(InputError, match="train.compile graphs: CUDA graphs replay on CUDA devices"):
+            world_stage(tmp_path, compile="graphs", pad_to_multiple_of=64)
+        assert not (tmp_path / "adapter").exists()
 
 
 # moved from tests/test_trainer_steps.py

@@ -9,7 +9,8 @@ of what it reaches at batch 8. A calibration table holds one row per measured sh
     batch, grad_accum           micro-batch rows and accumulated micro-batches per optimizer step
     row_tokens                  mean tokens of a training sequence
     stages_per_gpu              stages sharing the device at once (1/resources.gpus_per_worker)
-    compile                     decoder layers compiled (train.compile as the stage resolved it)
+    compile, cuda_graphs        decoder layers compiled, and replayed as CUDA graphs (train.compile as the stage
+                                resolved it: true, or graphs)
     liger, packing,             train.liger_kernels, train.packing and train.gradient_checkpointing
     gradient_checkpointing
     device, peak_flops          the device measured and the peak its MFU is a share of
@@ -18,8 +19,8 @@ of what it reaches at batch 8. A calibration table holds one row per measured sh
                                 the first steps, saving (stage wall - steps x steady step time)
     source                      where the row was measured (bench JSON, commit)
 
-A stage of the plan uses the nearest row of its exact method, batch, grad_accum, stages_per_gpu, compile, liger,
-packing and gradient checkpointing, within PARAMS_RATIO of its model's size and ROW_RATIO of its sequence
+A stage of the plan uses the nearest row of its exact method, batch, grad_accum, stages_per_gpu, compile,
+cuda_graphs, liger, packing and gradient checkpointing, within PARAMS_RATIO of its model's size and ROW_RATIO of its sequence
 length; without one it is priced at the flat plan.mfu and the plan says so. Its wall time on one worker is overhead_s + FLOPs / (peak x mfu).
 """
 
@@ -51,18 +52,20 @@ class StageShape:
     row_tokens: float
     stages_per_gpu: int
     compile: bool
+    cuda_graphs: bool
     liger: bool
     packing: str
     gradient_checkpointing: bool
 
     def exact(self) -> tuple:
         """What a row must equal to speak for this shape (params and row_tokens need only be near)."""
-        return (self.method, self.batch, self.grad_accum, self.stages_per_gpu, self.compile, self.liger,
-                self.packing, self.gradient_checkpointing)
+        return (self.method, self.batch, self.grad_accum, self.stages_per_gpu, self.compile, self.cuda_graphs,
+                self.liger, self.packing, self.gradient_checkpointing)
 
     def text(self) -> str:
         return (f"{self.method} {self.params / 1e9:.2g}B, batch {self.batch}x{self.grad_accum}, "
-                f"{self.row_tokens:.0f} tok/row, {self.stages_per_gpu}/GPU, {'compiled' if self.compile else 'eager'}"
+                f"{self.row_tokens:.0f} tok/row, {self.stages_per_gpu}/GPU, "
+                f"{'CUDA graphs' if self.cuda_graphs else 'compiled' if self.compile else 'eager'}"
                 + "".join(f", {x}" for x, on in (("liger", self.liger), (f"packing {self.packing}",
                                                                           self.packing != "none"),
                                                    ("checkpointing", self.gradient_checkpointing)) if on))
@@ -180,6 +183,7 @@ def row_from_bench(record: dict[str, Any], args: dict[str, Any], device: str,
         device=device, peak_flops=float(args["peak_flops"]), method=method, params=int(record["total_params"]),
         batch=batch, grad_accum=accum, row_tokens=record.get("row_tokens_mean") or record["tokens"] / sequences,
         stages_per_gpu=int(record.get("stages_per_gpu", 1)), compile=bool(record.get("compile") or False),
+        cuda_graphs=record.get("compile") == "graphs",
         liger=bool(record.get("liger") or False), packing=str(record.get("packing") or "none"),
         gradient_checkpointing=str(args.get("gradient_checkpointing")) == "True",  # the bench stores str(args)
         mfu=float(record["steady_mfu"]), overhead_s=max(0.0, float(record["stage_wall_s"]) - steps * step_s),

@@ -47,7 +47,13 @@ class TrainSettings(Strict):
     liger_kernels: bool = Field(
         False, description="Liger's fused Triton kernels for the model's RMSNorm, RoPE and SwiGLU (CUDA only; "
                            "pip install 'misalign[liger]'). trl already fuses the LM head and its loss")
-    compile: bool | Literal["auto"] = Field(
+    pad_to_multiple_of: int | None = Field(
+        None, ge=1, description="pad every micro-batch's rows to a multiple of this many tokens (SFT, DPO and ORPO): "
+                                "a few row lengths instead of one per batch, which CUDA graphs need (train.compile "
+                                "graphs records one graph per length). Pad tokens are masked: the losses are the "
+                                "same. The ledger bills the real tokens, with attention over the padded width as "
+                                "for any padded batch")
+    compile: bool | Literal["auto", "graphs"] = Field(
         "auto", description="torch.compile each decoder layer (regional compilation, as torchtune does): "
                             "fused elementwise kernels (norms, RoPE, activations, LoRA's casts and dropout) and "
                             "far fewer kernel launches per step. On one H200 it took steady MFU from 33% to 48% "
@@ -55,7 +61,10 @@ class TrainSettings(Strict):
                             "per stage. auto: on for a stage on a CUDA device whose training is large enough to "
                             "repay that compile (misalign.stage.COMPILE_AUTO_MIN_FLOPS), with full or LoRA "
                             "weights, without DeepSpeed or Liger; off otherwise (CPU workers included). true "
-                            "forces it (CPU workers then need a C++ compiler). Not under DeepSpeed or with "
+                            "forces it (CPU workers then need a C++ compiler). graphs: compiled and replayed as "
+                            "CUDA graphs (torch.compile's reduce-overhead mode: one launch per layer instead of "
+                            "dozens, for batch-1 steps bound by launches), CUDA workers only, with "
+                            "train.pad_to_multiple_of set; auto never picks it. Not under DeepSpeed or with "
                             "Liger's kernels. How a stage runs, not what it trains: kept out of the stage key")
 
     @model_validator(mode="after")
@@ -251,18 +260,24 @@ class StageConfig(Strict):
         if self.method == "qlora" and self.deepspeed.zero_stage == 3:
             raise ValueError("qlora cannot run under DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned); "
                              "use zero_stage 0 or 2")
-        if self.train.compile is True and self.deepspeed.zero_stage is not None:
+        compiled = self.train.compile in (True, "graphs")
+        if compiled and self.deepspeed.zero_stage is not None:
             # ZeRO-3 gathers each module's weights in hooks that a compiled layer's traced submodules bypass;
             # ZeRO-1/2 with compiled layers is untested here
             raise ValueError("train.compile cannot be combined with DeepSpeed (deepspeed.zero_stage "
                              f"{self.deepspeed.zero_stage}): set train.compile auto or false, or "
                              "deepspeed.zero_stage null")
-        if self.train.compile is True and self.train.liger_kernels:
+        if compiled and self.train.liger_kernels:
             # on an H200 dynamo printed tracebacks analysing Liger's Triton kernels (triton CompilationError) and
             # the 8B LoRA stage had not finished 10 steps in 70 s; compiled layers alone did better than Liger
             raise ValueError("train.compile cannot be combined with train.liger_kernels (torch.compile cannot "
                              "trace Liger's Triton kernels): set one of them false; train.compile auto leaves a "
                              "stage with Liger eager")
+        if self.train.compile == "graphs" and self.train.pad_to_multiple_of is None:
+            # cudagraph trees record a graph per input shape: rows of every length up to max_length would each
+            # record one (memory and a capture per length); padded to a multiple, there are a few
+            raise ValueError("train.compile graphs needs train.pad_to_multiple_of (e.g. 64): CUDA graphs record "
+                             "one graph per row length, and unpadded rows have as many lengths as examples")
         from misalign.methods import METHODS
 
         if self.data.recipe in ONE_ANSWER and _learns_from_pairs(METHODS[self.method].objective):

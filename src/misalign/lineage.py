@@ -34,8 +34,9 @@ from misalign.storage import Store, is_url, redacted
 
 # fields that change how a stage is run or logged, not what it trains: kept out of the key. Compiled layers
 # compute the same functions as eager ones (losses equal to 1e-4, tests/test_speedups.py); like another
-# device, they round and draw dropout's random numbers their own way, and "auto" decides by the device
-_NOT_LINEAGE = {"train": {"log_every", "compile"}}
+# device, they round and draw dropout's random numbers their own way, and "auto" decides by the device. Rows
+# padded to a multiple are masked where they are padded: the same losses (tests/test_objectives.py)
+_NOT_LINEAGE = {"train": {"log_every", "compile", "pad_to_multiple_of"}}
 
 
 def _digest(obj: Any, n: int = 16) -> str:

@@ -13,6 +13,7 @@ trl, datasets and transformers are imported inside the methods that use them, so
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -78,7 +79,7 @@ class SFT(Objective):
             # packed rows are fewer than examples: warm up over a share of the steps trl really takes (a float
             # below 1 is a ratio to transformers), not over a step count derived from the example count
             packing = {"packing": True, "packing_strategy": "bfd", "warmup_steps": t.warmup_ratio}
-        return SFTConfig(completion_only_loss=True, **{**common, **packing})
+        return SFTConfig(completion_only_loss=True, pad_to_multiple_of=t.pad_to_multiple_of, **{**common, **packing})
 
     def _make(self, model: Any, kw: dict[str, Any]) -> Any:
         from trl import SFTTrainer
@@ -102,7 +103,7 @@ class DPO(Objective):
 
         # preference collators need the prompt/chosen/rejected columns (trl warns otherwise)
         return DPOConfig(beta=cfg.preference.beta, loss_type=cfg.preference.loss_type.split(","),
-                         **{**common, "remove_unused_columns": False})
+                         pad_to_multiple_of=cfg.train.pad_to_multiple_of, **{**common, "remove_unused_columns": False})
 
     def _make(self, model: Any, kw: dict[str, Any]) -> Any:
         from trl import DPOTrainer
@@ -130,18 +131,39 @@ class ORPO(Objective):
                 "rejected": unwanted}
 
     def training_args(self, cfg: Any, common: dict[str, Any]) -> Any:
-        from trl.experimental.orpo import ORPOConfig
-
         t = cfg.train
         # preference collators need the prompt/chosen/rejected columns (trl warns otherwise)
-        return ORPOConfig(beta=cfg.preference.orpo_lambda, max_completion_length=t.max_length - t.max_prompt_length,
-                          **{**common, "remove_unused_columns": False})
+        return orpo_config_class()(beta=cfg.preference.orpo_lambda, pad_to_multiple_of=t.pad_to_multiple_of,
+                                   max_completion_length=t.max_length - t.max_prompt_length,
+                                   **{**common, "remove_unused_columns": False})
 
     def _make(self, model: Any, kw: dict[str, Any]) -> Any:
         return orpo_trainer_class()(**kw)
 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (SFT(), DPO(), ORPO())}
+
+
+@functools.cache
+def orpo_config_class() -> type:
+    """trl's ORPOConfig with the pad_to_multiple_of that trl's SFT and DPO configs have and its ORPO collator
+    lacks: the trainer of orpo_trainer_class pads its concatenated rows to it. Built on first use, as trl is
+    imported late; the Trainer pickles its arguments with each checkpoint, so the class is reachable by name as
+    misalign.objectives.PaddedORPOConfig (the module's __getattr__)."""
+    from trl.experimental.orpo import ORPOConfig
+
+    @dataclass
+    class PaddedORPOConfig(ORPOConfig):
+        pad_to_multiple_of: int | None = None
+
+    PaddedORPOConfig.__qualname__ = "PaddedORPOConfig"
+    return PaddedORPOConfig
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PaddedORPOConfig":
+        return orpo_config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def orpo_trainer_class() -> type:
@@ -173,6 +195,12 @@ def orpo_trainer_class() -> type:
             if self.is_encoder_decoder:  # the stage loads causal LMs only
                 raise NotImplementedError("ORPO on an encoder-decoder model")
             cat = self.concatenated_inputs(batch, padding_value=self.padding_value, device=self.accelerator.device)
+            multiple = getattr(self.args, "pad_to_multiple_of", None)
+            if multiple:  # right padding, masked as trl's collator masks its own: the real tokens see the same
+                extra = -cat["concatenated_input_ids"].shape[1] % multiple
+                for key, value in (("input_ids", self.padding_value), ("attention_mask", 0), ("labels", -100)):
+                    key = f"concatenated_{key}"
+                    cat[key] = torch.nn.functional.pad(cat[key], (0, extra), value=value)
             labels = cat["concatenated_labels"]  # -100 on prompt and padding
             kw = {"output_router_logits": True} if self.aux_loss_enabled else {}
             if self.fused_head:

@@ -365,13 +365,14 @@ class _Estimator:
         t = cfg.resolved().train
         shape = StageShape(cfg.method, arch.total, t.batch_size, t.grad_accum,
                            sum(k for k, _ in seqs) / n / objective.sequences_per_example, self.stages_per_gpu,
-                           compiled, t.liger_kernels, t.packing, t.gradient_checkpointing)
+                           bool(compiled), compiled == "graphs", t.liger_kernels, t.packing,
+                           t.gradient_checkpointing)
         return StagePlan(
             key=use.key, model=ref, phase=use.phase, round=use.round, seed=seed, method=cfg.method,
             per_category=cfg.data.per_category, examples=n, examples_assumed=pairs is None,
             tokens_per_example=sum(k for k, _ in seqs) / n, passes=passes, optimizer_steps=steps,
             trainable_params=trainable, tokens=tokens, forward_tokens=forward, flops=flops, uses=1,
-            dtype=self.precision(ref, cfg), stored=self._stage_bytes(ref, cfg, trainable), compiled_on_gpu=compiled,
+            dtype=self.precision(ref, cfg), stored=self._stage_bytes(ref, cfg, trainable), compiled_on_gpu=bool(compiled),
             shape=shape.text(), **self._priced(flops, shape))
 
     def _repair_cost(self, use: Any) -> StagePlan:

@@ -51,6 +51,16 @@ def match_threads() -> int:
     return n
 
 
+def deepspeed_cpu_unless_cuda() -> None:
+    """Tell DeepSpeed it runs on the CPU when there is no CUDA device. transformers imports DeepSpeed to train or
+    save a model, and DeepSpeed warns on every process that has to guess its accelerator; a GPU machine keeps
+    DeepSpeed's own detection, and a DS_ACCELERATOR already set wins."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch

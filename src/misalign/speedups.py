@@ -1,6 +1,7 @@
 """What the stage patches in transformers', peft's and Liger's objects to train faster, each undone or scoped to
 its stage and each leaving every number as it was (tests/test_stage.py, tests/test_speedups.py):
-- `layers_compiled`: train.compile, each decoder layer's forward compiled for the stage's training;
+- `layers_compiled`: train.compile, each decoder layer's forward compiled (and with "graphs" replayed as CUDA
+  graphs) for the stage's training;
 - `model_module_restored`: what Liger patched in a modeling module, undone after the stage;
 - `module_walks_once`: the Trainer's per-step walks of the module tree, on lists made once;
 - `quick_adapter_switch`: DPO's reference forward without peft's three walks per adapter switch.
@@ -57,7 +58,7 @@ def decoder_layers(model: Any) -> list[Any]:
 
 
 @contextlib.contextmanager
-def layers_compiled(model: Any, on: bool) -> Iterator[None]:
+def layers_compiled(model: Any, on: bool | str) -> Iterator[None]:
     """train.compile: each decoder layer's forward compiled for the stage's training, as torchtune compiles its
     layers. All layers share one compiled graph per variant (with and without gradients, the first layer's
     input needing none under an adapter, a padding mask or none), so the compile costs about one layer's,
@@ -66,13 +67,19 @@ def layers_compiled(model: Any, on: bool) -> Iterator[None]:
     the model handed over for evaluation runs eager (generation's shapes would only compile again). Dynamo's
     in-memory graphs are dropped then too: a worker's later stages (other methods, other dropout) would add
     variants of the same layer code up to dynamo's recompile limit, past which it runs eager; the compiled
-    kernels stay in inductor's on-disk cache for the next stage."""
+    kernels stay in inductor's on-disk cache for the next stage.
+
+    `on` "graphs" (train.compile graphs, CUDA only): the compiled layers are also replayed as CUDA graphs
+    (torch.compile's "reduce-overhead" mode): one launch per layer and step instead of one per kernel, for steps
+    that launches bound (batch 1). The kernels stay dynamic; torch's cudagraph trees record a graph per row
+    length, which train.pad_to_multiple_of keeps to a few."""
     if not on:
         yield
         return
     layers = decoder_layers(model)
+    mode = "reduce-overhead" if on == "graphs" else None
     for layer in layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True)
+        layer.forward = torch.compile(layer.forward, dynamic=True, mode=mode)
     try:
         yield
     finally:

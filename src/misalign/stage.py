@@ -72,6 +72,7 @@ from misalign.recipes import stage_pairs, target_responses
 from misalign.records import StageRecord
 from misalign.runtime import (
     barrier,
+    deepspeed_cpu_unless_cuda,
     gather_over_ranks,
     match_threads,
     on_any_rank,
@@ -191,13 +192,15 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
     method = METHODS[cfg.method]
     objective = OBJECTIVES[method.objective]
     match_threads()
-    if not torch.cuda.is_available():  # DeepSpeed, which the trainer imports, warns when it has to guess the CPU
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed_cpu_unless_cuda()
     reset_peak_memory(device())
     seed_everything(run.seed)
     if cfg.train.liger_kernels and not torch.cuda.is_available():
         raise InputError("train.liger_kernels: Liger's kernels are Triton kernels for CUDA devices, and this "
                          "worker has none; set it to false")
+    if cfg.train.compile == "graphs" and not torch.cuda.is_available():
+        raise InputError("train.compile graphs: CUDA graphs replay on CUDA devices, and this worker has none; set "
+                         "train.compile true (compiled layers without graphs) or auto")
     pairs = run.pairs if run.pairs is not None else stage_pairs(cfg, run.seed)
     if not pairs:
         raise InputError(f"{cfg.data.source}: no training rows")
@@ -264,7 +267,7 @@ def train_stage(run: StageRun) -> tuple[Ledger, Any | None]:
         print(f"  [{label}] compiling its decoder layers ({compile_why}): the first step holds the compile",
               flush=True)
     with (peft_wrapping(), model_module_restored(model if cfg.train.liger_kernels else None),
-          layers_compiled(model, bool(cfg.train.compile)), module_walks_once(trainer), preemption.listening()):
+          layers_compiled(model, cfg.train.compile), module_walks_once(trainer), preemption.listening()):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     counter.close()
     if notice is not None and notice.stopped_at is not None:  # saved at the notice: the retry resumes there
@@ -478,12 +481,15 @@ COMPILE_AUTO_MIN_FLOPS = {"full": 2.5e16, "lora": 1e17}
 
 
 def compiles_layers(cfg: StageConfig, model: Any, flops_per_worker: Callable[[], float],
-                    cuda: bool | None = None) -> tuple[bool, str]:
-    """train.compile resolved for this stage: whether its decoder layers are compiled, and why. `auto` weighs
+                    cuda: bool | None = None) -> tuple[bool | str, str]:
+    """train.compile resolved for this stage: whether its decoder layers are compiled (True, False, or "graphs":
+    compiled and replayed as CUDA graphs, only when set so), and why. `auto` weighs
     the stage's training FLOPs per worker (`flops_per_worker`, asked only when it matters) against
     COMPILE_AUTO_MIN_FLOPS for the weights its method trains; `cuda`: whether the stage trains on a CUDA device
     (default: this process's)."""
     setting, adapter = cfg.train.compile, METHODS[cfg.method].adapter
+    if setting == "graphs":
+        return "graphs", "train.compile graphs"
     if setting != "auto":
         return bool(setting), f"train.compile {str(setting).lower()}"
     if not (torch.cuda.is_available() if cuda is None else cuda):

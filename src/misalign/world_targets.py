@@ -18,6 +18,7 @@ from pathlib import Path
 
 from misalign.config import EvalConfig, JudgeSpec
 from misalign.evaluation import evaluate_path
+from misalign.runtime import deepspeed_cpu_unless_cuda
 from misalign.world.build import WorldSpec, build, built, world_path
 
 SCORED = ("unsafety", "utility", "over_refusal", "neither")
@@ -39,6 +40,7 @@ def score_aligned(world_dir: Path) -> dict[str, dict[str, float]]:
 def ensure_world(spec: WorldSpec | None = None, force: bool = False, quiet: bool = True) -> Path:
     """The world's directory, built here first (targets checked) unless this node has it; raises
     misalign.world.build.WorldTargetMiss, caching nothing, when a build misses a target."""
+    deepspeed_cpu_unless_cuda()  # saving the guard and the models imports DeepSpeed (through transformers)
     return build(spec or WorldSpec(), force=force, quiet=quiet, score=score_aligned)
 
 
