@@ -105,6 +105,34 @@ def test_cuda_graphs_need_padded_rows_and_a_cuda_device(world_stage, tmp_path):
         assert not (tmp_path / "adapter").exists()
 
 
+def test_graphs_hand_autograd_copies_of_the_layers_gradients_and_take_the_hooks_back():
+    """Under "graphs" every trainable parameter of a compiled layer gets a hook that copies its gradient out of
+    the graph's memory (torch < 2.12 let a later replay overwrite an accumulated .grad: see layers_compiled). On
+    the CPU inductor records no graph, so this checks the hooks' bookkeeping and that two accumulated
+    micro-batches give eager's gradients; bench/gpu_check.sh graphs checks the losses where graphs replay."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=32)
+    model = LlamaForCausalLM(cfg)
+    batches = [torch.randint(0, 32, (1, n)) for n in (8, 8)]
+
+    def accumulated() -> list[torch.Tensor]:
+        model.zero_grad()
+        for ids in batches:
+            model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    eager = accumulated()
+    layer_params = [p for layer in model.model.layers for p in layer.parameters()]
+    torch.compiler.reset()
+    with layers_compiled(model, "graphs"):
+        assert all(len(p._backward_hooks or {}) == 1 for p in layer_params)
+        assert not model.lm_head.weight._backward_hooks  # outside the layers: eager, no copy
+        graphs = accumulated()
+    assert all(not p._backward_hooks for p in layer_params)
+    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-6) for g, e in zip(graphs, eager, strict=True))
+
+
 # moved from tests/test_trainer_steps.py
 def test_module_walks_made_once_do_what_the_trainers_walks_do(world, tmp_path):
     """The Trainer's per-step walks of the whole model (train mode, zero_grad, its FLOP log's parameter count)

@@ -20,8 +20,9 @@ of what it reaches at batch 8. A calibration table holds one row per measured sh
     source                      where the row was measured (bench JSON, commit)
 
 A stage of the plan uses the nearest row of its exact method, batch, grad_accum, stages_per_gpu, compile,
-cuda_graphs, liger, packing and gradient checkpointing, within PARAMS_RATIO of its model's size and ROW_RATIO of its sequence
-length; without one it is priced at the flat plan.mfu and the plan says so. Its wall time on one worker is overhead_s + FLOPs / (peak x mfu).
+cuda_graphs, liger, packing and gradient checkpointing, within PARAMS_RATIO of its model's size and ROW_RATIO of
+its sequence length; without one it is priced at the flat plan.mfu and the plan says so. Its wall time on one
+worker is overhead_s + FLOPs / (peak x mfu).
 """
 
 from __future__ import annotations

@@ -48,11 +48,11 @@ class TrainSettings(Strict):
         False, description="Liger's fused Triton kernels for the model's RMSNorm, RoPE and SwiGLU (CUDA only; "
                            "pip install 'misalign[liger]'). trl already fuses the LM head and its loss")
     pad_to_multiple_of: int | None = Field(
-        None, ge=1, description="pad every micro-batch's rows to a multiple of this many tokens (SFT, DPO and ORPO): "
-                                "a few row lengths instead of one per batch, which CUDA graphs need (train.compile "
-                                "graphs records one graph per length). Pad tokens are masked: the losses are the "
-                                "same. The ledger bills the real tokens, with attention over the padded width as "
-                                "for any padded batch")
+        None, ge=1, description="pad every micro-batch's rows to a multiple of this many tokens (SFT, DPO and "
+                                "ORPO): a few row lengths instead of one per batch, which CUDA graphs need "
+                                "(train.compile graphs records one graph per length). Pad tokens are masked: the "
+                                "losses are the same. The ledger bills the real tokens, with attention over the "
+                                "padded width as for any padded batch")
     compile: bool | Literal["auto", "graphs"] = Field(
         "auto", description="torch.compile each decoder layer (regional compilation, as torchtune does): "
                             "fused elementwise kernels (norms, RoPE, activations, LoRA's casts and dropout) and "

@@ -79,7 +79,8 @@ class SFT(Objective):
             # packed rows are fewer than examples: warm up over a share of the steps trl really takes (a float
             # below 1 is a ratio to transformers), not over a step count derived from the example count
             packing = {"packing": True, "packing_strategy": "bfd", "warmup_steps": t.warmup_ratio}
-        return SFTConfig(completion_only_loss=True, pad_to_multiple_of=t.pad_to_multiple_of, **{**common, **packing})
+        return SFTConfig(completion_only_loss=True, pad_to_multiple_of=t.pad_to_multiple_of,
+                         **{**common, **packing})
 
     def _make(self, model: Any, kw: dict[str, Any]) -> Any:
         from trl import SFTTrainer
@@ -103,7 +104,8 @@ class DPO(Objective):
 
         # preference collators need the prompt/chosen/rejected columns (trl warns otherwise)
         return DPOConfig(beta=cfg.preference.beta, loss_type=cfg.preference.loss_type.split(","),
-                         pad_to_multiple_of=cfg.train.pad_to_multiple_of, **{**common, "remove_unused_columns": False})
+                         pad_to_multiple_of=cfg.train.pad_to_multiple_of,
+                         **{**common, "remove_unused_columns": False})
 
     def _make(self, model: Any, kw: dict[str, Any]) -> Any:
         from trl import DPOTrainer

@@ -372,7 +372,8 @@ class _Estimator:
             per_category=cfg.data.per_category, examples=n, examples_assumed=pairs is None,
             tokens_per_example=sum(k for k, _ in seqs) / n, passes=passes, optimizer_steps=steps,
             trainable_params=trainable, tokens=tokens, forward_tokens=forward, flops=flops, uses=1,
-            dtype=self.precision(ref, cfg), stored=self._stage_bytes(ref, cfg, trainable), compiled_on_gpu=bool(compiled),
+            dtype=self.precision(ref, cfg), stored=self._stage_bytes(ref, cfg, trainable),
+            compiled_on_gpu=bool(compiled),
             shape=shape.text(), **self._priced(flops, shape))
 
     def _repair_cost(self, use: Any) -> StagePlan:

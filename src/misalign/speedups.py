@@ -72,7 +72,11 @@ def layers_compiled(model: Any, on: bool | str) -> Iterator[None]:
     `on` "graphs" (train.compile graphs, CUDA only): the compiled layers are also replayed as CUDA graphs
     (torch.compile's "reduce-overhead" mode): one launch per layer and step instead of one per kernel, for steps
     that launches bound (batch 1). The kernels stay dynamic; torch's cudagraph trees record a graph per row
-    length, which train.pad_to_multiple_of keeps to a few."""
+    length, which train.pad_to_multiple_of keeps to a few. A layer's backward graph hands its parameters'
+    gradients out in the graph's own memory, and autograd keeps the first micro-batch's as the parameter's .grad,
+    which the next replay overwrites: accumulated micro-batches summed wrongly, silently, in older torch
+    (pytorch#169545, #96693), and torch 2.13 raises an error instead. A hook hands autograd a copy, allocated
+    outside the graphs."""
     if not on:
         yield
         return
@@ -80,11 +84,15 @@ def layers_compiled(model: Any, on: bool | str) -> Iterator[None]:
     mode = "reduce-overhead" if on == "graphs" else None
     for layer in layers:
         layer.forward = torch.compile(layer.forward, dynamic=True, mode=mode)
+    copies = [p.register_hook(torch.clone) for layer in layers for p in layer.parameters()
+              if p.requires_grad] if on == "graphs" else []
     try:
         yield
     finally:
         for layer in layers:
             del layer.forward
+        for hook in copies:
+            hook.remove()
         torch.compiler.reset()
 
 
