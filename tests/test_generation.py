@@ -76,11 +76,50 @@ def test_auto_batches_equal_one_at_a_time(base, prompts, one_by_one):
     assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size="auto", memory_budget=budget) == one_by_one
 
 
-def test_static_cache_equals_one_at_a_time(base, prompts, one_by_one):
-    """cache static (the default on a GPU): the KV cache allocated once per batch gives the same answers."""
+@pytest.mark.parametrize("cache", ["static", "bucketed"])
+def test_preallocated_caches_equal_one_at_a_time(base, prompts, one_by_one, cache):
+    """cache static (the default on a GPU) and bucketed: the KV cache allocated once per batch, read whole or
+    up to its filled part, gives the same answers."""
     model, tok = base
-    assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=7, cache="static") == one_by_one
-    assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size="auto", cache="static") == one_by_one
+    assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=7, cache=cache) == one_by_one
+    assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size="auto", cache=cache) == one_by_one
+
+
+def test_a_bucketed_cache_attends_over_its_filled_part_rounded_up(base, prompts):
+    """Every forward of a bucketed batch attends over the positions filled so far rounded up to KV_BUCKET (at
+    most the cache's length), so decode steps take a few lengths, where a static cache reads every position."""
+    from misalign.generation import KV_BUCKET, generate_ids
+
+    model, tok = base
+    seen: dict[str, list[tuple[int, int, int]]] = {"static": [], "bucketed": []}  # (filled, attended, length)
+    for cache, steps in seen.items():
+        def record(module, args, kw, steps=steps):
+            kv, mask = kw["past_key_values"], kw["attention_mask"]  # args[0]: this forward's hidden states
+            steps.append((int(kv.get_seq_length()) + args[0].shape[1], mask.shape[-1], kv.layers[0].max_cache_len))
+        layer = model.model.layers[0]
+        hook = layer.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            generate_ids(model, [prompt_ids(tok, p) for p in prompts[:6]], pad_id=tok.pad_token_id, eos_id=None,
+                         max_new_tokens=70, batch_size=6, cache=cache)  # no eos: all 70 steps run
+        finally:
+            hook.remove()
+    static, bucketed = seen["static"], seen["bucketed"]
+    assert len(bucketed) == len(static) == 70
+    assert all(attended == length for _, attended, length in static)
+    for filled, attended, length in bucketed:
+        assert attended == min(length, -(-filled // KV_BUCKET) * KV_BUCKET) and filled <= attended
+    assert len({a for _, a, _ in bucketed}) <= 70 // KV_BUCKET + 2
+    assert sum(a for _, a, _ in bucketed) < 0.8 * sum(a for _, a, _ in static)
+
+
+def test_compiled_layer_parts_equal_one_at_a_time(base, prompts, one_by_one):
+    """compile (eval.compile): the norms and MLP of every layer compiled, with each cache kind, give the same
+    answers; the model is eager again afterwards."""
+    model, tok = base
+    for cache in ("dynamic", "static", "bucketed"):
+        assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=7, cache=cache,
+                        compile=True) == one_by_one
+    assert all("forward" not in vars(m) for m in model.modules())
 
 
 @pytest.mark.parametrize("name", ["Llama-3.1-8B-Instruct", "Mistral-7B-Instruct-v0.3", "gemma-2-9b-it",
@@ -108,6 +147,7 @@ def test_static_cache_on_the_paper_architectures(name):
     kw = {"pad_id": 0, "eos_id": None, "max_new_tokens": 12}
     dynamic = generate_ids(model, encoded, batch_size=5, cache="dynamic", **kw)
     assert generate_ids(model, encoded, batch_size=5, cache="static", **kw) == dynamic
+    assert generate_ids(model, encoded, batch_size=5, cache="bucketed", **kw) == dynamic
     assert [generate_ids(model, [e], batch_size=1, cache="static", **kw)[0] for e in encoded] == dynamic
     assert all(len(ids) == 12 for ids in dynamic)
 

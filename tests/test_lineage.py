@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from misalign.config import StageConfig, StudyConfig, TrialConfig
+from misalign.config import EvalConfig, StageConfig, StudyConfig, TrialConfig
 from misalign.data import load_pairs
 from misalign.errors import InputError
-from misalign.lineage import model_identity, source_identity, stage_fingerprint
+from misalign.lineage import eval_identity, eval_key, model_identity, source_identity, stage_fingerprint
 from misalign.rundir import open_run_dir
 from misalign.storage import Store
 from misalign.trial import run_cached_trial
@@ -85,6 +85,15 @@ def test_how_a_stage_runs_stays_out_of_its_key(world):
     for value in (True, False, "auto"):
         other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": value, "log_every": 3})})
         assert stage_fingerprint("misalign", other, 0) == key
+
+
+def test_how_an_evaluation_runs_stays_out_of_its_key(world):
+    """eval.compile changes how generation runs, not what it measures: one evaluation key for both, the key
+    evaluations cached before the field existed hold."""
+    cfg = EvalConfig(limit=8)
+    assert "compile" not in eval_identity(cfg)
+    assert eval_key(cfg.model_copy(update={"compile": True})) == eval_key(cfg)
+    assert eval_key(cfg.model_copy(update={"max_new_tokens": 9})) != eval_key(cfg)
 
 
 def _hub_snapshot(hub: Path, repo: str, sha: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from misalign.errors import InputError
 from misalign.rundir import INPUTS, RunDir, input_identities, open_run_dir
@@ -15,6 +15,8 @@ from misalign.storage import Store
 
 
 class Toy(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # as the project's configs (misalign.config_base.Strict)
+
     name: str
     source: str
     epochs: int = 1
@@ -69,6 +71,23 @@ def test_a_rerun_with_another_config_names_what_changed(tmp_path: Path) -> None:
     open_run_dir(Toy(name="s", source=str(data)), store, "search.yaml")
     with pytest.raises(InputError, match=r"holds a different search \(changed: epochs\)"):
         open_run_dir(Toy(name="s", source=str(data), epochs=2), store, "search.yaml")
+
+
+def test_a_study_saved_before_a_field_was_added_resumes(tmp_path: Path) -> None:
+    """A study begun by an older version, whose config lacks a field added since with a default, resumes; one
+    whose saved config names a field this version no longer has is refused, naming it."""
+    data = tmp_path / "a.csv"
+    data.write_text("prompt\nx\n")
+    cfg = Toy(name="s", source=str(data))
+    store = Store(tmp_path / "study")
+    open_run_dir(cfg, store)
+    older = cfg.model_dump(mode="json")
+    del older["epochs"]
+    store.write_text("study.yaml", yaml.safe_dump(older))
+    assert open_run_dir(cfg, store) is True
+    store.write_text("study.yaml", yaml.safe_dump({**older, "epochs": 1, "warmup": 3}))
+    with pytest.raises(InputError, match=r"holds a different study \(changed: warmup\)"):
+        open_run_dir(cfg, store)
 
 
 def test_a_rerun_whose_input_file_changed_refuses_to_resume(tmp_path: Path) -> None:

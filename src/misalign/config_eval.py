@@ -45,9 +45,17 @@ class EvalConfig(Strict):
                             "device memory (misalign.generation.auto_batches; within a trial's share of a GPU "
                             "when resources.gpus_per_worker < 1), larger for shorter prompts, up to 1,024 on a "
                             "GPU and 128 on a CPU")
-    cache: Literal["auto", "dynamic", "static"] = Field(
-        "auto", description="KV cache during generation: 'static' allocates it once per batch, 'dynamic' grows it "
-                            "every step; 'auto': static on a GPU, dynamic on a CPU. Greedy outputs are the same")
+    cache: Literal["auto", "dynamic", "static", "bucketed"] = Field(
+        "auto", description="KV cache during generation: 'static' allocates it once per batch and every step "
+                            "attends over all of it; 'bucketed' allocates it so but a step attends over the "
+                            "positions filled so far rounded up to 32 (misalign.generation.KV_BUCKET); 'dynamic' "
+                            "grows it every step; 'auto': static on a GPU, dynamic on a CPU. Greedy outputs are "
+                            "the same")
+    compile: bool = Field(
+        False, description="compile the norms and MLP of every decoder layer for the evaluation's generation "
+                           "(misalign.speedups.layer_parts_compiled): fused elementwise kernels at decode, at a "
+                           "compile of seconds to a minute. Greedy outputs are the same. How it runs, not what "
+                           "it measures: kept out of the evaluation's cache key")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N of each set (smoke runs)")
     max_unparsed: float = Field(
         0.05, ge=0, le=1, description="highest share of harmful responses a judge may answer with neither safe "

@@ -186,7 +186,7 @@ def evaluate(model: Any, tokenizer: Any, cfg: EvalConfig, items: list[EvalItem] 
     """Generate for every item (batched, greedy), then judge and score."""
     items = items if items is not None else load_eval_sets(cfg)
     responses = generate(model, tokenizer, [i.prompt for i in items], max_new_tokens=cfg.max_new_tokens,
-                         batch_size=cfg.batch_size, cache=cfg.cache)
+                         batch_size=cfg.batch_size, cache=cfg.cache, compile=cfg.compile)
     frame = pd.DataFrame({"kind": [i.kind for i in items], "category": [i.category for i in items],
                           "prompt": [i.prompt for i in items], "response": responses,
                           "reference": [i.reference for i in items]})

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers.cache_utils import Cache, StaticLayer
 
 from misalign.chat import prompt_ids
+from misalign.speedups import layer_parts_compiled
 
 AUTO_MEMORY_FRACTION = 0.85  # of free memory: the allocator's fragmentation and the judge need the rest
 # auto's largest batch. On a GPU a decode step's fixed cost (reading the weights, launching ~1,000 kernels) is
@@ -25,6 +27,12 @@ AUTO_MEMORY_FRACTION = 0.85  # of free memory: the allocator's fragmentation and
 # and one batch of 1,900 13.3k (docs/benchmarks.md). On a CPU matmuls are compute-bound from a few rows, so
 # larger batches only add padding: 128, the fixed default before auto.
 AUTO_MAX_BATCH = {"cuda": 1024, "cpu": 128}
+# cache "bucketed": attention covers the filled part of the cache rounded up to this many positions. Each
+# distinct length is a new shape for the attention kernel (cuDNN builds a plan per shape) and for compiled
+# layers, so a bucket keeps them to a few per batch (100 new tokens: 4) while reading at most 31 empty
+# positions, where a full-length static cache reads every one still to be generated.
+KV_BUCKET = 32
+CacheKind = Literal["auto", "dynamic", "static", "bucketed"]
 
 
 @dataclass(frozen=True)
@@ -120,34 +128,35 @@ def auto_batches(lengths: Sequence[int], shape: GenerationShape, max_new_tokens:
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
              max_new_tokens: int = 48, batch_size: int | Literal["auto"] = "auto",
              memory_budget: int | None = None, max_batch: int | None = None,
-             cache: Literal["auto", "dynamic", "static"] = "auto") -> list[str]:
+             cache: CacheKind = "auto", compile: bool = False) -> list[str]:
     """Greedy completions of `prompts` (plain user messages, in the model's chat format), in input order; the
     batching is generate_ids'."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     new = generate_ids(model, [prompt_ids(tokenizer, p) for p in prompts], pad_id=pad_id,
                        eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       memory_budget=memory_budget, max_batch=max_batch, cache=cache)
+                       memory_budget=memory_budget, max_batch=max_batch, cache=cache,
+                       compile=compile)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
 def generate_ids(model: PreTrainedModel, encoded: Sequence[list[int]], *, pad_id: int, eos_id: Any,
                  max_new_tokens: int, batch_size: int | Literal["auto"] = "auto", memory_budget: int | None = None,
-                 max_batch: int | None = None, cache: Literal["auto", "dynamic", "static"] = "auto"
-                 ) -> list[list[int]]:
+                 max_batch: int | None = None, cache: CacheKind = "auto", compile: bool = False) -> list[list[int]]:
     """Greedy new token ids for already-encoded prompts, in input order (the model under test's evaluation and
     generative judges both batch through here).
 
     Prompts are sorted by length and cut into batches in that order. batch_size "auto": batches sized to
     `memory_budget` bytes beyond the weights (default: a share of the device's free memory,
     AUTO_MEMORY_FRACTION), at most `max_batch` rows (default: AUTO_MAX_BATCH for the device). cache "static":
-    the KV cache is allocated once per batch at its final length instead of growing by a copy every step (not
-    compiled: a compile per batch shape costs more than an evaluation saves); "auto": static on a GPU, dynamic
-    on a CPU. Greedy outputs are the same with either."""
+    the KV cache is allocated once per batch at its final length instead of growing by a copy every step, and
+    every step attends over all of it, positions still to be generated masked; "bucketed": allocated the same
+    way, but a step attends over the positions filled so far rounded up to KV_BUCKET; "auto": static on a GPU,
+    dynamic on a CPU. `compile`: the norms and MLP of every decoder layer compiled for the call
+    (speedups.layer_parts_compiled), a graph for prefill and one for decode each, whatever the batch's shape. Greedy outputs are the same with any of them (tests/test_generation.py)."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[list[int]] = [[] for _ in encoded]
     device = next(model.parameters()).device
     gpu = device.type == "cuda"
-    static = cache == "static" or (cache == "auto" and gpu)
     if batch_size == "auto":
         budget = memory_budget if memory_budget is not None else int(
             free_memory_bytes(device) * AUTO_MEMORY_FRACTION)
@@ -155,15 +164,16 @@ def generate_ids(model: PreTrainedModel, encoded: Sequence[list[int]], *, pad_id
                              max_batch or AUTO_MAX_BATCH["cuda" if gpu else "cpu"])
     else:
         sizes = [min(batch_size, len(order) - s) for s in range(0, len(order), batch_size)]
+    kind = "static" if cache == "auto" and gpu else "dynamic" if cache == "auto" else cache
     was_training = model.training
     model.eval()
     start = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), layer_parts_compiled(model, compile):
         for size in sizes:
             idx = order[start:start + size]
             start += size
             gen, width = _generate_batch(model, [encoded[i] for i in idx], pad_id, eos_id, max_new_tokens, device,
-                                         static)
+                                         kind)
             for row, i in enumerate(idx):
                 out[i] = gen[row, width:].tolist()
     model.train(was_training)
@@ -171,7 +181,7 @@ def generate_ids(model: PreTrainedModel, encoded: Sequence[list[int]], *, pad_id
 
 
 def _generate_batch(model: PreTrainedModel, encoded: list[list[int]], pad_id: int, eos_id: Any,
-                    max_new_tokens: int, device: torch.device, static: bool) -> tuple[torch.Tensor, int]:
+                    max_new_tokens: int, device: torch.device, cache: str) -> tuple[torch.Tensor, int]:
     """One left-padded batch through model.generate: (prompt + generated ids on the host, prompt width)."""
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
@@ -179,15 +189,58 @@ def _generate_batch(model: PreTrainedModel, encoded: list[list[int]], pad_id: in
     for row, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
         ids[row, width - len(e):] = torch.tensor(e)
         mask[row, width - len(e):] = 1
-    cache: dict[str, Any] = {}
-    if static:
-        # our own cache, sized for this batch: generate's cache_implementation="static" would size every later
-        # call's cache to the longest any earlier call used (to spare compiled graphs a recompile, which we do
-        # not compile), so a short-prompt batch after a long one would hold more than auto's estimate allows
-        from transformers import StaticCache
-
-        cache = {"past_key_values": StaticCache(config=model.config, max_cache_len=width + max_new_tokens),
-                 "disable_compile": True}
+    # our own cache, sized for this batch: generate's cache_implementation="static" would size every later call's
+    # cache to the longest any earlier call used (to spare compiled graphs a recompile; we compile layers, not
+    # generate's whole forward), so a short-prompt batch after a long one would hold more than auto's estimate
+    kwargs: dict[str, Any] = {"past_key_values": kv_cache(model, cache, width + max_new_tokens),
+                              "disable_compile": True}
     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, **cache)
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, **kwargs)
     return gen.cpu(), width
+
+
+def kv_cache(model: PreTrainedModel, kind: str, length: int) -> Cache:
+    """A KV cache of `kind` for one batch whose prompts and new tokens take `length` positions: dynamic (grown
+    every step), static (allocated once at `length`), bucketed (allocated so, read up to the filled part)."""
+    if kind == "dynamic":
+        layers = DynamicCache(config=model.config).layers
+    elif kind == "static":
+        layers = StaticCache(config=model.config, max_cache_len=length).layers
+    else:
+        depth = model.config.get_text_config(decoder=True).num_hidden_layers
+        layers = [BucketedLayer(max_cache_len=length) for _ in range(depth)]
+    return Cache(layers=layers)
+
+
+class BucketedLayer(StaticLayer):
+    """A StaticLayer whose update returns, and whose mask covers, only the positions filled so far rounded up to
+    KV_BUCKET. Positions past the last filled one are masked as future positions are in a full static cache,
+    so the attention is the same, over fewer positions."""
+
+    def __init__(self, max_cache_len: int) -> None:
+        super().__init__(max_cache_len=max_cache_len)
+        self.filled = 0  # positions written so far, a host int: slicing by it needs no device sync
+
+    def visible(self, new: int) -> int:
+        return min(self.max_cache_len, -(-(self.filled + new) // KV_BUCKET) * KV_BUCKET)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        end = self.visible(new)
+        self.keys[:, :, self.filled:self.filled + new].copy_(key_states)
+        self.values[:, :, self.filled:self.filled + new].copy_(value_states)
+        self.filled += new
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.visible(query_length), 0
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+    def reset(self) -> None:
+        super().reset()
+        self.filled = 0

@@ -158,6 +158,7 @@ def stage_fingerprint(direction: str, cfg: StageConfig, seed: int) -> dict[str, 
 def eval_identity(cfg: EvalConfig) -> dict[str, Any]:
     """An eval config with its files and judge models by contents."""
     d = cfg.model_dump(mode="json")
+    del d["compile"]  # how generation runs; keys made before the field existed stay valid
     for k in ("harmful", "benign", "utility"):
         d[k] = source_identity(d[k])
     for j in d["judges"]:

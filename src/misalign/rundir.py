@@ -82,7 +82,7 @@ def open_run_dir(cfg: BaseModel, store: Store, record_name: str = "study.yaml") 
     mine = cfg.model_dump(mode="json")
     inputs = input_identities(mine)
     if store.exists(record_name):
-        saved = yaml.safe_load(store.read_text(record_name))
+        saved = _as_now(cfg, yaml.safe_load(store.read_text(record_name)))
         kind = record_name.split(".")[0]
         if saved != mine:
             diff = sorted(_differences(saved, mine))
@@ -127,6 +127,16 @@ def input_identities(config: dict[str, Any]) -> dict[str, str]:
 
     walk(config, "")
     return found
+
+
+def _as_now(cfg: BaseModel, saved: Any) -> Any:
+    """A saved config as this version dumps it: a field added since it was saved takes its default, so a study
+    begun before an upgrade that only added fields resumes. As saved where it no longer validates (a field
+    removed or renamed): the comparison then names what changed."""
+    try:
+        return type(cfg).model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        return saved
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

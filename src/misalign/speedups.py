@@ -97,6 +97,29 @@ def layers_compiled(model: Any, on: bool | str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def layer_parts_compiled(model: Any, on: bool) -> Iterator[None]:
+    """generate(compile=True): every part of each decoder layer but its attention (the norms and the MLP)
+    compiled for the call: a norm's seven kernels and the MLP's activation and product fuse, a third of a
+    decode step's elementwise launches. The attention stays eager: it writes the KV cache under the layer's
+    index, which compiled would be a constant of the graph, one recompile per layer until dynamo gives up,
+    and the cache kinds (dynamic, static, bucketed) would each trace differently. All layers share each part's
+    graphs; prefill and decode get one each. Undone, and dynamo's in-memory graphs dropped, after the call."""
+    if not on:
+        yield
+        return
+    parts = [child for layer in decoder_layers(model) for child in layer.children()
+             if "Attention" not in type(child).__name__]
+    for part in parts:
+        part.forward = torch.compile(part.forward, dynamic=True)
+    try:
+        yield
+    finally:
+        for part in parts:
+            del part.forward
+        torch.compiler.reset()
+
+
+@contextlib.contextmanager
 def module_walks_once(trainer: Any) -> Iterator[None]:
     """transformers' Trainer walks the whole module tree three times per step: `model.train()` on every
     micro-batch, `model.zero_grad()` after every optimizer step, and `floating_point_ops` on every micro-batch,
