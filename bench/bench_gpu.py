@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -47,7 +47,7 @@ from bench_stage import TrainWindow
 from common import RECORD_KEYS, write_result
 from misalign.config import DataSettings, StageConfig, TrainSettings
 from misalign.data import load_eval_items
-from misalign.generation import AUTO_MAX_BATCH, GenerationShape, generate
+from misalign.generation import AUTO_MAX_BATCH, CacheKind, GenerationShape, generate
 from misalign.ledger import peak_memory_bytes, reset_peak_memory, token_flops
 from misalign.methods import METHODS
 from misalign.models import device
@@ -214,11 +214,31 @@ def weights_read_per_step(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not emb)
 
 
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH", "flash": "FLASH_ATTENTION"}
+
+
 def gen_variant(spec: str) -> dict[str, Any]:
-    """BATCH[:CACHE[:MAX_BATCH]], e.g. 128:dynamic, auto, auto:static:2048; defaults as misalign.generation's."""
-    defaults = ["auto", str(AUTO_MAX_BATCH[device().type])]
-    batch, cache, max_batch = (spec.split(":") + defaults[spec.count(":"):])[:3]
-    return {"batch_size": batch if batch == "auto" else int(batch), "cache": cache, "max_batch": int(max_batch)}
+    """BATCH[:CACHE[:MAX_BATCH[:LEVERS]]], e.g. 128:dynamic, auto, auto:static:2048, auto:bucketed:1024:compile+math;
+    defaults as misalign.generation's. LEVERS, joined by +: compile (generate(compile=True)) and at most one
+    attention kernel for torch's SDPA (cudnn, efficient, math, flash: the bench forces it for the whole run)."""
+    defaults = ["auto", "auto", str(AUTO_MAX_BATCH[device().type]), ""]
+    batch, cache, max_batch, levers = (spec.split(":") + defaults[spec.count(":") + 1:])[:4]
+    chosen = [x for x in levers.split("+") if x]
+    unknown = [x for x in chosen if x != "compile" and x not in SDPA_BACKENDS]
+    kernels = [x for x in chosen if x in SDPA_BACKENDS]
+    if unknown or len(kernels) > 1:
+        raise ValueError(f"--gen-batch {spec}: levers are compile and one of {', '.join(SDPA_BACKENDS)}, joined by +")
+    if cache not in get_args(CacheKind):
+        raise ValueError(f"--gen-batch {spec}: the cache is one of {', '.join(get_args(CacheKind))}")
+    return {"batch_size": batch if batch == "auto" else int(batch), "cache": cache, "max_batch": int(max_batch),
+            "compile": "compile" in chosen, "sdpa": kernels[0] if kernels else None}
+
+
+def sdpa_forced(kernel: str | None) -> Any:
+    """torch's SDPA held to one kernel for a run (None: torch's own choice)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[kernel])) if kernel else contextlib.nullcontext()
 
 
 def bench_generation(a: argparse.Namespace, path: Path, specs: list[str]) -> Iterator[dict[str, Any]]:
@@ -235,34 +255,55 @@ def bench_generation(a: argparse.Namespace, path: Path, specs: list[str]) -> Ite
     kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype_bytes
     per_token, per_position = token_flops(weights // shape.dtype_bytes, 0, shape.layers, shape.hidden, grad=False)
     prompts = eval_prompts(a.gen_prompts)
+    first: list[str] = []  # the first variant's outputs: every other is compared with them
     for n, spec in enumerate(specs):
         v = gen_variant(spec)
-        row: dict[str, Any] = {"model": path.name, "variant": spec, **v, "prompts": len(prompts),
+        kernel = v.pop("sdpa")
+        row: dict[str, Any] = {"model": path.name, "variant": spec, **v, "sdpa": kernel, "prompts": len(prompts),
                                "new_tokens": a.new_tokens, "weights_read_bytes": weights}
-        for phase in ("cold", "warm") if n == 0 else ("warm",):
-            reset_peak_memory(device())
-            clock = StepClock(model, profile_at=min(20, a.new_tokens // 2) if a.profile and n == len(specs) - 1 and phase == "warm" else 0)
-            t = time.perf_counter()
-            generate(model, tok, prompts, max_new_tokens=a.new_tokens, **v)
-            _sync()
-            wall = time.perf_counter() - t
-            clock.close()
-            decode = [s for s, _, _ in clock.steps]
-            bound = [max((weights + kv_per_token * r * ctx) / a.bandwidth,
-                         r * (per_token + per_position * ctx) / a.peak_flops) for _, r, ctx in clock.steps]
-            row[phase] = {"wall_s": wall, "tokens": clock.tokens, "tokens_per_s": clock.tokens / wall,
-                          "decode_steps": len(decode), "decode_s": sum(decode), "prefill_s": clock.prefill,
-                          "decode_ms_median": 1e3 * statistics.median(decode),
-                          "bound_ms_median": 1e3 * statistics.median(bound),
-                          "bound_share": sum(bound) / sum(decode),  # of the bound, over all decode steps
-                          "batches": clock.batches,
-                          "first_steps_ms": [round(1e3 * s, 2) for s in decode[:12]],
-                          "outside_forward_s": wall - clock.prefill - sum(decode),  # generate's own work
-                          "peak_memory_bytes": peak_memory_bytes(device())}
-            if clock.profile:
-                row[phase]["profile"] = clock.profile.text
+        try:
+            for phase in ("cold", "warm") if n == 0 or not first else ("warm",):
+                row[phase], outputs = gen_run(a, model, tok, prompts, v, kernel, first, weights, kv_per_token,
+                                              per_token, per_position, profile=a.profile and n == len(specs) - 1)
+                first = first or outputs
+        except Exception as e:  # a kernel that cannot run this shape, say: the other variants go on
+            row["error"] = f"{type(e).__name__}: {e}"[:2000]
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
         yield row
     del model
+
+
+def gen_run(a: argparse.Namespace, model: Any, tok: Any, prompts: list[str], v: dict[str, Any], kernel: str | None,
+            first: list[str], weights: int, kv_per_token: int, per_token: float, per_position: float, profile: bool
+            ) -> tuple[dict[str, Any], list[str]]:
+    """One timed generate over every prompt: its figures, and its outputs."""
+    reset_peak_memory(device())
+    clock = StepClock(model, profile_at=min(20, a.new_tokens // 2) if profile else 0)
+    try:
+        t = time.perf_counter()
+        with sdpa_forced(kernel):
+            outputs = generate(model, tok, prompts, max_new_tokens=a.new_tokens, **v)
+        _sync()
+        wall = time.perf_counter() - t
+    finally:
+        clock.close()
+    decode = [s for s, _, _ in clock.steps]
+    bound = [max((weights + kv_per_token * r * ctx) / a.bandwidth,
+                 r * (per_token + per_position * ctx) / a.peak_flops) for _, r, ctx in clock.steps]
+    figures = {"wall_s": wall, "tokens": clock.tokens, "tokens_per_s": clock.tokens / wall,
+               "decode_steps": len(decode), "decode_s": sum(decode), "prefill_s": clock.prefill,
+               "decode_ms_median": 1e3 * statistics.median(decode),
+               "bound_ms_median": 1e3 * statistics.median(bound),
+               "bound_share": sum(bound) / sum(decode),  # of the bound, over all decode steps
+               "batches": clock.batches,
+               "first_steps_ms": [round(1e3 * s, 2) for s in decode[:12]],
+               "outside_forward_s": wall - clock.prefill - sum(decode),  # generate's own work
+               "peak_memory_bytes": peak_memory_bytes(device()),
+               # greedy outputs equal to the first variant's (bf16 kernels may round a near-tie apart)
+               "same_outputs": sum(x == y for x, y in zip(outputs, first or outputs, strict=True)) / len(prompts)}
+    if clock.profile:
+        figures["profile"] = clock.profile.text
+    return figures, outputs
 
 
 WORDS = ["the", "a", "model", "answer", "question", "data", "safety", "method", "train", "token", "batch",
@@ -434,8 +475,10 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: the CPU smoke test")
     ap.add_argument("--gen-model", default="8b", help="a configs/models/ name, or 1b / 8b")
     ap.add_argument("--gen-batch", default="128:dynamic,auto",
-                    help="comma-separated variants BATCH[:CACHE[:MAX_BATCH]] (BATCH a number or auto, CACHE "
-                         "auto, dynamic or static), e.g. auto,auto:static,auto:dynamic:2048; '' for no generation")
+                    help="comma-separated variants BATCH[:CACHE[:MAX_BATCH[:LEVERS]]] (BATCH a number or auto, "
+                         "CACHE auto, dynamic, static or bucketed, LEVERS compile and/or an SDPA kernel joined by "
+                         "+), e.g. auto,auto:static,auto:dynamic:2048,auto:bucketed:1024:compile+math; '' for no "
+                         "generation")
     ap.add_argument("--gen-prompts", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--train", default="full:1b:8,lora:1b:8,dpo:1b:8,orpo:1b:8,lora:8b:8",
@@ -489,6 +532,12 @@ def main() -> None:
     a.stage_dir = a.stage_dir or a.work
     a.stage_dir.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
+    specs = [b for b in a.gen_batch.split(",") if b]
+    for spec in specs:  # before anything is built
+        try:
+            gen_variant(spec)
+        except ValueError as e:
+            ap.error(str(e))
     cases = {case: train_case(case) for case in dict.fromkeys(c for c in a.train.split(",") if c)}  # --tiny: once each
     if a.build_only:
         for name in {model for _, model, _, _ in cases.values()} | ({a.gen_model} if a.gen_batch else set()):
@@ -509,11 +558,12 @@ def main() -> None:
         write_result(a.out, result, threads)
 
     print(f"bench_gpu on {device_name}, {a.precision}; bandwidth {a.bandwidth:.3g} B/s, peak {a.peak_flops:.3g} FLOP/s")
-    specs = [b for b in a.gen_batch.split(",") if b]
     if specs:
         for r in bench_generation(a, build_model(a.gen_model, a), specs):
             result["generation"].append(r)
             save()
+            if "error" in r:
+                print(f"gen {r['model']:<28} {r['variant']:>18}: failed: {r['error'][:400]}", flush=True)
             for phase in ("cold", "warm"):
                 if phase in r:
                     p = r[phase]
@@ -521,7 +571,8 @@ def main() -> None:
                           f"{p['wall_s']:.1f} s (prefill {p['prefill_s']:.1f} s), decode "
                           f"{p['decode_ms_median']:.2f} ms/step (bound {p['bound_ms_median']:.2f}, "
                           f"{100 * p['bound_share']:.0f}% of it), batches {p['batches'][:4]}, "
-                          f"peak {p['peak_memory_bytes'] / 2**30:.1f} GiB", flush=True)
+                          f"peak {p['peak_memory_bytes'] / 2**30:.1f} GiB, same outputs "
+                          f"{100 * p['same_outputs']:.0f}%", flush=True)
         save()
     # every built model carries this tokenizer
     rows = train_rows(a, load_tokenizer(str(world_model("base"))), max([b * g for _, _, b, g in cases.values()] or [1]))
@@ -562,9 +613,10 @@ def main() -> None:
                   f"{r['stage_wall_s']:.1f} s stage, first step {r['first_step_s']:.1f} s, "
                   f"peak {r['peak_memory_bytes'] / 2**30:.1f} GiB, loss {r['train_loss']:.4f}", flush=True)
     save()
-    failed = [t for t in result["training"] if t.get("error")]
-    if failed:  # written all the same; a partly failed bench says so and exits 1
-        print(f"error: {len(failed)} of {len(result['training'])} training cases failed", file=sys.stderr)
+    failed = {kind: sum(bool(r.get("error")) for r in result[kind]) for kind in ("generation", "training")}
+    if any(failed.values()):  # written all the same; a partly failed bench says so and exits 1
+        print("error: " + ", ".join(f"{n} of {len(result[kind])} {kind} cases failed"
+                                    for kind, n in failed.items() if n), file=sys.stderr)
         sys.exit(1)
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU measurements in one call of under 10 minutes on one H200, through the gpu-kit (docs/benchmarks.md, "GPU"):
-#   bash .whl/on-device.sh bash bench/gpu_check.sh [levers|batch1|graphs|plan]
+#   bash .whl/on-device.sh bash bench/gpu_check.sh [levers|batch1|graphs|plan|eval]
 # levers: issue 13's levers at batch 1; batch1: issue 24's batch 1, 1 x 4 preference micro-batches and several
 # stages per GPU; graphs: batch 1 with the layers replayed as CUDA graphs; plan: issue 24's calibrated plan
-# against a sample of study-paper's stages. Each step is its own process (its "cold" figures hold that process's
+# against a sample of study-paper's stages; eval: issue 24's evaluation levers. Each step is its own process (its "cold" figures hold that process's
 # device warm-up), writes its JSON as it goes (to $OUT when the run tool sets it: 8 files, what comes back at
 # most) and is cut at its own time limit without losing the others.
 # The most important steps run first.
@@ -74,6 +74,14 @@ plan) # issue 24: does `study plan` know what study-paper's stages cost? bench_p
     --set 'attack.methods=[lora,dpo,orpo]' --set 'attack.per_category=[1,3]' --set 'defense.methods=[lora]' \
     --set 'defense.per_category=[3]' --max-stages 7
   ;;
-*) echo "usage: gpu_check.sh [levers|batch1|graphs|plan]" >&2; exit 2 ;;
+eval) # issue 24 part 4: 8B evaluation, 1,900 prompts x 100 new tokens (goal: 22k generated tokens/s warm-up
+  # included, the same greedy outputs). The default (auto batches, static cache) first, cold then warm; then the
+  # cache read up to its filled part (bucketed), the norms and MLP compiled (each compile variant's one run holds
+  # its compile), and each SDPA kernel forced over the bucketed cache. same_outputs: the share of prompts whose
+  # greedy output equals the default's. The last variant's decode steps are profiled. Limits: 420 s in all.
+  b eval-8b 420 --gen-model 8b --gen-prompts 1900 --new-tokens 100 --train '' --profile --gen-batch \
+    auto,auto:bucketed,auto:static:1024:compile,auto:bucketed:1024:cudnn,auto:bucketed:1024:efficient,auto:bucketed:1024:math,auto:bucketed:1024:compile
+  ;;
+*) echo "usage: gpu_check.sh [levers|batch1|graphs|plan|eval]" >&2; exit 2 ;;
 esac
 ls -la "$out"

@@ -18,15 +18,19 @@ def test_bench_gpu_tiny_writes_every_field(tmp_path, world):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--tiny", "--work", str(tmp_path),
-                           "--out", str(out), "--packing", "none,padding_free", "--gen-batch", "128:dynamic,auto",
+                           "--out", str(out), "--packing", "none,padding_free",
+                           "--gen-batch", "128:dynamic,auto,auto:bucketed:128:compile+math",
                            "--profile", "--adapter-upcast", "on,off"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     r = json.loads(out.read_text())
     assert r["device"].startswith("cpu") and r["machine"]["versions"]["trl"]
 
-    assert [(g["variant"], g["batch_size"], g["cache"]) for g in r["generation"]] == [
-        ("128:dynamic", 128, "dynamic"), ("auto", "auto", "auto")]
+    assert [(g["variant"], g["batch_size"], g["cache"], g["compile"], g["sdpa"]) for g in r["generation"]] == [
+        ("128:dynamic", 128, "dynamic", False, None), ("auto", "auto", "auto", False, None),
+        ("auto:bucketed:128:compile+math", "auto", "bucketed", True, "math")]
+    # every variant's greedy outputs are the first's: in float32 on a CPU the levers change no token
+    assert [g["warm"]["same_outputs"] for g in r["generation"]] == [1.0, 1.0, 1.0]
     for n, g in enumerate(r["generation"]):
         assert g["prompts"] == 24 and g["new_tokens"] == 8 and g["weights_read_bytes"] > 0
         assert ("cold" in g) == (n == 0)  # the process's warm-up is met once, by the first variant
@@ -115,6 +119,9 @@ def test_bench_gpu_counts_every_accumulated_micro_batch(tmp_path, world, monkeyp
 
     bad = _bench("bench_gpu.py", tmp_path, "--gen-batch=", "--train", "lora:1b", "--build-only")
     assert bad.returncode != 0 and "METHOD:MODEL:BATCH[:ACCUM]" in bad.stderr
+    for spec, says in (("auto:static:128:turbo", "levers are compile"), ("auto:paged", "the cache is one of")):
+        bad = _bench("bench_gpu.py", tmp_path, "--gen-batch", spec, "--train", "", timeout=120)
+        assert bad.returncode == 2 and says in bad.stderr and "built" not in bad.stdout
 
 
 def test_bench_gpu_pads_rows_and_says_when_a_case_failed(tmp_path, world, monkeypatch):
@@ -130,6 +137,21 @@ def test_bench_gpu_pads_rows_and_says_when_a_case_failed(tmp_path, world, monkey
     assert graphs["compile"] == "graphs" and "train.compile graphs: CUDA graphs replay on CUDA devices" in graphs["error"]
     assert set(_record_keys(monkeypatch)) <= set(graphs) and graphs["steady_mfu"] is None
     assert "compile graphs: failed: InputError" in done.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a device where cuDNN cannot run")
+def test_bench_gpu_records_a_generation_variant_that_failed_and_goes_on(tmp_path, world):
+    """A variant whose forced attention kernel cannot run here (cuDNN on a CPU) is recorded with its error; the
+    variants after it are measured and compared with the first one's outputs, and the bench exits 1."""
+    out = tmp_path / "gen.json"
+    done = _bench("bench_gpu.py", tmp_path, "--out", str(out), "--train", "",
+                  "--gen-batch", "auto:static,auto:static:128:cudnn,auto:bucketed")
+    assert done.returncode == 1 and "error: 1 of 3 generation cases failed" in done.stderr
+    static, cudnn, bucketed = json.loads(out.read_text())["generation"]
+    assert "No viable backend" in cudnn["error"] and "warm" not in cudnn and cudnn["sdpa"] == "cudnn"
+    assert not static.get("error") and static["cold"]["tokens"] == static["warm"]["tokens"] == 24 * 8
+    assert bucketed["warm"]["tokens"] == 24 * 8 and bucketed["warm"]["same_outputs"] == 1.0
+    assert "auto:static:128:cudnn: failed: RuntimeError" in done.stdout
 
 
 def test_bench_shared_gpu_runs_a_group_per_stage_count(tmp_path, world, monkeypatch):

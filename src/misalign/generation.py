@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
@@ -153,6 +153,8 @@ def generate_ids(model: PreTrainedModel, encoded: Sequence[list[int]], *, pad_id
     way, but a step attends over the positions filled so far rounded up to KV_BUCKET; "auto": static on a GPU,
     dynamic on a CPU. `compile`: the norms and MLP of every decoder layer compiled for the call
     (speedups.layer_parts_compiled), a graph for prefill and one for decode each, whatever the batch's shape. Greedy outputs are the same with any of them (tests/test_generation.py)."""
+    if cache not in get_args(CacheKind):
+        raise ValueError(f"cache {cache!r}: one of {', '.join(get_args(CacheKind))}")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[list[int]] = [[] for _ in encoded]
     device = next(model.parameters()).device
