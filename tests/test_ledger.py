@@ -81,6 +81,22 @@ def test_padding_free_row_bills_each_sequence_its_own_length():
     assert counter.flops == 2 * one
 
 
+def test_pad_tokens_of_a_padding_free_row_are_not_billed():
+    """train.pad_to_multiple_of on a padding-free row: trl's collator appends pad tokens at position 0; the
+    ledger bills the row as the same sequences unpadded (as a padded batch's pads are left out by its mask)."""
+    model = load_model(str(world_model("base")))
+    cfg = model.config
+    counts = []
+    for pads in (0, 7):
+        counter = FlopCounter(model, cfg.num_hidden_layers, cfg.hidden_size)
+        lengths = [5, 9, 3]
+        positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(pads, dtype=torch.long)])[None]
+        model(input_ids=torch.randint(3, 1000, (1, positions.shape[1])), position_ids=positions)
+        counter.close()
+        counts.append((counter.tokens, counter.flops))
+    assert counts[0] == counts[1] and counts[0][0] == 17
+
+
 @pytest.mark.gpu  # host syncs exist only with a device
 def test_counter_never_syncs_the_device():
     model = load_model(str(world_model("base"))).cuda()

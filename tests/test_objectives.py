@@ -119,19 +119,29 @@ def test_packed_rows_keep_per_example_losses(tmp_path, packing):
 
 def test_padding_free_training_matches_padded(tmp_path):
     """Same examples, same micro-batches, same optimizer: the logged losses agree step by step, and the
-    ledger counts the same tokens (its attention term counts each example's own length, not the row's)."""
-    losses, tokens, flops = {}, {}, {}
-    for packing in ("none", "padding_free"):
-        trainer, model = _sft_trainer(packing, tmp_path / packing, max_steps=3)
+    ledger counts the same tokens (its attention term counts each example's own length, not the row's). A
+    padding-free row padded to a multiple of 64 (train.pad_to_multiple_of, for CUDA graphs) trains and is
+    billed as the unpadded row: trl gives each pad token position 0 and no label."""
+    losses, tokens, flops, widths = {}, {}, {}, {}
+    for packing, multiple in (("none", None), ("padding_free", None), ("padding_free", 64)):
+        run = f"{packing}-{multiple}"
+        trainer, model = _sft_trainer(packing, tmp_path / run, max_steps=3, pad_to_multiple_of=multiple)
         counter = FlopCounter(model, model.config.num_hidden_layers, model.config.hidden_size)
+        hook = model.get_input_embeddings().register_forward_pre_hook(
+            lambda module, inputs, run=run: widths.setdefault(run, []).append(inputs[0].shape[-1]))
         trainer.train()
+        hook.remove()
         counter.close()
-        losses[packing] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        tokens[packing], flops[packing] = counter.tokens, counter.flops
-    assert len(losses["none"]) == 3
-    assert losses["padding_free"] == pytest.approx(losses["none"], rel=1e-4)
-    assert tokens["padding_free"] == tokens["none"] > 0
-    assert 0 < flops["padding_free"] < flops["none"]  # padded rows are billed attention over the padded width
+        losses[run] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        tokens[run], flops[run] = counter.tokens, counter.flops
+    assert len(losses["none-None"]) == 3
+    assert losses["padding_free-None"] == pytest.approx(losses["none-None"], rel=1e-4)
+    assert tokens["padding_free-None"] == tokens["none-None"] > 0
+    assert 0 < flops["padding_free-None"] < flops["none-None"]  # padded rows are billed attention over the padded width
+    assert all(w % 64 for w in widths["padding_free-None"]) and all(w % 64 == 0 for w in widths["padding_free-64"])
+    assert losses["padding_free-64"] == pytest.approx(losses["padding_free-None"], rel=1e-4)
+    assert (tokens["padding_free-64"], flops["padding_free-64"]) == (tokens["padding_free-None"],
+                                                                      flops["padding_free-None"])
 
 
 class _Widths(TrainerCallback):

@@ -83,7 +83,8 @@ class FlopCounter:
     A padding-free batch (trl `padding_free`/`packing`: one flattened row, `position_ids` restarting at 0 for
     each sequence, no attention mask) attends within each sequence only, so its attention width is each
     sequence's own length, not the packed row's: sum over sequences of len^2 = sum over tokens of (2 * pos + 1).
-    For a single unpadded sequence both rules give len^2.
+    For a single unpadded sequence both rules give len^2. Pad tokens are never billed: a padded batch's by its
+    mask, a padding-free row's (train.pad_to_multiple_of) by their positions.
     """
 
     def __init__(self, model: torch.nn.Module, layers: int, d_model: int) -> None:
@@ -111,8 +112,13 @@ class FlopCounter:
         n: torch.Tensor | int
         width_sum: torch.Tensor | int
         if mask is None and positions is not None and ids.shape[0] == 1:  # padding-free: sequences restart at 0
-            n = ids.numel()
-            width_sum = (2 * positions.to(torch.int64) + 1).sum()
+            pos = positions[0].to(torch.int64)
+            # train.pad_to_multiple_of pads the flattened row with position 0 tokens, each a "sequence" of one
+            # (trl's collator): a position 0 followed by another or ending the row. No real row is one token.
+            starts = pos == 0
+            pads = (starts & torch.cat([starts[1:], starts.new_ones(1)])).sum()
+            n = ids.numel() - pads
+            width_sum = (2 * pos + 1).sum() - pads
         elif mask is not None:
             n = mask.sum(dtype=torch.int64)
             width_sum = n * ids.shape[-1]
