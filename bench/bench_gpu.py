@@ -164,8 +164,9 @@ class Profile:
 
 
 class StepClock:
-    """Times every forward of a generate call: prefill (width > 1) and decode steps (width 1) apart; with
-    `profile_at`, profiles decode steps profile_at..profile_at+2 of the first batch."""
+    """Times every forward of a generate call: prefill forwards (the decoder over prompt tokens: prefill_by_length's
+    groups, or generate's own prefill) and decode steps (the model over one token per row) apart; with
+    `profile_at`, profiles decode steps profile_at..profile_at+2."""
 
     def __init__(self, model: torch.nn.Module, profile_at: int = 0) -> None:
         self.profile = Profile() if profile_at else None
@@ -175,32 +176,53 @@ class StepClock:
         self.batches: list[int] = []  # rows of each generate batch, in order
         self.tokens = 0
         self._t = 0.0
-        self._context = 0
-        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         model.register_forward_hook(self._post, with_kwargs=True)]
+        self._prefilled = False  # a prefill ran since the last decode step: the next step starts a batch
+        decoder = model.get_decoder()
+        self._handles = [model.register_forward_pre_hook(self._step_pre, with_kwargs=True),
+                         model.register_forward_hook(self._step_post, with_kwargs=True),
+                         decoder.register_forward_pre_hook(self._prefill_pre, with_kwargs=True),
+                         decoder.register_forward_hook(self._prefill_post, with_kwargs=True)]
 
-    def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        if self.profile and len(self.steps) == self._profile_from and not self.profile.stopped:
-            self.profile.start()
-        _sync()
-        self._t = time.perf_counter()
+    @staticmethod
+    def _width(kwargs: dict) -> int:
+        return kwargs["input_ids"].shape[1] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"].shape[1]
 
-    def _post(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-        _sync()
+    def _prefill_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self._width(kwargs) > 1:
+            _sync()
+            self._t = time.perf_counter()
+
+    def _prefill_post(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._width(kwargs) > 1:
+            _sync()
+            self.prefill += time.perf_counter() - self._t
+            self._prefilled = True
+
+    def _step_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self._width(kwargs) == 1:
+            if self.profile and len(self.steps) == self._profile_from and not self.profile.stopped:
+                self.profile.start()
+            _sync()
+            self._t = time.perf_counter()
+
+    def _step_post(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         ids = kwargs["input_ids"]
         self.tokens += ids.shape[0]  # each forward of generate yields one token per row
-        seconds = time.perf_counter() - self._t
-        if ids.shape[1] == 1:
-            # the context this step attends over: the batch's prompt width plus the tokens generated so far (the
-            # forward's own mask says nothing with a static cache, whose mask spans the whole cache)
-            self._context += 1
-            self.steps.append((seconds, ids.shape[0], self._context))
-            if self.profile and len(self.steps) == self._profile_to and not self.profile.stopped:
-                self.profile.stop()
-        else:
-            self.prefill += seconds
+        if ids.shape[1] > 1:  # generate's own prefill (a dynamic cache): timed by the decoder's hooks
             self.batches.append(ids.shape[0])
-            self._context = ids.shape[1]
+            self._prefilled = False
+            return
+        _sync()
+        seconds = time.perf_counter() - self._t
+        if self._prefilled:  # the first step after prefill_by_length's groups
+            self.batches.append(ids.shape[0])
+            self._prefilled = False
+        # the context this step attends over: the batch's prompt width plus the tokens generated so far (the
+        # forward's own mask says nothing with a static cache, whose mask spans the whole cache)
+        context = int(kwargs["past_key_values"].get_seq_length())  # after this step's update
+        self.steps.append((seconds, ids.shape[0], context))
+        if self.profile and len(self.steps) == self._profile_to and not self.profile.stopped:
+            self.profile.stop()
 
     def close(self) -> None:
         for h in self._handles:

@@ -93,9 +93,10 @@ def test_a_bucketed_cache_attends_over_its_filled_part_rounded_up(base, prompts)
     model, tok = base
     seen: dict[str, list[tuple[int, int, int]]] = {"static": [], "bucketed": []}  # (filled, attended, length)
     for cache, steps in seen.items():
-        def record(module, args, kw, steps=steps):
-            kv, mask = kw["past_key_values"], kw["attention_mask"]  # args[0]: this forward's hidden states
-            steps.append((int(kv.get_seq_length()) + args[0].shape[1], mask.shape[-1], kv.layers[0].max_cache_len))
+        def record(module, args, kw, steps=steps):  # args[0]: this forward's hidden states
+            kv, mask = kw["past_key_values"], kw["attention_mask"]
+            if args[0].shape[1] == 1:  # generate's steps (the prompts were prefilled before it, by length)
+                steps.append((int(kv.get_seq_length()) + 1, mask.shape[-1], kv.layers[0].max_cache_len))
         layer = model.model.layers[0]
         hook = layer.register_forward_pre_hook(record, with_kwargs=True)
         try:
@@ -112,6 +113,30 @@ def test_a_bucketed_cache_attends_over_its_filled_part_rounded_up(base, prompts)
     assert sum(a for _, a, _ in bucketed) < 0.8 * sum(a for _, a, _ in static)
 
 
+@pytest.mark.parametrize("cache", ["static", "bucketed"])
+def test_prompts_are_prefilled_by_length(base, prompts, one_by_one, monkeypatch, cache):
+    """A preallocated cache is prefilled in groups of consecutive rows (sorted by length), each padded to its
+    own longest prompt (misalign.generation.prefill_by_length): fewer padded tokens than one forward over the
+    batch at its longest, and the same answers."""
+    from misalign import generation
+
+    model, tok = base
+    monkeypatch.setattr(generation, "PREFILL_CHUNK_TOKENS", 60)
+    groups: list[tuple[int, int]] = []  # (rows, width) of every prefill forward
+    hook = model.model.register_forward_pre_hook(
+        lambda m, args, kw: groups.append(tuple(kw["input_ids"].shape)) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    try:
+        answers = generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=len(prompts), cache=cache)
+    finally:
+        hook.remove()
+    assert answers == one_by_one
+    width = max(len(prompt_ids(tok, p)) for p in prompts)
+    assert len(groups) >= 3 and sum(rows for rows, _ in groups) == len(prompts)
+    assert all(rows * (w + 1) <= 60 or rows == 1 for rows, w in groups)  # w + 1: the last token is generate's
+    assert sum(rows * w for rows, w in groups) < 0.9 * len(prompts) * (width - 1)
+
+
 def test_compiled_layer_parts_equal_one_at_a_time(base, prompts, one_by_one):
     """compile (eval.compile): the norms and MLP of every layer compiled, with each cache kind, give the same
     answers; the model is eager again afterwards."""
@@ -124,15 +149,19 @@ def test_compiled_layer_parts_equal_one_at_a_time(base, prompts, one_by_one):
 
 @pytest.mark.parametrize("name", ["Llama-3.1-8B-Instruct", "Mistral-7B-Instruct-v0.3", "gemma-2-9b-it",
                                   "glm-4-9b-chat-hf"])
-def test_static_cache_on_the_paper_architectures(name):
-    """The GPU default (a static cache) gives the dynamic cache's greedy outputs on every architecture of
-    configs/study-paper.yaml, at tiny random shapes; Gemma-2's sliding window (cut to 8) is crossed."""
+def test_static_cache_on_the_paper_architectures(name, monkeypatch):
+    """The GPU default (a static cache) and the bucketed one give the dynamic cache's greedy outputs on every
+    architecture of configs/study-paper.yaml, at tiny random shapes, prefilled in groups of rows; Gemma-2's
+    sliding window (cut to 8) is crossed."""
     import json
     from pathlib import Path
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from misalign import generation
     from misalign.generation import generate_ids
+
+    monkeypatch.setattr(generation, "PREFILL_CHUNK_TOKENS", 30)  # 5 rows of 3-19 tokens: two groups or more
 
     d = json.loads((Path(__file__).parents[1] / "configs" / "models" / f"{name}.json").read_text())
     d.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -156,18 +185,23 @@ def test_static_cache_is_sized_per_batch(base, prompts):
     """Each batch's static cache holds its own prompts plus the new tokens, also after a call with longer
     prompts (transformers would otherwise keep the longest length seen, beyond what auto's estimate allows)."""
     model, tok = base
-    sizes: list[tuple[int, int]] = []  # (cache length, prompt width) at each prefill
-    hook = model.register_forward_pre_hook(
-        lambda m, args, kw: sizes.append((kw["past_key_values"].layers[0].max_cache_len, kw["input_ids"].shape[1]))
-        if kw["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    first: dict[int, tuple[int, int]] = {}  # per batch's cache: (its length, the prompt width) at generate's first step
+
+    def record(module, args, kw) -> None:  # the prompts but their last tokens are in the cache by then
+        kv = kw["past_key_values"]
+        first.setdefault(id(kv), (kv.layers[0].max_cache_len, int(kv.get_seq_length()) + 1))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         by_length = sorted(prompts, key=lambda p: len(prompt_ids(tok, p)))
         generate(model, tok, by_length[-3:], max_new_tokens=MAX_NEW, batch_size=3, cache="static")
         generate(model, tok, by_length[:3], max_new_tokens=MAX_NEW, batch_size=3, cache="static")
     finally:
         hook.remove()
+    sizes = list(first.values())
     assert len(sizes) == 2 and sizes[0][1] > sizes[1][1]
     assert all(length == width + MAX_NEW for length, width in sizes)
+    assert sizes[1][1] == max(len(prompt_ids(tok, p)) for p in by_length[:3])
 
 
 def test_auto_batches_on_a_cpu_stay_at_the_old_default(base, prompts):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, StaticLayer
 
 from misalign.chat import prompt_ids
@@ -32,6 +32,9 @@ AUTO_MAX_BATCH = {"cuda": 1024, "cpu": 128}
 # layers, so a bucket keeps them to a few per batch (100 new tokens: 4) while reading at most 31 empty
 # positions, where a full-length static cache reads every one still to be generated.
 KV_BUCKET = 32
+# prefill_by_length: padded prompt tokens per prefill forward. Enough for full-size matmuls (16k rows of the
+# activations), and less memory than the whole-batch prefill auto_batches budgets for.
+PREFILL_CHUNK_TOKENS = 16_384
 CacheKind = Literal["auto", "dynamic", "static", "bucketed"]
 
 
@@ -151,8 +154,10 @@ def generate_ids(model: PreTrainedModel, encoded: Sequence[list[int]], *, pad_id
     the KV cache is allocated once per batch at its final length instead of growing by a copy every step, and
     every step attends over all of it, positions still to be generated masked; "bucketed": allocated the same
     way, but a step attends over the positions filled so far rounded up to KV_BUCKET; "auto": static on a GPU,
-    dynamic on a CPU. `compile`: the norms and MLP of every decoder layer compiled for the call
-    (speedups.layer_parts_compiled), a graph for prefill and one for decode each, whatever the batch's shape. Greedy outputs are the same with any of them (tests/test_generation.py)."""
+    dynamic on a CPU; the two preallocated ones are prefilled by prefill_by_length. `compile`: the norms and MLP
+    of every decoder layer compiled for the call (speedups.layer_parts_compiled), a graph for prefill and one
+    for decode each, whatever the batch's shape. Greedy outputs are the same with any of them
+    (tests/test_generation.py)."""
     if cache not in get_args(CacheKind):
         raise ValueError(f"cache {cache!r}: one of {', '.join(get_args(CacheKind))}")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -184,47 +189,93 @@ def generate_ids(model: PreTrainedModel, encoded: Sequence[list[int]], *, pad_id
 
 def _generate_batch(model: PreTrainedModel, encoded: list[list[int]], pad_id: int, eos_id: Any,
                     max_new_tokens: int, device: torch.device, cache: str) -> tuple[torch.Tensor, int]:
-    """One left-padded batch through model.generate: (prompt + generated ids on the host, prompt width)."""
+    """One left-padded batch through model.generate: (prompt + generated ids on the host, prompt width). A
+    preallocated cache (static, bucketed) is filled with the prompts first, by prefill_by_length; generate then
+    starts from each prompt's last token."""
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for row, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
         ids[row, width - len(e):] = torch.tensor(e)
         mask[row, width - len(e):] = 1
+    ids, mask = ids.to(device), mask.to(device)
     # our own cache, sized for this batch: generate's cache_implementation="static" would size every later call's
     # cache to the longest any earlier call used (to spare compiled graphs a recompile; we compile layers, not
     # generate's whole forward), so a short-prompt batch after a long one would hold more than auto's estimate
-    kwargs: dict[str, Any] = {"past_key_values": kv_cache(model, cache, width + max_new_tokens),
-                              "disable_compile": True}
-    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, **kwargs)
+    kv = kv_cache(model, cache, width + max_new_tokens)
+    if cache != "dynamic":
+        prefill_by_length(model, ids, mask, kv)
+    gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad_id, eos_token_id=eos_id, past_key_values=kv, disable_compile=True)
     return gen.cpu(), width
 
 
 def kv_cache(model: PreTrainedModel, kind: str, length: int) -> Cache:
     """A KV cache of `kind` for one batch whose prompts and new tokens take `length` positions: dynamic (grown
-    every step), static (allocated once at `length`), bucketed (allocated so, read up to the filled part)."""
+    every step), static (allocated once at `length`, read whole), bucketed (allocated so, read up to its filled
+    part rounded up to KV_BUCKET)."""
     if kind == "dynamic":
-        layers = DynamicCache(config=model.config).layers
-    elif kind == "static":
-        layers = StaticCache(config=model.config, max_cache_len=length).layers
-    else:
-        depth = model.config.get_text_config(decoder=True).num_hidden_layers
-        layers = [BucketedLayer(max_cache_len=length) for _ in range(depth)]
-    return Cache(layers=layers)
+        return DynamicCache(config=model.config)
+    depth = model.config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[PreallocatedLayer(length, length if kind == "static" else KV_BUCKET) for _ in range(depth)])
 
 
-class BucketedLayer(StaticLayer):
-    """A StaticLayer whose update returns, and whose mask covers, only the positions filled so far rounded up to
-    KV_BUCKET. Positions past the last filled one are masked as future positions are in a full static cache,
-    so the attention is the same, over fewer positions."""
+def prefill_by_length(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, kv: Cache) -> None:
+    """Write the keys and values of every prompt of a left-padded batch, but its last token, into `kv` (empty,
+    PreallocatedLayers): consecutive rows (sorted by length, as generate_ids batches them) in groups of at most
+    PREFILL_CHUNK_TOKENS padded tokens, each group padded to its own longest prompt only. One forward over the
+    whole batch would compute every prompt at the batch's longest length: with a few long prompts, most of a
+    batch's prefill FLOPs. The decoder runs without its head (no logits), with the positions generate gives
+    left-padded rows, so the cache holds what generate's own prefill would have written."""
+    rows, width = ids.shape
+    lengths = mask.sum(-1).tolist()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate's positions for left padding
+    decoder = model.get_decoder()
+    shape = GenerationShape.of(model)
+    for layer in kv.layers:
+        layer.allocate(rows, shape, model.dtype, ids.device)
+    start = 0
+    while start < rows:
+        end, longest = start + 1, lengths[start]
+        while end < rows and (end + 1 - start) * max(longest, lengths[end]) <= PREFILL_CHUNK_TOKENS:
+            longest = max(longest, lengths[end])
+            end += 1
+        cols = slice(width - longest, width - 1)
+        if longest > 1:
+            group = Cache(layers=[layer.view(slice(start, end), width - longest) for layer in kv.layers])
+            decoder(input_ids=ids[start:end, cols], attention_mask=mask[start:end, cols],
+                    position_ids=positions[start:end, cols], past_key_values=group, use_cache=True)
+        start = end
+    for layer in kv.layers:
+        layer.filled = width - 1
 
-    def __init__(self, max_cache_len: int) -> None:
+
+class PreallocatedLayer(StaticLayer):
+    """A KV cache layer allocated once at `max_cache_len` positions whose update returns, and whose mask covers,
+    the positions filled so far rounded up to `bucket` (static: the whole length; bucketed: KV_BUCKET).
+    Positions past the last filled one are masked as future positions are in a full static cache, so the
+    attention is the same, over fewer positions."""
+
+    def __init__(self, max_cache_len: int, bucket: int) -> None:
         super().__init__(max_cache_len=max_cache_len)
+        self.bucket = bucket
         self.filled = 0  # positions written so far, a host int: slicing by it needs no device sync
 
+    def allocate(self, rows: int, shape: GenerationShape, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate for `rows` at the model's KV heads and head size (update would on its first call)."""
+        empty = torch.empty(rows, shape.kv_heads, 0, shape.head_dim, dtype=dtype, device=device)
+        self.lazy_initialization(empty, empty)
+
+    def view(self, rows: slice, start: int) -> PreallocatedLayer:
+        """A layer over `rows` of this one's memory from position `start` on, filled exactly: what it is
+        written, this one holds."""
+        part = PreallocatedLayer(self.max_cache_len - start, 1)
+        part.keys, part.values = self.keys[rows, :, start:], self.values[rows, :, start:]
+        part.dtype, part.device, part.is_initialized = self.dtype, self.device, True
+        return part
+
     def visible(self, new: int) -> int:
-        return min(self.max_cache_len, -(-(self.filled + new) // KV_BUCKET) * KV_BUCKET)
+        return min(self.max_cache_len, -(-(self.filled + new) // self.bucket) * self.bucket)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
