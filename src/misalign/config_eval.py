@@ -48,9 +48,10 @@ class EvalConfig(Strict):
     cache: Literal["auto", "dynamic", "static", "bucketed"] = Field(
         "auto", description="KV cache during generation: 'static' allocates it once per batch and every step "
                             "attends over all of it; 'bucketed' allocates it so but a step attends over the "
-                            "positions filled so far rounded up to 32 (misalign.generation.KV_BUCKET); 'dynamic' "
-                            "grows it every step; 'auto': static on a GPU, dynamic on a CPU. Greedy outputs are "
-                            "the same")
+                            "positions filled so far rounded up to 32 (misalign.generation.KV_BUCKET); both are "
+                            "prefilled in groups of prompts of about the same length (prefill_by_length); "
+                            "'dynamic' grows it every step; 'auto': static on a GPU, dynamic on a CPU. Greedy "
+                            "outputs are the same")
     compile: bool = Field(
         False, description="compile the norms and MLP of every decoder layer for the evaluation's generation "
                            "(misalign.speedups.layer_parts_compiled): fused elementwise kernels at decode, at a "
