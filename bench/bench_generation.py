@@ -15,13 +15,13 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from common import machine_busy_s, write_result
 from misalign.chat import prompt_ids
-from misalign.generation import generate
+from misalign.generation import CacheKind, generate
 from misalign.models import materialize, tokenizer_for
 from misalign.runtime import match_threads
 from misalign.world import world_file
@@ -65,6 +65,12 @@ def main() -> None:
     )
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--cache",
+        default="auto",
+        choices=get_args(CacheKind),
+        help="the batched side's KV cache (misalign.generation; auto: dynamic on a CPU)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side; the table shows medians")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_generation.json")
     a = ap.parse_args()
@@ -78,13 +84,17 @@ def main() -> None:
     tok = tokenizer_for(a.model)  # a model reference or a stage directory (built in memory)
     model = materialize(a.model).float()
 
-    generate(model, tok, prompts[:2], max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)  # warm-up
+    generate(
+        model, tok, prompts[:2], max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, cache=a.cache
+    )  # warm-up
     one_at_a_time(model, tok, prompts[:1], a.max_new_tokens)
     differ: list[int] = []
     runs: dict[str, list[dict[str, float]]] = {"batched": [], "single": []}
     for _ in range(a.repeats):  # alternating; every repeat's outputs are compared
         batched, t = timed(
-            lambda: generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+            lambda: generate(
+                model, tok, prompts, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, cache=a.cache
+            )
         )
         runs["batched"].append(t)
         single, t = timed(lambda: one_at_a_time(model, tok, prompts, a.max_new_tokens))
@@ -101,6 +111,7 @@ def main() -> None:
 
     print(
         f"generation: {a.model}, {a.n} world:eval_harmful prompts, greedy, max_new_tokens={a.max_new_tokens}, "
+        f"cache {a.cache}, "
         f"torch threads={threads}; median of {a.repeats} runs each; "
         "others CPU s = CPU other processes used meanwhile (contention)"
     )
@@ -123,6 +134,7 @@ def main() -> None:
             "n": a.n,
             "max_new_tokens": a.max_new_tokens,
             "batch_size": a.batch_size,
+            "cache": a.cache,
             "repeats": a.repeats,
             "single": ts,
             "batched": tb,
