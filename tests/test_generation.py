@@ -137,6 +137,21 @@ def test_prompts_are_prefilled_by_length(base, prompts, one_by_one, monkeypatch,
     assert sum(rows * w for rows, w in groups) < 0.9 * len(prompts) * (width - 1)
 
 
+def test_an_adapter_model_is_prefilled_through_its_adapter(prompts):
+    """A LoRA stage is evaluated as peft's model (its adapter unmerged): prefill_by_length runs the decoder
+    peft wraps, adapter included, so the preallocated caches give the adapter's own one-at-a-time answers."""
+    from peft import LoraConfig, get_peft_model
+
+    path = str(world_model("base"))
+    tok = load_tokenizer(path)
+    torch.manual_seed(0)  # B not zero: the adapter changes the answers
+    model = get_peft_model(load_model(path), LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    alone = generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=1)
+    assert alone != generate(load_model(path), tok, prompts, max_new_tokens=MAX_NEW, batch_size=1)
+    for cache in ("static", "bucketed"):
+        assert generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=7, cache=cache) == alone
+
+
 def test_compiled_layer_parts_equal_one_at_a_time(base, prompts, one_by_one):
     """compile (eval.compile): the norms and MLP of every layer compiled, with each cache kind, give the same
     answers; the model is eager again afterwards."""
