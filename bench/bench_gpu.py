@@ -322,7 +322,8 @@ def gen_run(a: argparse.Namespace, model: Any, tok: Any, prompts: list[str], v: 
                "outside_forward_s": wall - clock.prefill - sum(decode),  # generate's own work
                "peak_memory_bytes": peak_memory_bytes(device()),
                # greedy outputs equal to the first variant's (bf16 kernels may round a near-tie apart)
-               "same_outputs": sum(x == y for x, y in zip(outputs, first or outputs, strict=True)) / len(prompts)}
+               "same_outputs": sum(x == y for x, y in zip(outputs, first or outputs, strict=True)) / len(prompts),
+               "differs_at": [i for i, (x, y) in enumerate(zip(outputs, first or outputs, strict=True)) if x != y][:50]}
     if clock.profile:
         figures["profile"] = clock.profile.text
     return figures, outputs

@@ -75,12 +75,13 @@ plan) # issue 24: does `study plan` know what study-paper's stages cost? bench_p
     --set 'defense.per_category=[3]' --max-stages 7
   ;;
 eval) # issue 24 part 4: 8B evaluation, 1,900 prompts x 100 new tokens (goal: 22k generated tokens/s warm-up
-  # included, the same greedy outputs). The default (auto batches, static cache) first, cold then warm; then the
-  # cache read up to its filled part (bucketed), the norms and MLP compiled (each compile variant's one run holds
-  # its compile), and each SDPA kernel forced over the bucketed cache. same_outputs: the share of prompts whose
+  # included, the same greedy outputs). The default (auto batches, static cache prefilled by length) first, cold
+  # then warm; transformers' own path (dynamic cache, one prefill per batch: what the default gave before); the
+  # cache read up to its filled part (bucketed); the norms and MLP compiled (each compile variant's one run holds
+  # its compile); each SDPA kernel forced over the bucketed cache. same_outputs: the share of prompts whose
   # greedy output equals the default's. The last variant's decode steps are profiled. Limits: 420 s in all.
   b eval-8b 420 --gen-model 8b --gen-prompts 1900 --new-tokens 100 --train '' --profile --gen-batch \
-    auto,auto:bucketed,auto:static:1024:compile,auto:bucketed:1024:cudnn,auto:bucketed:1024:efficient,auto:bucketed:1024:math,auto:bucketed:1024:compile
+    auto,auto:dynamic,auto:bucketed,auto:static:1024:compile,auto:bucketed:1024:cudnn,auto:bucketed:1024:efficient,auto:bucketed:1024:math,auto:bucketed:1024:compile
   ;;
 *) echo "usage: gpu_check.sh [levers|batch1|graphs|plan|eval]" >&2; exit 2 ;;
 esac

@@ -31,6 +31,7 @@ def test_bench_gpu_tiny_writes_every_field(tmp_path, world):
         ("auto:bucketed:128:compile+math", "auto", "bucketed", True, "math")]
     # every variant's greedy outputs are the first's: in float32 on a CPU the levers change no token
     assert [g["warm"]["same_outputs"] for g in r["generation"]] == [1.0, 1.0, 1.0]
+    assert all(g["warm"]["differs_at"] == [] for g in r["generation"])
     for n, g in enumerate(r["generation"]):
         assert g["prompts"] == 24 and g["new_tokens"] == 8 and g["weights_read_bytes"] > 0
         assert ("cold" in g) == (n == 0)  # the process's warm-up is met once, by the first variant
