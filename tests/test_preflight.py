@@ -127,7 +127,8 @@ def remote_code(world, tmp_path_factory) -> Path:
 
 
 def test_compile_refused_for_a_model_without_marked_decoder_layers(world, tmp_path, capsys):
-    """train.compile compiles the layers transformers marks as decoder layers; CTRL's are not marked."""
+    """train.compile and eval.compile compile (parts of) the layers transformers marks as decoder layers;
+    CTRL's are not marked. Both are refused before anything trains or generates, naming the field."""
     from transformers import CTRLConfig, CTRLLMHeadModel
 
     d = tmp_path / "ctrl"
@@ -138,6 +139,12 @@ def test_compile_refused_for_a_model_without_marked_decoder_layers(world, tmp_pa
             shutil.copy(f, d / f.name)
     err = _trial(tmp_path, capsys, f"model={d}", "attack.train.compile=true")
     assert "attack: train.compile: CTRLLMHeadModel has no decoder layers" in err
+    err = _trial(tmp_path, capsys, f"model={d}", "eval.compile=true")
+    assert "eval.compile: CTRLLMHeadModel has no decoder layers" in err and "set eval.compile false" in err
+    out = tmp_path / "eval-out"
+    err = _fails(capsys, ["eval", "--model", str(d), "--judge", "keyword", "--set", "compile=true", "--out",
+                          str(out)], out)
+    assert "eval.compile: CTRLLMHeadModel has no decoder layers" in err
 
 
 def test_trial_pickle_only_model(tmp_path, capsys, pickle_only):

@@ -87,6 +87,7 @@ class _Stages:
 
         self.meta = MetaModels(study.trust_remote_code, study.plan.model_configs)
         self.paths = model_paths
+        self.eval_compile = study.eval.compile
         self.workers = study.resources.workers
         self.plan = plan
         self._rows: dict[str, int | None] = {}
@@ -118,6 +119,8 @@ class _Stages:
         if key in self._done:
             return
         _check_method_needs(cfg, where)
+        if self.eval_compile:
+            check_eval_compile(self.meta, self.paths[model])
         try:
             if cfg.train.compile is True:
                 from misalign.speedups import decoder_layers
@@ -129,6 +132,14 @@ class _Stages:
         except (ValueError, TypeError, KeyError) as e:  # peft's own refusals (e.g. a module type it can't wrap)
             raise InputError(f"{where}.adapter: peft cannot build this adapter on {model!r}: {e}") from None
         self._done.add(key)
+
+
+def check_eval_compile(meta: Any, path: str) -> None:
+    """eval.compile compiles parts of the decoder layers transformers marks: a model without them is refused
+    before anything trains, not when its first evaluation starts."""
+    from misalign.speedups import decoder_layers
+
+    decoder_layers(meta.model_arch(path).model, "eval.compile")
 
 
 def check_repair_sides(attack: str, defense: str | None) -> None:
@@ -286,7 +297,11 @@ def check_eval_command(cfg: EvalConfig, model: str | None, generations: str | No
     elif not model:
         raise InputError("--model is required (or --generations to re-judge saved generations)")
     else:
-        check_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, field="--model")
+        path = check_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, field="--model")
+        if cfg.compile:
+            from misalign.meta import MetaModels
+
+            check_eval_compile(MetaModels(trust_remote_code, {}), path)
     check_eval(cfg, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, field="eval",
                items=not generations)
 

@@ -46,14 +46,15 @@ def model_module_restored(model: Any | None) -> Iterator[None]:
                     setattr(cls, name, value)
 
 
-def decoder_layers(model: Any) -> list[Any]:
-    """The model's repeated decoder layers, which train.compile compiles; an input error when it has none."""
+def decoder_layers(model: Any, setting: str = "train.compile") -> list[Any]:
+    """The model's repeated decoder layers, which `setting` (train.compile, eval.compile) compiles; an input
+    error naming it when there are none."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
-        raise InputError(f"train.compile: {type(model).__name__} has no decoder layers that transformers marks "
-                         "as such (GradientCheckpointingLayer) to compile; set train.compile false")
+        raise InputError(f"{setting}: {type(model).__name__} has no decoder layers that transformers marks "
+                         f"as such (GradientCheckpointingLayer) to compile; set {setting} false")
     return layers
 
 
@@ -107,7 +108,7 @@ def layer_parts_compiled(model: Any, on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    parts = [child for layer in decoder_layers(model) for child in layer.children()
+    parts = [child for layer in decoder_layers(model, "eval.compile") for child in layer.children()
              if "Attention" not in type(child).__name__]
     for part in parts:
         part.forward = torch.compile(part.forward, dynamic=True)
