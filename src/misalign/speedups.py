@@ -100,8 +100,8 @@ def layers_compiled(model: Any, on: bool | str) -> Iterator[None]:
 @contextlib.contextmanager
 def layer_parts_compiled(model: Any, on: bool) -> Iterator[None]:
     """generate(compile=True): every part of each decoder layer but its attention (the norms and the MLP)
-    compiled for the call: a norm's seven kernels and the MLP's activation and product fuse, a third of a
-    decode step's elementwise launches. The attention stays eager: it writes the KV cache under the layer's
+    compiled for the call: a norm's elementwise kernels (power, mean, scale, casts) fuse into one, the MLP's
+    activation and product into one; RoPE's stay apart, in the attention. The attention stays eager: it writes the KV cache under the layer's
     index, which compiled would be a constant of the graph, one recompile per layer until dynamo gives up,
     and the cache kinds (dynamic, static, bucketed) would each trace differently. All layers share each part's
     graphs; prefill and decode get one each. Undone, and dynamo's in-memory graphs dropped, after the call."""
