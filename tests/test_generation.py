@@ -166,8 +166,8 @@ def test_compiled_layer_parts_equal_one_at_a_time(base, prompts, one_by_one):
                                   "glm-4-9b-chat-hf"])
 def test_static_cache_on_the_paper_architectures(name, monkeypatch):
     """The GPU default (a static cache) and the bucketed one give the dynamic cache's greedy outputs on every
-    architecture of configs/study-paper.yaml, at tiny random shapes, prefilled in groups of rows; Gemma-2's
-    sliding window (cut to 8) is crossed."""
+    architecture of configs/study-paper.yaml, at tiny random shapes, prefilled in groups of rows, also with
+    eval.compile's compiled layer parts; Gemma-2's sliding window (cut to 8) is crossed."""
     import json
     from pathlib import Path
 
@@ -192,6 +192,8 @@ def test_static_cache_on_the_paper_architectures(name, monkeypatch):
     dynamic = generate_ids(model, encoded, batch_size=5, cache="dynamic", **kw)
     assert generate_ids(model, encoded, batch_size=5, cache="static", **kw) == dynamic
     assert generate_ids(model, encoded, batch_size=5, cache="bucketed", **kw) == dynamic
+    # eval.compile finds each architecture's norms and MLP (Gemma-2's four norms, GLM-4's fused gate)
+    assert generate_ids(model, encoded, batch_size=5, cache="bucketed", compile=True, **kw) == dynamic
     assert [generate_ids(model, [e], batch_size=1, cache="static", **kw)[0] for e in encoded] == dynamic
     assert all(len(ids) == 12 for ids in dynamic)
 
