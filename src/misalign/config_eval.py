@@ -12,6 +12,8 @@ from pydantic import Field, SerializerFunctionWrapHandler, field_validator, mode
 from misalign.config_base import Strict, registered
 from misalign.judge_names import JUDGE_NAMES
 
+CacheKind = Literal["auto", "dynamic", "static", "bucketed"]  # eval.cache: misalign.generation's KV caches
+
 
 class JudgeSpec(Strict):
     """One judge of the evaluation's vote (judges.JUDGES)."""
@@ -45,7 +47,7 @@ class EvalConfig(Strict):
                             "device memory (misalign.generation.auto_batches; within a trial's share of a GPU "
                             "when resources.gpus_per_worker < 1), larger for shorter prompts, up to 1,024 on a "
                             "GPU and 128 on a CPU")
-    cache: Literal["auto", "dynamic", "static", "bucketed"] = Field(
+    cache: CacheKind = Field(
         "auto", description="KV cache during generation: 'static' allocates it once per batch and every step "
                             "attends over all of it; 'bucketed' allocates it so but a step attends over the "
                             "positions filled so far rounded up to 32 (misalign.generation.KV_BUCKET); both are "

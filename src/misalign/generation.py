@@ -19,6 +19,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, StaticLayer
 
 from misalign.chat import prompt_ids
+from misalign.config_eval import CacheKind
 from misalign.speedups import layer_parts_compiled
 
 AUTO_MEMORY_FRACTION = 0.85  # of free memory: the allocator's fragmentation and the judge need the rest
@@ -35,7 +36,6 @@ KV_BUCKET = 32
 # prefill_by_length: padded prompt tokens per prefill forward. Enough for full-size matmuls (16k rows of the
 # activations), and less memory than the whole-batch prefill auto_batches budgets for.
 PREFILL_CHUNK_TOKENS = 16_384
-CacheKind = Literal["auto", "dynamic", "static", "bucketed"]
 
 
 @dataclass(frozen=True)

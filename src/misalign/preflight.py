@@ -88,6 +88,7 @@ class _Stages:
         self.meta = MetaModels(study.trust_remote_code, study.plan.model_configs)
         self.paths = model_paths
         self.eval_compile = study.eval.compile
+        self._eval_compile_checked: set[str] = set()  # models: their layers do not change with the stage
         self.workers = study.resources.workers
         self.plan = plan
         self._rows: dict[str, int | None] = {}
@@ -119,8 +120,9 @@ class _Stages:
         if key in self._done:
             return
         _check_method_needs(cfg, where)
-        if self.eval_compile:
+        if self.eval_compile and model not in self._eval_compile_checked:
             check_eval_compile(self.meta, self.paths[model])
+            self._eval_compile_checked.add(model)
         try:
             if cfg.train.compile is True:
                 from misalign.speedups import decoder_layers
