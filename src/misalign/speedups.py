@@ -82,27 +82,22 @@ def layers_compiled(model: Any, on: bool | str) -> Iterator[None]:
         yield
         return
     layers = decoder_layers(model)
-    mode = "reduce-overhead" if on == "graphs" else None
-    for layer in layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True, mode=mode)
     copies = [p.register_hook(torch.clone) for layer in layers for p in layer.parameters()
               if p.requires_grad] if on == "graphs" else []
     try:
-        yield
+        with forwards_compiled(layers, "reduce-overhead" if on == "graphs" else None):
+            yield
     finally:
-        for layer in layers:
-            del layer.forward
         for hook in copies:
             hook.remove()
-        torch.compiler.reset()
 
 
 @contextlib.contextmanager
 def layer_parts_compiled(model: Any, on: bool) -> Iterator[None]:
     """generate(compile=True): every part of each decoder layer but its attention (the norms and the MLP)
     compiled for the call: a norm's elementwise kernels (power, mean, scale, casts) fuse into one, the MLP's
-    activation and product into one; RoPE's stay apart, in the attention. The attention stays eager: it writes the KV cache under the layer's
-    index, which compiled would be a constant of the graph, one recompile per layer until dynamo gives up,
+    activation and product into one; RoPE's stay apart, in the attention. The attention stays eager: it
+    writes the KV cache under the layer's index, which compiled would be a constant of the graph, one recompile per layer until dynamo gives up,
     and the cache kinds (dynamic, static, bucketed) would each trace differently. All layers share each part's
     graphs; prefill and decode get one each. Undone, and dynamo's in-memory graphs dropped, after the call."""
     if not on:
@@ -110,13 +105,21 @@ def layer_parts_compiled(model: Any, on: bool) -> Iterator[None]:
         return
     parts = [child for layer in decoder_layers(model, "eval.compile") for child in layer.children()
              if "Attention" not in type(child).__name__]
-    for part in parts:
-        part.forward = torch.compile(part.forward, dynamic=True)
+    with forwards_compiled(parts):
+        yield
+
+
+@contextlib.contextmanager
+def forwards_compiled(modules: list[Any], mode: str | None = None) -> Iterator[None]:
+    """Each module's forward compiled (dynamic shapes) as an instance attribute, removed on exit, and dynamo's
+    in-memory graphs dropped then (layers_compiled and layer_parts_compiled say why)."""
+    for module in modules:
+        module.forward = torch.compile(module.forward, dynamic=True, mode=mode)
     try:
         yield
     finally:
-        for part in parts:
-            del part.forward
+        for module in modules:
+            del module.forward
         torch.compiler.reset()
 
 
